@@ -1,0 +1,88 @@
+"""What the engine hands back to its callers (pure Python, no torch).
+
+`AsyncEngine.generate` yields `RequestOutput` deltas: each carries only what is new since the
+previous yield, per choice (`n` > 1 gives several choices). The last output of a request has
+`finished=True` and `stats` filled in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TopLogprob:
+    token_id: int
+    token: str            # the token's text as the tokenizer decodes it alone
+    logprob: float
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: list[TopLogprob] = field(default_factory=list)
+
+
+@dataclass
+class CompletionDelta:
+    index: int                                 # choice index, 0..n-1
+    token_ids: list[int]                       # tokens new since the last output
+    text: str                                  # text new since the last output (never half a character)
+    logprobs: list[TokenLogprob] | None = None # one per new token when requested
+    finish_reason: str | None = None           # "stop" | "length" | "abort" once finished
+    stop_reason: int | str | None = None       # the stop string or stop token id that matched
+
+
+@dataclass
+class RequestStats:
+    """Per-request timings (time.time() seconds) and counts; sparsity numbers are means
+    over the request's generated tokens, using engine.sparsity's one definition."""
+    arrival_time: float
+    scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_generated_tokens: int = 0              # summed over the n choices
+    total_params: int = 0
+    mean_activated_params: float = 0.0         # per generated token
+    mean_ffn_sparsity: float = 0.0             # inactive / all FFN neurons, per generated token
+    mean_computed_fraction: float = 0.0        # neurons the batch computed (union) / all
+    num_preemptions: int = 0
+    token_times: list[float] = field(default_factory=list)  # time each new token was emitted
+
+    @property
+    def queue_time(self) -> float | None:
+        return None if self.scheduled_time is None else self.scheduled_time - self.arrival_time
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def e2e_latency(self) -> float | None:
+        return None if self.finished_time is None else self.finished_time - self.arrival_time
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionDelta]
+    finished: bool = False
+    stats: RequestStats | None = None          # set on the last output only
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine for /metrics and logs."""
+    num_running: int = 0
+    num_waiting: int = 0
+    num_total_blocks: int = 0
+    num_free_blocks: int = 0
+    kv_cache_usage: float = 0.0                # used blocks / all blocks
+    num_preemptions: int = 0                   # since start
+    prefix_cache_queries: int = 0              # tokens looked up, since start
+    prefix_cache_hits: int = 0                 # tokens found, since start
+    per_layer_sparsity: list[float] = field(default_factory=list)  # smoothed, per layer
