@@ -86,3 +86,27 @@ class EngineStats:
     prefix_cache_queries: int = 0              # tokens looked up, since start
     prefix_cache_hits: int = 0                 # tokens found, since start
     per_layer_sparsity: list[float] = field(default_factory=list)  # smoothed, per layer
+
+
+@dataclass
+class StepStats:
+    """One engine step, handed to every listener in `AsyncEngine.step_listeners`."""
+    duration_s: float
+    num_seqs: int                  # sequences in the batch
+    num_prefill_tokens: int        # tokens of sequences still catching up with their prompt
+    num_decode_tokens: int         # one per decoding sequence
+    num_generated_tokens: int      # tokens sampled this step
+    num_preempted: int = 0
+    # per layer: mean over the step's tokens of active / all FFN neurons
+    per_layer_active_fraction: list[float] = field(default_factory=list)
+    # per layer: neurons the batch computed (union of its tokens' active sets) / all
+    per_layer_computed_fraction: list[float] = field(default_factory=list)
+    # predictor shadow check (only on sampled steps with a predictor): per layer
+    predictor_recall: list[float] | None = None
+    predictor_precision: list[float] | None = None
+
+    @property
+    def phase(self) -> str:
+        if self.num_prefill_tokens and self.num_decode_tokens:
+            return "mixed"
+        return "prefill" if self.num_prefill_tokens else "decode"
