@@ -1,0 +1,255 @@
+"""Prometheus metrics for /metrics: serving basics (named after vLLM's) plus the sparsity story.
+
+Every metric is prefixed `sparseserve_` and labelled with `model_name`. The server calls:
+`observe_http` per HTTP response, `observe_request_finished` once per finished request (its
+`RequestStats` and the finish reasons of its choices), `observe_step` from the engine's step
+listener, `update_engine_stats` before rendering, and `render` to serve /metrics.
+
+Sparsity accounting (per generated token, means over the request, engine.sparsity's definition):
+- activated params: `RequestStats.mean_activated_params` = total - inactive neurons * 3 * hidden.
+- computed params: what the batch actually computed for the request's tokens, i.e. the dense
+  params plus the FFN neurons in the union of the batch's active sets:
+      computed = total - (1 - mean_computed_fraction) * ffn_params
+  `ffn_params` is not in RequestStats; since activated = total - sparsity * ffn_params holds per
+  token, and both sides are linear, it holds for the request means too, so
+      ffn_params = (total - mean_activated) / mean_ffn_sparsity       (sparsity > 0)
+  With sparsity 0 every own neuron is active, the union is everything and computed = total.
+  `computed >= activated` always (the union contains the request's own neurons); the gap
+  (`sparseserve_computed_params_total - sparseserve_activated_params_total`) is the cost of
+  batching.
+- The counters `sparseserve_{activated,computed}_params_total` add mean * num_generated_tokens,
+  so `rate(activated) / rate(sparseserve_request_generation_tokens_sum)` is the fleet-wide mean.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from engine.outputs import EngineStats, RequestStats, StepStats
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "sparseserve_"
+
+# NOTE: bucket choices. Latency buckets span a CPU host serving a tiny model (ms) to a 7B model
+# under load on a GPU (minutes of queueing); each is roughly 2-2.5x the previous one so that
+# histogram_quantile interpolates within ~20% while keeping series per histogram under 20.
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# Decode steps: ~5-30 ms per token on a GPU, 30-300 ms on a CPU.
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5.0, 10.0)
+# Sequences per step: powers of two up to a large max_num_seqs.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+TOKEN_COUNT_BUCKETS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 131072)
+# Activated params per token: model sizes go from tiny test models (~1e4) to tens of billions,
+# and the bucket set cannot depend on the model (it is fixed before the first request), so a
+# 1-2-5 series per decade. The model-independent resolution comes from the sparsity histogram.
+PARAMS_BUCKETS = tuple(m * 10.0**e for e in range(4, 12) for m in (1, 2, 5))
+# Sparsity clusters high (ReLU-fied ~0.7-0.9, TurboSparse ~0.9), so the buckets get finer there.
+SPARSITY_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99, 1.0)
+# Union fraction: small for a lone sparse request, growing towards 1 with batch size.
+FRACTION_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+
+# NOTE: per-layer gauges are exponential moving averages over steps. Steps are frequent (tens per
+# second), so layer sparsity uses a small weight (~20 steps of memory); shadow checks of the
+# predictor are rare (1 step in ~100), so their recall/precision averages react faster.
+LAYER_EMA_ALPHA = 0.05
+PREDICTOR_EMA_ALPHA = 0.2
+FINISH_REASONS = ("stop", "length", "abort")
+PHASES = ("prefill", "decode", "mixed")
+
+
+def computed_params_per_token(stats: RequestStats) -> float:
+    """Params the batch computed per generated token of this request (see the module doc)."""
+    total, activated = float(stats.total_params), stats.mean_activated_params
+    if stats.mean_ffn_sparsity <= 0.0:
+        return total
+    ffn_params = (total - activated) / stats.mean_ffn_sparsity
+    computed = total - (1.0 - stats.mean_computed_fraction) * ffn_params
+    # NOTE: clamp against rounding in the engine's means: the union holds the own neurons.
+    return min(total, max(activated, computed))
+
+
+def _inter_token_latencies(token_times: list[float]) -> list[float]:
+    # NOTE: with n > 1 choices a step emits several tokens at the same instant; the latency a
+    # client sees per choice is the gap between steps, so identical times count once.
+    times = sorted(set(token_times))
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+class _Ema:
+    """Per-layer exponential moving averages feeding a labelled gauge."""
+
+    def __init__(self, gauge: Gauge, model_name: str, num_layers: int, alpha: float, transform=None):
+        self.gauge, self.model_name, self.num_layers, self.alpha = gauge, model_name, num_layers, alpha
+        self.name = gauge._name if hasattr(gauge, "_name") else "per-layer gauge"
+        self.transform = transform or (lambda v: v)
+        self.values: list[float | None] = [None] * num_layers
+        self.warned = False
+
+    def update(self, values: list[float]) -> None:
+        if len(values) != self.num_layers and not self.warned:
+            logger.warning("%s: got %d per-layer values for a %d-layer model; extra values are ignored",
+                           self.name, len(values), self.num_layers)
+            self.warned = True
+        for layer, value in enumerate(values[: self.num_layers]):
+            prev = self.values[layer]
+            smoothed = value if prev is None else prev + self.alpha * (value - prev)
+            self.values[layer] = smoothed
+            self.gauge.labels(model_name=self.model_name, layer=str(layer)).set(self.transform(smoothed))
+
+
+class ServerMetrics:
+    """All of sparse-serve's Prometheus collectors, in one registry owned by this instance."""
+
+    def __init__(self, model_name: str, num_layers: int, registry: CollectorRegistry | None = None):
+        self.model_name = model_name
+        self.num_layers = num_layers
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._lock = threading.Lock()   # guards the cumulative-value bookkeeping below
+        self._last_cumulative = {"preemptions": 0, "prefix_queries": 0, "prefix_hits": 0}
+        m = ("model_name",)
+
+        def counter(name, doc, labels=m):
+            return Counter(PREFIX + name, doc, labels, registry=self.registry)
+
+        def gauge(name, doc, labels=m):
+            return Gauge(PREFIX + name, doc, labels, registry=self.registry)
+
+        def histogram(name, doc, buckets, labels=m):
+            return Histogram(PREFIX + name, doc, labels, registry=self.registry, buckets=buckets)
+
+        # Serving basics (vLLM's names with our prefix).
+        self.num_requests_running = gauge("num_requests_running", "Requests in the running batch.")
+        self.num_requests_waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv_cache_usage = gauge("kv_cache_usage_perc", "KV cache usage as a fraction 0-1 (used blocks / all blocks).")
+        self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.num_preemptions = counter("num_preemptions", "Sequences preempted (KV blocks reclaimed).")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests (cached ones included).")
+        self.generation_tokens = counter("generation_tokens", "Tokens sampled, counted per engine step.")
+        self.request_success = counter("request_success", "Finished choices by finish reason.", m + ("finished_reason",))
+        self.http_requests = counter("http_requests", "HTTP responses by route and status code.", m + ("route", "status"))
+        self.ttft = histogram("time_to_first_token_seconds", "Arrival to first token.", TTFT_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Time between consecutive token emissions.", ITL_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to finish.", E2E_BUCKETS)
+        self.queue_time = histogram("request_queue_time_seconds", "Arrival to first scheduling.", QUEUE_BUCKETS)
+        self.request_prompt_tokens = histogram("request_prompt_tokens", "Prompt tokens per finished request.", TOKEN_COUNT_BUCKETS)
+        self.request_generation_tokens = histogram(
+            "request_generation_tokens", "Generated tokens per finished request (all choices).", TOKEN_COUNT_BUCKETS)
+        self.step_duration = histogram("step_duration_seconds", "Engine step duration by phase (prefill, decode, mixed).",
+                                       STEP_BUCKETS, m + ("phase",))
+        self.batch_size = histogram("batch_size", "Sequences per engine step.", BATCH_BUCKETS)
+
+        # Sparsity.
+        self.model_params = gauge("model_params", "Total parameters of the served model.")
+        self.activated_params_per_token = histogram(
+            "request_activated_params_per_token", "Mean activated params per generated token, per request.", PARAMS_BUCKETS)
+        self.ffn_sparsity = histogram(
+            "request_ffn_sparsity", "Mean FFN sparsity (inactive / all neurons) per generated token, per request.",
+            SPARSITY_BUCKETS)
+        self.computed_fraction = histogram(
+            "request_computed_fraction", "Mean fraction of FFN neurons the batch computed (union), per request.",
+            FRACTION_BUCKETS)
+        self.activated_params = counter("activated_params", "Activated params summed over generated tokens.")
+        self.computed_params = counter("computed_params", "Params the batch computed, summed over generated tokens.")
+        layer = m + ("layer",)
+        self._layer_sparsity = _Ema(gauge("ffn_sparsity", "FFN sparsity per layer (EMA over steps).", layer),
+                                    model_name, num_layers, LAYER_EMA_ALPHA, transform=lambda active: 1.0 - active)
+        self._layer_computed = _Ema(
+            gauge("ffn_computed_fraction", "Fraction of FFN neurons the batch computed per layer (EMA over steps).", layer),
+            model_name, num_layers, LAYER_EMA_ALPHA)
+        self._recall = _Ema(gauge("predictor_recall", "Predictor recall per layer from shadow checks (EMA).", layer),
+                            model_name, num_layers, PREDICTOR_EMA_ALPHA)
+        self._precision = _Ema(gauge("predictor_precision", "Predictor precision per layer from shadow checks (EMA).", layer),
+                               model_name, num_layers, PREDICTOR_EMA_ALPHA)
+        self.predictor_shadow_checks = counter("predictor_shadow_checks", "Steps checked against the exact activation.")
+
+        # NOTE: touch every fixed child now so that rate() has a zero to start from.
+        for metric in (self.prefix_cache_queries, self.prefix_cache_hits, self.num_preemptions, self.prompt_tokens,
+                       self.generation_tokens, self.activated_params, self.computed_params,
+                       self.predictor_shadow_checks, self.num_requests_running, self.num_requests_waiting,
+                       self.kv_cache_usage, self.model_params, self.ttft, self.itl, self.e2e, self.queue_time,
+                       self.request_prompt_tokens, self.request_generation_tokens, self.batch_size,
+                       self.activated_params_per_token, self.ffn_sparsity, self.computed_fraction):
+            metric.labels(model_name=model_name)
+        for reason in FINISH_REASONS:
+            self.request_success.labels(model_name=model_name, finished_reason=reason)
+        for phase in PHASES:
+            self.step_duration.labels(model_name=model_name, phase=phase)
+
+    def observe_http(self, route: str, status: int) -> None:
+        # NOTE: `route` must be the route template (e.g. /v1/chat/completions), never a raw path,
+        # or a scanner hitting random URLs would create unbounded series.
+        self.http_requests.labels(model_name=self.model_name, route=route, status=str(int(status))).inc()
+
+    def observe_request_finished(self, stats: RequestStats, finish_reasons: list[str]) -> None:
+        name = self.model_name
+        for reason in finish_reasons:
+            self.request_success.labels(model_name=name, finished_reason=reason).inc()
+        self.prompt_tokens.labels(model_name=name).inc(stats.num_prompt_tokens)
+        self.request_prompt_tokens.labels(model_name=name).observe(stats.num_prompt_tokens)
+        self.request_generation_tokens.labels(model_name=name).observe(stats.num_generated_tokens)
+        for value, hist in ((stats.ttft, self.ttft), (stats.e2e_latency, self.e2e), (stats.queue_time, self.queue_time)):
+            if value is not None:
+                hist.labels(model_name=name).observe(max(0.0, value))
+        itl = self.itl.labels(model_name=name)
+        for gap in _inter_token_latencies(stats.token_times):
+            itl.observe(gap)
+        if stats.total_params:
+            self.model_params.labels(model_name=name).set(stats.total_params)
+        # NOTE: a request aborted before its first token has no sparsity to report; observing its
+        # zero means would drag the distributions towards "dense".
+        if stats.num_generated_tokens <= 0 or stats.total_params <= 0:
+            return
+        self.activated_params_per_token.labels(model_name=name).observe(stats.mean_activated_params)
+        self.ffn_sparsity.labels(model_name=name).observe(stats.mean_ffn_sparsity)
+        self.computed_fraction.labels(model_name=name).observe(stats.mean_computed_fraction)
+        self.activated_params.labels(model_name=name).inc(stats.mean_activated_params * stats.num_generated_tokens)
+        self.computed_params.labels(model_name=name).inc(computed_params_per_token(stats) * stats.num_generated_tokens)
+
+    def observe_step(self, step: StepStats) -> None:
+        name = self.model_name
+        self.step_duration.labels(model_name=name, phase=step.phase).observe(max(0.0, step.duration_s))
+        self.batch_size.labels(model_name=name).observe(step.num_seqs)
+        self.generation_tokens.labels(model_name=name).inc(step.num_generated_tokens)
+        with self._lock:
+            if step.per_layer_active_fraction:
+                self._layer_sparsity.update(step.per_layer_active_fraction)
+            if step.per_layer_computed_fraction:
+                self._layer_computed.update(step.per_layer_computed_fraction)
+            if step.predictor_recall is not None:
+                self._recall.update(step.predictor_recall)
+                self.predictor_shadow_checks.labels(model_name=name).inc()
+            if step.predictor_precision is not None:
+                self._precision.update(step.predictor_precision)
+
+    def update_engine_stats(self, stats: EngineStats) -> None:
+        name = self.model_name
+        self.num_requests_running.labels(model_name=name).set(stats.num_running)
+        self.num_requests_waiting.labels(model_name=name).set(stats.num_waiting)
+        self.kv_cache_usage.labels(model_name=name).set(stats.kv_cache_usage)
+        # NOTE: EngineStats.per_layer_sparsity is not exported; the per-layer gauge is smoothed
+        # here from StepStats so it has one definition whichever engine feeds it.
+        with self._lock:
+            for key, value, counter in (("preemptions", stats.num_preemptions, self.num_preemptions),
+                                        ("prefix_queries", stats.prefix_cache_queries, self.prefix_cache_queries),
+                                        ("prefix_hits", stats.prefix_cache_hits, self.prefix_cache_hits)):
+                counter.labels(model_name=name).inc(self._cumulative_delta(key, value))
+
+    def _cumulative_delta(self, key: str, value: int) -> int:
+        """Increment for a counter fed from a since-start engine value. A value below the last one
+        means the engine restarted from zero: the whole new value is new (Prometheus' own rule)."""
+        last = self._last_cumulative[key]
+        self._last_cumulative[key] = value
+        if value < last:
+            logger.info("engine counter %s went back from %d to %d; treating it as a restart", key, last, value)
+            return value
+        return value - last
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
