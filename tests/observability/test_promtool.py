@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 from prometheus_client import start_http_server
 
-from .conftest import MODEL_NAME
 from .promtools import promtool, running_prometheus
 
 
@@ -33,7 +32,7 @@ def metrics_http_server(populated_metrics):
 
 def test_real_prometheus_scrapes_activated_params(populated_metrics, metrics_http_server):
     with running_prometheus([metrics_http_server], scrape_interval="1s") as prometheus:
-        query = f'sparseserve_activated_params_total{{model_name="{MODEL_NAME}"}}'
+        query = f'sparseserve_activated_params_total{{model_name="{populated_metrics.model_name}"}}'
         result = prometheus.wait_for(query, timeout_s=30)
         expected = sum((800_000.0 + i) * 5 for i in range(3))
         assert float(result[0]["value"][1]) == pytest.approx(expected)
