@@ -1,0 +1,225 @@
+"""Driving `engine.generate` for a route: admission, fan-in of several prompts, disconnects.
+
+Contract with the engine: `generate()` is an async generator that validates before its first
+yield (so priming it surfaces 400/429 before any byte of the response is sent) and aborts its
+request when closed. On top of that this module calls `engine.abort(request_id)` for any
+request it stops early, so a disconnected client never leaves KV blocks behind.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from engine.outputs import RequestOutput, RequestStats, TokenLogprob
+from engine.sampling_params import SamplingParams
+from server.errors import from_engine_error
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Indexed = tuple[int, RequestOutput]   # (prompt index, delta)
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away before the answer was ready."""
+
+
+async def wait_for_disconnect(receive: Receive) -> None:
+    """Return once the client has disconnected (the body must already have been read)."""
+    while True:
+        message = await receive()
+        if message.get("type") == "http.disconnect":
+            return
+
+
+async def until_disconnected(receive: Receive, awaitable: Awaitable[T]) -> T:
+    """Await `awaitable` unless the client disconnects first; then cancel it and raise
+    ClientDisconnected. Cancelling closes the engine generators inside, which aborts them."""
+    task = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(wait_for_disconnect(receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise ClientDisconnected
+    finally:
+        for t in (task, watcher):
+            t.cancel()
+        # NOTE: wait for the cancellations to land so the aborts have happened on return.
+        await asyncio.gather(task, watcher, return_exceptions=True)
+
+
+@dataclass
+class ChoiceResult:
+    token_ids: list[int] = field(default_factory=list)
+    text_parts: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+
+@dataclass
+class PromptResult:
+    prompt_token_ids: list[int]
+    choices: list[ChoiceResult]
+    stats: RequestStats | None = None
+
+
+def engine_request_ids(base_id: str, num_prompts: int) -> list[str]:
+    return [base_id] if num_prompts == 1 else [f"{base_id}-{i}" for i in range(num_prompts)]
+
+
+class GenerationRunner:
+    """One per app: starts generations, merges them, reports finished ones to metrics."""
+
+    def __init__(self, engine: Any, on_finished: Callable[[RequestOutput, list[str]], None] | None = None):
+        self.engine = engine
+        self.on_finished = on_finished
+
+    async def open(self, receive: Receive, prompts: list[str | list[int]], params: SamplingParams,
+                   base_id: str) -> AsyncIterator[Indexed]:
+        """Admit every prompt (raising the mapped OpenAIError if any is refused) and return
+        one merged iterator of (prompt index, delta); close it to abort what is left."""
+        request_ids = engine_request_ids(base_id, len(prompts))
+        gens = [self.engine.generate(p, params, rid) for p, rid in zip(prompts, request_ids)]
+        try:
+            firsts = await until_disconnected(receive, _prime_all(gens))
+        except BaseException as exc:
+            await self._close_all(gens, request_ids)
+            if isinstance(exc, ClientDisconnected) or not isinstance(exc, Exception):
+                raise
+            err = from_engine_error(exc, base_id)
+            if err.status >= 500:
+                logger.error("request %s failed at admission", base_id, exc_info=exc)
+            else:
+                logger.info("request %s refused (%d): %s", base_id, err.status, err.message)
+            raise err from exc
+        streams = [_chain(first, g) for first, g in zip(firsts, gens)]
+        return self._merge(streams, request_ids)
+
+    async def collect(self, receive: Receive, prompts: list[str | list[int]], params: SamplingParams,
+                      base_id: str) -> list[PromptResult]:
+        """Run to completion (non-streaming), aborting if the client disconnects."""
+        merged = await self.open(receive, prompts, params, base_id)
+
+        async def consume() -> list[PromptResult]:
+            results = [PromptResult([], [ChoiceResult() for _ in range(params.n)]) for _ in prompts]
+            async with aclosing(merged):
+                async for index, out in merged:
+                    accumulate(results[index], out)
+            return results
+
+        return await until_disconnected(receive, consume())
+
+    async def _close_all(self, gens: list[AsyncIterator[RequestOutput]], request_ids: list[str]) -> None:
+        for gen, rid in zip(gens, request_ids):
+            await gen.aclose()  # type: ignore[attr-defined]
+            await self.engine.abort(rid)
+
+    async def _merge(self, streams: list[AsyncIterator[RequestOutput]],
+                     request_ids: list[str]) -> AsyncIterator[Indexed]:
+        if len(streams) == 1:
+            async for item in self._pump_inline(streams[0], 0, request_ids[0]):
+                yield item
+            return
+        # NOTE: several prompts run concurrently in the engine; one task per prompt feeds a
+        # queue so deltas reach the client in the order the engine produced them.
+        queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+        async def pump(index: int) -> None:
+            try:
+                async for item in self._pump_inline(streams[index], index, request_ids[index]):
+                    queue.put_nowait(item)
+                queue.put_nowait((index, None))
+            except Exception as exc:  # handed to the consumer, which re-raises it
+                queue.put_nowait((index, exc))
+
+        tasks = [asyncio.ensure_future(pump(i)) for i in range(len(streams))]
+        try:
+            remaining = len(streams)
+            while remaining:
+                index, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _pump_inline(self, stream: AsyncIterator[RequestOutput], index: int,
+                           request_id: str) -> AsyncIterator[Indexed]:
+        finished = False
+        try:
+            async with aclosing(stream):  # type: ignore[type-var]
+                async for out in stream:
+                    if out.finished:
+                        finished = True
+                        self._report(out)
+                    yield index, out
+        finally:
+            if not finished:
+                logger.info("request %s stopped early; aborting it", request_id)
+                await self.engine.abort(request_id)
+
+    def _report(self, out: RequestOutput) -> None:
+        if self.on_finished is None:
+            return
+        reasons = [d.finish_reason for d in out.outputs if d.finish_reason]
+        try:
+            self.on_finished(out, reasons)
+        except Exception:  # metrics must never break a response
+            logger.exception("metrics hook failed for %s", out.request_id)
+
+
+async def _prime_all(gens: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+    """First delta of every generator, concurrently; the first failure cancels the rest."""
+    async def first(gen: AsyncIterator[RequestOutput]) -> RequestOutput:
+        return await anext(gen)
+
+    tasks = [asyncio.ensure_future(first(g)) for g in gens]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        return [task.result() for task in tasks]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _chain(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    async with aclosing(rest):  # type: ignore[type-var]
+        yield first
+        if first.finished:
+            return
+        async for out in rest:
+            yield out
+
+
+def accumulate(result: PromptResult, out: RequestOutput) -> None:
+    if out.prompt_token_ids and not result.prompt_token_ids:
+        result.prompt_token_ids = list(out.prompt_token_ids)
+    for delta in out.outputs:
+        choice = result.choices[delta.index]
+        choice.token_ids.extend(delta.token_ids)
+        choice.text_parts.append(delta.text)
+        if delta.logprobs is not None:
+            choice.logprobs = (choice.logprobs or []) + list(delta.logprobs)
+        if delta.finish_reason is not None:
+            choice.finish_reason = delta.finish_reason
+    if out.stats is not None:
+        result.stats = out.stats

@@ -1,0 +1,54 @@
+"""uvicorn, with a graceful drain: on SIGTERM/SIGINT new requests get 503 while the running
+ones finish (uvicorn stops accepting connections and waits `shutdown_timeout_s` for them);
+then the app's lifespan shuts the engine down."""
+from __future__ import annotations
+
+import logging
+import socket
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from engine.config import EngineConfig
+from server.state import ServerState
+
+logger = logging.getLogger(__name__)
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.state.draining:
+            logger.info("signal %d: draining (up to %.0f s for running requests)", sig,
+                        self.config.timeout_graceful_shutdown or 0)
+        self.state.draining = True
+        super().handle_exit(sig, frame)
+
+
+def make_server(app: FastAPI, config: EngineConfig, *, log_level: str | None = None) -> DrainingServer:
+    server_cfg = config.server
+    uv_config = uvicorn.Config(
+        app,
+        host=server_cfg.host,
+        port=server_cfg.port,
+        log_level=(log_level or server_cfg.log_level).lower(),
+        lifespan="on",
+        timeout_graceful_shutdown=server_cfg.shutdown_timeout_s,  # type: ignore[arg-type]
+        # NOTE: logging is configured by the CLI; uvicorn should not replace it.
+        log_config=None,
+    )
+    return DrainingServer(uv_config, app.state.server)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket bound now (port 0 picks a free one), for tests and the CLI."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock

@@ -1,0 +1,64 @@
+"""Loading the model off the event loop, so /health can answer 503 while it loads.
+
+The load itself (`AsyncEngine.from_config`) is slow and blocking; it runs in a thread, and the
+engine is then started on the server's event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from engine.config import EngineConfig
+from server.state import ServerState
+
+logger = logging.getLogger(__name__)
+
+
+def load_engine(config: EngineConfig) -> Any:
+    """Build the engine; with no model path, serve the embedded default model.
+
+    NOTE: both imports are lazy: the engine and its torch import stay out of the CLI's
+    start-up, and the default-model lookup happens only when no --model was given.
+    """
+    if config.model.path is None:
+        from engine.default_model import default_model_path
+
+        config.model.path = str(default_model_path())
+        logger.info("no --model given; serving the embedded default model at %s", config.model.path)
+    from engine.async_engine import AsyncEngine
+
+    return AsyncEngine.from_config(config)
+
+
+def start_background_load(state: ServerState, load: Callable[[], Any], loop: asyncio.AbstractEventLoop,
+                          on_failure: Callable[[str], None] | None = None) -> threading.Thread:
+    def fail(message: str) -> None:
+        state.load_error = message
+        if on_failure is not None:
+            on_failure(message)
+
+    def run() -> None:
+        started = time.monotonic()
+        try:
+            engine = load()
+        except Exception as exc:
+            logger.exception("model load failed")
+            loop.call_soon_threadsafe(fail, f"{type(exc).__name__}: {exc}")
+            return
+        logger.info("model loaded in %.1f s", time.monotonic() - started)
+        try:
+            asyncio.run_coroutine_threadsafe(state.attach_engine(engine), loop).result()
+        except Exception as exc:
+            logger.exception("engine start failed")
+            try:
+                loop.call_soon_threadsafe(fail, f"{type(exc).__name__}: {exc}")
+            except RuntimeError:  # the loop is already closed: the server stopped meanwhile
+                pass
+
+    thread = threading.Thread(target=run, name="model-loader", daemon=True)
+    thread.start()
+    return thread

@@ -1,0 +1,107 @@
+"""POST /v1/chat/completions: request -> prompt ids via the chat template -> engine -> response."""
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from engine.sampling_params import SamplingParams
+from server.errors import bad_request, from_engine_error
+from server.generation import Indexed, PromptResult
+from server.protocol import ChatCompletionRequest, check_model
+from server.render import chat_logprobs, usage
+from server.sse import SSEResponse, sse_data
+from server.state import get_state
+
+router = APIRouter()
+
+
+def validate_params(params: SamplingParams, engine: Any) -> None:
+    try:
+        params.validate(vocab_size=engine.tokenizer.vocab_size)
+    except ValueError as exc:
+        raise from_engine_error(exc) from None
+
+
+def chat_prompt_ids(engine: Any, messages: list[dict[str, str]]) -> list[int]:
+    tokenizer = engine.tokenizer
+    if not tokenizer.has_chat_template:
+        raise bad_request("This model has no chat template; start the server with "
+                          "--chat-template FILE, or use /v1/completions.",
+                          param="messages", code="no_chat_template")
+    try:
+        return tokenizer.encode_chat(messages)
+    except ValueError as exc:  # engine.tokenizer.ChatTemplateError is a ValueError
+        raise bad_request(f"The chat template could not render these messages: {exc}",
+                          param="messages", code="chat_template_error") from None
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    state = get_state(request)
+    engine = state.ready_engine()
+    check_model(body.model, engine.model_name)
+    body.check_supported()
+    params = body.to_sampling_params()
+    validate_params(params, engine)
+    prompt_ids = chat_prompt_ids(engine, body.template_messages())
+
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    head = {"id": request_id, "created": int(time.time()), "model": engine.model_name}
+    if body.stream:
+        merged = await state.runner.open(request.receive, [prompt_ids], params, request_id)
+        events = _chat_events(merged, head, params.n, bool(body.logprobs), body.include_usage,
+                              engine.total_params)
+        return SSEResponse(events, request_id)
+
+    results = await state.runner.collect(request.receive, [prompt_ids], params, request_id)
+    result = results[0]
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": choice.text, "refusal": None},
+            "logprobs": chat_logprobs(choice.logprobs) if body.logprobs else None,
+            "finish_reason": choice.finish_reason,
+        }
+        for i, choice in enumerate(result.choices)
+    ]
+    return JSONResponse({**head, "object": "chat.completion", "choices": choices,
+                         "usage": usage(results, engine.total_params)})
+
+
+async def _chat_events(merged: AsyncIterator[Indexed], head: dict[str, Any], n: int,
+                       want_logprobs: bool, include_usage: bool, total_params: int,
+                       ) -> AsyncIterator[bytes]:
+    """chat.completion.chunk events: a role chunk per choice, content chunks, a chunk with
+    finish_reason per choice, then (include_usage) one chunk with empty choices and usage."""
+    base = {**head, "object": "chat.completion.chunk"}
+    if include_usage:
+        base["usage"] = None
+
+    def chunk(index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None) -> bytes:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return sse_data({**base, "choices": [choice]})
+
+    result = PromptResult([], [])
+    async with aclosing(merged):  # type: ignore[type-var]
+        for index in range(n):
+            yield chunk(index, {"role": "assistant", "content": ""})
+        async for _, out in merged:
+            for delta in out.outputs:
+                logprobs = chat_logprobs(delta.logprobs) if want_logprobs else None
+                if delta.text or logprobs:
+                    yield chunk(delta.index, {"content": delta.text}, logprobs)
+                if delta.finish_reason is not None:
+                    yield chunk(delta.index, {}, finish=delta.finish_reason)
+            if out.stats is not None:
+                result.stats = out.stats
+            if not result.prompt_token_ids:
+                result.prompt_token_ids = list(out.prompt_token_ids)
+    if include_usage:
+        yield sse_data({**base, "choices": [], "usage": usage([result], total_params)})
+

@@ -1,0 +1,96 @@
+"""POST /v1/completions: one or several prompts (text or token ids), echo, integer logprobs.
+
+With several prompts each runs as its own engine request (ids `<id>-<i>`); choice indexes
+are `prompt_index * n + choice_index`, as OpenAI numbers them.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from server.generation import Indexed, PromptResult
+from server.protocol import CompletionRequest, check_model
+from server.render import completion_logprobs, usage
+from server.routes_chat import validate_params
+from server.sse import SSEResponse, sse_data
+from server.state import get_state
+
+router = APIRouter()
+
+
+@router.post("/v1/completions")
+async def create_completion(body: CompletionRequest, request: Request) -> Response:
+    state = get_state(request)
+    engine = state.ready_engine()
+    check_model(body.model, engine.model_name)
+    body.check_supported()
+    params = body.to_sampling_params()
+    validate_params(params, engine)
+    prompts = body.prompts()
+    echo_texts = [_prompt_text(engine, p) for p in prompts] if body.echo else None
+
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    head = {"id": request_id, "object": "text_completion", "created": int(time.time()),
+            "model": engine.model_name}
+    if body.stream:
+        merged = await state.runner.open(request.receive, prompts, params, request_id)
+        events = _completion_events(merged, head, len(prompts), params.n, echo_texts,
+                                    body.logprobs is not None, body.include_usage,
+                                    engine.total_params)
+        return SSEResponse(events, request_id)
+
+    results = await state.runner.collect(request.receive, prompts, params, request_id)
+    choices = []
+    for p, result in enumerate(results):
+        for i, choice in enumerate(result.choices):
+            prefix = echo_texts[p] if echo_texts else ""
+            choices.append({
+                "index": p * params.n + i,
+                "text": prefix + choice.text,
+                "logprobs": completion_logprobs(choice.logprobs, 0) if body.logprobs is not None else None,
+                "finish_reason": choice.finish_reason,
+            })
+    return JSONResponse({**head, "choices": choices, "usage": usage(results, engine.total_params)})
+
+
+def _prompt_text(engine: Any, prompt: str | list[int]) -> str:
+    return prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt)
+
+
+async def _completion_events(merged: AsyncIterator[Indexed], head: dict[str, Any], num_prompts: int,
+                             n: int, echo_texts: list[str] | None, want_logprobs: bool,
+                             include_usage: bool, total_params: int) -> AsyncIterator[bytes]:
+    base = dict(head)
+    if include_usage:
+        base["usage"] = None
+
+    def chunk(index: int, text: str, logprobs: Any = None, finish: str | None = None) -> bytes:
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        return sse_data({**base, "choices": [choice]})
+
+    results = [PromptResult([], []) for _ in range(num_prompts)]
+    offsets = [0] * (num_prompts * n)     # text offset per choice, for streamed logprobs
+    async with aclosing(merged):  # type: ignore[type-var]
+        if echo_texts is not None:
+            for p, text in enumerate(echo_texts):
+                for i in range(n):
+                    yield chunk(p * n + i, text)
+        async for p, out in merged:
+            for delta in out.outputs:
+                index = p * n + delta.index
+                logprobs = completion_logprobs(delta.logprobs, offsets[index]) if want_logprobs else None
+                offsets[index] += len(delta.text)
+                if delta.text or logprobs or delta.finish_reason is not None:
+                    yield chunk(index, delta.text, logprobs, delta.finish_reason)
+            if out.stats is not None:
+                results[p].stats = out.stats
+            if not results[p].prompt_token_ids:
+                results[p].prompt_token_ids = list(out.prompt_token_ids)
+    if include_usage:
+        yield sse_data({**base, "choices": [], "usage": usage(results, total_params)})

@@ -1,0 +1,64 @@
+"""What the app knows at run time: the config, the engine once it is loaded, its metrics,
+and whether the server is draining. Routes ask `ready_engine()` and get a 503 otherwise."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+
+from engine.config import EngineConfig
+from engine.outputs import RequestOutput
+from server.errors import SERVER_ERROR, OpenAIError
+from server.generation import GenerationRunner
+from server.metrics import ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerState:
+    config: EngineConfig
+    engine: Any | None = None             # engine.async_engine.AsyncEngine once started
+    metrics: ServerMetrics | None = None
+    runner: GenerationRunner | None = None
+    draining: bool = False
+    load_error: str | None = None
+
+    def ready_engine(self) -> Any:
+        if self.draining:
+            raise OpenAIError(503, "The server is shutting down.", type=SERVER_ERROR,
+                              code="shutting_down")
+        if self.engine is None:
+            if self.load_error is not None:
+                raise OpenAIError(503, f"The model failed to load: {self.load_error}",
+                                  type=SERVER_ERROR, code="model_load_failed")
+            raise OpenAIError(503, "The model is still loading.", type=SERVER_ERROR,
+                              code="model_loading", headers={"Retry-After": "5"})
+        return self.engine
+
+    async def attach_engine(self, engine: Any) -> None:
+        """Start the engine and wire its metrics; the server reports ready only after this."""
+        await engine.start()
+        metrics = ServerMetrics(engine.model_name, engine.num_layers)
+        engine.step_listeners.append(metrics.observe_step)
+
+        def on_finished(out: RequestOutput, finish_reasons: list[str]) -> None:
+            if out.stats is not None:
+                metrics.observe_request_finished(out.stats, finish_reasons)
+
+        self.metrics = metrics
+        self.runner = GenerationRunner(engine, on_finished=on_finished)
+        self.engine = engine   # NOTE: set last: /health turns 200 on this assignment
+        logger.info("serving model %s (max_model_len %d, %d params)", engine.model_name,
+                    engine.max_model_len, engine.total_params)
+
+    async def detach_engine(self) -> None:
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            await engine.shutdown()
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.server
