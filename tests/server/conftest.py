@@ -33,8 +33,9 @@ def small_config(**overrides) -> EngineConfig:
 
 
 @pytest.fixture
-def engine_config() -> EngineConfig:
-    return small_config()
+def engine_config(request) -> EngineConfig:
+    """Overrides come from `@pytest.mark.parametrize("engine_config", [{...}], indirect=True)`."""
+    return small_config(**getattr(request, "param", {}))
 
 
 @pytest.fixture
