@@ -85,13 +85,14 @@ class Scheduler:
     # ---- one step -------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
-        scheduled: dict[int, ScheduledSeq] = {}       # seq_id -> entry, insertion ordered
+        scheduled: list[ScheduledSeq] = []
         preempted: list[Sequence] = []
         finished: list[Sequence] = []
 
-        # 1. Running sequences first. NOTE: decodes (one token left) before chunked prefills,
-        # so a long prompt admitted earlier never stalls the others' inter-token latency.
-        for seq in sorted(self.running, key=lambda s: s.num_tokens - s.num_computed_tokens > 1):
+        # 1. Running sequences first, oldest first, so decodes keep flowing; a prompt admitted
+        # as a chunk continues here. NOTE: the victim of a preemption is the newest running
+        # sequence, i.e. this one or one after it, so never one already scheduled this step.
+        for seq in list(self.running):
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:   # preempted earlier in this loop
@@ -110,9 +111,6 @@ class Scheduler:
                     finished.append(seq)
                     break
                 victim = self.running[-1]
-                entry = scheduled.pop(victim.seq_id, None)
-                if entry is not None:                  # a decode already given its token
-                    budget += entry.num_new_tokens
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is seq:
@@ -120,7 +118,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue
             self.block_manager.allocate(seq, num_new)
-            scheduled[seq.seq_id] = ScheduledSeq(seq, num_new)
+            scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
 
         # 2. Admit waiting sequences, FCFS. NOTE: not in a step that had to preempt: the
@@ -128,12 +126,11 @@ class Scheduler:
         if not preempted:
             budget = self._admit_waiting(budget, scheduled, finished)
 
-        entries = list(scheduled.values())
-        return SchedulerOutput(scheduled=entries, preempted=preempted,
-                               num_batched_tokens=sum(e.num_new_tokens for e in entries),
+        return SchedulerOutput(scheduled=scheduled, preempted=preempted,
+                               num_batched_tokens=sum(e.num_new_tokens for e in scheduled),
                                finished=finished)
 
-    def _admit_waiting(self, budget: int, scheduled: dict[int, ScheduledSeq],
+    def _admit_waiting(self, budget: int, scheduled: list[ScheduledSeq],
                        finished: list[Sequence]) -> int:
         bm = self.block_manager
         held_back: list[Sequence] = []
@@ -155,8 +152,9 @@ class Scheduler:
                 seq.num_computed_tokens = 0
                 if not self.running:
                     # NOTE: only running sequences hold blocks, so with none running the whole
-                    # cache is free and still too small: a preempted sequence whose prompt +
-                    # output outgrew the cache. It ends with "length" instead of waiting forever.
+                    # cache is free and still too small. add_sequence and the lone-sequence
+                    # rule above keep this from happening; the guard makes sure a sequence
+                    # that outgrew the cache ends with "length" rather than block the queue.
                     logger.warning("%r outgrew the KV cache (%d blocks); finishing with 'length'",
                                    seq, bm.num_blocks)
                     self.finish_sequence(seq, "length")
@@ -172,7 +170,7 @@ class Scheduler:
                 seq.num_cached_tokens = num_cached
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            scheduled[seq.seq_id] = ScheduledSeq(seq, num_new)
+            scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
         self.waiting.extendleft(reversed(held_back))
         return budget
