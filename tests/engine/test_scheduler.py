@@ -301,3 +301,36 @@ def test_siblings_wait_only_for_the_prompt_not_the_queue():
     assert s1 in [e.seq for e in out.scheduled] and s1.num_cached_tokens == 8
     run_to_end(sched)
     assert s1.output_token_ids == expected_output(s1, 3)
+
+
+@pytest.mark.parametrize("seed, prefix", [(0, True), (1, False), (2, True), (3, False)])
+def test_random_workload_keeps_blocks_and_outputs_consistent(seed, prefix):
+    import random
+    rng = random.Random(seed)
+    sched = make_scheduler(num_blocks=24, block_size=4, budget=rng.choice([8, 16, 64]),
+                           max_seqs=rng.choice([2, 4, 8]), prefix=prefix, max_model_len=48)
+    bm = sched.block_manager
+    shared = [rng.randrange(3, 900) for _ in range(12)]
+    seqs = []
+    for step_no in range(400):
+        if step_no < 150 and rng.random() < 0.3:
+            head = shared[:rng.randrange(0, 12)]
+            prompt = head + [rng.randrange(3, 900) for _ in range(rng.randrange(1, 20))]
+            seqs += add(sched, f"r{step_no}", prompt, n=rng.choice([1, 1, 2, 3]),
+                        max_tokens=rng.randrange(1, 30), min_tokens=0)
+        if sched.running and rng.random() < 0.03:
+            sched.abort_request(rng.choice(sched.running).request_id)
+        step(sched)
+        held = {b for s in sched.running for b in s.block_table}
+        assert len(held) == bm.num_blocks - bm.num_free_blocks
+        assert all(not s.block_table for s in sched.waiting)
+        if step_no > 150 and not sched.has_unfinished():
+            break
+    assert not sched.has_unfinished() and bm.num_free_blocks == bm.num_blocks
+    for s in seqs:
+        assert s.is_finished
+        if s.finish_reason != "abort":
+            assert s.finish_reason == "length"
+            assert s.output_token_ids == expected_output(s, s.num_output_tokens)
+            assert s.num_output_tokens == s.params.max_tokens or s.num_tokens >= 48 \
+                or s.num_computed_tokens == bm.num_blocks * bm.block_size
