@@ -1,0 +1,168 @@
+"""Async front of the engine: one background task steps the core; per-request queues.
+
+Model steps run in a worker thread (`asyncio.to_thread`) so the event loop keeps serving HTTP
+while the model computes. Adds and aborts are applied by the loop between steps, never during
+one, so the core is only ever touched by one thread at a time.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from engine.config import EngineConfig
+from engine.errors import EngineDeadError, EngineOverloadedError
+from engine.llm_engine import LLMEngine
+from engine.outputs import EngineStats, RequestOutput, StepStats
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    def __init__(self, core: LLMEngine):
+        self.core = core
+        self.config = core.config
+        self.tokenizer = core.tokenizer
+        self.model_name = core.model_name
+        self.max_model_len = core.max_model_len
+        self.total_params = core.accounting.total_params
+        self.num_layers = core.arch.num_layers
+        self.step_listeners: list[Callable[[StepStats], None]] = []
+        self.request_listeners: list[Callable[[RequestOutput], None]] = []  # final outputs
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._pending_adds: list[tuple] = []
+        self._pending_aborts: list[str] = []
+        self._wakeup: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._dead: BaseException | None = None
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "AsyncEngine":
+        """Loads the model: slow and blocking (call it in a thread from async code)."""
+        path = config.model.path
+        if path is None:
+            from engine.default_model import default_model_path
+            path = default_model_path()
+            config.model.path = path
+        return cls(LLMEngine(config, path))
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._loop_task is None:
+            self._wakeup = asyncio.Event()
+            self._loop_task = asyncio.create_task(self._run_loop(), name="engine-loop")
+
+    async def shutdown(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except asyncio.CancelledError:
+                pass
+            self._loop_task = None
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._queues)
+
+    # ---- requests -------------------------------------------------------------------------
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        if self._dead is not None:
+            raise EngineDeadError(f"engine loop stopped: {self._dead!r}")
+        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        params.validate(self.tokenizer.vocab_size)
+        self.core.check_length(len(prompt_ids), params)
+        if request_id in self._queues:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        waiting = self.core.scheduler.num_waiting + len(self._pending_adds)
+        if waiting >= self.config.scheduler.max_queued_requests:
+            raise EngineOverloadedError(f"the server is overloaded: {waiting} requests are already waiting")
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = queue
+        self._pending_adds.append((request_id, prompt_ids, params))
+        self._wakeup.set()
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:   # consumer went away (GeneratorExit / CancelledError) or error
+                self._abort_soon(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self._abort_soon(request_id)
+
+    def _abort_soon(self, request_id: str) -> None:
+        if request_id in self._queues:
+            self._pending_aborts.append(request_id)
+            if self._wakeup is not None:
+                self._wakeup.set()
+
+    def get_stats(self) -> EngineStats:
+        stats = self.core.get_stats()
+        stats.num_waiting += len(self._pending_adds)
+        return stats
+
+    # ---- the loop -------------------------------------------------------------------------
+    def _apply_pending(self) -> None:
+        adds, self._pending_adds = self._pending_adds, []
+        for request_id, prompt_ids, params in adds:
+            try:
+                self.core.add_request(request_id, prompt_ids, params)
+            except Exception as exc:   # validated already; anything left is the request's own fault
+                self._deliver(request_id, exc)
+        aborts, self._pending_aborts = self._pending_aborts, []
+        for request_id in aborts:
+            out = self.core.abort_request(request_id)
+            queue = self._queues.pop(request_id, None)
+            if queue is not None and out is not None:
+                out.finished = True
+                queue.put_nowait(out)
+
+    def _deliver(self, request_id: str, item) -> None:
+        queue = self._queues.get(request_id)
+        if queue is None:
+            return
+        queue.put_nowait(item)
+        if isinstance(item, BaseException) or item.finished:
+            del self._queues[request_id]
+
+    async def _run_loop(self) -> None:
+        try:
+            while True:
+                self._apply_pending()
+                if not self.core.has_unfinished():
+                    self._wakeup.clear()
+                    if not self._pending_adds and not self._pending_aborts:
+                        await self._wakeup.wait()
+                    continue
+                result = await asyncio.to_thread(self.core.step)
+                for out in result.outputs:
+                    if out.finished:
+                        for listener in self.request_listeners:
+                            _call_safely(listener, out)
+                    self._deliver(out.request_id, out)
+                if result.stats is not None:
+                    for listener in self.step_listeners:
+                        _call_safely(listener, result.stats)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:   # a bug or a device failure: fail every request loudly
+            logger.exception("engine loop died")
+            self._dead = exc
+            error = EngineDeadError(f"engine loop stopped: {exc!r}")
+            for request_id in list(self._queues):
+                self._deliver(request_id, error)
+
+
+def _call_safely(fn, arg) -> None:
+    try:
+        fn(arg)
+    except Exception:   # NOTE: a metrics bug must never stop the engine
+        logger.exception("listener %r failed", fn)

@@ -1,0 +1,193 @@
+"""The synchronous engine core: one step is schedule -> execute -> update_from_output.
+
+It owns the model runner, scheduler and request states. It is driven either by the async
+engine's background loop (one step at a time, in a worker thread) or by the offline `LLM`.
+Nothing here is thread-safe: callers never touch it while a step runs.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.errors import PromptTooLongError
+from engine.loader import load_model
+from engine.model_runner import ModelRunner, kv_bytes_per_block
+from engine.outputs import EngineStats, RequestOutput, RequestStats, StepStats
+from engine.request_state import RequestState, make_logprob
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+from engine.sparsity import SparsityAccounting
+from engine.tokenizer import Tokenizer, load_eos_token_ids
+
+logger = logging.getLogger(__name__)
+_SMOOTHING = 0.1   # EMA weight of the newest step in the per-layer sparsity gauge
+
+
+@dataclass
+class StepResult:
+    outputs: list[RequestOutput]
+    stats: StepStats | None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model_path: str):
+        self.config = config
+        self.model_path = str(model_path)
+        self.model, self.arch = load_model(config.model, model_path)
+        self.tokenizer = Tokenizer.from_pretrained(self.model_path, config.model.chat_template)
+        self.model_name = config.model.served_model_name or Path(self.model_path).name
+        self.max_model_len = config.model.max_model_len or self.arch.max_position_embeddings
+        self.eos_token_ids = load_eos_token_ids(self.model_path, self.tokenizer) | set(self.arch.eos_token_ids)
+        self.accounting = SparsityAccounting(self.model.num_params(), self.arch.hidden_size,
+                                             self.arch.intermediate_size, self.arch.num_layers)
+        self.runner = ModelRunner(self.model, config)
+        num_blocks = self.runner.profile_num_blocks()
+        self.runner.allocate_kv_cache(num_blocks)
+        config.cache.num_blocks = num_blocks
+        self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.eos_token_ids, self.max_model_len)
+        self.requests: dict[str, RequestState] = {}
+        self.per_layer_sparsity: list[float] = []
+        per_block = kv_bytes_per_block(self.arch, config.cache.block_size, self.runner.dtype)
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d, eos ids %s, "
+                    "prefix caching %s", num_blocks, config.cache.block_size, num_blocks * per_block / 2**20,
+                    self.max_model_len, sorted(self.eos_token_ids),
+                    "on" if config.cache.enable_prefix_caching else "off")
+
+    # ---- requests -------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    arrival_time: float | None = None) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        params.validate(self.tokenizer.vocab_size)
+        self.check_length(len(prompt_token_ids), params)
+        if params.max_tokens is None:
+            params.max_tokens = self.max_model_len - len(prompt_token_ids)
+        arrival = arrival_time or time.time()
+        seqs = [Sequence(request_id, i, list(prompt_token_ids), params, arrival) for i in range(params.n)]
+        detoks = [IncrementalDetokenizer(self.tokenizer.hf, prompt_token_ids, params) for _ in seqs]
+        state = RequestState(request_id, list(prompt_token_ids), seqs, detoks,
+                             RequestStats(arrival_time=arrival, num_prompt_tokens=len(prompt_token_ids)))
+        for seq in seqs:
+            self.scheduler.add_sequence(seq)
+        self.requests[request_id] = state
+
+    def check_length(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        if num_prompt_tokens == 0:
+            raise ValueError("the prompt is empty")
+        wanted = num_prompt_tokens + (params.max_tokens or 1)
+        if wanted > self.max_model_len:
+            raise PromptTooLongError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                f"requested {wanted} tokens ({num_prompt_tokens} in the prompt, "
+                f"{params.max_tokens or 1} for the completion). Please reduce the prompt or max_tokens.")
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return None
+        for seq in self.scheduler.abort_request(request_id):
+            self.runner.release(seq.seq_id)
+            state.delta(seq.index).finish_reason = "abort"
+        return state.take_output(self.accounting)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step -------------------------------------------------------------------------
+    def step(self) -> StepResult:
+        started = time.perf_counter()
+        sched = self.scheduler.schedule()
+        now = time.time()
+        for item in sched.scheduled:
+            stats = self.requests[item.seq.request_id].stats
+            if stats.scheduled_time is None:
+                stats.scheduled_time = now
+        num_prefill = sum(i.num_new_tokens for i in sched.scheduled if i.seq.num_output_tokens == 0
+                          or i.num_new_tokens > 1)
+        run = self.runner.execute(sched) if sched.scheduled else None
+        finished = self.scheduler.update_from_output(sched, run.sampled if run else {})
+        if run is not None:
+            finished += self._record(sched, run, time.time())
+        for seq in finished:
+            self._finish(seq)
+        outputs = self._collect_outputs()
+        if run is None:
+            return StepResult(outputs, None)
+        self._smooth_sparsity(run.per_layer_active_fraction)
+        step_stats = StepStats(
+            duration_s=time.perf_counter() - started, num_seqs=len(sched.scheduled),
+            num_prefill_tokens=num_prefill, num_decode_tokens=sched.num_batched_tokens - num_prefill,
+            num_generated_tokens=len(run.sampled), num_preempted=len(sched.preempted),
+            per_layer_active_fraction=run.per_layer_active_fraction,
+            per_layer_computed_fraction=run.per_layer_computed_fraction,
+            predictor_recall=run.predictor_recall, predictor_precision=run.predictor_precision)
+        return StepResult(outputs, step_stats)
+
+    def _record(self, sched, run, now: float) -> list[Sequence]:
+        """Account and detokenize every sampled token; returns sequences a stop string ended."""
+        stopped = []
+        for item in sched.scheduled:
+            seq = item.seq
+            token_id = run.sampled.get(seq.seq_id)
+            state = self.requests.get(seq.request_id)
+            if token_id is None or state is None:
+                continue
+            raw = run.logprobs.get(seq.seq_id)
+            logprob = make_logprob(self.tokenizer, token_id, raw) if raw is not None else None
+            state.record_token(seq, token_id, run.num_active[seq.seq_id], run.computed_fraction,
+                               self.accounting, logprob, now)
+            text, stop = state.detokenizers[seq.index].add_tokens([token_id])
+            state.delta(seq.index).text += text
+            if stop is None:
+                continue
+            if seq.is_finished:   # a token rule fired on the same token: the stop string wins
+                seq.finish_reason, seq.stop_reason = "stop", stop
+            else:
+                self.scheduler.finish_sequence(seq, "stop", stop)
+                stopped.append(seq)
+        return stopped
+
+    def _finish(self, seq: Sequence) -> None:
+        state = self.requests.get(seq.request_id)
+        if state is None:
+            return
+        delta = state.delta(seq.index)
+        detok = state.detokenizers[seq.index]
+        if detok.stop_match is None:
+            delta.text += detok.flush()
+        delta.finish_reason, delta.stop_reason = seq.finish_reason, seq.stop_reason
+        self.runner.release(seq.seq_id)
+
+    def _collect_outputs(self) -> list[RequestOutput]:
+        outputs = []
+        for request_id in list(self.requests):
+            state = self.requests[request_id]
+            out = state.take_output(self.accounting)
+            if out is not None:
+                outputs.append(out)
+            if state.finished:
+                del self.requests[request_id]
+        return outputs
+
+    def _smooth_sparsity(self, active_fraction: list[float]) -> None:
+        sparsity = [1.0 - f for f in active_fraction]
+        if not self.per_layer_sparsity:
+            self.per_layer_sparsity = sparsity
+        else:
+            self.per_layer_sparsity = [(1 - _SMOOTHING) * old + _SMOOTHING * new
+                                       for old, new in zip(self.per_layer_sparsity, sparsity)]
+
+    def get_stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+                           num_total_blocks=bm.num_blocks, num_free_blocks=bm.num_free_blocks,
+                           kv_cache_usage=bm.usage, num_preemptions=self.scheduler.num_preemptions,
+                           prefix_cache_queries=bm.prefix_cache_queries, prefix_cache_hits=bm.prefix_cache_hits,
+                           per_layer_sparsity=list(self.per_layer_sparsity))

@@ -1,0 +1,160 @@
+"""The only place where scheduled sequences become tensors.
+
+`execute(SchedulerOutput)` builds token ids, positions, slot mapping and block tables, runs the
+model, samples one token for each sequence that caught up with its tokens, and reads the FFN
+activity counts back with a single host transfer per step.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.config import EngineConfig
+from engine.models.arch_config import ModelArchConfig
+from engine.models.attention import AttentionMetadata
+from engine.models.llama import CausalLM
+from engine.sampler import Sampler, make_generator
+from engine.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunnerOutput:
+    sampled: dict[int, int]                                 # seq_id -> token id
+    logprobs: dict[int, tuple] = field(default_factory=dict)  # seq_id -> (logprob, [(id, logprob)])
+    num_active: dict[int, int] = field(default_factory=dict)  # seq_id -> active neurons (all layers)
+    computed_fraction: float = 0.0                          # union over the batch / all neurons
+    per_layer_active_fraction: list[float] = field(default_factory=list)
+    per_layer_computed_fraction: list[float] = field(default_factory=list)
+    predictor_recall: list[float] | None = None
+    predictor_precision: list[float] | None = None
+
+
+def kv_bytes_per_block(arch: ModelArchConfig, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * arch.num_layers * block_size * arch.num_kv_heads * arch.head_dim * elem
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, config: EngineConfig):
+        self.model = model
+        self.arch = model.config
+        self.config = config
+        param = model.model.embed_tokens.weight
+        self.device, self.dtype = param.device, param.dtype
+        self.block_size = config.cache.block_size
+        self.sampler = Sampler()
+        self.generators: dict[int, torch.Generator | None] = {}
+        self.shadow_rate = config.server.predictor_shadow_rate
+        self._shadow_rng = random.Random(config.model.seed)
+        self.num_blocks = 0
+
+    # ---- KV cache -------------------------------------------------------------------------
+    def profile_num_blocks(self) -> int:
+        """Blocks that fit the budget: bytes on CPU, a fraction of free memory on GPU."""
+        if self.config.cache.num_blocks:
+            return self.config.cache.num_blocks
+        per_block = kv_bytes_per_block(self.arch, self.block_size, self.dtype)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * self.config.cache.gpu_memory_utilization)
+        else:
+            budget = self.config.cache.kv_cache_bytes
+        return max(budget // per_block, 1)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        shape = (num_blocks, self.block_size, self.arch.num_kv_heads, self.arch.head_dim)
+        for layer in self.model.model.layers:
+            layer.self_attn.kv_cache = (torch.zeros(shape, dtype=self.dtype, device=self.device),
+                                        torch.zeros(shape, dtype=self.dtype, device=self.device))
+        self.num_blocks = num_blocks
+
+    # ---- per-sequence state ---------------------------------------------------------------
+    def release(self, seq_id: int) -> None:
+        self.generators.pop(seq_id, None)
+
+    def _generator(self, seq) -> torch.Generator | None:
+        if seq.seq_id not in self.generators:
+            seed = seq.params.seed
+            # NOTE: sibling choices (n > 1) must differ, so each gets seed + index.
+            self.generators[seq.seq_id] = make_generator(None if seed is None else seed + seq.index, self.device)
+        return self.generators[seq.seq_id]
+
+    # ---- one step -------------------------------------------------------------------------
+    def _prepare(self, out: SchedulerOutput):
+        input_ids, positions, slots, query_lens, seq_lens, tables = [], [], [], [], [], []
+        bs = self.block_size
+        for item in out.scheduled:
+            seq, start = item.seq, item.seq.num_computed_tokens
+            end = start + item.num_new_tokens
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            query_lens.append(item.num_new_tokens)
+            seq_lens.append(end)
+            tables.append(table)
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        to = dict(device=self.device)
+        meta = AttentionMetadata(
+            query_lens=query_lens, seq_lens=seq_lens,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, **to),
+            block_tables=torch.tensor(padded, dtype=torch.int32, **to),
+            seq_lens_tensor=torch.tensor(seq_lens, dtype=torch.int32, **to),
+            block_size=bs)
+        return (torch.tensor(input_ids, dtype=torch.long, **to),
+                torch.tensor(positions, dtype=torch.long, **to), meta)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        input_ids, positions, meta = self._prepare(out)
+        shadow = self.shadow_rate > 0 and self._shadow_rng.random() < self.shadow_rate
+        for mlp in self.model.mlps:
+            mlp.shadow_check = shadow
+        hidden, activities = self.model(input_ids, positions, meta)             # [T, H]
+
+        # Rows whose next token we sample: the last new token of each caught-up sequence.
+        sample_items, rows, row = [], [], -1
+        for item in out.scheduled:
+            row += item.num_new_tokens
+            if item.samples:
+                sample_items.append(item)
+                rows.append(row)
+        result = RunnerOutput(sampled={})
+        if rows:
+            row_index = torch.tensor(rows, device=self.device)
+            logits = self.model.compute_logits(hidden[row_index])               # [S, V]
+            seqs = [item.seq for item in sample_items]
+            sampled = self.sampler(logits, [s.params for s in seqs], [s.prompt_token_ids for s in seqs],
+                                   [s.output_token_ids for s in seqs], [self._generator(s) for s in seqs])
+            for seq, token_id, logprob in zip(seqs, sampled.token_ids, sampled.logprobs):
+                result.sampled[seq.seq_id] = token_id
+                if logprob is not None:
+                    result.logprobs[seq.seq_id] = logprob
+        self._read_activity(activities, sample_items, rows, positions.shape[0], result)
+        return result
+
+    def _read_activity(self, activities, sample_items, rows, num_tokens: int, result: RunnerOutput) -> None:
+        """One host transfer for every layer's counts."""
+        counts = torch.stack([a.active_counts for a in activities])            # [L, T]
+        unions = torch.stack([a.union_count for a in activities])              # [L]
+        per_token_all = counts.sum(dim=0)                                       # [T]
+        inter = self.arch.intermediate_size
+        host = torch.cat([per_token_all.to(torch.float64), unions.to(torch.float64),
+                          counts.to(torch.float64).mean(dim=1)]).tolist()
+        per_token, union, layer_mean = host[:num_tokens], host[num_tokens:num_tokens + len(unions)], \
+            host[num_tokens + len(unions):]
+        for item, row in zip(sample_items, rows):
+            result.num_active[item.seq.seq_id] = int(per_token[row])
+        result.per_layer_active_fraction = [c / inter for c in layer_mean]
+        result.per_layer_computed_fraction = [u / inter for u in union]
+        result.computed_fraction = sum(union) / (inter * len(union))
+        if activities[0].shadow_recall is not None:
+            recall = torch.stack([a.shadow_recall for a in activities]).tolist()
+            precision = torch.stack([a.shadow_precision for a in activities]).tolist()
+            result.predictor_recall, result.predictor_precision = recall, precision
