@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -58,8 +59,12 @@ def _ensure_unpacked() -> Path:
             return CACHE_DIR
         with tempfile.TemporaryDirectory(dir=CACHE_DIR) as tmp:
             logger.info("downloading the Debian prometheus package into %s", CACHE_DIR)
-            result = subprocess.run(["apt-get", "download", "prometheus"], cwd=tmp, capture_output=True,
-                                    text=True, timeout=DOWNLOAD_TIMEOUT_S)
+            result = _apt_download(tmp)
+            if result.returncode != 0 and os.geteuid() == 0:
+                # NOTE: a fresh machine may have no package lists yet; as root we can fetch them.
+                logger.info("apt-get download failed; running apt-get update once and retrying")
+                subprocess.run(["apt-get", "update"], capture_output=True, timeout=DOWNLOAD_TIMEOUT_S)
+                result = _apt_download(tmp)
             debs = sorted(Path(tmp).glob("prometheus_*.deb"))
             if result.returncode != 0 or not debs:
                 raise RuntimeError(f"apt-get download prometheus failed (rc={result.returncode}):\n"
@@ -69,6 +74,11 @@ def _ensure_unpacked() -> Path:
     if missing:
         raise RuntimeError(f"the prometheus package did not contain {missing}")
     return CACHE_DIR
+
+
+def _apt_download(folder: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["apt-get", "download", "prometheus"], cwd=folder, capture_output=True, text=True,
+                          timeout=DOWNLOAD_TIMEOUT_S)
 
 
 def promtool_path() -> Path:
