@@ -1,0 +1,240 @@
+// Copy-free sparse gated FFN for the CPU (decode, batch 1..64).
+//
+// A neuron i is row i of W_gate, row i of W_up and row i of W_down_t (down stored transposed at
+// load time, so every read below is one contiguous row). Only the rows a neuron needs are read,
+// straight from the weight tensors: no gather copy (a torch `W[idx]` gather writes the active rows
+// before reading them, which costs more than it saves below ~90% sparsity).
+//
+// Phase 1 (threads split the neurons): for each candidate neuron (all neurons, or the union of the
+//   predicted ones) read its gate row and compute g for every batch row; apply the activation;
+//   read the up row only if some batch row survived the gate; write h [T, I] and active [T, I].
+// Phase 2 (threads split the hidden dimension, so no reduction is needed): for each neuron active
+//   in any batch row, out[t, slice] += h[t, i] * W_down_t[i, slice].
+//
+// Built by kernels/cpu_native.py with `g++ -O3 -march=native -fopenmp`; AVX2/FMA/F16C are used
+// when the compiler targets them, with a scalar path otherwise. Accumulation is fp32 throughout.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <omp.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define SPARSE_FFN_AVX2 1
+#endif
+
+namespace {
+
+enum Act { ACT_SILU = 0, ACT_RELU = 1, ACT_DRELU = 2, ACT_FATRELU = 3 };
+
+struct F32 { using T = float; };
+struct BF16 { using T = uint16_t; };
+struct F16 { using T = uint16_t; };
+
+inline float scalar_load(const float* p) { return *p; }
+
+inline float bf16_to_f32(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline float f16_to_f32(uint16_t h) {
+  // NOTE: a scalar IEEE half decode for the tails and for builds without F16C.
+  uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else {
+      int e = -1;
+      do { ++e; mant <<= 1; } while ((mant & 0x400) == 0);
+      bits = sign | ((127 - 15 - e) << 23) | ((mant & 0x3ff) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+template <typename D> inline float load1(const typename D::T* p);
+template <> inline float load1<F32>(const float* p) { return *p; }
+template <> inline float load1<BF16>(const uint16_t* p) { return bf16_to_f32(*p); }
+template <> inline float load1<F16>(const uint16_t* p) { return f16_to_f32(*p); }
+
+#ifdef SPARSE_FFN_AVX2
+template <typename D> inline __m256 load8(const typename D::T* p);
+template <> inline __m256 load8<F32>(const float* p) { return _mm256_loadu_ps(p); }
+template <> inline __m256 load8<BF16>(const uint16_t* p) {
+  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+template <> inline __m256 load8<F16>(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// dot(w[0:n], x[0:n]) with w in the weight dtype and x in fp32.
+template <typename D> inline float dot(const typename D::T* w, const float* x, int64_t n) {
+  int64_t k = 0;
+  float acc = 0.f;
+#ifdef SPARSE_FFN_AVX2
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  for (; k + 32 <= n; k += 32) {
+    a0 = _mm256_fmadd_ps(load8<D>(w + k), _mm256_loadu_ps(x + k), a0);
+    a1 = _mm256_fmadd_ps(load8<D>(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+    a2 = _mm256_fmadd_ps(load8<D>(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+    a3 = _mm256_fmadd_ps(load8<D>(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+  }
+  for (; k + 8 <= n; k += 8) a0 = _mm256_fmadd_ps(load8<D>(w + k), _mm256_loadu_ps(x + k), a0);
+  acc = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#endif
+  for (; k < n; ++k) acc += load1<D>(w + k) * x[k];
+  return acc;
+}
+
+// y[0:n] += a * w[0:n]
+template <typename D> inline void axpy(float a, const typename D::T* w, float* y, int64_t n) {
+  int64_t k = 0;
+#ifdef SPARSE_FFN_AVX2
+  const __m256 va = _mm256_set1_ps(a);
+  for (; k + 16 <= n; k += 16) {
+    _mm256_storeu_ps(y + k, _mm256_fmadd_ps(va, load8<D>(w + k), _mm256_loadu_ps(y + k)));
+    _mm256_storeu_ps(y + k + 8,
+                     _mm256_fmadd_ps(va, load8<D>(w + k + 8), _mm256_loadu_ps(y + k + 8)));
+  }
+  for (; k + 8 <= n; k += 8)
+    _mm256_storeu_ps(y + k, _mm256_fmadd_ps(va, load8<D>(w + k), _mm256_loadu_ps(y + k)));
+#endif
+  for (; k < n; ++k) y[k] += a * load1<D>(w + k);
+}
+
+inline float silu(float g) { return g / (1.f + std::exp(-g)); }
+
+constexpr int kMaxBatch = 64;
+
+template <typename D>
+void sparse_ffn(const float* x, const typename D::T* w_gate, const typename D::T* w_up,
+                const typename D::T* w_down_t, const uint8_t* predicted, float* h,
+                uint8_t* active, uint8_t* any_active, float* out, int64_t T, int64_t H,
+                int64_t I, int act, float threshold, int num_threads) {
+  std::memset(out, 0, sizeof(float) * T * H);
+#pragma omp parallel num_threads(num_threads)
+  {
+    float g[kMaxBatch], a[kMaxBatch];
+    bool alive[kMaxBatch];
+    // NOTE: dynamic chunks balance threads when the active neurons cluster in one range.
+#pragma omp for schedule(dynamic, 256)
+    for (int64_t i = 0; i < I; ++i) {
+      bool any = false;
+      for (int64_t t = 0; t < T; ++t) {
+        alive[t] = predicted == nullptr || predicted[t * I + i] != 0;
+        any |= alive[t];
+      }
+      if (any) {
+        any = false;
+        const typename D::T* wg = w_gate + i * H;
+        for (int64_t t = 0; t < T; ++t) {
+          if (!alive[t]) continue;
+          g[t] = dot<D>(wg, x + t * H, H);
+          float v;
+          switch (act) {
+            case ACT_SILU: {
+              const float s = silu(g[t]);
+              v = std::fabs(s) > threshold ? s : 0.f;
+              break;
+            }
+            case ACT_FATRELU: v = g[t] > threshold ? g[t] : 0.f; break;
+            default: v = g[t] > 0.f ? g[t] : 0.f; break;  // relu, drelu
+          }
+          a[t] = v;
+          alive[t] = v != 0.f;
+          any |= alive[t];
+        }
+      }
+      if (any) {
+        any = false;
+        const typename D::T* wu = w_up + i * H;
+        for (int64_t t = 0; t < T; ++t) {
+          float v = 0.f;
+          if (alive[t]) {
+            float u = dot<D>(wu, x + t * H, H);
+            if (act == ACT_DRELU && u < 0.f) u = 0.f;
+            v = a[t] * u;
+          }
+          h[t * I + i] = v;
+          active[t * I + i] = v != 0.f;
+          any |= v != 0.f;
+        }
+      } else {
+        for (int64_t t = 0; t < T; ++t) {
+          h[t * I + i] = 0.f;
+          active[t * I + i] = 0;
+        }
+      }
+      any_active[i] = any;
+    }  // implicit barrier: phase 2 reads every neuron's h
+
+    // Phase 2: each thread owns a contiguous, 16-aligned slice of the hidden dimension.
+    const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int64_t chunk = ((H + nt - 1) / nt + 15) / 16 * 16;
+    const int64_t lo = tid * chunk, hi = lo + chunk < H ? lo + chunk : H;
+    if (lo < hi) {
+      for (int64_t i = 0; i < I; ++i) {
+        if (!any_active[i]) continue;
+        const typename D::T* wd = w_down_t + i * H + lo;
+        for (int64_t t = 0; t < T; ++t) {
+          const float v = h[t * I + i];
+          if (v != 0.f) axpy<D>(v, wd, out + t * H + lo, hi - lo);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// dtype: 0 = float32, 1 = bfloat16, 2 = float16 (weights); x, h and out are always float32.
+// Returns 0 on success, 1 for an unsupported dtype, 2 for T > kMaxBatch.
+int sparse_ffn_cpu(const float* x, const void* w_gate, const void* w_up, const void* w_down_t,
+                   const uint8_t* predicted, float* h, uint8_t* active, uint8_t* any_active,
+                   float* out, int64_t T, int64_t H, int64_t I, int act, float threshold,
+                   int dtype, int num_threads) {
+  if (T > kMaxBatch) return 2;
+  switch (dtype) {
+    case 0:
+      sparse_ffn<F32>(x, static_cast<const float*>(w_gate), static_cast<const float*>(w_up),
+                      static_cast<const float*>(w_down_t), predicted, h, active, any_active, out,
+                      T, H, I, act, threshold, num_threads);
+      return 0;
+    case 1:
+      sparse_ffn<BF16>(x, static_cast<const uint16_t*>(w_gate),
+                       static_cast<const uint16_t*>(w_up), static_cast<const uint16_t*>(w_down_t),
+                       predicted, h, active, any_active, out, T, H, I, act, threshold,
+                       num_threads);
+      return 0;
+    case 2:
+      sparse_ffn<F16>(x, static_cast<const uint16_t*>(w_gate), static_cast<const uint16_t*>(w_up),
+                      static_cast<const uint16_t*>(w_down_t), predicted, h, active, any_active,
+                      out, T, H, I, act, threshold, num_threads);
+      return 0;
+    default:
+      return 1;
+  }
+}
+
+int sparse_ffn_cpu_max_batch() { return kMaxBatch; }
+
+}  // extern "C"

@@ -1,0 +1,126 @@
+"""Sparse FFN and activation-predictor entry points: the API the model calls.
+
+Dispatch: CUDA tensors -> Triton kernels (kernels/sparse_ffn_triton.py, imported lazily so
+that CPU-only processes never import Triton); CPU tensors -> the native copy-free kernel
+(kernels/sparse_ffn_cpu.py), or stock torch ops if it cannot be built. Above
+`dense_fallback_fraction` of the batch's (predicted) neurons, the dense path is used instead.
+
+Semantics (kernels/sparse_ffn_ref.py is the definition):
+    g = x @ w_gate.T ; u = x @ w_up.T
+    silu:    h = where(|silu(g)| > thr, silu(g), 0) * u      (thr 0: plain SwiGLU)
+    relu:    h = relu(g) * u
+    drelu:   h = relu(g) * relu(u)
+    fatrelu: h = where(g > thr, g, 0) * u
+    predicted given: h = where(predicted, h, 0)   (unpredicted neurons are never read)
+    active = h != 0 ; out = h @ w_down_t
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from kernels import sparse_ffn_cpu
+from kernels.sparse_ffn_ref import check_act, dense_ffn, predict_active_ref
+
+logger = logging.getLogger(__name__)
+
+# NOTE: measured crossovers (docs/benchmarks/kernels.md, bench/kernels.py). On this class of
+# CPU the native kernel reads exactly the bytes dense reads at 0% sparsity and was never
+# measurably slower than torch's dense GEMV at batch <= 16, and torch's bf16/fp16 CPU GEMM is
+# several times slower than the native kernel, so the CPU never falls back for decode batches.
+# Above batch 16 the native kernel's per-row dot products become compute-bound, so there the
+# fallback applies from 50% active neurons. On CUDA the default is 1.0 (never): the masked row
+# loads read no more bytes than dense at any density, and a fraction below 1 costs a host sync
+# per call (breaking CUDA-graph capture); bench/gpu_check.sh measures the crossover on a GPU.
+DENSE_FALLBACK_DEFAULTS = {"cpu": 1.0, "cpu_large_batch": 0.5, "cuda": 1.0}
+CPU_LARGE_BATCH = 16
+# Above this many rows (prefill) the GPU path is always dense: the work is compute-bound.
+MAX_SPARSE_BATCH = 64
+# The gather-based torch CPU path (no compiler) beats dense only below ~20% active neurons.
+TORCH_PATH_CROSSOVER = 0.2
+
+
+def default_dense_fallback(device: torch.device, num_rows: int) -> float:
+    if device.type == "cuda":
+        return DENSE_FALLBACK_DEFAULTS["cuda"]
+    if num_rows > CPU_LARGE_BATCH:
+        return DENSE_FALLBACK_DEFAULTS["cpu_large_batch"]
+    return DENSE_FALLBACK_DEFAULTS["cpu"]
+
+
+def _check_inputs(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
+                  predicted: Tensor | None) -> None:
+    assert x.dim() == 2, f"x must be [T, H], got {tuple(x.shape)}"
+    T, H = x.shape
+    I = w_gate.shape[0]
+    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down_t", w_down_t)):
+        assert w.shape == (I, H), f"{name} must be [I={I}, H={H}], got {tuple(w.shape)}"
+        assert w.device == x.device, f"{name} is on {w.device}, x on {x.device}"
+    if predicted is not None:
+        assert predicted.shape == (T, I) and predicted.dtype == torch.bool, (
+            f"predicted must be bool [T={T}, I={I}], got {predicted.dtype} {tuple(predicted.shape)}")
+
+
+def sparse_ffn(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act: str,
+               threshold: float = 0.0, predicted: Tensor | None = None,
+               dense_fallback_fraction: float | None = None) -> tuple[Tensor, Tensor]:
+    """Gated FFN that reads only the active neurons' weights.
+
+    x [T, H] normed FFN input; w_gate, w_up [I, H] and w_down_t [I, H] (down_proj.weight
+    transposed at load time), contiguous; predicted [T, I] bool or None (exact mode).
+    Returns (out [T, H] in x.dtype, active [T, I] bool). The batch reads the union of its rows'
+    active neurons; each row's own `active` is returned.
+    """
+    check_act(act)
+    _check_inputs(x, w_gate, w_up, w_down_t, predicted)
+    T = x.shape[0]
+    fallback = (default_dense_fallback(x.device, T) if dense_fallback_fraction is None
+                else dense_fallback_fraction)
+    if x.is_cuda:
+        if T > MAX_SPARSE_BATCH:
+            return dense_ffn(x, w_gate, w_up, w_down_t, act, threshold, predicted)
+        from kernels import sparse_ffn_triton  # NOTE: lazy, see the module docstring
+        return sparse_ffn_triton.sparse_ffn_triton(
+            x, w_gate, w_up, w_down_t, act, threshold, predicted, dense_fallback_fraction=fallback)
+    return _sparse_ffn_cpu(x, w_gate, w_up, w_down_t, act, threshold, predicted, fallback)
+
+
+def _sparse_ffn_cpu(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act: str,
+                    threshold: float, predicted: Tensor | None, fallback: float
+                    ) -> tuple[Tensor, Tensor]:
+    # NOTE: on the CPU a host read of the mask is free (no device to sync with).
+    if predicted is not None and fallback < 1.0:
+        if predicted.any(0).float().mean().item() > fallback:
+            return dense_ffn(x, w_gate, w_up, w_down_t, act, threshold, predicted)
+    contiguous = all(w.is_contiguous() for w in (w_gate, w_up, w_down_t))
+    if contiguous and sparse_ffn_cpu.native_supported(x, w_gate):
+        return sparse_ffn_cpu.sparse_ffn_native(x, w_gate, w_up, w_down_t, act, threshold,
+                                                predicted)
+    # Without the native kernel, the gather-based torch path only wins at high sparsity (it
+    # copies the active rows), and in exact mode the sparsity is unknown up front.
+    if predicted is None or predicted.any(0).float().mean().item() > TORCH_PATH_CROSSOVER:
+        return dense_ffn(x, w_gate, w_up, w_down_t, act, threshold, predicted)
+    return sparse_ffn_cpu.sparse_ffn_torch(x, w_gate, w_up, w_down_t, act, threshold, predicted)
+
+
+def predict_active(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float = 0.0) -> Tensor:
+    """TurboSparse predictor: [T, I] bool, fc2(relu(fc1 x)) > threshold.
+
+    x [T, H] is the residual stream before the post-attention norm; fc1 [r, H]; fc2 [I, r].
+    """
+    assert x.dim() == 2 and fc1.dim() == 2 and fc2.dim() == 2, (x.shape, fc1.shape, fc2.shape)
+    assert fc1.shape[1] == x.shape[1] and fc2.shape[1] == fc1.shape[0], (
+        f"fc1 must be [r, H={x.shape[1]}] and fc2 [I, r]; got {tuple(fc1.shape)}, {tuple(fc2.shape)}")
+    if x.is_cuda:
+        from kernels import predictor_triton
+        return predictor_triton.predict_active_triton(x, fc1, fc2, threshold)
+    # NOTE: on the CPU the two small GEMVs are memory-bound and torch's BLAS reads them at
+    # full bandwidth for float32; lower precisions are upcast per call by the reference only
+    # for the tiny activations, the weights are used as stored.
+    if fc1.dtype == torch.float32:
+        return predict_active_ref(x, fc1, fc2, threshold)
+    z = torch.relu(torch.nn.functional.linear(x.to(fc1.dtype), fc1))   # [T, r]
+    return torch.nn.functional.linear(z, fc2).float() > threshold       # [T, I]

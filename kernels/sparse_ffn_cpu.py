@@ -1,0 +1,103 @@
+"""CPU sparse FFN: the native copy-free kernel, and a torch-only path when it cannot be built.
+
+Both take the weights as stored (w_gate, w_up, w_down_t all [I, H] contiguous) and need no
+layout change at load time. On the CPU a host sync is free, so the torch path may use
+`nonzero()`; the native path needs none (it reads the mask itself).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kernels import cpu_native
+from kernels.sparse_ffn_ref import apply_activation, check_act
+
+_ACT_CODES = {"silu": 0, "relu": 1, "drelu": 2, "fatrelu": 3}
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+MAX_NATIVE_BATCH = 64
+
+
+def _ptr(t: Tensor | None) -> ctypes.c_void_p | None:
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def native_supported(x: Tensor, w_gate: Tensor) -> bool:
+    return (x.shape[0] <= MAX_NATIVE_BATCH and w_gate.dtype in _DTYPE_CODES
+            and cpu_native.available())
+
+
+def sparse_ffn_native(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act: str,
+                      threshold: float = 0.0, predicted: Tensor | None = None
+                      ) -> tuple[Tensor, Tensor]:
+    """Copy-free sparse FFN on CPU tensors.
+
+    x [T, H] (any float dtype, T <= 64); w_gate, w_up, w_down_t [I, H] contiguous, one dtype of
+    float32 / bfloat16 / float16; predicted [T, I] bool or None. Returns (out [T, H] in x.dtype,
+    active [T, I] bool). Reads a gate row only for predicted neurons (all in exact mode), an up
+    row only where the gate survived for some batch row, and a down row only where h != 0.
+    """
+    check_act(act)
+    lib = cpu_native.load()
+    if lib is None:
+        raise RuntimeError("native CPU sparse FFN kernel is not available")
+    T, H = x.shape
+    I = w_gate.shape[0]
+    assert not x.is_cuda and x.dim() == 2 and 1 <= T <= MAX_NATIVE_BATCH, x.shape
+    for w in (w_gate, w_up, w_down_t):
+        assert w.shape == (I, H) and w.is_contiguous() and w.dtype == w_gate.dtype, (
+            w.shape, w.dtype)
+    assert w_gate.dtype in _DTYPE_CODES, w_gate.dtype
+    xf = x.float().contiguous()                       # [T, H]
+    pred = None
+    if predicted is not None:
+        assert predicted.shape == (T, I) and predicted.dtype == torch.bool, predicted.shape
+        pred = predicted.contiguous().view(torch.uint8)
+    h = torch.empty(T, I, dtype=torch.float32)        # [T, I] scratch, fully written
+    active = torch.empty(T, I, dtype=torch.bool)      # [T, I]
+    any_active = torch.empty(I, dtype=torch.uint8)    # [I] scratch
+    out = torch.empty(T, H, dtype=torch.float32)      # [T, H], zeroed by the kernel
+    rc = lib.sparse_ffn_cpu(
+        _ptr(xf), _ptr(w_gate), _ptr(w_up), _ptr(w_down_t), _ptr(pred), _ptr(h),
+        _ptr(active), _ptr(any_active), _ptr(out), T, H, I, _ACT_CODES[act], float(threshold),
+        _DTYPE_CODES[w_gate.dtype], torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"native sparse FFN kernel failed with code {rc}")
+    return out.to(x.dtype), active
+
+
+def sparse_ffn_torch(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act: str,
+                     threshold: float = 0.0, predicted: Tensor | None = None
+                     ) -> tuple[Tensor, Tensor]:
+    """Sparse FFN from stock torch ops (the path used when the native kernel cannot be built).
+
+    Gate/up rows of the union of active neurons are gathered (a copy: only worth it at high
+    sparsity); the down projection is copy-free with F.embedding_bag, which sums the active rows
+    of w_down_t weighted by h.
+    """
+    check_act(act)
+    T, H = x.shape
+    dtype = w_gate.dtype
+    xw = x.to(dtype)
+    if predicted is None:
+        g_all = F.linear(xw, w_gate)                  # [T, I]
+        # Neurons whose gate cannot give h != 0 for any row are skipped (drelu: g <= 0 too).
+        zero_u = torch.ones_like(g_all)
+        alive = apply_activation(g_all, zero_u, act, threshold) != 0
+        idx = alive.any(0).nonzero().squeeze(1)       # [k]
+        g = g_all.index_select(1, idx)                # [T, k]
+    else:
+        idx = predicted.any(0).nonzero().squeeze(1)   # [k]
+        g = F.linear(xw, w_gate.index_select(0, idx))  # [T, k]
+    u = F.linear(xw, w_up.index_select(0, idx))       # [T, k]
+    h_k = apply_activation(g, u, act, threshold)      # [T, k]
+    if predicted is not None:
+        h_k = torch.where(predicted.index_select(1, idx), h_k, torch.zeros_like(h_k))
+    h = torch.zeros(T, w_gate.shape[0], dtype=dtype)  # [T, I]
+    h.index_copy_(1, idx, h_k)
+    bags = idx.unsqueeze(0).expand(T, -1)             # [T, k]
+    out = F.embedding_bag(bags, w_down_t, per_sample_weights=h_k.contiguous(), mode="sum")
+    return out.to(x.dtype), h != 0

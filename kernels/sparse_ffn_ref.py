@@ -1,0 +1,72 @@
+"""Pure-torch references for the sparse FFN and the activation predictor.
+
+These define the semantics every fast path is tested against. They compute in float32 from the
+stored weights (whatever their dtype) and return the output in the input's dtype. They also run
+on any device, so they double as the dense path of last resort.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ACTIVATIONS = ("silu", "relu", "drelu", "fatrelu")
+
+
+def check_act(act: str) -> None:
+    if act not in ACTIVATIONS:
+        raise ValueError(f"unknown FFN activation {act!r}; expected one of {ACTIVATIONS}")
+
+
+def apply_activation(g: Tensor, u: Tensor, act: str, threshold: float) -> Tensor:
+    """h for gate pre-activations g and up projections u (same shape, any float dtype)."""
+    check_act(act)
+    if act == "silu":
+        s = F.silu(g)
+        return torch.where(s.abs() > threshold, s, torch.zeros_like(s)) * u
+    if act == "relu":
+        return torch.relu(g) * u
+    if act == "drelu":
+        return torch.relu(g) * torch.relu(u)
+    return torch.where(g > threshold, g, torch.zeros_like(g)) * u  # fatrelu
+
+
+def sparse_ffn_ref(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act: str,
+                   threshold: float = 0.0, predicted: Tensor | None = None
+                   ) -> tuple[Tensor, Tensor]:
+    """(out [T, H] in x.dtype, active [T, I] bool); see kernels/sparse_ffn.py for the contract."""
+    xf = x.float()                                   # [T, H]
+    g = xf @ w_gate.float().t()                      # [T, I]
+    u = xf @ w_up.float().t()                        # [T, I]
+    h = apply_activation(g, u, act, threshold)       # [T, I]
+    if predicted is not None:
+        h = torch.where(predicted, h, torch.zeros_like(h))
+    active = h != 0
+    out = h @ w_down_t.float()                       # [T, H]
+    return out.to(x.dtype), active
+
+
+def dense_ffn(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act: str,
+              threshold: float = 0.0, predicted: Tensor | None = None
+              ) -> tuple[Tensor, Tensor]:
+    """The dense fallback: every weight read once with the BLAS of the weights' dtype.
+
+    Same semantics as the reference, but computed in the weights' dtype (no float32 copies of
+    the weights), so it is what the dispatcher uses when most neurons are active.
+    """
+    xw = x.to(w_gate.dtype)
+    g = F.linear(xw, w_gate)                         # [T, I]
+    u = F.linear(xw, w_up)                           # [T, I]
+    h = apply_activation(g, u, act, threshold)       # [T, I]
+    if predicted is not None:
+        h = torch.where(predicted, h, torch.zeros_like(h))
+    active = h != 0
+    out = h @ w_down_t                               # [T, H]
+    return out.to(x.dtype), active
+
+
+def predict_active_ref(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float = 0.0) -> Tensor:
+    """[T, I] bool: fc2(relu(fc1 x)) > threshold, computed in float32."""
+    z = torch.relu(x.float() @ fc1.float().t())      # [T, r]
+    return (z @ fc2.float().t()) > threshold         # [T, I]

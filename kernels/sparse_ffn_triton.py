@@ -1,0 +1,199 @@
+"""Triton sparse FFN for decode (batch 1..64): a mask-based row gather, no host sync.
+
+Two launches:
+  _gate_up_kernel  grid (cdiv(I, BLOCK_I),): each program owns BLOCK_I neurons. It loads the
+      predicted mask for its neurons (or takes all), reads gate rows only for neurons some batch
+      row needs (masked loads of whole rows: an inactive neuron's row is never fetched), applies
+      the activation, reads up rows only where the gate survived for some row, and writes
+      h [T, I] float32 and active [T, I].
+  _down_kernel     grid (cdiv(H, BLOCK_H), SPLIT_I): each program accumulates h @ w_down_t over
+      one slice of neurons for one slice of the hidden dimension, reading a w_down_t row slice
+      only if that neuron is active in some batch row; partial sums [SPLIT_I, T, H] are reduced
+      by one torch sum (deterministic, no atomics).
+Batch rows are padded to BLOCK_T >= 16 so that tl.dot applies.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kernels.sparse_ffn_ref import check_act
+from kernels.triton_utils import check_device, dot_in_fp32, next_pow2
+
+_ACT_CODES = {"silu": 0, "relu": 1, "drelu": 2, "fatrelu": 3}
+
+
+@triton.jit
+def _gate_up_kernel(
+    X, WG, WU, PRED, H_OUT, ACTIVE,
+    T, H, I, threshold,
+    stride_xt, stride_xh,
+    stride_wi, stride_wh,
+    stride_pt, stride_pi,
+    stride_ot, stride_oi,
+    ACT: tl.constexpr, HAS_PRED: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_i = pid * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_h = tl.arange(0, BLOCK_H)
+    mask_t = offs_t < T
+    mask_i = offs_i < I
+    mask_ti = mask_t[:, None] & mask_i[None, :]
+    if HAS_PRED:
+        pred = tl.load(PRED + offs_t[:, None] * stride_pt + offs_i[None, :] * stride_pi,
+                       mask=mask_ti, other=0) != 0                           # [BT, BI]
+    else:
+        pred = mask_ti
+    need_gate = tl.max(pred.to(tl.int32), axis=0) > 0                        # [BI]
+
+    acc_g = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        hh = h0 + offs_h
+        mask_h = hh < H
+        x = tl.load(X + offs_t[:, None] * stride_xt + hh[None, :] * stride_xh,
+                    mask=mask_t[:, None] & mask_h[None, :], other=0.0)       # [BT, BH]
+        w = tl.load(WG + offs_i[:, None] * stride_wi + hh[None, :] * stride_wh,
+                    mask=need_gate[:, None] & mask_h[None, :], other=0.0)    # [BI, BH]
+        if DOT_FP32:
+            acc_g += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        else:
+            acc_g += tl.dot(x.to(w.dtype), tl.trans(w))
+    g = acc_g
+    if ACT == 0:  # silu, CATS threshold on |silu(g)|
+        s = g / (1.0 + tl.exp(-g))
+        a = tl.where(tl.abs(s) > threshold, s, 0.0)
+    elif ACT == 3:  # fatrelu
+        a = tl.where(g > threshold, g, 0.0)
+    else:  # relu, drelu
+        a = tl.maximum(g, 0.0)
+    alive = pred & (a != 0.0)                                                # [BT, BI]
+    need_up = tl.max(alive.to(tl.int32), axis=0) > 0                         # [BI]
+
+    acc_u = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        hh = h0 + offs_h
+        mask_h = hh < H
+        x = tl.load(X + offs_t[:, None] * stride_xt + hh[None, :] * stride_xh,
+                    mask=mask_t[:, None] & mask_h[None, :], other=0.0)
+        w = tl.load(WU + offs_i[:, None] * stride_wi + hh[None, :] * stride_wh,
+                    mask=need_up[:, None] & mask_h[None, :], other=0.0)
+        if DOT_FP32:
+            acc_u += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        else:
+            acc_u += tl.dot(x.to(w.dtype), tl.trans(w))
+    u = acc_u
+    if ACT == 2:
+        u = tl.maximum(u, 0.0)
+    h = tl.where(alive, a * u, 0.0)
+    out_offs = offs_t[:, None] * stride_ot + offs_i[None, :] * stride_oi
+    tl.store(H_OUT + out_offs, h, mask=mask_ti)
+    tl.store(ACTIVE + out_offs, (h != 0.0).to(tl.int8), mask=mask_ti)
+
+
+@triton.jit
+def _down_kernel(
+    HACT, WD, PARTIAL,
+    T, H, I, I_PER_SPLIT,
+    stride_ht, stride_hi,
+    stride_wi, stride_wh,
+    stride_ps, stride_pt, stride_ph,
+    DOT_FP32: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid_h = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_t = offs_t < T
+    mask_h = offs_h < H
+    i_start = pid_s * I_PER_SPLIT
+    i_end = tl.minimum(i_start + I_PER_SPLIT, I)
+    acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
+    for i0 in range(i_start, i_end, BLOCK_I):
+        offs_i = i0 + tl.arange(0, BLOCK_I)
+        mask_i = offs_i < i_end
+        h = tl.load(HACT + offs_t[:, None] * stride_ht + offs_i[None, :] * stride_hi,
+                    mask=mask_t[:, None] & mask_i[None, :], other=0.0)       # [BT, BI] fp32
+        need = tl.max((h != 0.0).to(tl.int32), axis=0) > 0                   # [BI]
+        w = tl.load(WD + offs_i[:, None] * stride_wi + offs_h[None, :] * stride_wh,
+                    mask=need[:, None] & mask_h[None, :], other=0.0)         # [BI, BH]
+        if DOT_FP32:
+            acc += tl.dot(h, w.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(h.to(w.dtype), w)
+    tl.store(PARTIAL + pid_s * stride_ps + offs_t[:, None] * stride_pt + offs_h[None, :] * stride_ph,
+             acc, mask=mask_t[:, None] & mask_h[None, :])
+
+
+def sparse_ffn_triton(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act: str,
+                      threshold: float = 0.0, predicted: Tensor | None = None,
+                      dense_fallback_fraction: float = 1.0,
+                      block_i: int = 32, block_h: int = 128, split_i: int | None = None
+                      ) -> tuple[Tensor, Tensor]:
+    """Sparse FFN launcher.
+
+    x [T, H] (T <= 64); w_gate, w_up, w_down_t [I, H] with unit stride along H and one dtype
+    (float32 / float16 / bfloat16); predicted [T, I] bool or None. Returns (out [T, H] in
+    x.dtype, active [T, I] bool).
+    NOTE: a dense_fallback_fraction below 1 costs one host sync (the mask's density is read on
+    the host); the default 1.0 keeps the call sync-free for CUDA graphs. At full density the
+    masked loads read the same bytes as dense, so never falling back costs only kernel tuning.
+    """
+    check_act(act)
+    check_device(x, w_gate, w_up, w_down_t)
+    T, H = x.shape
+    I = w_gate.shape[0]
+    assert 1 <= T <= 64, f"decode batch must be 1..64, got {T}"
+    assert w_gate.dtype in (torch.float32, torch.float16, torch.bfloat16), w_gate.dtype
+    for w in (w_gate, w_up, w_down_t):
+        assert w.shape == (I, H) and w.dtype == w_gate.dtype and w.stride(1) == 1, (
+            w.shape, w.dtype, w.stride())
+    assert w_up.stride() == w_gate.stride(), "w_gate and w_up must share strides"
+    if predicted is not None:
+        check_device(predicted)
+        assert predicted.shape == (T, I) and predicted.dtype == torch.bool, predicted.shape
+        if dense_fallback_fraction < 1.0:
+            if predicted.any(0).float().mean().item() > dense_fallback_fraction:
+                from kernels.sparse_ffn_ref import dense_ffn
+                return dense_ffn(x, w_gate, w_up, w_down_t, act, threshold, predicted)
+    pred = predicted.view(torch.int8) if predicted is not None else x  # x: unused placeholder
+    block_t = max(16, next_pow2(T))
+    dot_fp32 = dot_in_fp32(w_gate.dtype)
+
+    h = torch.empty(T, I, dtype=torch.float32, device=x.device)          # [T, I]
+    active = torch.empty(T, I, dtype=torch.int8, device=x.device)        # [T, I]
+    _gate_up_kernel[(triton.cdiv(I, block_i),)](
+        x, w_gate, w_up, pred, h, active,
+        T, H, I, float(threshold),
+        x.stride(0), x.stride(1),
+        w_gate.stride(0), w_gate.stride(1),
+        pred.stride(0) if predicted is not None else 0,
+        pred.stride(1) if predicted is not None else 0,
+        h.stride(0), h.stride(1),
+        ACT=_ACT_CODES[act], HAS_PRED=predicted is not None, DOT_FP32=dot_fp32,
+        BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_H=block_h,
+    )
+
+    num_h_blocks = triton.cdiv(H, block_h)
+    if split_i is None:
+        # NOTE: enough programs to cover the SMs a few times over (H100: 132).
+        split_i = max(1, min(triton.cdiv(I, 4 * block_i), triton.cdiv(512, num_h_blocks)))
+    i_per_split = triton.cdiv(triton.cdiv(I, split_i), block_i) * block_i
+    split_i = triton.cdiv(I, i_per_split)
+    partial = torch.empty(split_i, T, H, dtype=torch.float32, device=x.device)  # [S, T, H]
+    _down_kernel[(num_h_blocks, split_i)](
+        h, w_down_t, partial,
+        T, H, I, i_per_split,
+        h.stride(0), h.stride(1),
+        w_down_t.stride(0), w_down_t.stride(1),
+        partial.stride(0), partial.stride(1), partial.stride(2),
+        DOT_FP32=dot_fp32,
+        BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_H=block_h,
+    )
+    out = partial.sum(0).to(x.dtype)                                     # [T, H]
+    return out, active.view(torch.bool)
