@@ -220,3 +220,22 @@ def test_penalties_vectorised_fast_enough_at_batch_64():
     assert elapsed < 2.0, f"penalties took {elapsed:.2f}s at batch {rows}, vocab {vocab}"
     out = _run(logits, params, prompts, outputs)
     assert len(out.token_ids) == rows and all(0 <= t < vocab for t in out.token_ids)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_contract_and_seeds_reproduce():
+    logits = _random_logits(3, vocab=1000).cuda()
+    params = [SamplingParams(temperature=0.0, logprobs=3),
+              SamplingParams(temperature=0.9, top_p=0.8, seed=5, repetition_penalty=1.2,
+                             logit_bias={3: 2.0}),
+              SamplingParams(temperature=1.1, top_k=20, min_p=0.05, frequency_penalty=0.5)]
+    prompts, outputs = [[1, 2]] * 3, [[3, 3, 4]] * 3
+
+    def seeded_run():
+        gens = [make_generator(p.seed, "cuda") for p in params]
+        return [_run(logits, params, prompts, outputs, gens).token_ids[1] for _ in range(4)]
+
+    out = _run(logits, params, prompts, outputs, [make_generator(p.seed, "cuda") for p in params])
+    assert out.token_ids[0] == int(logits[0].argmax())
+    assert len(out.logprobs[0][1]) == 3
+    assert seeded_run() == seeded_run()
