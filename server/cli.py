@@ -107,29 +107,33 @@ def configure_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def serve(config: EngineConfig, engine_factory: Callable[[EngineConfig], Any] | None = None) -> int:
-    """Run until SIGTERM/SIGINT; returns the process exit code (1 if the model failed to load)."""
+def create_server(config: EngineConfig, engine_factory: Callable[[EngineConfig], Any] | None = None):
+    """The uvicorn server for `serve`, its app loading the model in the background.
+    Its `exit_code` turns 1 (and the server stops) if the model fails to load."""
     from server.app import build_app
     from server.http_server import make_server
     from server.loader import load_engine
 
     factory = engine_factory or load_engine
-    exit_code = 0
     server = None
 
     def on_load_failure(message: str) -> None:
-        nonlocal exit_code
-        exit_code = 1
         logger.error("stopping: the model could not be loaded (%s)", message)
-        if server is not None:
-            server.should_exit = True
+        server.exit_code = 1
+        server.should_exit = True
 
     app = build_app(None, config, engine_loader=lambda: factory(config), on_load_failure=on_load_failure)
     server = make_server(app, config)
+    return server
+
+
+def serve(config: EngineConfig, engine_factory: Callable[[EngineConfig], Any] | None = None) -> int:
+    """Run until SIGTERM/SIGINT; returns the process exit code (1 if the model failed to load)."""
+    server = create_server(config, engine_factory)
     logger.info("listening on http://%s:%d (model loads in the background; /health is 503 until ready)",
                 config.server.host, config.server.port)
     server.run()
-    return exit_code
+    return server.exit_code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

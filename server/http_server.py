@@ -20,6 +20,7 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
         super().__init__(config)
         self.state = state
+        self.exit_code = 0   # set to 1 by the CLI when the model fails to load
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.state.draining:

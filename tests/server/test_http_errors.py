@@ -1,0 +1,202 @@
+"""Raw HTTP: every error shape, auth, limits, request ids, CORS."""
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.server.conftest import API_KEY
+
+CHAT = "/v1/chat/completions"
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+def http(live_server):
+    with httpx.Client(base_url=live_server.url, timeout=30) as client:
+        yield client
+
+
+def assert_error(resp: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    assert "Traceback" not in resp.text
+    if param is not None:
+        assert error["param"] == param
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+def test_malformed_json_is_400(http):
+    resp = http.post(CHAT, content=b'{"messages": [', headers={"content-type": "application/json"})
+    assert_error(resp, 400, code="invalid_json")
+
+
+def test_validation_error_is_400_not_422(http):
+    assert_error(http.post(CHAT, json={"messages": "not a list"}), 400, param="messages")
+    assert_error(http.post(CHAT, json={}), 400, param="messages")
+    assert_error(http.post(CHAT, json={"messages": MESSAGES, "max_tokens": "many"}), 400, param="max_tokens")
+    assert_error(http.post("/v1/completions", json={"prompt": []}), 400, param="prompt")
+
+
+def test_unknown_field_is_named(http):
+    error = assert_error(http.post(CHAT, json={"messages": MESSAGES, "frobnicate": 1}), 400,
+                         param="frobnicate", code="unsupported_parameter")
+    assert "frobnicate" in error["message"]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("tool_choice", "auto"),
+    ("functions", [{"name": "f"}]),
+    ("response_format", {"type": "json_object"}),
+    ("audio", {"voice": "alloy", "format": "wav"}),
+    ("modalities", ["text", "audio"]),
+    ("store", True),
+    ("reasoning_effort", "low"),
+])
+def test_unsupported_chat_fields_are_named(http, field, value):
+    error = assert_error(http.post(CHAT, json={"messages": MESSAGES, field: value}), 400, param=field)
+    assert field in error["message"]
+
+
+def test_noop_values_of_unsupported_fields_pass(http):
+    body = {"messages": MESSAGES, "max_tokens": 2, "tool_choice": "none", "response_format": {"type": "text"},
+            "modalities": ["text"], "store": False, "user": "u1", "parallel_tool_calls": False}
+    assert http.post(CHAT, json=body).status_code == 200
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "a", "best_of": 3}, "best_of"),
+    ({"prompt": "a", "suffix": "z"}, "suffix"),
+    ({"prompt": "a", "echo": True, "logprobs": 1}, "logprobs"),
+    ({"prompt": "a", "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"prompt": "a", "logit_bias": {"x": 1}}, "logit_bias"),
+    ({"prompt": "a", "n": 0}, "n"),
+    ({"prompt": "a", "top_p": 0}, "top_p"),
+])
+def test_unsupported_or_invalid_completion_fields(http, body, param):
+    assert_error(http.post("/v1/completions", json=body), 400, param=param)
+
+
+def test_non_text_content_part_is_rejected(http):
+    messages = [{"role": "user", "content": [{"type": "text", "text": "a"},
+                                             {"type": "image_url", "image_url": {"url": "x"}}]}]
+    assert_error(http.post(CHAT, json={"messages": messages}), 400, param="messages.0.content.1")
+    text_parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    assert http.post(CHAT, json={"messages": text_parts, "max_tokens": 1}).status_code == 200
+
+
+def test_tool_messages_rejected(http):
+    messages = MESSAGES + [{"role": "tool", "content": "42", "tool_call_id": "c1"}]
+    assert_error(http.post(CHAT, json={"messages": messages}), 400, param="messages.1.role")
+
+
+def test_unknown_model_is_404(http):
+    assert_error(http.post(CHAT, json={"model": "gpt-9", "messages": MESSAGES}), 404, param="model",
+                 code="model_not_found")
+    assert_error(http.get("/v1/models/gpt-9"), 404, code="model_not_found")
+
+
+def test_unknown_route_and_method(http):
+    assert_error(http.get("/v1/nothing-here"), 404)
+    assert_error(http.get(CHAT), 405)
+
+
+def test_prompt_too_long_names_both_numbers(http, live_server):
+    limit = live_server.engine.max_model_len
+    error = assert_error(http.post("/v1/completions", json={"prompt": "x" * (limit - 3), "max_tokens": 10}),
+                         400, code="context_length_exceeded")
+    assert str(limit) in error["message"]
+    assert str(limit - 3 + 1 + 10) in error["message"]  # prompt (with <s>) + max_tokens
+
+
+def test_internal_error_is_500_without_traceback(http, live_server, monkeypatch):
+    def explode(messages):
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(live_server.engine.tokenizer, "encode_chat", explode)
+    resp = http.post(CHAT, json={"messages": MESSAGES}, headers={"x-request-id": "trace-me-1"})
+    error = assert_error(resp, 500, code="internal_error")
+    assert "secret internal detail" not in resp.text
+    assert "trace-me-1" in error["message"]
+    assert resp.headers["x-request-id"] == "trace-me-1"
+
+
+def test_request_id_echoed_or_generated(http):
+    resp = http.get("/v1/models", headers={"x-request-id": "client-abc.1"})
+    assert resp.headers["x-request-id"] == "client-abc.1"
+    generated = http.get("/v1/models").headers["x-request-id"]
+    assert len(generated) == 32
+    bad = http.get("/v1/models", headers={"x-request-id": "x" * 500}).headers["x-request-id"]
+    assert bad != "x" * 500
+    assert http.post(CHAT, json={}).headers["x-request-id"]          # error responses too
+    assert http.get("/nowhere").headers["x-request-id"]
+
+
+def test_no_chat_template_is_a_clear_400(http, live_server, monkeypatch):
+    monkeypatch.setattr(live_server.engine.tokenizer, "has_chat_template", False)
+    error = assert_error(http.post(CHAT, json={"messages": MESSAGES}), 400, code="no_chat_template")
+    assert "--chat-template" in error["message"]
+    assert http.post("/v1/completions", json={"prompt": "a", "max_tokens": 1}).status_code == 200
+
+
+def test_chat_template_failure_is_400(http):
+    assert_error(http.post(CHAT, json={"messages": [{"role": "system", "content": "x"}]}), 400,
+                 code="chat_template_error")
+
+
+@pytest.mark.parametrize("engine_config", [{"server.max_body_bytes": 2048}], indirect=True)
+def test_body_too_large_is_413(http):
+    big = {"messages": [{"role": "user", "content": "x" * 4096}]}
+    assert_error(http.post(CHAT, json=big), 413, code="request_too_large")
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for _ in range(8):
+            yield b" " * 512
+    assert_error(http.post(CHAT, content=chunks(), headers={"content-type": "application/json"}), 413)
+    assert http.post(CHAT, json={"messages": MESSAGES, "max_tokens": 1}).status_code == 200
+
+
+@pytest.mark.parametrize("engine_config", [{"server.api_keys": ["other-key", API_KEY]}], indirect=True)
+def test_api_keys(http):
+    assert_error(http.get("/v1/models"), 401, code="invalid_api_key")
+    assert_error(http.get("/v1/models", headers={"Authorization": "Bearer nope"}), 401, code="invalid_api_key")
+    assert_error(http.get("/v1/models", headers={"Authorization": f"Basic {API_KEY}"}), 401)
+    assert http.get("/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+    assert http.get("/v1/models", headers={"Authorization": "Bearer other-key"}).status_code == 200
+    resp = http.post(CHAT, json={"messages": MESSAGES, "max_tokens": 1},
+                     headers={"Authorization": f"Bearer {API_KEY}"})
+    assert resp.status_code == 200
+    # health and metrics stay open for probes and Prometheus
+    assert http.get("/health").status_code == 200
+    assert http.get("/metrics").status_code == 200
+
+
+def test_cors_off_by_default(http):
+    resp = http.get("/v1/models", headers={"Origin": "https://example.com"})
+    assert "access-control-allow-origin" not in resp.headers
+    preflight = http.options(CHAT, headers={"Origin": "https://example.com",
+                                            "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in preflight.headers
+
+
+@pytest.mark.parametrize("engine_config", [{"server.allowed_origins": ["https://ok.example"],
+                                            "server.api_keys": [API_KEY]}], indirect=True)
+def test_cors_with_allowed_origins(http):
+    preflight = http.options(CHAT, headers={"Origin": "https://ok.example",
+                                            "Access-Control-Request-Method": "POST",
+                                            "Access-Control-Request-Headers": "authorization,content-type"})
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "https://ok.example"
+    resp = http.get("/v1/models", headers={"Origin": "https://ok.example",
+                                           "Authorization": f"Bearer {API_KEY}"})
+    assert resp.headers["access-control-allow-origin"] == "https://ok.example"
+    assert "x-request-id" in resp.headers["access-control-expose-headers"].lower()
+    other = http.get("/v1/models", headers={"Origin": "https://evil.example",
+                                            "Authorization": f"Bearer {API_KEY}"})
+    assert "access-control-allow-origin" not in other.headers
