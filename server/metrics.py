@@ -25,7 +25,8 @@ from __future__ import annotations
 import logging
 import threading
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               generate_latest)
 
 from engine.outputs import EngineStats, RequestStats, StepStats
 
@@ -81,13 +82,13 @@ def _inter_token_latencies(token_times: list[float]) -> list[float]:
     return [b - a for a, b in zip(times, times[1:])]
 
 
-class _Ema:
-    """Per-layer exponential moving averages feeding a labelled gauge."""
+class _LayerEma:
+    """Per-layer exponential moving averages published through a gauge labelled by layer."""
 
-    def __init__(self, gauge: Gauge, model_name: str, num_layers: int, alpha: float, transform=None):
-        self.gauge, self.model_name, self.num_layers, self.alpha = gauge, model_name, num_layers, alpha
-        self.name = gauge._name if hasattr(gauge, "_name") else "per-layer gauge"
-        self.transform = transform or (lambda v: v)
+    def __init__(self, gauge: Gauge, name: str, model_name: str, num_layers: int, alpha: float,
+                 transform=lambda value: value):
+        self.gauge, self.name, self.model_name = gauge, name, model_name
+        self.num_layers, self.alpha, self.transform = num_layers, alpha, transform
         self.values: list[float | None] = [None] * num_layers
         self.warned = False
 
@@ -110,7 +111,7 @@ class ServerMetrics:
         self.model_name = model_name
         self.num_layers = num_layers
         self.registry = registry if registry is not None else CollectorRegistry()
-        self._lock = threading.Lock()   # guards the cumulative-value bookkeeping below
+        self._lock = threading.Lock()   # guards the EMAs and the cumulative-value bookkeeping
         self._last_cumulative = {"preemptions": 0, "prefix_queries": 0, "prefix_hits": 0}
         m = ("model_name",)
 
@@ -123,32 +124,42 @@ class ServerMetrics:
         def histogram(name, doc, buckets, labels=m):
             return Histogram(PREFIX + name, doc, labels, registry=self.registry, buckets=buckets)
 
+        def layer_ema(name, doc, alpha, **kwargs):
+            return _LayerEma(gauge(name, doc, m + ("layer",)), PREFIX + name, model_name, num_layers, alpha,
+                             **kwargs)
+
         # Serving basics (vLLM's names with our prefix).
         self.num_requests_running = gauge("num_requests_running", "Requests in the running batch.")
         self.num_requests_waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
-        self.kv_cache_usage = gauge("kv_cache_usage_perc", "KV cache usage as a fraction 0-1 (used blocks / all blocks).")
+        self.kv_cache_usage = gauge("kv_cache_usage_perc",
+                                    "KV cache usage as a fraction 0-1 (used blocks / all blocks).")
         self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
         self.num_preemptions = counter("num_preemptions", "Sequences preempted (KV blocks reclaimed).")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests (cached ones included).")
         self.generation_tokens = counter("generation_tokens", "Tokens sampled, counted per engine step.")
-        self.request_success = counter("request_success", "Finished choices by finish reason.", m + ("finished_reason",))
-        self.http_requests = counter("http_requests", "HTTP responses by route and status code.", m + ("route", "status"))
+        self.request_success = counter("request_success", "Finished choices by finish reason.",
+                                       m + ("finished_reason",))
+        self.http_requests = counter("http_requests", "HTTP responses by route and status code.",
+                                     m + ("route", "status"))
         self.ttft = histogram("time_to_first_token_seconds", "Arrival to first token.", TTFT_BUCKETS)
-        self.itl = histogram("inter_token_latency_seconds", "Time between consecutive token emissions.", ITL_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Time between consecutive token emissions.",
+                             ITL_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to finish.", E2E_BUCKETS)
         self.queue_time = histogram("request_queue_time_seconds", "Arrival to first scheduling.", QUEUE_BUCKETS)
-        self.request_prompt_tokens = histogram("request_prompt_tokens", "Prompt tokens per finished request.", TOKEN_COUNT_BUCKETS)
+        self.request_prompt_tokens = histogram("request_prompt_tokens", "Prompt tokens per finished request.",
+                                               TOKEN_COUNT_BUCKETS)
         self.request_generation_tokens = histogram(
             "request_generation_tokens", "Generated tokens per finished request (all choices).", TOKEN_COUNT_BUCKETS)
-        self.step_duration = histogram("step_duration_seconds", "Engine step duration by phase (prefill, decode, mixed).",
-                                       STEP_BUCKETS, m + ("phase",))
+        self.step_duration = histogram("step_duration_seconds", "Engine step duration by phase.", STEP_BUCKETS,
+                                       m + ("phase",))
         self.batch_size = histogram("batch_size", "Sequences per engine step.", BATCH_BUCKETS)
 
         # Sparsity.
         self.model_params = gauge("model_params", "Total parameters of the served model.")
         self.activated_params_per_token = histogram(
-            "request_activated_params_per_token", "Mean activated params per generated token, per request.", PARAMS_BUCKETS)
+            "request_activated_params_per_token", "Mean activated params per generated token, per request.",
+            PARAMS_BUCKETS)
         self.ffn_sparsity = histogram(
             "request_ffn_sparsity", "Mean FFN sparsity (inactive / all neurons) per generated token, per request.",
             SPARSITY_BUCKETS)
@@ -157,17 +168,17 @@ class ServerMetrics:
             FRACTION_BUCKETS)
         self.activated_params = counter("activated_params", "Activated params summed over generated tokens.")
         self.computed_params = counter("computed_params", "Params the batch computed, summed over generated tokens.")
-        layer = m + ("layer",)
-        self._layer_sparsity = _Ema(gauge("ffn_sparsity", "FFN sparsity per layer (EMA over steps).", layer),
-                                    model_name, num_layers, LAYER_EMA_ALPHA, transform=lambda active: 1.0 - active)
-        self._layer_computed = _Ema(
-            gauge("ffn_computed_fraction", "Fraction of FFN neurons the batch computed per layer (EMA over steps).", layer),
-            model_name, num_layers, LAYER_EMA_ALPHA)
-        self._recall = _Ema(gauge("predictor_recall", "Predictor recall per layer from shadow checks (EMA).", layer),
-                            model_name, num_layers, PREDICTOR_EMA_ALPHA)
-        self._precision = _Ema(gauge("predictor_precision", "Predictor precision per layer from shadow checks (EMA).", layer),
-                               model_name, num_layers, PREDICTOR_EMA_ALPHA)
-        self.predictor_shadow_checks = counter("predictor_shadow_checks", "Steps checked against the exact activation.")
+        self._layer_sparsity = layer_ema("ffn_sparsity", "FFN sparsity per layer (EMA over steps).",
+                                         LAYER_EMA_ALPHA, transform=lambda active: 1.0 - active)
+        self._layer_computed = layer_ema("ffn_computed_fraction",
+                                         "Fraction of FFN neurons the batch computed per layer (EMA over steps).",
+                                         LAYER_EMA_ALPHA)
+        self._recall = layer_ema("predictor_recall", "Predictor recall per layer from shadow checks (EMA).",
+                                 PREDICTOR_EMA_ALPHA)
+        self._precision = layer_ema("predictor_precision", "Predictor precision per layer from shadow checks (EMA).",
+                                    PREDICTOR_EMA_ALPHA)
+        self.predictor_shadow_checks = counter("predictor_shadow_checks",
+                                               "Steps checked against the exact activation.")
 
         # NOTE: touch every fixed child now so that rate() has a zero to start from.
         for metric in (self.prefix_cache_queries, self.prefix_cache_hits, self.num_preemptions, self.prompt_tokens,
@@ -194,7 +205,8 @@ class ServerMetrics:
         self.prompt_tokens.labels(model_name=name).inc(stats.num_prompt_tokens)
         self.request_prompt_tokens.labels(model_name=name).observe(stats.num_prompt_tokens)
         self.request_generation_tokens.labels(model_name=name).observe(stats.num_generated_tokens)
-        for value, hist in ((stats.ttft, self.ttft), (stats.e2e_latency, self.e2e), (stats.queue_time, self.queue_time)):
+        timings = ((stats.ttft, self.ttft), (stats.e2e_latency, self.e2e), (stats.queue_time, self.queue_time))
+        for value, hist in timings:
             if value is not None:
                 hist.labels(model_name=name).observe(max(0.0, value))
         itl = self.itl.labels(model_name=name)
@@ -210,7 +222,8 @@ class ServerMetrics:
         self.ffn_sparsity.labels(model_name=name).observe(stats.mean_ffn_sparsity)
         self.computed_fraction.labels(model_name=name).observe(stats.mean_computed_fraction)
         self.activated_params.labels(model_name=name).inc(stats.mean_activated_params * stats.num_generated_tokens)
-        self.computed_params.labels(model_name=name).inc(computed_params_per_token(stats) * stats.num_generated_tokens)
+        computed = computed_params_per_token(stats) * stats.num_generated_tokens
+        self.computed_params.labels(model_name=name).inc(computed)
 
     def observe_step(self, step: StepStats) -> None:
         name = self.model_name
