@@ -106,6 +106,13 @@ def _validation_error(exc: RequestValidationError) -> OpenAIError:
     kind = first.get("type", "")
     if kind == "json_invalid":
         return bad_request(f"Request body is not valid JSON: {first.get('msg', '')}", code="invalid_json")
+    if not loc:
+        # NOTE: the body as a whole is wrong: FastAPI only parses JSON when the Content-Type
+        # says so, and `curl -d` sends a form type unless told otherwise.
+        if kind == "missing":
+            return bad_request("The request body is empty; send a JSON object.")
+        return bad_request("The request body must be a JSON object, sent with "
+                           "'Content-Type: application/json'.", code="invalid_body")
     if kind == "extra_forbidden":
         return bad_request(f"Unrecognized request argument supplied: {param}", param=param,
                            code="unsupported_parameter")

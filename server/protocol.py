@@ -131,7 +131,7 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     # Declared only so that their no-op values pass; anything else is a 400 naming the field.
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None

@@ -36,6 +36,16 @@ def test_malformed_json_is_400(http):
     assert_error(resp, 400, code="invalid_json")
 
 
+def test_body_that_is_not_a_json_object(http):
+    body = b'{"messages": [{"role": "user", "content": "hi"}]}'
+    form = http.post(CHAT, content=body, headers={"content-type": "application/x-www-form-urlencoded"})
+    assert "Content-Type: application/json" in assert_error(form, 400, code="invalid_body")["message"]
+    assert_error(http.post(CHAT, content=b"[1, 2]", headers={"content-type": "application/json"}), 400,
+                 code="invalid_body")
+    empty = http.post(CHAT, content=b"", headers={"content-type": "application/json"})
+    assert "empty" in assert_error(empty, 400)["message"]
+
+
 def test_validation_error_is_400_not_422(http):
     assert_error(http.post(CHAT, json={"messages": "not a list"}), 400, param="messages")
     assert_error(http.post(CHAT, json={}), 400, param="messages")
@@ -115,11 +125,23 @@ def test_prompt_too_long_names_both_numbers(http, live_server):
     assert str(limit - 3 + 1 + 10) in error["message"]  # prompt (with <s>) + max_tokens
 
 
+class TokenizerProxy:
+    """Wraps the engine's tokenizer, overriding some attributes (works for any engine)."""
+
+    def __init__(self, inner, **overrides) -> None:
+        self._inner = inner
+        self.__dict__.update(overrides)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
 def test_internal_error_is_500_without_traceback(http, live_server, monkeypatch):
     def explode(messages):
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(live_server.engine.tokenizer, "encode_chat", explode)
+    engine = live_server.engine
+    monkeypatch.setattr(engine, "tokenizer", TokenizerProxy(engine.tokenizer, encode_chat=explode))
     resp = http.post(CHAT, json={"messages": MESSAGES}, headers={"x-request-id": "trace-me-1"})
     error = assert_error(resp, 500, code="internal_error")
     assert "secret internal detail" not in resp.text
@@ -139,15 +161,27 @@ def test_request_id_echoed_or_generated(http):
 
 
 def test_no_chat_template_is_a_clear_400(http, live_server, monkeypatch):
-    monkeypatch.setattr(live_server.engine.tokenizer, "has_chat_template", False)
+    engine = live_server.engine
+    monkeypatch.setattr(engine, "tokenizer", TokenizerProxy(engine.tokenizer, has_chat_template=False))
     error = assert_error(http.post(CHAT, json={"messages": MESSAGES}), 400, code="no_chat_template")
     assert "--chat-template" in error["message"]
     assert http.post("/v1/completions", json={"prompt": "a", "max_tokens": 1}).status_code == 200
 
 
-def test_chat_template_failure_is_400(http):
-    assert_error(http.post(CHAT, json={"messages": [{"role": "system", "content": "x"}]}), 400,
-                 code="chat_template_error")
+def test_chat_template_failure_is_400(http, live_server, monkeypatch):
+    def refuse(messages):
+        raise ValueError("Conversation roles must alternate user/assistant")
+
+    engine = live_server.engine
+    monkeypatch.setattr(engine, "tokenizer", TokenizerProxy(engine.tokenizer, encode_chat=refuse))
+    error = assert_error(http.post(CHAT, json={"messages": MESSAGES}), 400, code="chat_template_error")
+    assert "alternate" in error["message"]
+
+
+def test_top_logprobs_bounds(http):
+    body = {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}
+    assert_error(http.post(CHAT, json=body), 400, param="top_logprobs")
+    assert_error(http.post(CHAT, json={"messages": MESSAGES, "top_logprobs": 2}), 400, param="top_logprobs")
 
 
 @pytest.mark.parametrize("engine_config", [{"server.max_body_bytes": 2048}], indirect=True)
