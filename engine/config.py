@@ -78,7 +78,10 @@ class EngineConfig:
         """configs/default.yaml, then each given file, then dotted overrides
         (`{"model.path": "...", "cache.block_size": 32}`); None override values are skipped."""
         cfg = cls()
-        for path in (CONFIG_DIR / "default.yaml", *yaml_paths):
+        # NOTE: configs/default.yaml mirrors the dataclass defaults; a wheel install without
+        # the repository's configs/ folder still gets the same values from the dataclasses.
+        defaults = CONFIG_DIR / "default.yaml"
+        for path in ((defaults,) if defaults.is_file() else ()) + tuple(yaml_paths):
             cfg.apply(_read_yaml(Path(path)), source=str(path))
         for key, value in (overrides or {}).items():
             if value is not None:
