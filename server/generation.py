@@ -85,9 +85,9 @@ class GenerationRunner:
         self.on_finished = on_finished
 
     async def open(self, receive: Receive, prompts: list[str | list[int]], params: SamplingParams,
-                   base_id: str) -> AsyncIterator[Indexed]:
+                   base_id: str) -> "MergedStream":
         """Admit every prompt (raising the mapped OpenAIError if any is refused) and return
-        one merged iterator of (prompt index, delta); close it to abort what is left."""
+        one MergedStream; the caller must `aclose()` it (that aborts whatever is left)."""
         request_ids = engine_request_ids(base_id, len(prompts))
         gens = [self.engine.generate(p, params, rid) for p, rid in zip(prompts, request_ids)]
         try:
@@ -102,8 +102,7 @@ class GenerationRunner:
             else:
                 logger.info("request %s refused (%d): %s", base_id, err.status, err.message)
             raise err from exc
-        streams = [_chain(first, g) for first, g in zip(firsts, gens)]
-        return self._merge(streams, request_ids)
+        return MergedStream(self, gens, firsts, request_ids)
 
     async def collect(self, receive: Receive, prompts: list[str | list[int]], params: SamplingParams,
                       base_id: str) -> list[PromptResult]:
@@ -112,22 +111,25 @@ class GenerationRunner:
 
         async def consume() -> list[PromptResult]:
             results = [PromptResult([], [ChoiceResult() for _ in range(params.n)]) for _ in prompts]
-            async with aclosing(merged):
-                async for index, out in merged:
-                    accumulate(results[index], out)
+            async for index, out in merged:
+                accumulate(results[index], out)
             return results
 
-        return await until_disconnected(receive, consume())
+        try:
+            return await until_disconnected(receive, consume())
+        finally:
+            await merged.aclose()
 
     async def _close_all(self, gens: list[AsyncIterator[RequestOutput]], request_ids: list[str]) -> None:
+        """Close the engine generators (which aborts them) and abort by id as well."""
         for gen, rid in zip(gens, request_ids):
             await gen.aclose()  # type: ignore[attr-defined]
             await self.engine.abort(rid)
 
     async def _merge(self, streams: list[AsyncIterator[RequestOutput]],
-                     request_ids: list[str]) -> AsyncIterator[Indexed]:
+                     finished_ids: set[str], request_ids: list[str]) -> AsyncIterator[Indexed]:
         if len(streams) == 1:
-            async for item in self._pump_inline(streams[0], 0, request_ids[0]):
+            async for item in self._pump_inline(streams[0], 0, finished_ids, request_ids[0]):
                 yield item
             return
         # NOTE: several prompts run concurrently in the engine; one task per prompt feeds a
@@ -136,7 +138,8 @@ class GenerationRunner:
 
         async def pump(index: int) -> None:
             try:
-                async for item in self._pump_inline(streams[index], index, request_ids[index]):
+                async for item in self._pump_inline(streams[index], index, finished_ids,
+                                                    request_ids[index]):
                     queue.put_nowait(item)
                 queue.put_nowait((index, None))
             except Exception as exc:  # handed to the consumer, which re-raises it
@@ -159,19 +162,13 @@ class GenerationRunner:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _pump_inline(self, stream: AsyncIterator[RequestOutput], index: int,
-                           request_id: str) -> AsyncIterator[Indexed]:
-        finished = False
-        try:
-            async with aclosing(stream):  # type: ignore[type-var]
-                async for out in stream:
-                    if out.finished:
-                        finished = True
-                        self._report(out)
-                    yield index, out
-        finally:
-            if not finished:
-                logger.info("request %s stopped early; aborting it", request_id)
-                await self.engine.abort(request_id)
+                           finished_ids: set[str], request_id: str) -> AsyncIterator[Indexed]:
+        async with aclosing(stream):  # type: ignore[type-var]
+            async for out in stream:
+                if out.finished:
+                    finished_ids.add(request_id)
+                    self._report(out)
+                yield index, out
 
     def _report(self, out: RequestOutput) -> None:
         if self.on_finished is None:
@@ -181,6 +178,43 @@ class GenerationRunner:
             self.on_finished(out, reasons)
         except Exception:  # metrics must never break a response
             logger.exception("metrics hook failed for %s", out.request_id)
+
+
+class MergedStream:
+    """The admitted generations as one async iterator of (prompt index, delta).
+
+    NOTE: `aclose()` is the one place that releases engine requests, and it works whether or
+    not iteration ever started (a lazy generator that never ran has nothing to clean up, so
+    it cannot be trusted with this): it closes the engine generators, which aborts them, and
+    aborts by id every request that had not finished.
+    """
+
+    def __init__(self, runner: GenerationRunner, gens: list[AsyncIterator[RequestOutput]],
+                 firsts: list[RequestOutput], request_ids: list[str]) -> None:
+        self._runner = runner
+        self._gens = gens
+        self._request_ids = request_ids
+        self._finished_ids: set[str] = set()
+        self._closed = False
+        streams = [_chain(first, gen) for first, gen in zip(firsts, gens)]
+        self._iter = runner._merge(streams, self._finished_ids, request_ids)
+
+    def __aiter__(self) -> "MergedStream":
+        return self
+
+    async def __anext__(self) -> Indexed:
+        return await self._iter.__anext__()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._iter.aclose()
+        unfinished = [(g, rid) for g, rid in zip(self._gens, self._request_ids)
+                      if rid not in self._finished_ids]
+        if unfinished:
+            logger.info("aborting unfinished requests %s", [rid for _, rid in unfinished])
+            await self._runner._close_all([g for g, _ in unfinished], [rid for _, rid in unfinished])
 
 
 async def _prime_all(gens: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:

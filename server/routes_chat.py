@@ -4,7 +4,6 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -12,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 
 from engine.sampling_params import SamplingParams
 from server.errors import bad_request, from_engine_error
-from server.generation import Indexed, PromptResult
+from server.generation import MergedStream, PromptResult
 from server.protocol import ChatCompletionRequest, check_model
 from server.render import chat_logprobs, usage
 from server.sse import SSEResponse, sse_data
@@ -57,7 +56,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         merged = await state.runner.open(request.receive, [prompt_ids], params, request_id)
         events = _chat_events(merged, head, params.n, bool(body.logprobs), body.include_usage,
                               engine.total_params)
-        return SSEResponse(events, request_id)
+        return SSEResponse(events, request_id, on_close=merged.aclose)
 
     results = await state.runner.collect(request.receive, [prompt_ids], params, request_id)
     result = results[0]
@@ -74,11 +73,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
                          "usage": usage(results, engine.total_params)})
 
 
-async def _chat_events(merged: AsyncIterator[Indexed], head: dict[str, Any], n: int,
+async def _chat_events(merged: MergedStream, head: dict[str, Any], n: int,
                        want_logprobs: bool, include_usage: bool, total_params: int,
                        ) -> AsyncIterator[bytes]:
     """chat.completion.chunk events: a role chunk per choice, content chunks, a chunk with
-    finish_reason per choice, then (include_usage) one chunk with empty choices and usage."""
+    finish_reason per choice, then (include_usage) one chunk with empty choices and usage.
+    `merged` belongs to the SSEResponse, which closes it (aborting what is left) at the end."""
     base = {**head, "object": "chat.completion.chunk"}
     if include_usage:
         base["usage"] = None
@@ -88,20 +88,19 @@ async def _chat_events(merged: AsyncIterator[Indexed], head: dict[str, Any], n: 
         return sse_data({**base, "choices": [choice]})
 
     result = PromptResult([], [])
-    async with aclosing(merged):  # type: ignore[type-var]
-        for index in range(n):
-            yield chunk(index, {"role": "assistant", "content": ""})
-        async for _, out in merged:
-            for delta in out.outputs:
-                logprobs = chat_logprobs(delta.logprobs) if want_logprobs else None
-                if delta.text or logprobs:
-                    yield chunk(delta.index, {"content": delta.text}, logprobs)
-                if delta.finish_reason is not None:
-                    yield chunk(delta.index, {}, finish=delta.finish_reason)
-            if out.stats is not None:
-                result.stats = out.stats
-            if not result.prompt_token_ids:
-                result.prompt_token_ids = list(out.prompt_token_ids)
+    for index in range(n):
+        yield chunk(index, {"role": "assistant", "content": ""})
+    async for _, out in merged:
+        for delta in out.outputs:
+            logprobs = chat_logprobs(delta.logprobs) if want_logprobs else None
+            if delta.text or logprobs:
+                yield chunk(delta.index, {"content": delta.text}, logprobs)
+            if delta.finish_reason is not None:
+                yield chunk(delta.index, {}, finish=delta.finish_reason)
+        if out.stats is not None:
+            result.stats = out.stats
+        if not result.prompt_token_ids:
+            result.prompt_token_ids = list(out.prompt_token_ids)
     if include_usage:
         yield sse_data({**base, "choices": [], "usage": usage([result], total_params)})
 

@@ -8,13 +8,12 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.generation import Indexed, PromptResult
+from server.generation import MergedStream, PromptResult
 from server.protocol import CompletionRequest, check_model
 from server.render import completion_logprobs, usage
 from server.routes_chat import validate_params
@@ -43,7 +42,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         events = _completion_events(merged, head, len(prompts), params.n, echo_texts,
                                     body.logprobs is not None, body.include_usage,
                                     engine.total_params)
-        return SSEResponse(events, request_id)
+        return SSEResponse(events, request_id, on_close=merged.aclose)
 
     results = await state.runner.collect(request.receive, prompts, params, request_id)
     choices = []
@@ -63,7 +62,7 @@ def _prompt_text(engine: Any, prompt: str | list[int]) -> str:
     return prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt)
 
 
-async def _completion_events(merged: AsyncIterator[Indexed], head: dict[str, Any], num_prompts: int,
+async def _completion_events(merged: MergedStream, head: dict[str, Any], num_prompts: int,
                              n: int, echo_texts: list[str] | None, want_logprobs: bool,
                              include_usage: bool, total_params: int) -> AsyncIterator[bytes]:
     base = dict(head)
@@ -76,21 +75,20 @@ async def _completion_events(merged: AsyncIterator[Indexed], head: dict[str, Any
 
     results = [PromptResult([], []) for _ in range(num_prompts)]
     offsets = [0] * (num_prompts * n)     # text offset per choice, for streamed logprobs
-    async with aclosing(merged):  # type: ignore[type-var]
-        if echo_texts is not None:
-            for p, text in enumerate(echo_texts):
-                for i in range(n):
-                    yield chunk(p * n + i, text)
-        async for p, out in merged:
-            for delta in out.outputs:
-                index = p * n + delta.index
-                logprobs = completion_logprobs(delta.logprobs, offsets[index]) if want_logprobs else None
-                offsets[index] += len(delta.text)
-                if delta.text or logprobs or delta.finish_reason is not None:
-                    yield chunk(index, delta.text, logprobs, delta.finish_reason)
-            if out.stats is not None:
-                results[p].stats = out.stats
-            if not results[p].prompt_token_ids:
-                results[p].prompt_token_ids = list(out.prompt_token_ids)
+    if echo_texts is not None:
+        for p, text in enumerate(echo_texts):
+            for i in range(n):
+                yield chunk(p * n + i, text)
+    async for p, out in merged:
+        for delta in out.outputs:
+            index = p * n + delta.index
+            logprobs = completion_logprobs(delta.logprobs, offsets[index]) if want_logprobs else None
+            offsets[index] += len(delta.text)
+            if delta.text or logprobs or delta.finish_reason is not None:
+                yield chunk(index, delta.text, logprobs, delta.finish_reason)
+        if out.stats is not None:
+            results[p].stats = out.stats
+        if not results[p].prompt_token_ids:
+            results[p].prompt_token_ids = list(out.prompt_token_ids)
     if include_usage:
         yield sse_data({**base, "choices": [], "usage": usage(results, total_params)})

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.responses import Response
@@ -33,8 +33,10 @@ class SSEResponse(Response):
     media_type = "text/event-stream"
 
     def __init__(self, events: AsyncIterator[bytes], request_id: str,
+                 on_close: Callable[[], Awaitable[None]] | None = None,
                  headers: dict[str, str] | None = None) -> None:
         self.events = events
+        self.on_close = on_close
         self.request_id = request_id
         self.status_code = 200
         self.background = None
@@ -54,6 +56,8 @@ class SSEResponse(Response):
                 task.cancel()
             await asyncio.gather(pump, watcher, return_exceptions=True)
             await self.events.aclose()  # type: ignore[attr-defined]
+            if self.on_close is not None:
+                await self.on_close()
 
     async def _pump(self, send: Send) -> None:
         try:

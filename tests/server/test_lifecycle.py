@@ -20,18 +20,21 @@ def blocks_full(engine) -> bool:
     return stats.num_free_blocks == stats.num_total_blocks and stats.num_running == 0 and stats.num_waiting == 0
 
 
-def test_streaming_disconnect_frees_blocks(live_server):
+@pytest.mark.parametrize("num_lines", [0, 6])
+@pytest.mark.parametrize("n", [1, 2])
+def test_streaming_disconnect_frees_blocks(live_server, num_lines, n):
     engine = live_server.engine
     with httpx.Client(base_url=live_server.url, timeout=30) as http:
-        body = {"messages": MESSAGES, "max_tokens": 200, "stream": True}
+        body = {"messages": MESSAGES, "max_tokens": 200, "stream": True, "n": n}
         with http.stream("POST", CHAT, json=body) as resp:
+            assert resp.status_code == 200
             lines = resp.iter_lines()
-            for _ in range(6):
+            for _ in range(num_lines):
                 next(lines)
             assert engine.get_stats().num_free_blocks < engine.get_stats().num_total_blocks
     assert wait_until(lambda: blocks_full(engine))
     if hasattr(engine, "aborted_ids"):  # the fake engine records aborts; the real one logs them
-        assert len(engine.aborted_ids) == 1
+        assert len(set(engine.aborted_ids)) == 1
 
 
 def test_non_streaming_disconnect_aborts(live_server):
@@ -41,7 +44,22 @@ def test_non_streaming_disconnect_aborts(live_server):
             http.post(CHAT, json={"messages": MESSAGES, "max_tokens": 200})
     assert wait_until(lambda: blocks_full(engine))
     if hasattr(engine, "aborted_ids"):
-        assert len(engine.aborted_ids) == 1
+        assert len(set(engine.aborted_ids)) == 1
+
+
+def test_completions_with_several_prompts_disconnect_aborts_all(live_server):
+    engine = live_server.engine
+    body = {"prompt": ["a", "b", "c"], "max_tokens": 200, "stream": True}
+    with httpx.Client(base_url=live_server.url, timeout=30) as http:
+        with http.stream("POST", "/v1/completions", json=body) as resp:
+            assert resp.status_code == 200
+            lines = resp.iter_lines()
+            for _ in range(6):
+                next(lines)
+            assert engine.get_stats().num_running == 3
+    assert wait_until(lambda: blocks_full(engine))
+    if hasattr(engine, "aborted_ids"):
+        assert len(set(engine.aborted_ids)) == 3
 
 
 def test_graceful_drain_lets_running_requests_finish(live_server):
