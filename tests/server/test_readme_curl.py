@@ -1,7 +1,8 @@
 """The README's curl examples, run as written against a live server.
 
-Every fenced shell block in README.md that calls curl on localhost:8000 is run with bash, the
-port swapped for the live server's; each must exit 0 and print an OpenAI-shaped answer.
+Every fenced shell block in README.md that starts with a curl call on localhost:8000 is run
+with bash, the port swapped for the live server's; each must exit 0 and print an OpenAI-shaped
+answer (JSON without an error, or an SSE stream ending in [DONE]).
 """
 from __future__ import annotations
 
@@ -22,15 +23,16 @@ _MODEL = re.compile(r'"model"\s*:\s*"([^"]+)"')
 
 
 def readme_curl_commands() -> list[str]:
+    """Fenced shell blocks that start with a curl call on localhost:8000, each run whole
+    (a JSON body may span several lines inside quotes)."""
     if not README.is_file():
         return []
     commands = []
     for block in _FENCE.findall(README.read_text()):
-        joined = block.replace("\\\n", " ")
-        for line in joined.splitlines():
-            line = line.strip().removeprefix("$ ")
-            if line.startswith("curl ") and _HOST.search(line):
-                commands.append(line)
+        lines = [line.removeprefix("$ ") for line in block.strip().splitlines()
+                 if line.strip() and not line.lstrip().startswith("#")]
+        if lines and lines[0].startswith("curl ") and _HOST.search(lines[0]):
+            commands.append("\n".join(lines))
     return commands
 
 

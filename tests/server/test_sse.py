@@ -6,6 +6,8 @@ import json
 import httpx
 import pytest
 
+from tests.server.conftest import wait_until
+
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -100,9 +102,8 @@ def test_error_mid_stream_is_an_event_then_done(http, live_server, monkeypatch):
     assert error["type"] == "server_error" and error["code"] == "internal_error"
     assert "secret detail" not in resp.text
     assert any(e["choices"] and e["choices"][0]["delta"].get("content") for e in events[:-2])
-    # the failed request's KV blocks were given back
-    stats = engine.get_stats()
-    assert stats.num_free_blocks == stats.num_total_blocks
+    # the failed request's KV blocks are given back
+    assert wait_until(lambda: engine.get_stats().num_free_blocks == engine.get_stats().num_total_blocks)
 
 
 def test_openai_sdk_raises_on_error_event(live_server, monkeypatch):
