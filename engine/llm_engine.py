@@ -47,6 +47,7 @@ class LLMEngine:
         self.accounting = SparsityAccounting(self.model.num_params(), self.arch.hidden_size,
                                              self.arch.intermediate_size, self.arch.num_layers)
         self.runner = ModelRunner(self.model, config)
+        self.runner.eos_token_ids = self.eos_token_ids
         num_blocks = self.runner.profile_num_blocks()
         self.runner.allocate_kv_cache(num_blocks)
         config.cache.num_blocks = num_blocks

@@ -52,6 +52,7 @@ class ModelRunner:
         self.shadow_rate = config.server.predictor_shadow_rate
         self._shadow_rng = random.Random(config.model.seed)
         self.num_blocks = 0
+        self.eos_token_ids: set[int] = set()   # set by the engine once EOS ids are known
 
     # ---- KV cache -------------------------------------------------------------------------
     def profile_num_blocks(self) -> int:
@@ -130,6 +131,7 @@ class ModelRunner:
             row_index = torch.tensor(rows, device=self.device)
             logits = self.model.compute_logits(hidden[row_index])               # [S, V]
             seqs = [item.seq for item in sample_items]
+            self._ban_early_stops(logits, seqs)
             sampled = self.sampler(logits, [s.params for s in seqs], [s.prompt_token_ids for s in seqs],
                                    [s.output_token_ids for s in seqs], [self._generator(s) for s in seqs])
             for seq, token_id, logprob in zip(seqs, sampled.token_ids, sampled.logprobs):
@@ -138,6 +140,16 @@ class ModelRunner:
                     result.logprobs[seq.seq_id] = logprob
         self._read_activity(activities, sample_items, rows, positions.shape[0], result)
         return result
+
+    def _ban_early_stops(self, logits: torch.Tensor, seqs) -> None:
+        """Below min_tokens, EOS and stop tokens cannot be sampled at all (as in vLLM), so the
+        output never contains a stop token that did not stop it."""
+        for row, seq in enumerate(seqs):
+            params = seq.params
+            if seq.num_output_tokens < params.min_tokens:
+                banned = list(params.stop_token_ids) + ([] if params.ignore_eos else list(self.eos_token_ids))
+                if banned:
+                    logits[row, banned] = float("-inf")
 
     def _read_activity(self, activities, sample_items, rows, num_tokens: int, result: RunnerOutput) -> None:
         """One host transfer for every layer's counts."""

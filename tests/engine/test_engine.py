@@ -176,3 +176,16 @@ async def _drain(gen):
     async for out in gen:
         last = out
     return last
+
+
+def test_min_tokens_bans_eos_until_reached(relu_checkpoint):
+    llm = make_llm(relu_checkpoint)
+    prompt = prompts(1, seed=9)[0]
+    free = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
+    first = free.completions[0].token_ids[0]
+    # make the first greedy token the "EOS": without min_tokens it stops at once
+    stopped = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=[first]))[0]
+    assert stopped.completions[0].token_ids == [first] and stopped.completions[0].finish_reason == "stop"
+    held = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=[first],
+                                                 min_tokens=4))[0].completions[0]
+    assert first not in held.token_ids[:4] and len(held.token_ids) >= 4
