@@ -92,6 +92,8 @@ def sparse_ffn_torch(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, 
     else:
         idx = predicted.any(0).nonzero().squeeze(1)   # [k]
         g = F.linear(xw, w_gate.index_select(0, idx))  # [T, k]
+    if idx.numel() == 0:
+        return torch.zeros(T, H, dtype=x.dtype), torch.zeros(T, w_gate.shape[0], dtype=torch.bool)
     u = F.linear(xw, w_up.index_select(0, idx))       # [T, k]
     h_k = apply_activation(g, u, act, threshold)      # [T, k]
     if predicted is not None:

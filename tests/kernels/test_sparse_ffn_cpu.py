@@ -1,0 +1,118 @@
+"""CPU sparse FFN paths (native kernel, stock-torch path, dispatcher) vs the torch reference."""
+
+import pytest
+import torch
+
+from kernels import cpu_native, sparse_ffn_cpu
+from kernels.sparse_ffn import sparse_ffn
+from kernels.sparse_ffn_ref import ACTIVATIONS, sparse_ffn_ref
+from tests.kernels.kernel_cases import (DTYPES, SPARSITIES, assert_close, assert_mask_equal,
+                                        ffn_weights, poison_allocations, predicted_mask)
+
+# (T, H, I): batch 1, > 1 and the native maximum; H off the 32/16/8-wide vector loops.
+SHAPES = [(1, 77, 130), (4, 256, 96), (64, 40, 33)]
+THRESHOLD = {"silu": 0.05, "relu": 0.0, "drelu": 0.0, "fatrelu": 0.1}
+
+needs_native = pytest.mark.skipif(not cpu_native.available(),
+                                  reason="native CPU kernel could not be built (no g++?)")
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_native_predicted(monkeypatch, shape, sparsity, dtype):
+    T, H, I = shape
+    gen = torch.Generator().manual_seed(hash((shape, sparsity)) % 2**31)
+    x, wg, wu, wd = ffn_weights(T, H, I, dtype, gen)
+    pred = predicted_mask(T, I, sparsity, gen)
+    poison_allocations(monkeypatch, sparse_ffn_cpu)
+    for act in ACTIVATIONS:
+        out, active = sparse_ffn_cpu.sparse_ffn_native(x, wg, wu, wd, act, THRESHOLD[act], pred)
+        ref, ref_active = sparse_ffn_ref(x, wg, wu, wd, act, THRESHOLD[act], pred)
+        assert_close(out, ref, dtype)
+        assert_mask_equal(active, ref_active)
+        if sparsity == 1.0:
+            assert out.abs().max().item() == 0.0
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_native_exact(monkeypatch, shape, act, dtype):
+    T, H, I = shape
+    x, wg, wu, wd = ffn_weights(T, H, I, dtype, torch.Generator().manual_seed(9))
+    poison_allocations(monkeypatch, sparse_ffn_cpu)
+    out, active = sparse_ffn_cpu.sparse_ffn_native(x, wg, wu, wd, act, THRESHOLD[act])
+    ref, ref_active = sparse_ffn_ref(x, wg, wu, wd, act, THRESHOLD[act])
+    assert_close(out, ref, dtype)
+    assert_mask_equal(active, ref_active)
+    assert 0 < ref_active.sum() < ref_active.numel()
+
+
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_torch_path(sparsity, act):
+    # float32 only: the torch path computes in the weights' dtype, so a 16-bit run may flip a
+    # neuron sitting on the threshold; float32 must match the reference exactly.
+    gen = torch.Generator().manual_seed(4)
+    x, wg, wu, wd = ffn_weights(3, 70, 90, torch.float32, gen)
+    for pred in (predicted_mask(3, 90, sparsity, gen), None):
+        out, active = sparse_ffn_cpu.sparse_ffn_torch(x, wg, wu, wd, act, THRESHOLD[act], pred)
+        ref, ref_active = sparse_ffn_ref(x, wg, wu, wd, act, THRESHOLD[act], pred)
+        assert_close(out, ref, torch.float32)
+        assert_mask_equal(active, ref_active)
+
+
+@pytest.mark.parametrize("fallback", [None, 0.0, 0.5, 1.0])
+@pytest.mark.parametrize("T", [1, 16, 17, 80])
+def test_dispatch_every_route(T, fallback):
+    """sparse_ffn gives the reference result whichever path (native, dense) it picks."""
+    gen = torch.Generator().manual_seed(T)
+    x, wg, wu, wd = ffn_weights(T, 48, 64, torch.float32, gen)
+    pred = predicted_mask(T, 64, 0.6, gen)
+    for p in (pred, None):
+        out, active = sparse_ffn(x, wg, wu, wd, "drelu", predicted=p,
+                                 dense_fallback_fraction=fallback)
+        ref, ref_active = sparse_ffn_ref(x, wg, wu, wd, "drelu", predicted=p)
+        assert_close(out, ref, torch.float32)
+        assert_mask_equal(active, ref_active)
+
+
+def test_dispatch_without_native(monkeypatch):
+    monkeypatch.setattr(sparse_ffn_cpu, "native_supported", lambda *a: False)
+    gen = torch.Generator().manual_seed(2)
+    x, wg, wu, wd = ffn_weights(2, 40, 200, torch.float32, gen)
+    for sparsity in (0.5, 0.95):  # dense route, then the gather route
+        pred = predicted_mask(2, 200, sparsity, gen)
+        out, active = sparse_ffn(x, wg, wu, wd, "relu", predicted=pred)
+        ref, ref_active = sparse_ffn_ref(x, wg, wu, wd, "relu", predicted=pred)
+        assert_close(out, ref, torch.float32)
+        assert_mask_equal(active, ref_active)
+
+
+def test_reference_matches_explicit_formula():
+    """The reference itself against a per-neuron loop written from the definitions."""
+    gen = torch.Generator().manual_seed(1)
+    x, wg, wu, wd = ffn_weights(2, 12, 10, torch.float32, gen)
+    pred = predicted_mask(2, 10, 0.3, gen)
+    for act, thr in THRESHOLD.items():
+        ref, ref_active = sparse_ffn_ref(x, wg, wu, wd, act, thr, pred)
+        out = torch.zeros(2, 12)
+        for t in range(2):
+            for i in range(10):
+                g, u = float(wg[i] @ x[t]), float(wu[i] @ x[t])
+                silu = g / (1 + torch.exp(torch.tensor(-g)).item())
+                h = {"silu": silu * u if abs(silu) > thr else 0.0, "relu": max(g, 0.0) * u,
+                     "drelu": max(g, 0.0) * max(u, 0.0), "fatrelu": g * u if g > thr else 0.0}[act]
+                h = h if pred[t, i] else 0.0
+                assert bool(ref_active[t, i]) == (h != 0.0)
+                out[t] += h * wd[i]
+        assert_close(ref, out, torch.float32)
+
+
+def test_rejects_unknown_activation():
+    x, wg, wu, wd = ffn_weights(1, 8, 8, torch.float32, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError):
+        sparse_ffn(x, wg, wu, wd, "gelu")

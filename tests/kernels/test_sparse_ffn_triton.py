@@ -1,0 +1,73 @@
+"""Triton sparse FFN vs the torch reference (interpreter on CPU, compiled on CUDA)."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from tests.kernels.kernel_cases import (DTYPES, SPARSITIES, assert_close, assert_mask_equal, ffn_weights,
+                          poison_allocations, predicted_mask, triton_device)
+from kernels import sparse_ffn_triton
+from kernels.sparse_ffn_ref import ACTIVATIONS, sparse_ffn_ref
+
+# (T, H, I): batch 1 and > 1; H and I off the block sizes (BLOCK_H 128 / 64, BLOCK_I 32).
+SHAPES = [(1, 96, 80), (5, 150, 70)]
+THRESHOLD = {"silu": 0.05, "relu": 0.0, "drelu": 0.0, "fatrelu": 0.1}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_predicted_mode(monkeypatch, shape, sparsity, dtype):
+    T, H, I = shape
+    gen = torch.Generator().manual_seed(hash((shape, sparsity)) % 2**31)
+    device = triton_device()
+    x, wg, wu, wd = ffn_weights(T, H, I, dtype, gen, device)
+    pred = predicted_mask(T, I, sparsity, gen).to(device)
+    # NOTE: the interpreter is slow, so each case runs one activation, cycling through all four
+    # across the sweep (test_exact_mode covers every activation x dtype x shape).
+    act = ACTIVATIONS[(SPARSITIES.index(sparsity) + SHAPES.index(shape) + DTYPES.index(dtype)) % 4]
+    poison_allocations(monkeypatch, sparse_ffn_triton)
+    out, active = sparse_ffn_triton.sparse_ffn_triton(x, wg, wu, wd, act, THRESHOLD[act], pred)
+    ref, ref_active = sparse_ffn_ref(x, wg, wu, wd, act, THRESHOLD[act], pred)
+    assert_close(out, ref, dtype)
+    assert_mask_equal(active, ref_active)
+    assert not (active & ~pred).any(), "an unpredicted neuron was reported active"
+    if sparsity == 1.0:
+        assert out.abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_exact_mode(monkeypatch, shape, act, dtype):
+    T, H, I = shape
+    gen = torch.Generator().manual_seed(7)
+    device = triton_device()
+    x, wg, wu, wd = ffn_weights(T, H, I, dtype, gen, device)
+    poison_allocations(monkeypatch, sparse_ffn_triton)
+    out, active = sparse_ffn_triton.sparse_ffn_triton(x, wg, wu, wd, act, THRESHOLD[act])
+    ref, ref_active = sparse_ffn_ref(x, wg, wu, wd, act, THRESHOLD[act])
+    assert_close(out, ref, dtype)
+    assert_mask_equal(active, ref_active)
+    # The data must exercise both branches of the activation, or the test proves little.
+    assert 0 < ref_active.sum() < ref_active.numel()
+
+
+def test_dense_fallback_gives_same_result():
+    gen = torch.Generator().manual_seed(3)
+    device = triton_device()
+    x, wg, wu, wd = ffn_weights(2, 64, 48, torch.float32, gen, device)
+    pred = predicted_mask(2, 48, 0.5, gen).to(device)
+    sparse = sparse_ffn_triton.sparse_ffn_triton(x, wg, wu, wd, "drelu", 0.0, pred, 1.0)
+    dense = sparse_ffn_triton.sparse_ffn_triton(x, wg, wu, wd, "drelu", 0.0, pred, 0.0)
+    assert_close(sparse[0], dense[0], torch.float32)
+    assert_mask_equal(sparse[1], dense[1])
+
+
+def test_rejects_bad_layout():
+    device = triton_device()
+    x = torch.randn(1, 32, device=device)
+    w = torch.randn(32, 16, device=device).t()  # [16, 32] but stride(1) != 1
+    with pytest.raises(AssertionError):
+        sparse_ffn_triton.sparse_ffn_triton(x, w, w, w, "relu")
