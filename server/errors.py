@@ -85,7 +85,7 @@ def from_engine_error(exc: BaseException, request_id: str | None = None) -> Open
         return OpenAIError(429, f"The server is overloaded: {exc}", type="rate_limit_exceeded",
                            code="engine_overloaded", headers={"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(exc, PromptTooLongError):
-        return OpenAIError(400, str(exc), param="messages", code="context_length_exceeded")
+        return OpenAIError(400, str(exc), code="context_length_exceeded")
     if isinstance(exc, EngineDeadError):
         return OpenAIError(503, "The inference engine is not running.", type=SERVER_ERROR,
                            code="engine_dead")

@@ -25,7 +25,7 @@ def blocks_full(engine) -> bool:
 def test_streaming_disconnect_frees_blocks(live_server, num_lines, n):
     engine = live_server.engine
     with httpx.Client(base_url=live_server.url, timeout=30) as http:
-        body = {"messages": MESSAGES, "max_tokens": 200, "stream": True, "n": n}
+        body = {"messages": MESSAGES, "max_tokens": 200, "stream": True, "n": n, "ignore_eos": True}
         with http.stream("POST", CHAT, json=body) as resp:
             assert resp.status_code == 200
             lines = resp.iter_lines()
@@ -41,7 +41,7 @@ def test_non_streaming_disconnect_aborts(live_server):
     engine = live_server.engine
     with httpx.Client(base_url=live_server.url, timeout=httpx.Timeout(30, read=0.15)) as http:
         with pytest.raises(httpx.ReadTimeout):
-            http.post(CHAT, json={"messages": MESSAGES, "max_tokens": 200})
+            http.post(CHAT, json={"messages": MESSAGES, "max_tokens": 200, "ignore_eos": True})
     assert wait_until(lambda: blocks_full(engine))
     if hasattr(engine, "aborted_ids"):
         assert len(set(engine.aborted_ids)) == 1
@@ -49,7 +49,7 @@ def test_non_streaming_disconnect_aborts(live_server):
 
 def test_completions_with_several_prompts_disconnect_aborts_all(live_server):
     engine = live_server.engine
-    body = {"prompt": ["a", "b", "c"], "max_tokens": 200, "stream": True}
+    body = {"prompt": ["a", "b", "c"], "max_tokens": 200, "stream": True, "ignore_eos": True}
     with httpx.Client(base_url=live_server.url, timeout=30) as http:
         with http.stream("POST", "/v1/completions", json=body) as resp:
             assert resp.status_code == 200
@@ -68,7 +68,8 @@ def test_graceful_drain_lets_running_requests_finish(live_server):
 
     def consume() -> None:
         with httpx.Client(base_url=live_server.url, timeout=30) as http:
-            resp = http.post(CHAT, json={"messages": MESSAGES, "max_tokens": 120, "stream": True})
+            resp = http.post(CHAT, json={"messages": MESSAGES, "max_tokens": 120, "stream": True,
+                                         "ignore_eos": True})
             result["text"] = resp.text
 
     worker = threading.Thread(target=consume)
@@ -140,10 +141,10 @@ def test_load_failure_stops_the_server_with_exit_code_1():
 def test_tokenize_detokenize_version_health(live_server):
     with httpx.Client(base_url=live_server.url) as http:
         tok = http.post("/tokenize", json={"prompt": "hi"}).json()
-        assert tok["tokens"][-2:] == [104, 105] and tok["count"] == len(tok["tokens"])
+        assert tok["count"] == len(tok["tokens"]) > 0
         assert tok["max_model_len"] == live_server.engine.max_model_len
         plain = http.post("/tokenize", json={"prompt": "hi", "add_special_tokens": False}).json()
-        assert plain["tokens"] == [104, 105]
+        assert tok["tokens"][-plain["count"]:] == plain["tokens"]
         chat = http.post("/tokenize", json={"messages": MESSAGES}).json()
         assert chat["count"] > tok["count"]
         no_gen = http.post("/tokenize", json={"messages": MESSAGES, "add_generation_prompt": False}).json()
