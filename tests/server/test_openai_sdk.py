@@ -38,8 +38,8 @@ def test_chat_completion(client):
     assert usage.prompt_tokens_details.cached_tokens == 0
     extra = usage.model_extra
     assert extra["total_params"] > 0
-    assert 0 < extra["activated_params"] < extra["total_params"]
-    assert 0.0 < extra["ffn_sparsity"] < 1.0
+    assert 0 < extra["activated_params"] <= extra["total_params"]
+    assert 0.0 <= extra["ffn_sparsity"] < 1.0
 
 
 def test_repeated_prompt_reports_cached_tokens(client):
@@ -105,7 +105,8 @@ def test_completions(client):
     assert len(choice.logprobs.tokens) == len(choice.logprobs.token_logprobs) == 6
     offsets = choice.logprobs.text_offset
     assert offsets[0] == 0 and offsets == sorted(offsets)
-    assert all(len(top) == 2 for top in choice.logprobs.top_logprobs)
+    # NOTE: at most 2: distinct ids whose text is the same (partial UTF-8) share a dict key.
+    assert all(1 <= len(top) <= 2 for top in choice.logprobs.top_logprobs)
 
 
 def test_completions_batch_echo_and_token_prompt(client):
