@@ -119,9 +119,100 @@ template <typename D> inline void axpy(float a, const typename D::T* w, float* y
   for (; k < n; ++k) y[k] += a * load1<D>(w + k);
 }
 
+// out[r] = dot(w, x + rows[r] * H) for R <= 4 batch rows sharing one weight row: each weight
+// vector is loaded (and converted) once for all R rows.
+template <typename D, int R>
+inline void dot_rows(const typename D::T* w, const float* x, const int* rows, int64_t H,
+                     float* out, const typename D::T* next) {
+  int64_t k = 0;
+  float acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = 0.f;
+#ifdef SPARSE_FFN_AVX2
+  __m256 a0[R], a1[R];
+  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
+  for (; k + 16 <= H; k += 16) {
+    // NOTE: rows are scattered, so the hardware prefetcher restarts at every row; streaming
+    // the next row the thread will read alongside this one keeps two rows in flight.
+    if (next != nullptr) _mm_prefetch(reinterpret_cast<const char*>(next + k), _MM_HINT_T0);
+    const __m256 w0 = load8<D>(w + k), w1 = load8<D>(w + k + 8);
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + rows[r] * H + k;
+      a0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), a0[r]);
+      a1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), a1[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) acc[r] = hsum8(_mm256_add_ps(a0[r], a1[r]));
+#endif
+  for (; k < H; ++k) {
+    const float wk = load1<D>(w + k);
+    for (int r = 0; r < R; ++r) acc[r] += wk * x[rows[r] * H + k];
+  }
+  for (int r = 0; r < R; ++r) out[r] = acc[r];
+}
+
+// out[rows[r]] (row stride H) += a[r] * w[0:n] for R <= 4 rows sharing one weight row slice.
+template <typename D, int R>
+inline void axpy_rows(const typename D::T* w, const float* a, float* y, const int* rows,
+                      int64_t H, int64_t n, const typename D::T* next) {
+  int64_t k = 0;
+#ifdef SPARSE_FFN_AVX2
+  __m256 va[R];
+  for (int r = 0; r < R; ++r) va[r] = _mm256_set1_ps(a[r]);
+  for (; k + 8 <= n; k += 8) {
+    if (next != nullptr && (k & 15) == 0)
+      _mm_prefetch(reinterpret_cast<const char*>(next + k), _MM_HINT_T0);
+    const __m256 wk = load8<D>(w + k);
+    for (int r = 0; r < R; ++r) {
+      float* yr = y + rows[r] * H + k;
+      _mm256_storeu_ps(yr, _mm256_fmadd_ps(va[r], wk, _mm256_loadu_ps(yr)));
+    }
+  }
+#endif
+  for (; k < n; ++k) {
+    const float wk = load1<D>(w + k);
+    for (int r = 0; r < R; ++r) y[rows[r] * H + k] += a[r] * wk;
+  }
+}
+
+// Dispatches a list of rows to dot_rows in groups of 4.
+template <typename D>
+inline void dot_many(const typename D::T* w, const float* x, const int* rows, int n, int64_t H,
+                     float* out, const typename D::T* next) {
+  int j = 0;
+  for (; j + 4 <= n; j += 4, next = nullptr) dot_rows<D, 4>(w, x, rows + j, H, out + j, next);
+  switch (n - j) {
+    case 3: dot_rows<D, 3>(w, x, rows + j, H, out + j, next); break;
+    case 2: dot_rows<D, 2>(w, x, rows + j, H, out + j, next); break;
+    case 1: dot_rows<D, 1>(w, x, rows + j, H, out + j, next); break;
+    default: break;
+  }
+}
+
+template <typename D>
+inline void axpy_many(const typename D::T* w, const float* a, float* y, const int* rows, int n,
+                      int64_t H, int64_t len, const typename D::T* next) {
+  int j = 0;
+  for (; j + 4 <= n; j += 4, next = nullptr) axpy_rows<D, 4>(w, a + j, y, rows + j, H, len, next);
+  switch (n - j) {
+    case 3: axpy_rows<D, 3>(w, a + j, y, rows + j, H, len, next); break;
+    case 2: axpy_rows<D, 2>(w, a + j, y, rows + j, H, len, next); break;
+    case 1: axpy_rows<D, 1>(w, a + j, y, rows + j, H, len, next); break;
+    default: break;
+  }
+}
+
 inline float silu(float g) { return g / (1.f + std::exp(-g)); }
 
 constexpr int kMaxBatch = 64;
+
+// The next neuron after i that some batch row needs a gate row for (I if none).
+inline int64_t next_candidate(const uint8_t* predicted, int64_t i, int64_t T, int64_t I) {
+  if (predicted == nullptr) return i + 1;
+  for (int64_t j = i + 1; j < I; ++j)
+    for (int64_t t = 0; t < T; ++t)
+      if (predicted[t * I + j]) return j;
+  return I;
+}
 
 template <typename D>
 void sparse_ffn(const float* x, const typename D::T* w_gate, const typename D::T* w_up,
@@ -131,55 +222,49 @@ void sparse_ffn(const float* x, const typename D::T* w_gate, const typename D::T
   std::memset(out, 0, sizeof(float) * T * H);
 #pragma omp parallel num_threads(num_threads)
   {
-    float g[kMaxBatch], a[kMaxBatch];
-    bool alive[kMaxBatch];
+    float g[kMaxBatch], a[kMaxBatch], u[kMaxBatch];
+    int rows[kMaxBatch], up_rows[kMaxBatch];
     // NOTE: dynamic chunks balance threads when the active neurons cluster in one range.
 #pragma omp for schedule(dynamic, 256)
     for (int64_t i = 0; i < I; ++i) {
-      bool any = false;
+      int num_rows = 0, num_up = 0;
       for (int64_t t = 0; t < T; ++t) {
-        alive[t] = predicted == nullptr || predicted[t * I + i] != 0;
-        any |= alive[t];
+        h[t * I + i] = 0.f;
+        active[t * I + i] = 0;
+        if (predicted == nullptr || predicted[t * I + i] != 0) rows[num_rows++] = (int)t;
       }
-      if (any) {
-        any = false;
-        const typename D::T* wg = w_gate + i * H;
-        for (int64_t t = 0; t < T; ++t) {
-          if (!alive[t]) continue;
-          g[t] = dot<D>(wg, x + t * H, H);
-          float v;
-          switch (act) {
-            case ACT_SILU: {
-              const float s = silu(g[t]);
-              v = std::fabs(s) > threshold ? s : 0.f;
-              break;
-            }
-            case ACT_FATRELU: v = g[t] > threshold ? g[t] : 0.f; break;
-            default: v = g[t] > 0.f ? g[t] : 0.f; break;  // relu, drelu
+      // With a predictor, a predicted neuron usually fires: fetch its up row during the gate.
+      if (num_rows > 0)
+        dot_many<D>(w_gate + i * H, x, rows, num_rows, H, g,
+                    predicted != nullptr ? w_up + i * H : nullptr);
+      for (int j = 0; j < num_rows; ++j) {
+        float v;
+        switch (act) {
+          case ACT_SILU: {
+            const float s = silu(g[j]);
+            v = std::fabs(s) > threshold ? s : 0.f;
+            break;
           }
-          a[t] = v;
-          alive[t] = v != 0.f;
-          any |= alive[t];
+          case ACT_FATRELU: v = g[j] > threshold ? g[j] : 0.f; break;
+          default: v = g[j] > 0.f ? g[j] : 0.f; break;  // relu, drelu
+        }
+        if (v != 0.f) {
+          a[num_up] = v;
+          up_rows[num_up++] = rows[j];
         }
       }
-      if (any) {
-        any = false;
-        const typename D::T* wu = w_up + i * H;
-        for (int64_t t = 0; t < T; ++t) {
-          float v = 0.f;
-          if (alive[t]) {
-            float u = dot<D>(wu, x + t * H, H);
-            if (act == ACT_DRELU && u < 0.f) u = 0.f;
-            v = a[t] * u;
-          }
-          h[t * I + i] = v;
-          active[t * I + i] = v != 0.f;
+      bool any = false;
+      if (num_up > 0) {
+        // Only rows whose gate survived read the up row (and only if at least one did).
+        dot_many<D>(w_up + i * H, x, up_rows, num_up, H, u,
+                    next_candidate(predicted, i, T, I) < I
+                        ? w_gate + next_candidate(predicted, i, T, I) * H : nullptr);
+        for (int j = 0; j < num_up; ++j) {
+          const float uj = (act == ACT_DRELU && u[j] < 0.f) ? 0.f : u[j];
+          const float v = a[j] * uj;
+          h[up_rows[j] * I + i] = v;
+          active[up_rows[j] * I + i] = v != 0.f;
           any |= v != 0.f;
-        }
-      } else {
-        for (int64_t t = 0; t < T; ++t) {
-          h[t * I + i] = 0.f;
-          active[t * I + i] = 0;
         }
       }
       any_active[i] = any;
@@ -190,13 +275,21 @@ void sparse_ffn(const float* x, const typename D::T* w_gate, const typename D::T
     const int64_t chunk = ((H + nt - 1) / nt + 15) / 16 * 16;
     const int64_t lo = tid * chunk, hi = lo + chunk < H ? lo + chunk : H;
     if (lo < hi) {
-      for (int64_t i = 0; i < I; ++i) {
-        if (!any_active[i]) continue;
-        const typename D::T* wd = w_down_t + i * H + lo;
+      int64_t next = 0;
+      while (next < I && !any_active[next]) ++next;
+      for (int64_t i = next; i < I; i = next) {
+        next = i + 1;
+        while (next < I && !any_active[next]) ++next;
+        int n = 0;
         for (int64_t t = 0; t < T; ++t) {
           const float v = h[t * I + i];
-          if (v != 0.f) axpy<D>(v, wd, out + t * H + lo, hi - lo);
+          if (v != 0.f) {
+            a[n] = v;
+            rows[n++] = (int)t;
+          }
         }
+        axpy_many<D>(w_down_t + i * H + lo, a, out + lo, rows, n, H, hi - lo,
+                     next < I ? w_down_t + next * H + lo : nullptr);
       }
     }
   }

@@ -1,0 +1,181 @@
+"""Sparse vs dense FFN layer at Mistral-7B shape (hidden 4096, intermediate 14336).
+
+For each dtype, batch and sparsity: the time of torch's dense FFN (cuBLAS / CPU BLAS in the
+weights' dtype) and of `kernels.sparse_ffn` in predicted mode with its default dense fallback
+(the path the engine takes), the speed-up, and the achieved bandwidth on the bytes the sparse
+path actually reads (3 rows of H per neuron in the batch's union) against a measured ceiling
+(a large device copy, read + write bytes).
+
+Masks are drawn independently per batch row at the given sparsity, so the union a batch reads
+grows with the batch (the `union` column); the activation is SwiGLU with threshold 0, so every
+predicted neuron fires and the active set equals the predicted set.
+Timings are the minimum over repeats, interleaving dense and sparse, which keeps the numbers
+usable on a shared machine.
+
+    python bench/kernels.py --quick                      # a minute or two on a laptop CPU
+    python bench/kernels.py --out docs/benchmarks/kernels.md
+    python bench/kernels.py --device cuda --dtypes bf16  # GPU (see bench/gpu_check.sh)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# NOTE: run as a script, Python puts bench/ first on sys.path, where this file's own name would
+# shadow the `kernels` package; point that entry at the repository root instead.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from kernels.sparse_ffn import default_dense_fallback, sparse_ffn  # noqa: E402
+from kernels.sparse_ffn_ref import dense_ffn  # noqa: E402
+
+logger = logging.getLogger("bench.kernels")
+HIDDEN, INTERMEDIATE = 4096, 14336
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_min(fns: list, repeats: int, device: str) -> list[float]:
+    """Minimum wall time in ms of each fn, calls interleaved round-robin after one warm-up."""
+    best = [float("inf")] * len(fns)
+    for fn in fns:
+        fn()
+    _sync(device)
+    for _ in range(repeats):
+        for k, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            best[k] = min(best[k], (time.perf_counter() - start) * 1e3)
+    return best
+
+
+def copy_bandwidth(device: str, num_bytes: int, repeats: int) -> float:
+    """GB/s of a large device copy, counting read + write bytes."""
+    src = torch.empty(num_bytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    (ms,) = time_min([lambda: dst.copy_(src)], repeats, device)
+    return 2 * num_bytes / ms / 1e6
+
+
+def random_masks(T: int, sparsity: float, gen: torch.Generator, device: str) -> torch.Tensor:
+    num_active = round((1.0 - sparsity) * INTERMEDIATE)
+    scores = torch.rand(T, INTERMEDIATE, generator=gen)
+    mask = torch.zeros(T, INTERMEDIATE, dtype=torch.bool)
+    mask.scatter_(1, scores.topk(num_active, dim=1).indices, True) if num_active else None
+    return mask.to(device)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device = args.device
+    gen = torch.Generator().manual_seed(0)
+    ceiling = copy_bandwidth(device, args.copy_mb << 20, args.repeats)
+    logger.info("memory-bandwidth ceiling (copy, read+write): %.1f GB/s", ceiling)
+    rows = []
+    for name in args.dtypes:
+        dtype = DTYPES[name]
+        scale = HIDDEN ** -0.5
+        weights = [(torch.randn(INTERMEDIATE, HIDDEN, generator=gen) * scale).to(dtype).to(device)
+                   for _ in range(3)]  # w_gate, w_up, w_down_t: [I, H] each
+        elsize = weights[0].element_size()
+        for T in args.batches:
+            x = torch.randn(T, HIDDEN, generator=gen).to(dtype).to(device)
+            (dense_ms,) = time_min([lambda: dense_ffn(x, *weights, "silu")], args.dense_repeats,
+                                   device)
+            dense_gbs = 3 * INTERMEDIATE * HIDDEN * elsize / dense_ms / 1e6
+            for sparsity in args.sparsities:
+                mask = random_masks(T, sparsity, gen, device)
+                union = mask.any(0).float().mean().item()
+                (sparse_ms,) = time_min(
+                    [lambda: sparse_ffn(x, *weights, "silu", 0.0, predicted=mask)],
+                    args.repeats, device)
+                read = union * 3 * INTERMEDIATE * HIDDEN * elsize
+                fallback = default_dense_fallback(torch.device(device), T)
+                row = dict(device=device, dtype=name, batch=T, sparsity=sparsity, union=union,
+                           dense_ms=dense_ms, sparse_ms=sparse_ms, speedup=dense_ms / sparse_ms,
+                           dense_gbs=dense_gbs, sparse_gbs=read / sparse_ms / 1e6,
+                           ceiling=ceiling, path="dense" if union > fallback else "sparse")
+                rows.append(row)
+                logger.info("%s %s T=%-2d sparsity=%3.0f%% union=%5.1f%% dense %8.2f ms "
+                            "sparse %8.2f ms  %5.2fx  %5.1f GB/s (%3.0f%% of ceiling)",
+                            device, name, T, sparsity * 100, union * 100, dense_ms, sparse_ms,
+                            row["speedup"], row["sparse_gbs"], 100 * row["sparse_gbs"] / ceiling)
+    return rows
+
+
+def markdown(rows: list[dict], args: argparse.Namespace) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    lines = [
+        "# Sparse FFN kernel benchmark",
+        "",
+        f"- Machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+        + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
+        f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- Command: `python bench/kernels.py {' '.join(sys.argv[1:])}`",
+        f"- Layer: Mistral-7B FFN, hidden {HIDDEN}, intermediate {INTERMEDIATE}; predicted mode, "
+        "per-row random masks; `union` = fraction of neurons the batch reads.",
+        f"- Bandwidth ceiling (large copy, read + write): {rows[0]['ceiling']:.1f} GB/s. "
+        "`GB/s` = bytes the sparse path reads (union x 3 rows) / time.",
+        "- Times are the minimum over repeats (dense and sparse interleaved).",
+        "",
+        "| device | dtype | batch | sparsity | union | dense ms | sparse ms | speed-up | "
+        "sparse GB/s | % ceiling | path |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['device']} | {r['dtype']} | {r['batch']} | {r['sparsity']:.0%} | "
+            f"{r['union']:.1%} | {r['dense_ms']:.2f} | {r['sparse_ms']:.2f} | "
+            f"{r['speedup']:.2f}x | {r['sparse_gbs']:.1f} | "
+            f"{100 * r['sparse_gbs'] / r['ceiling']:.0f}% | {r['path']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=None)
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16])
+    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.0, 0.5, 0.8, 0.9, 0.95])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dense-repeats", type=int, default=3)
+    parser.add_argument("--copy-mb", type=int, default=1024)
+    parser.add_argument("--quick", action="store_true",
+                        help="batch 1 and 4, sparsity 0/50/90%%, fewer repeats")
+    parser.add_argument("--out", type=Path, default=None, help="write a markdown table here")
+    args = parser.parse_args(argv)
+    if args.dtypes is None:
+        args.dtypes = ["bf16"] if args.device == "cuda" else ["fp32", "bf16"]
+    if args.quick:
+        args.batches = [b for b in args.batches if b <= 4]
+        args.sparsities = [s for s in args.sparsities if s in (0.0, 0.5, 0.9)]
+        args.repeats, args.dense_repeats, args.copy_mb = 3, 2, 256
+    if args.device == "cuda":
+        args.repeats, args.dense_repeats = max(args.repeats, 20), max(args.dense_repeats, 20)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    rows = run(args)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(markdown(rows, args))
+        logger.info("wrote %s", args.out)
+
+
+if __name__ == "__main__":
+    main()
