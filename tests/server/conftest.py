@@ -1,8 +1,8 @@
 """Fixtures for the server tests.
 
-`engine` is the one place that decides which engine the tests drive (today the fake in
-fake_engine.py; later the real AsyncEngine on a tiny random checkpoint). `engine_config` can
-be overridden per test module to change limits, keys or origins.
+`engine` is the one place that decides which engine the tests drive: the real AsyncEngine on a
+tiny random checkpoint (CPU). `engine_config` can be overridden per test module to change
+limits, keys or origins.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from engine.config import EngineConfig
 from server.app import build_app
 from server.http_server import DrainingServer, bind_socket, make_server
-from tests.server.fake_engine import FakeEngine
+from tests.tiny_checkpoint import make_tiny_checkpoint
 
 API_KEY = "test-key-123"
 
@@ -38,9 +38,20 @@ def engine_config(request) -> EngineConfig:
     return small_config(**getattr(request, "param", {}))
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-sparse", "relu",
+                                max_position_embeddings=256)
+
+
 @pytest.fixture
-def engine(engine_config: EngineConfig):
-    return FakeEngine(engine_config)
+def engine(engine_config: EngineConfig, tiny_model_dir):
+    from engine.async_engine import AsyncEngine
+
+    engine_config.model.path = str(tiny_model_dir)
+    engine_config.model.device = "cpu"
+    engine_config.cache.kv_cache_bytes = 8 << 20
+    return AsyncEngine.from_config(engine_config)
 
 
 class LiveServer:
