@@ -36,6 +36,17 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+def parse_rate(text: str) -> float:
+    """A fraction of engine steps, 0 (off) to 1 (every step)."""
+    try:
+        rate = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= rate <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text!r}")
+    return rate
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparse-serve",
                                      description="OpenAI-compatible server for activation-sparse LLMs")
@@ -63,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--kv-cache-bytes", type=parse_bytes, help="KV cache budget on CPU, e.g. 2GiB")
     engine.add_argument("--block-size", type=int, help="tokens per KV block")
     engine.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    engine.add_argument("--predictor-shadow-rate", type=parse_rate, metavar="FLOAT",
+                        help="fraction of steps whose predictor is checked against the exact activation "
+                             "(exported as predictor recall/precision; default 0 = off, e.g. 0.01)")
 
     http = serve.add_argument_group("http")
     http.add_argument("--host", help="bind address (default 127.0.0.1)")
@@ -94,6 +108,7 @@ def config_overrides(args: argparse.Namespace, environ: dict[str, str] | None = 
         "cache.kv_cache_bytes": args.kv_cache_bytes,
         "cache.block_size": args.block_size,
         "cache.enable_prefix_caching": False if args.no_prefix_caching else None,
+        "server.predictor_shadow_rate": args.predictor_shadow_rate,
         "server.host": args.host,
         "server.port": args.port,
         "server.api_keys": api_keys,
