@@ -27,28 +27,35 @@ from kernels.sparse_ffn_ref import check_act, dense_ffn, predict_active_ref
 
 logger = logging.getLogger(__name__)
 
-# NOTE: measured crossovers (docs/benchmarks/kernels.md, bench/kernels.py). On this class of
-# CPU the native kernel reads exactly the bytes dense reads at 0% sparsity and was never
-# measurably slower than torch's dense GEMV at batch <= 16, and torch's bf16/fp16 CPU GEMM is
-# several times slower than the native kernel, so the CPU never falls back for decode batches.
-# Above batch 16 the native kernel's per-row dot products become compute-bound, so there the
-# fallback applies from 50% active neurons. On CUDA the default is 1.0 (never): the masked row
-# loads read no more bytes than dense at any density, and a fraction below 1 costs a host sync
-# per call (breaking CUDA-graph capture); bench/gpu_check.sh measures the crossover on a GPU.
-DENSE_FALLBACK_DEFAULTS = {"cpu": 1.0, "cpu_large_batch": 0.5, "cuda": 1.0}
-CPU_LARGE_BATCH = 16
+# NOTE: measured crossovers (bench/kernels.py, docs/benchmarks/kernels.md): the fraction of
+# neurons the batch reads above which the dense path is used.
+# - CPU float32, batch 1: the native kernel reads each active row once but at ~80% of the
+#   bandwidth torch's dense GEMV reaches on one full stream (rows are scattered), so it loses
+#   near full density: measured 0.82x dense at 100% active, 1.05x at 75%.
+# - CPU float32, batch >= 2: torch's small-M SGEMM is 2-4x slower than its GEMV per byte here,
+#   while the native kernel reads each row once for the whole batch: it wins at any density.
+# - CPU bf16/fp16: torch's 16-bit CPU GEMM (no bf16 units on this class of CPU) is over 10x
+#   slower than the native kernel even at full density: never fall back.
+# - CUDA: 1.0 (never): the masked row loads read no more bytes than dense at any density, and a
+#   fraction below 1 costs a host sync per call (breaking CUDA-graph capture); run
+#   bench/gpu_check.sh on a GPU to measure the crossover there.
+CPU_FP32_BATCH1_FALLBACK = 0.75
+CUDA_DENSE_FALLBACK = 1.0
+
+
+def default_dense_fallback(device: torch.device, dtype: torch.dtype, num_rows: int) -> float:
+    """The measured default crossover for `num_rows` rows of `dtype` weights on `device`."""
+    if device.type == "cuda":
+        return CUDA_DENSE_FALLBACK
+    if dtype == torch.float32 and num_rows == 1:
+        return CPU_FP32_BATCH1_FALLBACK
+    return 1.0
+
+
 # Above this many rows (prefill) the GPU path is always dense: the work is compute-bound.
 MAX_SPARSE_BATCH = 64
 # The gather-based torch CPU path (no compiler) beats dense only below ~20% active neurons.
 TORCH_PATH_CROSSOVER = 0.2
-
-
-def default_dense_fallback(device: torch.device, num_rows: int) -> float:
-    if device.type == "cuda":
-        return DENSE_FALLBACK_DEFAULTS["cuda"]
-    if num_rows > CPU_LARGE_BATCH:
-        return DENSE_FALLBACK_DEFAULTS["cpu_large_batch"]
-    return DENSE_FALLBACK_DEFAULTS["cpu"]
 
 
 def _check_inputs(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
@@ -77,7 +84,7 @@ def sparse_ffn(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act: s
     check_act(act)
     _check_inputs(x, w_gate, w_up, w_down_t, predicted)
     T = x.shape[0]
-    fallback = (default_dense_fallback(x.device, T) if dense_fallback_fraction is None
+    fallback = (default_dense_fallback(x.device, w_gate.dtype, T) if dense_fallback_fraction is None
                 else dense_fallback_fraction)
     if x.is_cuda:
         if T > MAX_SPARSE_BATCH:
@@ -92,8 +99,13 @@ def _sparse_ffn_cpu(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, a
                     threshold: float, predicted: Tensor | None, fallback: float
                     ) -> tuple[Tensor, Tensor]:
     # NOTE: on the CPU a host read of the mask is free (no device to sync with).
-    if predicted is not None and fallback < 1.0:
-        if predicted.any(0).float().mean().item() > fallback:
+    if fallback < 1.0:
+        if predicted is None:
+            # Exact mode reads every gate row anyway; plain SwiGLU (silu, threshold 0) activates
+            # every neuron, so it is dense by definition.
+            if act == "silu" and threshold <= 0.0:
+                return dense_ffn(x, w_gate, w_up, w_down_t, act, threshold, predicted)
+        elif predicted.any(0).float().mean().item() > fallback:
             return dense_ffn(x, w_gate, w_up, w_down_t, act, threshold, predicted)
     contiguous = all(w.is_contiguous() for w in (w_gate, w_up, w_down_t))
     if contiguous and sparse_ffn_cpu.native_supported(x, w_gate):
