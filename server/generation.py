@@ -163,17 +163,22 @@ class GenerationRunner:
 
     async def _pump_inline(self, stream: AsyncIterator[RequestOutput], index: int,
                            finished_ids: set[str], request_id: str) -> AsyncIterator[Indexed]:
+        # NOTE: with n > 1 a choice that finishes early sends its finish_reason in an earlier
+        # delta than the request's last one, so the reasons are gathered over the whole stream.
+        finish_reasons: dict[int, str] = {}
         async with aclosing(stream):  # type: ignore[type-var]
             async for out in stream:
+                for delta in out.outputs:
+                    if delta.finish_reason:
+                        finish_reasons[delta.index] = delta.finish_reason
                 if out.finished:
                     finished_ids.add(request_id)
-                    self._report(out)
+                    self._report(out, [finish_reasons[i] for i in sorted(finish_reasons)])
                 yield index, out
 
-    def _report(self, out: RequestOutput) -> None:
+    def _report(self, out: RequestOutput, reasons: list[str]) -> None:
         if self.on_finished is None:
             return
-        reasons = [d.finish_reason for d in out.outputs if d.finish_reason]
         try:
             self.on_finished(out, reasons)
         except Exception:  # metrics must never break a response
