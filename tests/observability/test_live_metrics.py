@@ -159,6 +159,10 @@ def settled_metrics(client: Client, timeout_s: float = 10.0) -> bytes:
         time.sleep(0.05)
 
 
+def per_layer(body: bytes, name: str) -> dict[str, float]:
+    return {dict(labels)["layer"]: v for (sample, labels), v in samples(body).items() if sample == name}
+
+
 def test_live_metrics_match_the_traffic(live):
     traffic = Traffic()
     client = Client(live, traffic)
@@ -207,7 +211,7 @@ def test_live_metrics_match_the_traffic(live):
     num_steps = metric("batch_size_count")
     assert num_steps > 0 and metric("predictor_shadow_checks_total") == num_steps
     for name in ("predictor_recall", "predictor_precision", "ffn_sparsity"):
-        layers = {dict(labels)["layer"]: v for (sample, labels), v in samples(body).items() if sample == f"sparseserve_{name}"}
+        layers = per_layer(body, f"sparseserve_{name}")
         assert set(layers) == {str(i) for i in range(NUM_LAYERS)}, name
         assert all(0.0 <= v <= 1.0 for v in layers.values()), (name, layers)
 
