@@ -73,6 +73,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sparse_ffn_cpu.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i64, c_int, c_float,
                                    c_int, c_int]
     lib.sparse_ffn_cpu.restype = c_int
+    lib.linear_cpu.argtypes = [p, p, p, i64, i64, i64, c_int, c_int]
+    lib.linear_cpu.restype = c_int
     lib.sparse_ffn_cpu_max_batch.argtypes = []
     lib.sparse_ffn_cpu_max_batch.restype = c_int
 

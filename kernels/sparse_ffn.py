@@ -22,7 +22,7 @@ import logging
 import torch
 from torch import Tensor
 
-from kernels import sparse_ffn_cpu
+from kernels import cpu_native, sparse_ffn_cpu
 from kernels.sparse_ffn_ref import check_act, dense_ffn, predict_active_ref
 
 logger = logging.getLogger(__name__)
@@ -129,10 +129,10 @@ def predict_active(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float = 0.0) 
     if x.is_cuda:
         from kernels import predictor_triton
         return predictor_triton.predict_active_triton(x, fc1, fc2, threshold)
-    # NOTE: on the CPU the two small GEMVs are memory-bound and torch's BLAS reads them at
-    # full bandwidth for float32; lower precisions are upcast per call by the reference only
-    # for the tiny activations, the weights are used as stored.
-    if fc1.dtype == torch.float32:
-        return predict_active_ref(x, fc1, fc2, threshold)
-    z = torch.relu(torch.nn.functional.linear(x.to(fc1.dtype), fc1))   # [T, r]
-    return torch.nn.functional.linear(z, fc2).float() > threshold       # [T, I]
+    # NOTE: on the CPU the native kernel reads the weights once at full speed for any decode
+    # batch, where torch's bf16/fp16 CPU GEMM is over 10x slower and its small-M float32 GEMM
+    # 2-4x slower (see DENSE_FALLBACK notes above); the reference is the fallback.
+    if (x.shape[0] <= sparse_ffn_cpu.MAX_NATIVE_BATCH
+            and fc1.is_contiguous() and fc2.is_contiguous() and cpu_native.available()):
+        return sparse_ffn_cpu.predict_active_native(x, fc1, fc2, threshold)
+    return predict_active_ref(x, fc1, fc2, threshold)

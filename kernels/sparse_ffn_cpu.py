@@ -69,6 +69,30 @@ def sparse_ffn_native(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
     return out.to(x.dtype), active
 
 
+def linear_native(x: Tensor, w: Tensor) -> Tensor:
+    """x [T, K] (T <= 64) @ w [N, K].T -> [T, N] float32, reading w once as stored."""
+    lib = cpu_native.load()
+    if lib is None:
+        raise RuntimeError("native CPU kernel is not available")
+    T, K = x.shape
+    N = w.shape[0]
+    assert not x.is_cuda and 1 <= T <= MAX_NATIVE_BATCH, x.shape
+    assert w.shape == (N, K) and w.is_contiguous() and w.dtype in _DTYPE_CODES, (w.shape, w.dtype)
+    xf = x.float().contiguous()                       # [T, K]
+    out = torch.empty(T, N, dtype=torch.float32)      # [T, N], fully written
+    rc = lib.linear_cpu(_ptr(xf), _ptr(w), _ptr(out), T, K, N, _DTYPE_CODES[w.dtype],
+                        torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"native linear kernel failed with code {rc}")
+    return out
+
+
+def predict_active_native(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float = 0.0) -> Tensor:
+    """[T, I] bool, fc2(relu(fc1 x)) > threshold, with both GEMVs in the native kernel."""
+    z = torch.relu(linear_native(x, fc1))             # [T, r] float32
+    return linear_native(z, fc2) > threshold          # [T, I]
+
+
 def sparse_ffn_torch(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act: str,
                      threshold: float = 0.0, predicted: Tensor | None = None
                      ) -> tuple[Tensor, Tensor]:

@@ -295,9 +295,36 @@ void sparse_ffn(const float* x, const typename D::T* w_gate, const typename D::T
   }
 }
 
+// out[t, n] = dot(w[n], x[t]) for a dense [N, K] weight: the predictor's two small GEMVs, which
+// torch runs slowly for 16-bit weights on CPUs without bf16 units.
+template <typename D>
+void linear_rows(const float* x, const typename D::T* w, float* out, int64_t T, int64_t K,
+                 int64_t N, int num_threads) {
+  int rows[kMaxBatch];
+  for (int t = 0; t < T; ++t) rows[t] = t;
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+  for (int64_t n = 0; n < N; ++n) {
+    float acc[kMaxBatch];
+    dot_many<D>(w + n * K, x, rows, (int)T, K, acc, n + 1 < N ? w + (n + 1) * K : nullptr);
+    for (int64_t t = 0; t < T; ++t) out[t * N + n] = acc[t];
+  }
+}
+
 }  // namespace
 
 extern "C" {
+
+// out [T, N] float32 = x [T, K] float32 @ w [N, K].T; same dtype codes and return codes as below.
+int linear_cpu(const float* x, const void* w, float* out, int64_t T, int64_t K, int64_t N,
+               int dtype, int num_threads) {
+  if (T > kMaxBatch) return 2;
+  switch (dtype) {
+    case 0: linear_rows<F32>(x, static_cast<const float*>(w), out, T, K, N, num_threads); return 0;
+    case 1: linear_rows<BF16>(x, static_cast<const uint16_t*>(w), out, T, K, N, num_threads); return 0;
+    case 2: linear_rows<F16>(x, static_cast<const uint16_t*>(w), out, T, K, N, num_threads); return 0;
+    default: return 1;
+  }
+}
 
 // dtype: 0 = float32, 1 = bfloat16, 2 = float16 (weights); x, h and out are always float32.
 // Returns 0 on success, 1 for an unsupported dtype, 2 for T > kMaxBatch.

@@ -55,3 +55,15 @@ def test_predictor_rejects_mismatched_shapes():
     x, fc1, fc2 = _case(1, 32, 8, 20, torch.float32, seed=2)
     with pytest.raises(AssertionError):
         predict_active(x, fc1, fc2.t().contiguous())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_native_cpu_predictor(monkeypatch, dtype):
+    from kernels import cpu_native, sparse_ffn_cpu
+
+    if not cpu_native.available():
+        pytest.skip("native CPU kernel could not be built (no g++?)")
+    x, fc1, fc2 = _case(5, 77, 20, 90, dtype, seed=3)
+    poison_allocations(monkeypatch, sparse_ffn_cpu)
+    _assert_mask_matches(sparse_ffn_cpu.predict_active_native(x, fc1, fc2, 0.1), x, fc1, fc2,
+                         0.1, dtype)

@@ -116,3 +116,21 @@ def test_rejects_unknown_activation():
     x, wg, wu, wd = ffn_weights(1, 8, 8, torch.float32, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError):
         sparse_ffn(x, wg, wu, wd, "gelu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dispatch_plain_swiglu_exact(dtype):
+    """Plain SwiGLU (silu, threshold 0) in exact mode: every neuron active, any route."""
+    x, wg, wu, wd = ffn_weights(1, 64, 40, dtype, torch.Generator().manual_seed(8))
+    out, active = sparse_ffn(x, wg, wu, wd, "silu")
+    ref, ref_active = sparse_ffn_ref(x, wg, wu, wd, "silu")
+    assert_close(out, ref, dtype)
+    assert ref_active.all()
+    assert active.all()
+
+
+def test_package_exports_public_api():
+    import kernels
+
+    assert kernels.sparse_ffn is sparse_ffn
+    assert callable(kernels.predict_active) and callable(kernels.paged_attention_decode)
