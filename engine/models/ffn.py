@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from kernels.sparse_ffn import predict_active, sparse_ffn
+from kernels.sparse_ffn_ref import dense_ffn, predict_active_ref
 
 
 class Predictor(nn.Module):
@@ -25,9 +27,8 @@ class Predictor(nn.Module):
     def forward(self, x: torch.Tensor, threshold: float, use_kernel: bool = True) -> torch.Tensor:
         """x: [T, H] residual stream before the post-attention norm -> [T, I] bool."""
         if use_kernel:
-            from kernels.sparse_ffn import predict_active
             return predict_active(x, self.fc1.weight, self.fc2.weight, threshold)
-        return self.fc2(F.relu(self.fc1(x))) > threshold
+        return predict_active_ref(x, self.fc1.weight, self.fc2.weight, threshold)
 
 
 @dataclass
@@ -73,41 +74,16 @@ class SparseMLP(nn.Module):
         w_down_t = self.w_down_t if self.w_down_t is not None else self.down_proj.weight.t()
         args = (x, self.gate_proj.weight, self.up_proj.weight, w_down_t, self.act, self.act_threshold)
         if self.use_sparse_kernels:
-            from kernels.sparse_ffn import sparse_ffn
             out, active = sparse_ffn(*args, predicted=predicted,
                                      dense_fallback_fraction=self.dense_fallback_fraction)
-        else:
-            out, active = ffn_reference(*args, predicted=predicted)
+        else:   # the plain eager path: every weight read, same math
+            out, active = dense_ffn(*args, predicted=predicted)
         activity = FFNActivity(active_counts=active.sum(dim=-1, dtype=torch.int32),
                                union_count=active.any(dim=0).sum())
         if self.shadow_check and predicted is not None:
-            _, exact = ffn_reference(*args, predicted=None)
+            _, exact = dense_ffn(*args, predicted=None)
             hits = (exact & predicted).sum().float()
             activity.shadow_recall = hits / exact.sum().clamp(min=1)
             activity.shadow_precision = hits / predicted.sum().clamp(min=1)
         return out, activity
 
-
-def activation(g: torch.Tensor, u: torch.Tensor, act: str, threshold: float) -> torch.Tensor:
-    """h from gate and up pre-activations, [T, I] each."""
-    if act == "silu":
-        s = F.silu(g)
-        if threshold > 0.0:
-            s = torch.where(s.abs() > threshold, s, torch.zeros_like(s))
-        return s * u
-    if act == "relu":
-        return F.relu(g) * u
-    if act == "drelu":
-        return F.relu(g) * F.relu(u)
-    if act == "fatrelu":
-        return torch.where(g > threshold, g, torch.zeros_like(g)) * u
-    raise ValueError(f"unknown FFN activation {act!r}")
-
-
-def ffn_reference(x, w_gate, w_up, w_down_t, act: str, threshold: float = 0.0,
-                  predicted: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense eager FFN: (out [T, H], active [T, I] bool). The model's own definition of the math."""
-    h = activation(x @ w_gate.t(), x @ w_up.t(), act, threshold)                  # [T, I]
-    if predicted is not None:
-        h = torch.where(predicted, h, torch.zeros_like(h))
-    return h @ w_down_t, h != 0
