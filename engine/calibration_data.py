@@ -15,6 +15,7 @@ import hashlib
 import importlib
 import inspect
 import logging
+import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -43,7 +44,14 @@ STDLIB_MODULES = (
 )
 
 
-def _docstrings_of(module_name: str) -> Iterable[str]:
+def _docstrings_of(module_name: str) -> list[str]:
+    # NOTE: touching deprecated aliases (typing.io, ...) warns; these are only being read.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return list(_walk_docstrings(module_name))
+
+
+def _walk_docstrings(module_name: str) -> Iterable[str]:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:   # NOTE: a platform may lack a module (e.g. no _ssl); skip it

@@ -94,6 +94,13 @@ def load_model(cfg: ModelConfig, folder: str | Path) -> tuple[CausalLM, ModelArc
         mlp.dense_fallback_fraction = cfg.dense_fallback_fraction
         mlp.prepare_for_inference()
     model.eval().requires_grad_(False)
+    if cfg.sparsity_file:
+        from engine.sparsity_file import apply_sparsity_file
+
+        sidecar = apply_sparsity_file(model, cfg.sparsity_file)   # ModelLoadError on a mismatch
+        logger.info("sparsity: %s thresholds from %s (target %.2f, calibrated %.3f)",
+                    sidecar.method, cfg.sparsity_file, sidecar.target_sparsity,
+                    sidecar.mean_layer_sparsity)
     logger.info("loaded %s (%s, ffn=%s, predictor rank=%s) from %s: %.1fM params, %s on %s",
                 arch.architecture, arch.model_type, arch.ffn_act, arch.predictor_rank, folder,
                 model.num_params() / 1e6, dtype, device)

@@ -84,8 +84,23 @@ def write_sparsity_file(path: str | Path, sparsity: SparsityFile) -> None:
         raise
 
 
+def resolve_path(path: str | Path) -> Path:
+    """A relative path that does not exist from the working directory is looked up under
+    configs/, so a YAML in configs/ can name its sidecar by file name alone.
+
+    NOTE: `make serve` and tests run from different directories; the shipped sidecar must be
+    found from both.
+    """
+    from engine.config import CONFIG_DIR
+
+    path = Path(path).expanduser()
+    if not path.is_absolute() and not path.exists() and (CONFIG_DIR / path).exists():
+        return CONFIG_DIR / path
+    return path
+
+
 def read_sparsity_file(path: str | Path) -> SparsityFile:
-    path = Path(path)
+    path = resolve_path(path)
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
