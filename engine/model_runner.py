@@ -52,6 +52,9 @@ class ModelRunner:
         self.shadow_rate = config.server.predictor_shadow_rate
         self._shadow_rng = random.Random(config.model.seed)
         self.num_blocks = 0
+        # NOTE: fused q/k/v projections (views, no extra memory): one GEMM per layer per step.
+        for layer in model.model.layers:
+            layer.self_attn.fuse_qkv()
         self.eos_token_ids: set[int] = set()   # set by the engine once EOS ids are known
 
     # ---- KV cache -------------------------------------------------------------------------
@@ -128,8 +131,11 @@ class ModelRunner:
                 rows.append(row)
         result = RunnerOutput(sampled={})
         if rows:
-            row_index = torch.tensor(rows, device=self.device)
-            logits = self.model.compute_logits(hidden[row_index])               # [S, V]
+            if len(rows) == hidden.shape[0]:   # decode-only: every row samples, no gather
+                selected = hidden
+            else:
+                selected = hidden[torch.tensor(rows, device=self.device)]
+            logits = self.model.compute_logits(selected)                        # [S, V]
             seqs = [item.seq for item in sample_items]
             self._ban_early_stops(logits, seqs)
             sampled = self.sampler(logits, [s.params for s in seqs], [s.prompt_token_ids for s in seqs],

@@ -4,10 +4,15 @@ The model runner builds one `AttentionMetadata` per step and the layers read onl
 never see request objects. With no cache attached (`kv_cache is None`) each sequence attends to
 its own new tokens only: that is how parity tests and perplexity evaluation run full sequences.
 On CUDA, batches of single-token decodes go through the Triton paged-decode kernel.
+
+Per-step work that does not depend on the layer (rotary cos/sin for the step's positions, the
+decode gather index and padding mask) is built by the first layer that needs it and cached on
+the metadata object, so the other layers reuse it: on a small model the per-layer tensor
+bookkeeping, not the arithmetic, is what a decode step on the CPU spends its time on.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +29,9 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None   # [S, max_blocks] int32 (padded with 0)
     seq_lens_tensor: torch.Tensor | None = None  # [S] int32, on the model's device
     block_size: int = 16
+    # Per-step caches shared by all layers (filled lazily, see the module docstring).
+    _rope: tuple | None = field(default=None, repr=False)
+    _decode_cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def is_decode_only(self) -> bool:
@@ -33,6 +41,57 @@ class AttentionMetadata:
     def for_full_sequences(cls, lengths: list[int]) -> "AttentionMetadata":
         """No cache: each sequence's tokens attend causally to each other only."""
         return cls(query_lens=list(lengths), seq_lens=list(lengths))
+
+    def rope_tables(self, rope: RotaryEmbedding, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos [T, 1, D], signed sin [T, 1, D]) float32 for this step's positions, built once.
+
+        The sign of rotate-half is folded into sin (first half negated), so a rotation is
+        x * cos + swap_halves(x) * sin, with the same products as the reference formula."""
+        if self._rope is None or self._rope[0] is not positions:
+            # NOTE: RotaryEmbedding owns the (lazily built) tables; reading them here instead of
+            # calling rope(q, k) per layer saves two gathers and the per-layer sign flips.
+            cos_table, sin_table = rope._table(positions.device)
+            cos = cos_table[positions].unsqueeze(1)                              # [T, 1, D]
+            sin = sin_table[positions].unsqueeze(1)
+            half = sin.shape[-1] // 2
+            sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+            self._rope = (positions, cos, sin)
+        return self._rope[1], self._rope[2]
+
+    def decode_context(self, sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Decode-only steps: (slots [S, K] int64, mask [S, 1, 1, K] bool or None), built once.
+
+        slots[s, p] is the flat cache slot of sequence s's context position p (K = the longest
+        context; shorter sequences are padded with their own first slot and masked). The mask
+        is None when nothing needs masking (equal lengths, no window in reach)."""
+        cached = self._decode_cache.get(sliding_window)
+        if cached is not None:
+            return cached
+        bs = self.block_size
+        max_len = max(self.seq_lens)
+        num_blocks = -(-max_len // bs)
+        tables = self.block_tables[:, :num_blocks].long()                        # [S, NB]
+        offsets = torch.arange(bs, device=tables.device)
+        slots = (tables.unsqueeze(2) * bs + offsets).flatten(1)[:, :max_len].contiguous()  # [S, K]
+        windowed = sliding_window is not None and max_len > sliding_window
+        mask = None
+        if windowed or min(self.seq_lens) != max_len:
+            k_pos = torch.arange(max_len, device=tables.device).unsqueeze(0)     # [1, K]
+            lens = self.seq_lens_tensor.long().unsqueeze(1)                      # [S, 1]
+            mask = k_pos < lens
+            if windowed:
+                mask &= k_pos >= lens - sliding_window
+            mask = mask[:, None, None, :]                                        # [S, 1, 1, K]
+        self._decode_cache[sliding_window] = (slots, mask)
+        return slots, mask
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of x [T, H, D] in float32, returned in x's dtype."""
+    half = x.shape[-1] // 2
+    x32 = x.float()
+    swapped = torch.cat((x32[..., half:], x32[..., :half]), dim=-1)
+    return (x32 * cos + swapped * sin_signed).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -47,27 +106,56 @@ class Attention(nn.Module):
         self.rope = rope
         self.sliding_window = sliding_window
         self.scale = head_dim ** -0.5
+        # [Hq*D + 2*Hkv*D, H], filled by fuse_qkv(); not persistent, so checkpoints keep HF names.
+        self.register_buffer("w_qkv", None, persistent=False)
         # Set by the model runner: (k_cache, v_cache), each [num_blocks, block_size, Hkv, D].
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    @torch.no_grad()
+    def fuse_qkv(self) -> None:
+        """One [q; k; v] weight so a step runs one projection GEMM instead of three.
+
+        q/k/v_proj.weight become views of the fused weight: no extra memory, the HF parameter
+        names and counts stay, and an in-place load into them updates the fused weight too.
+        NOTE: a later `.to()` would copy the views apart; the runner fuses after loading and
+        never moves the model again."""
+        if self.w_qkv is not None:
+            return
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        fused = torch.cat([p.weight for p in projs], dim=0)                     # [Nq+2Nkv, H]
+        start = 0
+        for p in projs:
+            rows = p.weight.shape[0]
+            p.weight = nn.Parameter(fused[start:start + rows], requires_grad=False)
+            start += rows
+        self.w_qkv = fused
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)      # [T, Hq, D]
-        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)   # [T, Hkv, D]
-        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.rope(q, k, positions)
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        cos, sin = meta.rope_tables(self.rope, positions)
+        if self.w_qkv is not None:
+            qkv = F.linear(x, self.w_qkv)                                        # [T, (Hq+2Hkv)*D]
+            # q and k are rotated together: one set of elementwise ops for both.
+            qk = rotate(qkv[:, :(hq + hkv) * d].view(num_tokens, hq + hkv, d), cos, sin)
+            q, k = qk[:, :hq], qk[:, hq:]                                        # [T, Hq, D], [T, Hkv, D]
+            v = qkv[:, (hq + hkv) * d:].view(num_tokens, hkv, d)                 # [T, Hkv, D]
+        else:
+            q = rotate(self.q_proj(x).view(num_tokens, hq, d), cos, sin)         # [T, Hq, D]
+            k = rotate(self.k_proj(x).view(num_tokens, hkv, d), cos, sin)        # [T, Hkv, D]
+            v = self.v_proj(x).view(num_tokens, hkv, d)
         if self.kv_cache is None:
             out = self._attend_uncached(q, k, v, meta)
         else:
             k_cache, v_cache = self.kv_cache
             # Write first, then read: a sequence's new tokens see each other through the cache.
-            k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = k
-            v_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = v
+            k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k)
+            v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v)
             if meta.is_decode_only:
                 out = self._decode(q, k_cache, v_cache, meta)
             else:
                 out = self._attend_paged(q, k_cache, v_cache, meta)
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(num_tokens, hq * d))
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """q: [B, Hq, Q, D], k/v: [B, Hkv, K, D], mask: bool broadcastable to [B, Hq, Q, K]."""
@@ -113,22 +201,21 @@ class Attention(nn.Module):
         return torch.cat(outs, dim=0)
 
     def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
-        """One query per sequence: gather every sequence's blocks at once, one masked SDPA."""
+        """One query per sequence: gather every sequence's context at once, one SDPA call."""
         if q.is_cuda:
             from kernels.paged_attention import paged_attention_decode
             return paged_attention_decode(q, k_cache, v_cache, meta.block_tables,
                                           meta.seq_lens_tensor, self.scale, self.sliding_window)
-        max_len = max(meta.seq_lens)
-        num_blocks = -(-max_len // meta.block_size)
-        block_ids = meta.block_tables[:, :num_blocks].long()                             # [S, NB]
-        num_seqs = block_ids.shape[0]
-        ks = k_cache[block_ids].reshape(num_seqs, -1, self.num_kv_heads, self.head_dim)  # [S, K, Hkv, D]
-        vs = v_cache[block_ids].reshape(num_seqs, -1, self.num_kv_heads, self.head_dim)
-        k_pos = torch.arange(ks.shape[1], device=q.device).unsqueeze(0)                 # [1, K]
-        lens = meta.seq_lens_tensor.unsqueeze(1)                                         # [S, 1]
-        mask = k_pos < lens
-        if self.sliding_window is not None:
-            mask &= k_pos > lens - 1 - self.sliding_window
-        o = self._sdpa(q.unsqueeze(2), ks.transpose(1, 2), vs.transpose(1, 2),
-                       mask[:, None, None, :])                                           # [S, Hq, 1, D]
-        return o.squeeze(2)
+        slots, mask = meta.decode_context(self.sliding_window)                  # [S, K]
+        num_seqs, max_len = slots.shape
+        hkv, d = self.num_kv_heads, self.head_dim
+        flat = slots.view(-1)
+        ks = k_cache.view(-1, hkv, d).index_select(0, flat).view(num_seqs, max_len, hkv, d)
+        vs = v_cache.view(-1, hkv, d).index_select(0, flat).view(num_seqs, max_len, hkv, d)
+        # NOTE: GQA without repeating K/V: the G query heads that share a KV head become G
+        # "query positions" of that head (one decode query has no causal structure among them).
+        group = self.num_heads // hkv
+        qg = q.reshape(num_seqs, hkv, group, d)                                  # [S, Hkv, G, D]
+        o = F.scaled_dot_product_attention(qg, ks.transpose(1, 2), vs.transpose(1, 2),
+                                           attn_mask=mask, scale=self.scale)     # [S, Hkv, G, D]
+        return o.reshape(num_seqs, self.num_heads, d)
