@@ -47,14 +47,35 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+_flush_buffers: dict[str, torch.Tensor] = {}
+
+
+def flush_cache(device: str) -> None:
+    """Evict the last-level cache (CPU L3 / GPU L2) by rewriting a buffer several times its size.
+
+    NOTE: without this, the high-sparsity rows are flattered: at 95% sparsity a layer's active
+    bf16 rows (18 MB) fit in a 32 MB L3, and repeating the same call would read them from cache,
+    whereas a real model walks 32 layers of different weights between two uses of a layer.
+    """
+    # NOTE: read-only, so the evicted lines are clean: a write-based flush leaves tens of MB of
+    # dirty lines whose write-back would then be charged to the timed call.
+    if device not in _flush_buffers:
+        _flush_buffers[device] = torch.ones((64 if device == "cpu" else 256) << 18,
+                                            dtype=torch.float32, device=device)
+    _flush_buffers[device].sum()
+    _sync(device)
+
+
 def time_min(fns: list, repeats: int, device: str) -> list[float]:
-    """Minimum wall time in ms of each fn, calls interleaved round-robin after one warm-up."""
+    """Minimum wall time in ms of each fn, calls interleaved round-robin after one warm-up,
+    each call timed from a flushed cache."""
     best = [float("inf")] * len(fns)
     for fn in fns:
         fn()
     _sync(device)
     for _ in range(repeats):
         for k, fn in enumerate(fns):
+            flush_cache(device)
             start = time.perf_counter()
             fn()
             _sync(device)
@@ -141,7 +162,8 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         "`kernel` = the sparse kernel with the dense fallback off; `kernel GB/s` = bytes it "
         "reads (union x 3 rows) / time. `dispatch` = `sparse_ffn` with its default fallback "
         "(what the engine runs); `speed-up` = dense / dispatch.",
-        "- Times are the minimum over repeats (dense and sparse interleaved).",
+        "- Times are the minimum over repeats (dense and sparse interleaved), each call after "
+        "evicting the last-level cache.",
         "",
         "| device | dtype | batch | sparsity | union | dense ms | kernel ms | kernel GB/s | "
         "% ceiling | dispatch path | dispatch ms | speed-up vs dense |",
