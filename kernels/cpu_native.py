@@ -64,6 +64,10 @@ def _build(target: Path) -> None:
         if result.returncode != 0:
             raise RuntimeError(f"g++ failed ({result.returncode}): {result.stderr[-2000:]}")
         os.replace(tmp_path, target)
+        # Builds of older sources are dead weight once the source changed.
+        for stale in target.parent.glob("sparse_ffn_cpu_*.so"):
+            if stale != target:
+                stale.unlink(missing_ok=True)
     finally:
         tmp_path.unlink(missing_ok=True)
 
