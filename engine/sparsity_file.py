@@ -75,6 +75,7 @@ def write_sparsity_file(path: str | Path, sparsity: SparsityFile) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o644)   # NOTE: mkstemp creates 0600; a sidecar is an ordinary shared file
         with os.fdopen(fd, "w") as f:
             json.dump(asdict(sparsity), f, indent=2)
             f.write("\n")
