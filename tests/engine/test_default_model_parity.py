@@ -38,11 +38,16 @@ def test_greedy_chat_matches_transformers(default_model):
     reference = AutoModelForCausalLM.from_pretrained(default_model, dtype=torch.float32).eval()
     # NOTE: no EOS on either side (ignore_eos / eos_token_id=None): 64 tokens are compared even
     # where the chat answer ends early, which makes the comparison longer, not looser.
-    config = GenerationConfig(do_sample=False, max_new_tokens=NUM_TOKENS, eos_token_id=None,
-                              pad_token_id=tokenizer.eos_token_id)
+    # (replacing the model's generation_config: a config passed to generate() is merged with it
+    # and would bring the EOS id back)
+    reference.generation_config = GenerationConfig(do_sample=False, max_new_tokens=NUM_TOKENS, eos_token_id=None,
+                                                   pad_token_id=tokenizer.eos_token_id)
     for ids, result in zip(chats, ours):
         with torch.no_grad():
-            expected = reference.generate(torch.tensor([ids]), generation_config=config)[0, len(ids):].tolist()
+            # NOTE: an explicit mask: otherwise transformers infers one from pad_token_id, which is
+            # <|im_end|> here, and masks the chat template's own end-of-turn tokens.
+            prompt = torch.tensor([ids])
+            expected = reference.generate(prompt, attention_mask=torch.ones_like(prompt))[0, len(ids):].tolist()
         assert len(expected) == NUM_TOKENS
         assert result.completions[0].token_ids == expected, tokenizer.decode(expected)
     assert "Paris" in ours[0].completions[0].text
