@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from engine.config import EngineConfig
+from engine.config import CONFIG_DIR, EngineConfig
 
 logger = logging.getLogger("sparse_serve")
 
@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="turn CORS on for these origins ('*' for any)")
     http.add_argument("--log-level", choices=LOG_LEVELS)
     return parser
+
+
+DEFAULT_MODEL_CONFIG = CONFIG_DIR / "smollm2.yaml"
 
 
 def config_overrides(args: argparse.Namespace, environ: dict[str, str] | None = None) -> dict[str, Any]:
@@ -166,6 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = EngineConfig.load(*args.config, overrides=config_overrides(args))
+        if config.model.path is None and DEFAULT_MODEL_CONFIG.is_file():
+            # NOTE: the embedded default model comes with its own config (calibrated sparsity),
+            # layered under the user's files and flags so those still win.
+            config = EngineConfig.load(DEFAULT_MODEL_CONFIG, *args.config, overrides=config_overrides(args))
     except (OSError, ValueError) as exc:
         parser.error(str(exc))  # exits with status 2, as argparse does for bad flags
     configure_logging(config.server.log_level)
