@@ -189,3 +189,19 @@ def test_min_tokens_bans_eos_until_reached(relu_checkpoint):
     held = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=[first],
                                                  min_tokens=4))[0].completions[0]
     assert first not in held.token_ids[:4] and len(held.token_ids) >= 4
+
+
+@pytest.mark.parametrize("act,rank", [("relu", None), ("drelu", 16), ("fatrelu", None)])
+def test_sparse_kernels_on_and_off_agree(tmp_path, act, rank):
+    from tests.tiny_checkpoint import make_tiny_checkpoint
+
+    folder = make_tiny_checkpoint(tmp_path / act, act, predictor_rank=rank)
+    batch = prompts(4, seed=11)
+    params = SamplingParams(max_tokens=12, **GREEDY)
+    dense = LLM(str(folder), **{"model.sparse_kernels": False}).generate(batch, params)
+    sparse = LLM(str(folder), **{"model.sparse_kernels": True}).generate(batch, params)
+    for d, s in zip(dense, sparse):
+        assert s.completions[0].token_ids == d.completions[0].token_ids
+        assert s.stats.mean_ffn_sparsity == d.stats.mean_ffn_sparsity
+        assert s.stats.mean_activated_params == d.stats.mean_activated_params
+        assert 0 < s.stats.mean_ffn_sparsity < 1
