@@ -40,6 +40,7 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 import torch  # noqa: E402
 
+from engine.config import EngineConfig  # noqa: E402
 from engine.llm import LLM  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
@@ -69,6 +70,7 @@ class Measurement:
     output_tokens: int = 0
     wall_s: list[float] = field(default_factory=list)           # one per round
     decode_tok_s: list[float] = field(default_factory=list)     # ours only
+    variant: str | None = None     # ours: the extra YAML config applied, if any
 
     @property
     def tok_s(self) -> float:
@@ -81,11 +83,12 @@ def make_prompts(tokenizer, num: int) -> list[list[int]]:
 
 
 # ---- our engine ---------------------------------------------------------------------------
-def make_llm(model: str, dtype: str, max_num_seqs: int, kv_bytes: int) -> LLM:
-    return LLM(model, **{"model.dtype": dtype, "model.device": "cpu",
-                         "scheduler.max_num_seqs": max_num_seqs,
-                         "cache.enable_prefix_caching": False,
-                         "cache.kv_cache_bytes": kv_bytes})
+def make_llm(model: str, dtype: str, max_num_seqs: int, kv_bytes: int, yaml: Path | None = None) -> LLM:
+    overrides = {"model.path": model, "model.dtype": dtype, "model.device": "cpu",
+                 "scheduler.max_num_seqs": max_num_seqs, "cache.enable_prefix_caching": False,
+                 "cache.kv_cache_bytes": kv_bytes}
+    config = EngineConfig.load(*([yaml] if yaml else []), overrides=overrides)
+    return LLM(model, config=config)
 
 
 _request_ids = itertools.count()
@@ -158,6 +161,16 @@ def build_runners(args, model: str) -> list[Runner]:
                               prompts_b1, lambda p, n, llm=b1: run_ours(llm, p, n)))
         runners.append(Runner(Measurement(f"ours {key} concurrent {c}", "ours", key, c, len(prompts_conc)),
                               prompts_conc, lambda p, n, llm=conc: run_ours(llm, p, n)))
+        for yaml in args.config:
+            tag = f"ours {key} +{yaml.name}"
+            v1 = make_llm(model, dtype_name, 1, kv_bytes, yaml)
+            vc = make_llm(model, dtype_name, c, kv_bytes, yaml)
+            runners.append(Runner(Measurement(f"{tag} batch 1", "ours", key, 1, len(prompts_b1),
+                                              variant=yaml.name),
+                                  prompts_b1, lambda p, n, llm=v1: run_ours(llm, p, n)))
+            runners.append(Runner(Measurement(f"{tag} concurrent {c}", "ours", key, c,
+                                              len(prompts_conc), variant=yaml.name),
+                                  prompts_conc, lambda p, n, llm=vc: run_ours(llm, p, n)))
         if args.no_hf:
             continue
         hf = load_hf(model, torch_dtype)
@@ -201,28 +214,31 @@ def run(args) -> tuple[list[Measurement], dict]:
 
 
 # ---- report -------------------------------------------------------------------------------
-def _find(rows: list[Measurement], impl: str, dtype: str, concurrent: bool) -> Measurement | None:
+def _find(rows: list[Measurement], impl: str, dtype: str, concurrent: bool,
+          variant: str | None = None) -> Measurement | None:
     for m in rows:
-        if m.impl == impl and m.dtype == dtype and (m.concurrency > 1) == concurrent:
+        if (m.impl, m.dtype, m.variant) == (impl, dtype, variant) and (m.concurrency > 1) == concurrent:
             return m
     return None
 
 
 def target_lines(rows: list[Measurement], concurrency: int) -> list[str]:
-    """The issue's two targets, computed from this run's medians."""
+    """The issue's two targets, computed from this run's medians, per dtype and variant."""
     lines = []
-    for key in dict.fromkeys(m.dtype for m in rows):
-        ours_b1, ours_c = _find(rows, "ours", key, False), _find(rows, "ours", key, True)
-        hf_b1 = _find(rows, "transformers", key, False)
+    hf = {m.dtype: m for m in rows if m.impl == "transformers" and m.concurrency == 1}
+    for key, variant in dict.fromkeys((m.dtype, m.variant) for m in rows if m.impl == "ours"):
+        ours_b1 = _find(rows, "ours", key, False, variant)
+        ours_c = _find(rows, "ours", key, True, variant)
+        label = key if variant is None else f"{key} +{variant}"
         ratio = ours_c.tok_s / ours_b1.tok_s
-        lines.append(f"{key}: concurrent {concurrency} / batch 1 = {ratio:.2f}x "
+        lines.append(f"{label}: concurrent {concurrency} / batch 1 = {ratio:.2f}x "
                      f"(target >= 4x: {'met' if ratio >= 4 else 'NOT met'})")
         if ours_b1.decode_tok_s and ours_c.decode_tok_s:
             dec = statistics.median(ours_c.decode_tok_s) / statistics.median(ours_b1.decode_tok_s)
-            lines.append(f"{key}: decode-only steps, concurrent / batch 1 = {dec:.2f}x")
-        if hf_b1 is not None:
-            speed = ours_b1.tok_s / hf_b1.tok_s
-            lines.append(f"{key}: ours batch 1 / transformers generate batch 1 = {speed:.2f}x "
+            lines.append(f"{label}: decode-only steps, concurrent / batch 1 = {dec:.2f}x")
+        if key in hf:
+            speed = ours_b1.tok_s / hf[key].tok_s
+            lines.append(f"{label}: ours batch 1 / transformers generate batch 1 = {speed:.2f}x "
                          f"(target >= 1x: {'met' if speed >= 1 else 'NOT met'})")
     return lines
 
@@ -293,6 +309,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--kv-cache-mib", type=int, default=256)
+    parser.add_argument("--config", type=Path, nargs="*", default=[],
+                        help="extra YAML configs (e.g. configs/smollm2.yaml): each adds its own pair "
+                             "of our rows")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers")
     parser.add_argument("--no-hf-batch", action="store_true", help="skip transformers at batch > 1")
     parser.add_argument("--out", type=Path, default=None, help="write a markdown report here")
