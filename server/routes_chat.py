@@ -20,11 +20,18 @@ from server.state import get_state
 router = APIRouter()
 
 
-def validate_params(params: SamplingParams, engine: Any) -> None:
+def accept_request(body: Any, request: Request) -> tuple[Any, SamplingParams]:
+    """What every generation route checks first: engine ready, model name, supported fields,
+    valid sampling parameters. Returns (engine, params) or raises an OpenAI error."""
+    engine = get_state(request).ready_engine()
+    check_model(body.model, engine.model_name)
+    body.check_supported()
+    params = body.to_sampling_params()
     try:
         params.validate(vocab_size=engine.tokenizer.vocab_size)
     except ValueError as exc:
         raise from_engine_error(exc) from None
+    return engine, params
 
 
 def chat_prompt_ids(engine: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -42,23 +49,18 @@ def chat_prompt_ids(engine: Any, messages: list[dict[str, str]]) -> list[int]:
 
 @router.post("/v1/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
-    state = get_state(request)
-    engine = state.ready_engine()
-    check_model(body.model, engine.model_name)
-    body.check_supported()
-    params = body.to_sampling_params()
-    validate_params(params, engine)
+    engine, params = accept_request(body, request)
     prompt_ids = chat_prompt_ids(engine, body.template_messages())
 
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     head = {"id": request_id, "created": int(time.time()), "model": engine.model_name}
     if body.stream:
-        merged = await state.runner.open(request.receive, [prompt_ids], params, request_id)
+        merged = await get_state(request).runner.open(request.receive, [prompt_ids], params, request_id)
         events = _chat_events(merged, head, params.n, bool(body.logprobs), body.include_usage,
                               engine.total_params)
         return SSEResponse(events, request_id, on_close=merged.aclose)
 
-    results = await state.runner.collect(request.receive, [prompt_ids], params, request_id)
+    results = await get_state(request).runner.collect(request.receive, [prompt_ids], params, request_id)
     result = results[0]
     choices = [
         {

@@ -14,9 +14,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from server.generation import MergedStream, PromptResult
-from server.protocol import CompletionRequest, check_model
+from server.protocol import CompletionRequest
 from server.render import completion_logprobs, usage
-from server.routes_chat import validate_params
+from server.routes_chat import accept_request
 from server.sse import SSEResponse, sse_data
 from server.state import get_state
 
@@ -25,12 +25,7 @@ router = APIRouter()
 
 @router.post("/v1/completions")
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
-    state = get_state(request)
-    engine = state.ready_engine()
-    check_model(body.model, engine.model_name)
-    body.check_supported()
-    params = body.to_sampling_params()
-    validate_params(params, engine)
+    engine, params = accept_request(body, request)
     prompts = body.prompts()
     echo_texts = [_prompt_text(engine, p) for p in prompts] if body.echo else None
 
@@ -38,13 +33,13 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     head = {"id": request_id, "object": "text_completion", "created": int(time.time()),
             "model": engine.model_name}
     if body.stream:
-        merged = await state.runner.open(request.receive, prompts, params, request_id)
+        merged = await get_state(request).runner.open(request.receive, prompts, params, request_id)
         events = _completion_events(merged, head, len(prompts), params.n, echo_texts,
                                     body.logprobs is not None, body.include_usage,
                                     engine.total_params)
         return SSEResponse(events, request_id, on_close=merged.aclose)
 
-    results = await state.runner.collect(request.receive, prompts, params, request_id)
+    results = await get_state(request).runner.collect(request.receive, prompts, params, request_id)
     choices = []
     for p, result in enumerate(results):
         for i, choice in enumerate(result.choices):

@@ -44,7 +44,7 @@ def test_real_prometheus_scrapes_activated_params(populated_metrics, metrics_htt
         # Values move: feed another request and see the scraped counter grow.
         populated_metrics.observe_http("/v1/completions", 200)
         grown = prometheus.wait_for(
-            f'sparseserve_http_requests_total{{route="/v1/completions",status="200"}}',
+            'sparseserve_http_requests_total{route="/v1/completions",status="200"}',
             predicate=lambda r: bool(r) and float(r[0]["value"][1]) == 4.0)
         assert grown
         assert [t["health"] for t in prometheus.targets()] == ["up"]

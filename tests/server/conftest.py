@@ -44,3 +44,15 @@ def live_server(engine, engine_config) -> Iterator[LiveServer]:
         yield server
     finally:
         server.stop()
+
+
+CHAT = "/v1/chat/completions"
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+def http(live_server):
+    import httpx
+
+    with httpx.Client(base_url=live_server.url, timeout=30) as client:
+        yield client

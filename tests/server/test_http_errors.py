@@ -4,16 +4,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.server.conftest import API_KEY
-
-CHAT = "/v1/chat/completions"
-MESSAGES = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture
-def http(live_server):
-    with httpx.Client(base_url=live_server.url, timeout=30) as client:
-        yield client
+from tests.server.conftest import API_KEY, CHAT, MESSAGES
 
 
 def assert_error(resp: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> dict:

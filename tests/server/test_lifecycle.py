@@ -9,10 +9,8 @@ import pytest
 
 from server.cli import create_server
 from server.http_server import bind_socket
-from tests.server.conftest import small_config, wait_until
+from tests.server.conftest import CHAT, MESSAGES, small_config, wait_until
 
-CHAT = "/v1/chat/completions"
-MESSAGES = [{"role": "user", "content": "hi"}]
 
 
 def blocks_full(engine) -> bool:

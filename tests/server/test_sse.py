@@ -3,19 +3,9 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
 
-from tests.server.conftest import wait_until
-
-CHAT = "/v1/chat/completions"
-MESSAGES = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture
-def http(live_server):
-    with httpx.Client(base_url=live_server.url, timeout=30) as client:
-        yield client
+from tests.server.conftest import CHAT, MESSAGES, wait_until
 
 
 def parse_events(raw: str) -> list[dict | str]:
