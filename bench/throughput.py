@@ -46,6 +46,7 @@ from engine.sampling_params import SamplingParams  # noqa: E402
 
 logger = logging.getLogger("bench.throughput")
 
+NOTES_HEADING = "## Notes"
 DTYPES = {"fp32": ("float32", torch.float32), "bf16": ("bfloat16", torch.bfloat16)}
 # Prompt stems of different lengths; request i gets stem i % len and a distinct suffix, so the
 # batch mixes prompt lengths and no two prompts are identical.
@@ -151,36 +152,28 @@ def build_runners(args, model: str) -> list[Runner]:
     c = args.concurrency
     for key in args.dtypes:
         dtype_name, torch_dtype = DTYPES[key]
-        b1 = make_llm(model, dtype_name, 1, kv_bytes)
-        conc = make_llm(model, dtype_name, c, kv_bytes)
-        if prompts_b1 is None:
-            prompts_b1 = make_prompts(b1.engine.tokenizer, args.batch1_requests)
-            prompts_conc = make_prompts(b1.engine.tokenizer, args.concurrent_requests)
-            pad_id = min(b1.engine.eos_token_ids)
-        runners.append(Runner(Measurement(f"ours {key} batch 1", "ours", key, 1, len(prompts_b1)),
-                              prompts_b1, lambda p, n, llm=b1: run_ours(llm, p, n)))
-        runners.append(Runner(Measurement(f"ours {key} concurrent {c}", "ours", key, c, len(prompts_conc)),
-                              prompts_conc, lambda p, n, llm=conc: run_ours(llm, p, n)))
-        for yaml in args.config:
-            tag = f"ours {key} +{yaml.name}"
-            v1 = make_llm(model, dtype_name, 1, kv_bytes, yaml)
-            vc = make_llm(model, dtype_name, c, kv_bytes, yaml)
+        for yaml in [None, *args.config]:
+            b1 = make_llm(model, dtype_name, 1, kv_bytes, yaml)
+            conc = make_llm(model, dtype_name, c, kv_bytes, yaml)
+            if prompts_b1 is None:
+                prompts_b1 = make_prompts(b1.engine.tokenizer, args.batch1_requests)
+                prompts_conc = make_prompts(b1.engine.tokenizer, args.concurrent_requests)
+                pad_id = min(b1.engine.eos_token_ids)
+            tag, variant = (f"ours {key}", None) if yaml is None else (f"ours {key} +{yaml.name}", yaml.name)
             runners.append(Runner(Measurement(f"{tag} batch 1", "ours", key, 1, len(prompts_b1),
-                                              variant=yaml.name),
-                                  prompts_b1, lambda p, n, llm=v1: run_ours(llm, p, n)))
+                                              variant=variant),
+                                  prompts_b1, lambda p, n, llm=b1: run_ours(llm, p, n)))
             runners.append(Runner(Measurement(f"{tag} concurrent {c}", "ours", key, c,
-                                              len(prompts_conc), variant=yaml.name),
-                                  prompts_conc, lambda p, n, llm=vc: run_ours(llm, p, n)))
+                                              len(prompts_conc), variant=variant),
+                                  prompts_conc, lambda p, n, llm=conc: run_ours(llm, p, n)))
         if args.no_hf:
             continue
         hf = load_hf(model, torch_dtype)
-        runners.append(Runner(Measurement(f"transformers {key} batch 1", "transformers", key, 1,
-                                          len(prompts_b1)),
-                              prompts_b1, lambda p, n, hf=hf: (*run_hf(hf, p, n, 1, pad_id), 0.0)))
-        if not args.no_hf_batch:
-            runners.append(Runner(Measurement(f"transformers {key} batch {c}", "transformers", key, c,
-                                              len(prompts_conc)),
-                                  prompts_conc, lambda p, n, hf=hf: (*run_hf(hf, p, n, c, pad_id), 0.0)))
+        batches = [(1, prompts_b1)] + ([] if args.no_hf_batch else [(c, prompts_conc)])
+        for batch, prompts in batches:
+            runners.append(Runner(
+                Measurement(f"transformers {key} batch {batch}", "transformers", key, batch, len(prompts)),
+                prompts, lambda p, n, hf=hf, b=batch, pad=pad_id: (*run_hf(hf, p, n, b, pad), 0.0)))
     return runners
 
 
@@ -327,6 +320,10 @@ def main(argv: list[str] | None = None) -> None:
     logger.info("\n%s", report)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
+        # NOTE: hand-written analysis below NOTES_HEADING survives re-runs of the benchmark.
+        old = args.out.read_text() if args.out.is_file() else ""
+        if NOTES_HEADING in old:
+            report += "\n" + old[old.index(NOTES_HEADING):]
         args.out.write_text(report)
         logger.info("wrote %s", args.out)
 

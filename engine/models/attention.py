@@ -42,7 +42,8 @@ class AttentionMetadata:
         """No cache: each sequence's tokens attend causally to each other only."""
         return cls(query_lens=list(lengths), seq_lens=list(lengths))
 
-    def rope_tables(self, rope: RotaryEmbedding, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope_tables(self, rope: RotaryEmbedding,
+                    positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos [T, 1, D], signed sin [T, 1, D]) float32 for this step's positions, built once.
 
         The sign of rotate-half is folded into sin (first half negated), so a rotation is
