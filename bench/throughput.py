@@ -10,9 +10,9 @@ Runs, in one process and on one model folder (the embedded SmolLM2-135M-Instruct
 each for every dtype in --dtypes (fp32 by default; bf16 is optional: torch's bf16 GEMM is slow
 on CPUs without bf16 units). Every request has a fixed number of output tokens (ignore_eos /
 min_new_tokens), greedy, with the same token-id prompts for every runner, and prefix caching is
-off so repeated rounds do not get cheaper prefills. Configurations are interleaved round by
-round and the table reports the median over rounds, which keeps the comparison usable on a
-shared machine. `tok/s` is output tokens / wall time (prefill included); `decode tok/s`
+off so repeated rounds do not get cheaper prefills. Within a round the batch-1 runners take
+turns request by request and the concurrent runs follow; the table reports the median over
+rounds, which keeps the comparison usable on a shared machine. `tok/s` is output tokens / wall time (prefill included); `decode tok/s`
 counts only the engine's decode-only steps.
 
     python bench/throughput.py                                  # prints the table
@@ -95,8 +95,8 @@ def make_llm(model: str, dtype: str, max_num_seqs: int, kv_bytes: int, yaml: Pat
 _request_ids = itertools.count()
 
 
-def run_ours(llm: LLM, prompts: list[list[int]], output_len: int) -> tuple[float, int, float]:
-    """(wall seconds, output tokens, decode-only tokens/s) for all prompts through one engine."""
+def run_ours(llm: LLM, prompts: list[list[int]], output_len: int) -> tuple[float, int, int, float]:
+    """(wall s, output tokens, decode-only tokens, decode-only s) for all prompts through one engine."""
     engine = llm.engine
     params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
     started = time.perf_counter()
@@ -111,7 +111,7 @@ def run_ours(llm: LLM, prompts: list[list[int]], output_len: int) -> tuple[float
             decode_tokens += result.stats.num_generated_tokens
             decode_s += result.stats.duration_s
     wall = time.perf_counter() - started
-    return wall, num_tokens, decode_tokens / decode_s if decode_s else 0.0
+    return wall, num_tokens, decode_tokens, decode_s
 
 
 # ---- transformers -------------------------------------------------------------------------
@@ -142,7 +142,11 @@ def run_hf(hf, prompts: list[list[int]], output_len: int, batch: int, pad_id: in
 class Runner:
     measurement: Measurement
     prompts: list[list[int]]
-    fn: object          # (prompts, output_len) -> (wall s, output tokens, decode tok/s)
+    fn: object          # (prompts, output_len) -> (wall s, output tokens, decode tokens, decode s)
+
+    @property
+    def sequential(self) -> bool:
+        return self.measurement.concurrency == 1
 
 
 def build_runners(args, model: str) -> list[Runner]:
@@ -173,7 +177,7 @@ def build_runners(args, model: str) -> list[Runner]:
         for batch, prompts in batches:
             runners.append(Runner(
                 Measurement(f"transformers {key} batch {batch}", "transformers", key, batch, len(prompts)),
-                prompts, lambda p, n, hf=hf, b=batch, pad=pad_id: (*run_hf(hf, p, n, b, pad), 0.0)))
+                prompts, lambda p, n, hf=hf, b=batch, pad=pad_id: (*run_hf(hf, p, n, b, pad), 0, 0.0)))
     return runners
 
 
@@ -189,18 +193,30 @@ def run(args) -> tuple[list[Measurement], dict]:
     for r in runners:
         r.fn(r.prompts[:2], min(4, args.output_len))
     load_before = os.getloadavg()
+    sequential = [r for r in runners if r.sequential]
     for round_index in range(args.rounds):
+        totals = {id(r): [0.0, 0, 0, 0.0] for r in runners}
+        # NOTE: batch-1 runners alternate request by request (every runner serves request i
+        # before any serves request i + 1), so a burst of load from other processes hits them
+        # alike; the concurrent runs are short and run one after another.
+        for i in range(len(sequential[0].prompts) if sequential else 0):
+            for r in sequential:
+                for k, v in enumerate(r.fn(r.prompts[i:i + 1], args.output_len)):
+                    totals[id(r)][k] += v
+        for r in runners:
+            if not r.sequential:
+                totals[id(r)] = list(r.fn(r.prompts, args.output_len))
         for r in runners:
             m = r.measurement
-            wall, tokens, decode = r.fn(r.prompts, args.output_len)
+            wall, tokens, decode_tokens, decode_s = totals[id(r)]
             expected = m.num_requests * args.output_len
             if tokens != expected:
                 raise RuntimeError(f"{m.name}: {tokens} output tokens, expected {expected}")
             m.output_tokens = tokens
             m.wall_s.append(wall)
-            if decode:
-                m.decode_tok_s.append(decode)
-            logger.info("round %d  %-30s %7.1f tok/s  (%.2f s)", round_index + 1, m.name,
+            if decode_s:
+                m.decode_tok_s.append(decode_tokens / decode_s)
+            logger.info("round %d  %-36s %7.1f tok/s  (%.2f s)", round_index + 1, m.name,
                         tokens / wall, wall)
     info = {"model": model, "load_before": load_before, "load_after": os.getloadavg()}
     return [r.measurement for r in runners], info
@@ -274,9 +290,9 @@ def markdown(rows: list[Measurement], info: dict, args, command: str) -> str:
         f"- Model: `{Path(info['model']).name}`; {args.output_len} output tokens per request "
         "(ignore_eos / min_new_tokens), greedy, same token-id prompts for every runner, prefix "
         "caching off.",
-        f"- {args.rounds} rounds, configurations interleaved; tok/s = output tokens / median wall "
-        "time (prefill included); decode tok/s = tokens of the engine's decode-only steps / their "
-        "time.",
+        f"- {args.rounds} rounds; batch-1 runners take turns request by request, concurrent runs "
+        "follow; tok/s = output tokens / median wall time (prefill included); decode tok/s = "
+        "tokens of the engine's decode-only steps / their time.",
         f"- Load average (1, 5, 15 min) before -> after: {load} (a shared machine: compare rows "
         "of this one run only).",
         "",
