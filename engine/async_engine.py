@@ -43,8 +43,8 @@ class AsyncEngine:
         path = config.model.path
         if path is None:
             from engine.default_model import default_model_path
-            path = default_model_path()
-            config.model.path = path
+            path = config.model.path = str(default_model_path())
+            logger.info("no model path given; serving the embedded default model at %s", path)
         return cls(LLMEngine(config, path))
 
     # ---- lifecycle ------------------------------------------------------------------------

@@ -19,16 +19,11 @@ logger = logging.getLogger(__name__)
 
 
 def load_engine(config: EngineConfig) -> Any:
-    """Build the engine; with no model path, serve the embedded default model.
+    """Build the engine (with no model path, AsyncEngine.from_config serves the embedded
+    default model).
 
-    NOTE: both imports are lazy: the engine and its torch import stay out of the CLI's
-    start-up, and the default-model lookup happens only when no --model was given.
+    NOTE: the import is lazy: the engine and its torch import stay out of the CLI's start-up.
     """
-    if config.model.path is None:
-        from engine.default_model import default_model_path
-
-        config.model.path = str(default_model_path())
-        logger.info("no --model given; serving the embedded default model at %s", config.model.path)
     from engine.async_engine import AsyncEngine
 
     return AsyncEngine.from_config(config)

@@ -1,6 +1,7 @@
 """POST /v1/chat/completions: request -> prompt ids via the chat template -> engine -> response."""
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ from server.render import chat_logprobs, usage
 from server.sse import SSEResponse, sse_data
 from server.state import get_state
 
+logger = logging.getLogger(__name__)
 router = APIRouter()
 
 
@@ -31,6 +33,8 @@ def accept_request(body: Any, request: Request) -> tuple[Any, SamplingParams]:
         params.validate(vocab_size=engine.tokenizer.vocab_size)
     except ValueError as exc:
         raise from_engine_error(exc) from None
+    if body.user:   # OpenAI's end-user id: for abuse tracing, so it goes to the log
+        logger.info("%s request from user %r", request.url.path, body.user)
     return engine, params
 
 
