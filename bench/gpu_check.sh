@@ -1,25 +1,33 @@
 #!/usr/bin/env bash
-# GPU check for the kernels (issue 5): on a CUDA host, run the kernel tests with the compiled
-# Triton kernels (no interpreter), then the GPU benchmark (bf16, Mistral-7B FFN shape), in
-# well under 5 minutes. Usage, from the repository root:  bash bench/gpu_check.sh
-# Writes docs/benchmarks/kernels_gpu.md. Exits non-zero if the tests fail.
-set -euo pipefail
+# GPU check for the kernels (issue 5), in about 5 minutes on a CUDA host: the kernel tests and
+# the CUDA engine tests with compiled Triton kernels (no interpreter), the bf16 benchmark at
+# Mistral-7B FFN shape (with the predictor at rank 1024), then the tile sweep of the compacted
+# kernels. Usage, from the repository root:  bash bench/gpu_check.sh [OUT_DIR]
+# Writes OUT_DIR/kernels_gpu.md and OUT_DIR/triton_tuning.md (default docs/benchmarks).
+# Every step runs even if an earlier one fails; the exit code is the first failure's.
+set -uo pipefail
 cd "$(dirname "$0")/.."
+OUT_DIR=${1:-docs/benchmarks}
+mkdir -p "$OUT_DIR"
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0   # conftest leaves compiled kernels on
+status=0
+step() { echo "== $1 ($(date -u +%H:%M:%S))"; shift; "$@" || { rc=$?; echo "!! failed: $rc"; [ $status -ne 0 ] || status=$rc; }; }
 
-"$PY" - <<'PYEOF'
-import torch
+"$PY" - <<'PYEOF' || exit 1
+import torch, triton
 assert torch.cuda.is_available(), "no CUDA device: this script is for GPU hosts"
-print("device:", torch.cuda.get_device_name(), "torch", torch.__version__)
+print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__)
 PYEOF
+XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
 
-# NOTE: TRITON_INTERPRET=0 makes tests/kernels/conftest.py leave the compiled kernels on.
-echo "== kernel tests (compiled Triton, CUDA tensors)"
-TRITON_INTERPRET=0 timeout 240 "$PY" -m pytest -q tests/kernels -p no:cacheprovider
-
-echo "== GPU benchmark: bf16, batch 1/4/16, sparsity 0/50/80/90/95%"
-TRITON_INTERPRET=0 timeout 180 "$PY" bench/kernels.py --device cuda --dtypes bf16 \
-    --out docs/benchmarks/kernels_gpu.md
-echo "== wrote docs/benchmarks/kernels_gpu.md"
+step "kernel + CUDA engine tests (compiled Triton, CUDA tensors)" \
+    timeout 240 "$PY" -m pytest -q $XDIST -p no:cacheprovider tests/kernels tests/engine/test_engine_cuda.py
+step "benchmark: bf16, batch 1/4/16, sparsity 0/50/80/90/95%, predictor rank 1024" \
+    timeout 120 "$PY" bench/kernels.py --device cuda --dtypes bf16 --predictor-rank 1024 \
+    --out "$OUT_DIR/kernels_gpu.md"
+step "tile sweep of the compacted kernels (batch 1 and 16, 90%)" \
+    timeout 200 "$PY" bench/tune_triton_ffn.py --out "$OUT_DIR/triton_tuning.md"
 echo "targets (issue 5): batch 1 at 90% sparsity >= 6x cuBLAS dense and >= 60% of the copy ceiling"
+exit $status

@@ -34,7 +34,7 @@ import torch
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from kernels.sparse_ffn import default_dense_fallback, sparse_ffn  # noqa: E402
+from kernels.sparse_ffn import default_dense_fallback, predict_active, sparse_ffn  # noqa: E402
 from kernels.sparse_ffn_ref import dense_ffn  # noqa: E402
 
 logger = logging.getLogger("bench.kernels")
@@ -67,8 +67,10 @@ def flush_cache(device: str) -> None:
 
 
 def time_min(fns: list, repeats: int, device: str) -> list[float]:
-    """Minimum wall time in ms of each fn, calls interleaved round-robin after one warm-up,
-    each call timed from a flushed cache."""
+    """Minimum time in ms of each fn, calls interleaved round-robin after one warm-up, each call
+    timed from a flushed cache: wall time on the CPU, CUDA-event time on a GPU."""
+    if device == "cuda":
+        return _time_min_cuda(fns, repeats)
     best = [float("inf")] * len(fns)
     for fn in fns:
         fn()
@@ -81,6 +83,30 @@ def time_min(fns: list, repeats: int, device: str) -> list[float]:
             _sync(device)
             best[k] = min(best[k], (time.perf_counter() - start) * 1e3)
     return best
+
+
+def _time_min_cuda(fns: list, repeats: int) -> list[float]:
+    """GPU time between CUDA events around each call.
+
+    NOTE: the flush before each call is a ~100 us GPU read, queued without a sync, so the host
+    has enqueued the call's kernels before the GPU reaches them: the events time the kernels,
+    not Python's launch overhead (which a CUDA graph removes in serving, and which would
+    otherwise dominate a ~20 us sparse call).
+    """
+    for fn in fns:
+        fn()
+    torch.cuda.synchronize()
+    events = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+               for _ in range(repeats)] for _ in fns]
+    for r in range(repeats):
+        for k, fn in enumerate(fns):
+            _flush_buffers["cuda"].sum()
+            start, end = events[k][r]
+            start.record()
+            fn()
+            end.record()
+    torch.cuda.synchronize()
+    return [min(start.elapsed_time(end) for start, end in per_fn) for per_fn in events]
 
 
 def copy_bandwidth(device: str, num_bytes: int, repeats: int) -> float:
@@ -102,6 +128,7 @@ def random_masks(T: int, sparsity: float, gen: torch.Generator, device: str) -> 
 def run(args: argparse.Namespace) -> list[dict]:
     device = args.device
     gen = torch.Generator().manual_seed(0)
+    flush_cache(device)  # allocates the flush buffer
     ceiling = copy_bandwidth(device, args.copy_mb << 20, args.repeats)
     logger.info("memory-bandwidth ceiling (copy, read+write): %.1f GB/s", ceiling)
     rows = []
@@ -142,6 +169,26 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def run_predictor(args: argparse.Namespace) -> list[dict]:
+    """Time of the TurboSparse predictor (fc1 [r, H], fc2 [I, r]) next to the dense FFN: the
+    predictor reads every one of its weights, so at high sparsity its bytes rival the FFN's."""
+    device, rank = args.device, args.predictor_rank
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for name in args.dtypes:
+        dtype = DTYPES[name]
+        fc1 = (torch.randn(rank, HIDDEN, generator=gen) * HIDDEN ** -0.5).to(dtype).to(device)
+        fc2 = (torch.randn(INTERMEDIATE, rank, generator=gen) * rank ** -0.5).to(dtype).to(device)
+        for T in args.batches:
+            x = torch.randn(T, HIDDEN, generator=gen).to(dtype).to(device)
+            (ms,) = time_min([lambda: predict_active(x, fc1, fc2)], args.repeats, device)
+            read = (fc1.numel() + fc2.numel()) * fc1.element_size()
+            rows.append(dict(dtype=name, batch=T, rank=rank, ms=ms, gbs=read / ms / 1e6))
+            logger.info("predictor %s T=%-2d rank %d: %.3f ms, %.1f GB/s", name, T, rank, ms,
+                        read / ms / 1e6)
+    return rows
+
+
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -163,7 +210,9 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         "reads (union x 3 rows) / time. `dispatch` = `sparse_ffn` with its default fallback "
         "(what the engine runs); `speed-up` = dense / dispatch.",
         "- Times are the minimum over repeats (dense and sparse interleaved), each call after "
-        "evicting the last-level cache.",
+        "evicting the last-level cache" + ("; GPU times are CUDA-event times of the kernels "
+        "(launch overhead hidden behind the cache flush, as a CUDA graph would)."
+        if args.device == "cuda" else "."),
         "",
         "| device | dtype | batch | sparsity | union | dense ms | kernel ms | kernel GB/s | "
         "% ceiling | dispatch path | dispatch ms | speed-up vs dense |",
@@ -175,6 +224,12 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
             f"{r['union']:.1%} | {r['dense_ms']:.2f} | {r['kernel_ms']:.2f} | "
             f"{r['sparse_gbs']:.1f} | {100 * r['sparse_gbs'] / r['ceiling']:.0f}% | "
             f"{r['path']} | {r['sparse_ms']:.2f} | {r['speedup']:.2f}x |")
+    if args.predictor_rows:
+        lines += ["", f"Predictor (`predict_active`, fc1 [{args.predictor_rank}, {HIDDEN}], fc2 "
+                  f"[{INTERMEDIATE}, {args.predictor_rank}], every weight read):", "",
+                  "| dtype | batch | ms | GB/s |", "|---|---|---|---|"]
+        lines += [f"| {r['dtype']} | {r['batch']} | {r['ms']:.3f} | {r['gbs']:.1f} |"
+                  for r in args.predictor_rows]
     return "\n".join(lines) + "\n"
 
 
@@ -189,6 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--copy-mb", type=int, default=1024)
     parser.add_argument("--quick", action="store_true",
                         help="batch 1 and 4, sparsity 0/50/90%%, fewer repeats")
+    parser.add_argument("--predictor-rank", type=int, default=0,
+                        help="also time the predictor at this rank (TurboSparse: ~1000)")
     parser.add_argument("--out", type=Path, default=None, help="write a markdown table here")
     args = parser.parse_args(argv)
     if args.dtypes is None:
@@ -201,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         args.repeats, args.dense_repeats = max(args.repeats, 20), max(args.dense_repeats, 20)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rows = run(args)
+    args.predictor_rows = run_predictor(args) if args.predictor_rank else []
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(markdown(rows, args))

@@ -1,11 +1,12 @@
-"""Triton sparse FFN for decode (batch 1..64): a mask-based row gather, no host sync.
+"""Triton sparse FFN for decode (batch 1..64), no host sync: the launcher, and the exact-mode kernels.
 
-Two launches:
-  _gate_up_kernel  grid (cdiv(I, BLOCK_I),): each program owns BLOCK_I neurons. It loads the
-      predicted mask for its neurons (or takes all), reads gate rows only for neurons some batch
-      row needs (masked loads of whole rows: an inactive neuron's row is never fetched), applies
-      the activation, reads up rows only where the gate survived for some row, and writes
-      h [T, I] float32 and active [T, I].
+Predicted mode (a mask is given) runs the compacted kernels of kernels/ffn_triton_compact.py.
+Exact mode (no predictor: every gate row must be read to know which neurons fire) runs the two
+mask-based kernels below:
+  _gate_up_kernel  grid (cdiv(I, BLOCK_I),): each program owns BLOCK_I neurons. It reads their
+      gate rows, applies the activation, reads an up row only where the gate survived for some
+      batch row (masked loads of whole rows: a dead neuron's up row is never fetched), and
+      writes h [T, I] float32 and active [T, I].
   _down_kernel     grid (cdiv(H, BLOCK_H), SPLIT_I): each program accumulates h @ w_down_t over
       one slice of neurons for one slice of the hidden dimension, reading a w_down_t row slice
       only if that neuron is active in some batch row; partial sums [SPLIT_I, T, H] are reduced
@@ -20,6 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels.ffn_triton_compact import CompactConfig, ffn_compact
 from kernels.sparse_ffn_ref import check_act
 from kernels.triton_utils import check_device, dot_in_fp32, next_pow2
 
@@ -28,13 +30,12 @@ _ACT_CODES = {"silu": 0, "relu": 1, "drelu": 2, "fatrelu": 3}
 
 @triton.jit
 def _gate_up_kernel(
-    X, WG, WU, PRED, H_OUT, ACTIVE,
+    X, WG, WU, H_OUT, ACTIVE,
     T, H, I, threshold,
     stride_xt, stride_xh,
     stride_wi, stride_wh,
-    stride_pt, stride_pi,
     stride_ot, stride_oi,
-    ACT: tl.constexpr, HAS_PRED: tl.constexpr, DOT_FP32: tl.constexpr,
+    ACT: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -44,12 +45,6 @@ def _gate_up_kernel(
     mask_t = offs_t < T
     mask_i = offs_i < I
     mask_ti = mask_t[:, None] & mask_i[None, :]
-    if HAS_PRED:
-        pred = tl.load(PRED + offs_t[:, None] * stride_pt + offs_i[None, :] * stride_pi,
-                       mask=mask_ti, other=0) != 0                           # [BT, BI]
-    else:
-        pred = mask_ti
-    need_gate = tl.max(pred.to(tl.int32), axis=0) > 0                        # [BI]
 
     acc_g = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32)
     for h0 in range(0, H, BLOCK_H):
@@ -58,7 +53,7 @@ def _gate_up_kernel(
         x = tl.load(X + offs_t[:, None] * stride_xt + hh[None, :] * stride_xh,
                     mask=mask_t[:, None] & mask_h[None, :], other=0.0)       # [BT, BH]
         w = tl.load(WG + offs_i[:, None] * stride_wi + hh[None, :] * stride_wh,
-                    mask=need_gate[:, None] & mask_h[None, :], other=0.0)    # [BI, BH]
+                    mask=mask_i[:, None] & mask_h[None, :], other=0.0)       # [BI, BH]
         if DOT_FP32:
             acc_g += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
         else:
@@ -71,7 +66,7 @@ def _gate_up_kernel(
         a = tl.where(g > threshold, g, 0.0)
     else:  # relu, drelu
         a = tl.maximum(g, 0.0)
-    alive = pred & (a != 0.0)                                                # [BT, BI]
+    alive = mask_ti & (a != 0.0)                                              # [BT, BI]
     need_up = tl.max(alive.to(tl.int32), axis=0) > 0                         # [BI]
 
     acc_u = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32)
@@ -133,8 +128,8 @@ def _down_kernel(
 def sparse_ffn_triton(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act: str,
                       threshold: float = 0.0, predicted: Tensor | None = None,
                       dense_fallback_fraction: float = 1.0,
-                      block_i: int = 32, block_h: int = 128, split_i: int | None = None
-                      ) -> tuple[Tensor, Tensor]:
+                      block_i: int = 32, block_h: int = 128, split_i: int | None = None,
+                      compact_config: CompactConfig | None = None) -> tuple[Tensor, Tensor]:
     """Sparse FFN launcher.
 
     x [T, H] (T <= 64); w_gate, w_up, w_down_t [I, H] with unit stride along H and one dtype
@@ -143,6 +138,7 @@ def sparse_ffn_triton(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
     NOTE: a dense_fallback_fraction below 1 costs one host sync (the mask's density is read on
     the host); the default 1.0 keeps the call sync-free for CUDA graphs. At full density the
     masked loads read the same bytes as dense, so never falling back costs only kernel tuning.
+    block_i / block_h / split_i tune the exact-mode kernels, compact_config the predicted mode.
     """
     check_act(act)
     check_device(x, w_gate, w_up, w_down_t)
@@ -161,21 +157,21 @@ def sparse_ffn_triton(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
             if predicted.any(0).float().mean().item() > dense_fallback_fraction:
                 from kernels.sparse_ffn_ref import dense_ffn
                 return dense_ffn(x, w_gate, w_up, w_down_t, act, threshold, predicted)
-    pred = predicted.view(torch.int8) if predicted is not None else x  # x: unused placeholder
+        return ffn_compact(x.contiguous(), w_gate, w_up, w_down_t, _ACT_CODES[act], threshold,
+                           predicted.contiguous(), dot_in_fp32(w_gate.dtype),
+                           compact_config)
     block_t = max(16, next_pow2(T))
     dot_fp32 = dot_in_fp32(w_gate.dtype)
 
     h = torch.empty(T, I, dtype=torch.float32, device=x.device)          # [T, I]
     active = torch.empty(T, I, dtype=torch.int8, device=x.device)        # [T, I]
     _gate_up_kernel[(triton.cdiv(I, block_i),)](
-        x, w_gate, w_up, pred, h, active,
+        x, w_gate, w_up, h, active,
         T, H, I, float(threshold),
         x.stride(0), x.stride(1),
         w_gate.stride(0), w_gate.stride(1),
-        pred.stride(0) if predicted is not None else 0,
-        pred.stride(1) if predicted is not None else 0,
         h.stride(0), h.stride(1),
-        ACT=_ACT_CODES[act], HAS_PRED=predicted is not None, DOT_FP32=dot_fp32,
+        ACT=_ACT_CODES[act], DOT_FP32=dot_fp32,
         BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_H=block_h,
     )
 

@@ -7,11 +7,16 @@ pytest.importorskip("triton")
 
 from tests.kernels.kernel_cases import (DTYPES, SPARSITIES, assert_close, assert_mask_equal, ffn_weights,
                           poison_allocations, predicted_mask, triton_device)
-from kernels import sparse_ffn_triton
+from kernels import ffn_triton_compact, sparse_ffn_triton
+from kernels.ffn_triton_compact import CompactConfig
 from kernels.sparse_ffn_ref import ACTIVATIONS, sparse_ffn_ref
 
-# (T, H, I): batch 1 and > 1; H and I off the block sizes (BLOCK_H 128 / 64, BLOCK_I 32).
-SHAPES = [(1, 96, 80), (5, 150, 70)]
+# (T, H, I): batch 1, 3 (both multiply-reduce in registers) and 5 (tl.dot); H and I off the
+# block sizes.
+SHAPES = [(1, 96, 80), (3, 70, 90), (5, 150, 70)]
+# Small tiles, so that several programs and several steps of each loop run on these shapes.
+SMALL_TILES = CompactConfig(gate_block_i=4, gate_block_h=32, down_block_k=4, down_block_h=32,
+                            down_split=3)
 THRESHOLD = {"silu": 0.05, "relu": 0.0, "drelu": 0.0, "fatrelu": 0.1}
 
 
@@ -28,7 +33,10 @@ def test_predicted_mode(monkeypatch, shape, sparsity, dtype):
     # across the sweep (test_exact_mode covers every activation x dtype x shape).
     act = ACTIVATIONS[(SPARSITIES.index(sparsity) + SHAPES.index(shape) + DTYPES.index(dtype)) % 4]
     poison_allocations(monkeypatch, sparse_ffn_triton)
-    out, active = sparse_ffn_triton.sparse_ffn_triton(x, wg, wu, wd, act, THRESHOLD[act], pred)
+    poison_allocations(monkeypatch, ffn_triton_compact)
+    config = SMALL_TILES if (SPARSITIES.index(sparsity) + SHAPES.index(shape)) % 2 else None
+    out, active = sparse_ffn_triton.sparse_ffn_triton(x, wg, wu, wd, act, THRESHOLD[act], pred,
+                                                      compact_config=config)
     ref, ref_active = sparse_ffn_ref(x, wg, wu, wd, act, THRESHOLD[act], pred)
     assert_close(out, ref, dtype)
     assert_mask_equal(active, ref_active)

@@ -1,0 +1,244 @@
+"""Triton sparse FFN, predicted mode: the batch's neuron union compacted on the device.
+
+Why compact: a masked load of a block of rows issues the same instructions whether 3 or 32 of
+its rows are live, so at 90% sparsity a mask-based kernel keeps a tenth of the bytes in flight
+that a dense GEMV does and ends up latency-bound. Compacting the union into a list of neuron
+ids first makes every row a program loads a live one, so the sparse kernel streams the way a
+dense one does, over a tenth of the rows. The list and its length stay on the device: no host
+sync, so decode can be captured in a CUDA graph.
+
+Four launches:
+  _compact_kernel       grid (1,): union of the predicted mask's rows -> IDX (ascending neuron
+      ids), COUNT; also zeroes ACTIVE for the neurons outside the union.
+  _gate_up_kernel       grid (cdiv(I, BLOCK_I),): program p takes compact slots
+      [p*BLOCK_I, (p+1)*BLOCK_I) (programs past COUNT return at once), reads those neurons'
+      gate and up rows in one pass over H, applies the activation and the per-row prediction,
+      writes h in compact order HC [T, slot] and ACTIVE [T, neuron].
+  _down_kernel          grid (cdiv(H, BLOCK_H), SPLIT): program (j, s) accumulates
+      HC[:, slot] * W_down_t[IDX[slot], j-th slice] over slots s*BLOCK_K + k*SPLIT*BLOCK_K
+      (interleaved, so the splits stay balanced whatever COUNT is) into PARTIAL[s].
+  _reduce_kernel        sums PARTIAL over the splits and casts to the output dtype
+      (deterministic: no atomics, fixed order).
+Semantics are kernels/sparse_ffn_ref.py's; unlike the exact-mode kernels, the up row of a
+predicted neuron is read even where its gate comes out zero (one pass over H keeps both rows'
+loads in flight together; the result is the same).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kernels.triton_utils import next_pow2
+
+
+@dataclass(frozen=True)
+class CompactConfig:
+    """Tile sizes of the compacted kernels (tuned by bench/tune_triton_ffn.py on a GPU)."""
+    gate_block_i: int = 8        # neurons per gate/up program
+    gate_block_h: int = 512      # hidden elements per step of the gate/up loop
+    gate_warps: int = 4
+    down_block_k: int = 16       # compact slots per step of the down loop
+    down_block_h: int = 256      # output columns per down program
+    down_split: int = 16         # programs along the neuron list per column block
+    down_warps: int = 4
+
+
+# NOTE: below this many batch rows the kernels multiply and reduce in registers; from here on
+# they use tl.dot, which needs the row and neuron tiles padded to 16.
+DOT_MIN_ROWS = 4
+
+
+# Per batch size bucket (the largest bucket <= T applies). NOTE: first guesses, to be replaced
+# by the sweep of bench/tune_triton_ffn.py on a GPU.
+TUNED_CONFIGS: dict[int, CompactConfig] = {
+    1: CompactConfig(),
+    DOT_MIN_ROWS: CompactConfig(gate_block_i=16, gate_block_h=256, down_block_k=16, down_block_h=256),
+}
+
+
+def default_config(T: int) -> CompactConfig:
+    return TUNED_CONFIGS[max(b for b in TUNED_CONFIGS if b <= T)]
+
+
+@triton.jit
+def _compact_kernel(PRED, IDX, COUNT, ACTIVE, T, I, stride_pt, stride_at, BLOCK: tl.constexpr):
+    offs0 = tl.arange(0, BLOCK)
+    count = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)   # an int32 scalar (loop-carried)
+    for i0 in range(0, I, BLOCK):
+        offs = i0 + offs0
+        in_range = offs < I
+        union = tl.zeros([BLOCK], dtype=tl.int32)
+        for t in range(0, T):
+            p = tl.load(PRED + t * stride_pt + offs, mask=in_range, other=0)
+            union = tl.maximum(union, (p != 0).to(tl.int32))
+        for t in range(0, T):
+            tl.store(ACTIVE + t * stride_at + offs, tl.zeros([BLOCK], dtype=tl.int8),
+                     mask=in_range & (union == 0))
+        slot = count + tl.cumsum(union, axis=0) - 1
+        tl.store(IDX + slot, offs, mask=in_range & (union != 0))
+        count += tl.sum(union, axis=0)
+    tl.store(COUNT, count)
+
+
+@triton.jit
+def _gate_up_kernel(
+    X, WG, WU, PRED, IDX, COUNT, HC, ACTIVE,
+    T, H, threshold,
+    stride_xt, stride_wi, stride_pt, stride_ht, stride_at,
+    ACT: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    count = tl.load(COUNT)
+    if pid * BLOCK_I >= count:
+        return
+    slots = pid * BLOCK_I + tl.arange(0, BLOCK_I)
+    live = slots < count
+    neuron = tl.load(IDX + slots, mask=live, other=0)                          # [BI]
+    offs_t = tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    offs_h = tl.arange(0, BLOCK_H)
+    row_ptr = neuron[:, None].to(tl.int64) * stride_wi                         # [BI, 1]
+    acc_g = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        hh = h0 + offs_h
+        mask_h = hh < H
+        x = tl.load(X + offs_t[:, None] * stride_xt + hh[None, :],
+                    mask=mask_t[:, None] & mask_h[None, :], other=0.0)         # [BT, BH]
+        wmask = live[:, None] & mask_h[None, :]
+        wg = tl.load(WG + row_ptr + hh[None, :], mask=wmask, other=0.0)        # [BI, BH]
+        wu = tl.load(WU + row_ptr + hh[None, :], mask=wmask, other=0.0)        # [BI, BH]
+        if USE_DOT:
+            if DOT_FP32:
+                xf = x.to(tl.float32)
+                acc_g += tl.dot(xf, tl.trans(wg.to(tl.float32)), input_precision="ieee")
+                acc_u += tl.dot(xf, tl.trans(wu.to(tl.float32)), input_precision="ieee")
+            else:
+                acc_g += tl.dot(x.to(wg.dtype), tl.trans(wg))
+                acc_u += tl.dot(x.to(wu.dtype), tl.trans(wu))
+        else:
+            xf = x.to(tl.float32)[:, None, :]                                 # [BT, 1, BH]
+            acc_g += tl.sum(xf * wg.to(tl.float32)[None, :, :], axis=2)
+            acc_u += tl.sum(xf * wu.to(tl.float32)[None, :, :], axis=2)
+    g = acc_g
+    if ACT == 0:  # silu, CATS threshold on |silu(g)|
+        s = g / (1.0 + tl.exp(-g))
+        a = tl.where(tl.abs(s) > threshold, s, 0.0)
+    elif ACT == 3:  # fatrelu
+        a = tl.where(g > threshold, g, 0.0)
+    else:  # relu, drelu
+        a = tl.maximum(g, 0.0)
+    u = acc_u
+    if ACT == 2:
+        u = tl.maximum(u, 0.0)
+    mask_ti = mask_t[:, None] & live[None, :]
+    pred = tl.load(PRED + offs_t[:, None] * stride_pt + neuron[None, :], mask=mask_ti,
+                   other=0) != 0                                               # [BT, BI]
+    h = tl.where(pred, a * u, 0.0)
+    tl.store(HC + offs_t[:, None] * stride_ht + slots[None, :], h, mask=mask_ti)
+    tl.store(ACTIVE + offs_t[:, None] * stride_at + neuron[None, :], (h != 0.0).to(tl.int8),
+             mask=mask_ti)
+
+
+@triton.jit
+def _down_kernel(
+    HC, WD, IDX, COUNT, PARTIAL,
+    T, H,
+    stride_ht, stride_wi, stride_ps, stride_pt,
+    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid_h = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    count = tl.load(COUNT)
+    offs_t = tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_h = offs_h < H
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
+    for k0 in range(pid_s * BLOCK_K, count, SPLIT * BLOCK_K):
+        slots = k0 + offs_k
+        live = slots < count
+        neuron = tl.load(IDX + slots, mask=live, other=0)                      # [BK]
+        h = tl.load(HC + offs_t[:, None] * stride_ht + slots[None, :],
+                    mask=mask_t[:, None] & live[None, :], other=0.0)           # [BT, BK] fp32
+        w = tl.load(WD + neuron[:, None].to(tl.int64) * stride_wi + offs_h[None, :],
+                    mask=live[:, None] & mask_h[None, :], other=0.0)           # [BK, BH]
+        if USE_DOT:
+            if DOT_FP32:
+                acc += tl.dot(h, w.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(h.to(w.dtype), w)
+        else:
+            acc += tl.sum(h[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+    tl.store(PARTIAL + pid_s * stride_ps + offs_t[:, None] * stride_pt + offs_h[None, :], acc,
+             mask=mask_t[:, None] & mask_h[None, :])
+
+
+@triton.jit
+def _reduce_kernel(PARTIAL, OUT, N, stride_ps, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, SPLIT):
+        acc += tl.load(PARTIAL + s * stride_ps + offs, mask=mask, other=0.0)
+    tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+_COMPACT_BLOCK = 2048
+_REDUCE_BLOCK = 1024
+
+
+def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_code: int,
+                threshold: float, predicted: Tensor, dot_fp32: bool,
+                config: CompactConfig | None = None) -> tuple[Tensor, Tensor]:
+    """x [T, H] contiguous; w_* [I, H] contiguous, one dtype; predicted [T, I] bool contiguous.
+
+    Returns (out [T, H] in x.dtype, active [T, I] bool). Validation is the caller's
+    (kernels/sparse_ffn_triton.py).
+    """
+    T, H = x.shape
+    I = w_gate.shape[0]
+    config = config or default_config(T)
+    use_dot = T >= DOT_MIN_ROWS
+    block_t = max(16, next_pow2(T)) if use_dot else next_pow2(T)
+    block_i = max(16, config.gate_block_i) if use_dot else config.gate_block_i
+    block_k = max(16, config.down_block_k) if use_dot else config.down_block_k
+    pred = predicted.view(torch.int8)
+    dev = x.device
+
+    idx = torch.empty(I, dtype=torch.int32, device=dev)                 # [I] compact neuron ids
+    count = torch.empty(1, dtype=torch.int32, device=dev)
+    active = torch.empty(T, I, dtype=torch.int8, device=dev)             # [T, I]
+    hc = torch.empty(T, I, dtype=torch.float32, device=dev)              # [T, slot]
+    _compact_kernel[(1,)](pred, idx, count, active, T, I, pred.stride(0), active.stride(0),
+                          BLOCK=_COMPACT_BLOCK)
+    _gate_up_kernel[(triton.cdiv(I, block_i),)](
+        x, w_gate, w_up, pred, idx, count, hc, active,
+        T, H, float(threshold),
+        x.stride(0), w_gate.stride(0), pred.stride(0), hc.stride(0), active.stride(0),
+        ACT=act_code, USE_DOT=use_dot, DOT_FP32=dot_fp32,
+        BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_H=config.gate_block_h,
+        num_warps=config.gate_warps,
+    )
+    split = config.down_split
+    partial = torch.empty(split, T, H, dtype=torch.float32, device=dev)  # [S, T, H]
+    _down_kernel[(triton.cdiv(H, config.down_block_h), split)](
+        hc, w_down_t, idx, count, partial,
+        T, H,
+        hc.stride(0), w_down_t.stride(0), partial.stride(0), partial.stride(1),
+        USE_DOT=use_dot, DOT_FP32=dot_fp32, SPLIT=split,
+        BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_H=config.down_block_h,
+        num_warps=config.down_warps,
+    )
+    out = torch.empty(T, H, dtype=x.dtype, device=dev)                   # [T, H]
+    _reduce_kernel[(triton.cdiv(T * H, _REDUCE_BLOCK),)](
+        partial, out, T * H, partial.stride(0), SPLIT=split, BLOCK=_REDUCE_BLOCK)
+    return out, active.view(torch.bool)
