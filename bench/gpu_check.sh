@@ -23,11 +23,11 @@ PYEOF
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
 
 step "kernel + CUDA engine tests (compiled Triton, CUDA tensors)" \
-    timeout 240 "$PY" -m pytest -q $XDIST -p no:cacheprovider tests/kernels tests/engine/test_engine_cuda.py
+    timeout 180 "$PY" -m pytest -q $XDIST -p no:cacheprovider tests/kernels tests/engine/test_engine_cuda.py
 step "benchmark: bf16, batch 1/4/16, sparsity 0/50/80/90/95%, predictor rank 1024" \
-    timeout 120 "$PY" bench/kernels.py --device cuda --dtypes bf16 --predictor-rank 1024 \
+    timeout 90 "$PY" bench/kernels.py --device cuda --dtypes bf16 --predictor-rank 1024 \
     --out "$OUT_DIR/kernels_gpu.md"
 step "tile sweep of the compacted kernels (batch 1 and 16, 90%)" \
-    timeout 200 "$PY" bench/tune_triton_ffn.py --out "$OUT_DIR/triton_tuning.md"
+    timeout 150 "$PY" bench/tune_triton_ffn.py --out "$OUT_DIR/triton_tuning.md"
 echo "targets (issue 5): batch 1 at 90% sparsity >= 6x cuBLAS dense and >= 60% of the copy ceiling"
 exit $status
