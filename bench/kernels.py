@@ -85,16 +85,29 @@ def time_min(fns: list, repeats: int, device: str) -> list[float]:
     return best
 
 
-def _time_min_cuda(fns: list, repeats: int) -> list[float]:
-    """GPU time between CUDA events around each call.
-
-    NOTE: the flush before each call is a ~100 us GPU read, queued without a sync, so the host
-    has enqueued the call's kernels before the GPU reaches them: the events time the kernels,
-    not Python's launch overhead (which a CUDA graph removes in serving, and which would
-    otherwise dominate a ~20 us sparse call).
-    """
-    for fn in fns:
+def cuda_graph(fn):
+    """fn captured in a CUDA graph (after two warm-up calls, which also compile): returns the
+    replay. The sparse path is sync-free by design, and so capturable."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
         fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _time_min_cuda(fns: list, repeats: int) -> list[float]:
+    """GPU time between CUDA events around each call, each call a CUDA-graph replay.
+
+    NOTE: replaying a graph is how a server runs decode (vLLM captures it): Python's launch
+    overhead, ~10-20 us per Triton launch, would otherwise dominate a ~20 us sparse call and time
+    the host rather than the kernels.
+    """
+    fns = [cuda_graph(fn) for fn in fns]
     torch.cuda.synchronize()
     events = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                for _ in range(repeats)] for _ in fns]
@@ -210,8 +223,8 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         "reads (union x 3 rows) / time. `dispatch` = `sparse_ffn` with its default fallback "
         "(what the engine runs); `speed-up` = dense / dispatch.",
         "- Times are the minimum over repeats (dense and sparse interleaved), each call after "
-        "evicting the last-level cache" + ("; GPU times are CUDA-event times of the kernels "
-        "(launch overhead hidden behind the cache flush, as a CUDA graph would)."
+        "evicting the last-level cache" + ("; GPU times are CUDA-event times of a CUDA-graph replay "
+        "of the call (as a server runs decode; Python's launch overhead excluded)."
         if args.device == "cuda" else "."),
         "",
         "| device | dtype | batch | sparsity | union | dense ms | kernel ms | kernel GB/s | "
@@ -247,7 +260,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--predictor-rank", type=int, default=0,
                         help="also time the predictor at this rank (TurboSparse: ~1000)")
     parser.add_argument("--out", type=Path, default=None, help="write a markdown table here")
+    parser.add_argument("--configs", type=Path, default=None,
+                        help="JSON of tuned Triton tiles (bench/tune_triton_ffn.py --json)")
     args = parser.parse_args(argv)
+    if args.configs is not None:
+        from bench.tune_triton_ffn import load_tuned
+        load_tuned(args.configs)
     if args.dtypes is None:
         args.dtypes = ["bf16"] if args.device == "cuda" else ["fp32", "bf16"]
     if args.quick:

@@ -8,7 +8,7 @@ dense one does, over a tenth of the rows. The list and its length stay on the de
 sync, so decode can be captured in a CUDA graph.
 
 Four launches:
-  _compact_kernel       grid (1,): union of the predicted mask's rows -> IDX (ascending neuron
+  _compact_kernel       grid (1,), 16 warps: union of the predicted mask's rows -> IDX (ascending neuron
       ids), COUNT; also zeroes ACTIVE for the neurons outside the union.
   _gate_up_kernel       grid (cdiv(I, BLOCK_I),): program p takes compact slots
       [p*BLOCK_I, (p+1)*BLOCK_I) (programs past COUNT return at once), reads those neurons'
@@ -192,7 +192,9 @@ def _reduce_kernel(PARTIAL, OUT, N, stride_ps, SPLIT: tl.constexpr, BLOCK: tl.co
     tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
-_COMPACT_BLOCK = 2048
+# NOTE: one program scans the whole mask (a deterministic order needs one running count); with
+# the whole intermediate dimension in one block and 16 warps it is a single parallel scan.
+_COMPACT_MAX_BLOCK = 16384
 _REDUCE_BLOCK = 1024
 
 
@@ -219,7 +221,7 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
     active = torch.empty(T, I, dtype=torch.int8, device=dev)             # [T, I]
     hc = torch.empty(T, I, dtype=torch.float32, device=dev)              # [T, slot]
     _compact_kernel[(1,)](pred, idx, count, active, T, I, pred.stride(0), active.stride(0),
-                          BLOCK=_COMPACT_BLOCK)
+                          BLOCK=min(next_pow2(I), _COMPACT_MAX_BLOCK), num_warps=16)
     _gate_up_kernel[(triton.cdiv(I, block_i),)](
         x, w_gate, w_up, pred, idx, count, hc, active,
         T, H, float(threshold),

@@ -8,11 +8,14 @@ BLOCK_N output features and streams their weight rows once.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels.ffn_triton_compact import DOT_MIN_ROWS
 from kernels.triton_utils import check_device, dot_in_fp32, next_pow2
 
 
@@ -24,7 +27,7 @@ def _linear_epilogue_kernel(
     stride_wn, stride_wk,
     stride_ot, stride_on,
     EPILOGUE: tl.constexpr,  # 0: relu -> float32, 1: > threshold -> int8 mask
-    DOT_FP32: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -41,7 +44,9 @@ def _linear_epilogue_kernel(
                     mask=mask_t[:, None] & mask_k[None, :], other=0.0)       # [BT, BK]
         w = tl.load(W + offs_n[:, None] * stride_wn + kk[None, :] * stride_wk,
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)       # [BN, BK]
-        if DOT_FP32:
+        if not USE_DOT:
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        elif DOT_FP32:
             acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
         else:
             acc += tl.dot(x.to(w.dtype), tl.trans(w))
@@ -53,8 +58,25 @@ def _linear_epilogue_kernel(
         tl.store(out_ptrs, (acc > threshold).to(tl.int8), mask=mask)
 
 
+@dataclass(frozen=True)
+class PredictorConfig:
+    """Tiles of both launches (tuned by bench/tune_triton_ffn.py on a GPU)."""
+    block_n: int = 8
+    block_k: int = 512
+    warps: int = 4
+
+
+# NOTE: as in kernels/ffn_triton_compact.py: under DOT_MIN_ROWS batch rows, multiply and reduce
+# in registers (tl.dot would pad the rows to 16), and few output features per program, so that
+# the narrow fc1 stage (r ~ 1000 outputs) still spreads over every SM.
+TUNED_CONFIGS: dict[int, PredictorConfig] = {
+    1: PredictorConfig(),
+    DOT_MIN_ROWS: PredictorConfig(block_n=16, block_k=128),
+}
+
+
 def predict_active_triton(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float = 0.0,
-                          block_n: int = 64, block_k: int = 64) -> Tensor:
+                          config: PredictorConfig | None = None) -> Tensor:
     """x [T, H] (T <= 64), fc1 [r, H], fc2 [I, r] (one dtype, unit stride along the last dim).
 
     Returns [T, I] bool. The hidden layer z [T, r] is kept in float32.
@@ -65,19 +87,25 @@ def predict_active_triton(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float 
     assert 1 <= T <= 64, f"decode batch must be 1..64, got {T}"
     assert fc1.shape == (r, H) and fc2.shape == (I, r), (fc1.shape, fc2.shape)
     assert fc1.dtype == fc2.dtype and fc1.stride(1) == 1 and fc2.stride(1) == 1
-    block_t = max(16, next_pow2(T))
+    config = config or TUNED_CONFIGS[max(b for b in TUNED_CONFIGS if b <= T)]
+    use_dot = T >= DOT_MIN_ROWS
+    block_t = max(16, next_pow2(T)) if use_dot else next_pow2(T)
+    block_n = max(16, config.block_n) if use_dot else config.block_n
+    block_k = config.block_k
     dot_fp32 = dot_in_fp32(fc1.dtype)
     xw = x if dot_fp32 else x.to(fc1.dtype)
     z = torch.empty(T, r, dtype=torch.float32, device=x.device)          # [T, r]
     _linear_epilogue_kernel[(triton.cdiv(r, block_n),)](
         xw, fc1, z, T, r, H, 0.0,
         xw.stride(0), xw.stride(1), fc1.stride(0), fc1.stride(1), z.stride(0), z.stride(1),
-        EPILOGUE=0, DOT_FP32=dot_fp32, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k)
+        EPILOGUE=0, USE_DOT=use_dot, DOT_FP32=dot_fp32, BLOCK_T=block_t, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=config.warps)
     pred = torch.empty(T, I, dtype=torch.int8, device=x.device)          # [T, I]
     # NOTE: for a 16-bit fc2 the float32 z is rounded to fc2's dtype inside the dot (the
     # tensor-core path); the reference keeps float32, hence the tolerance near the threshold.
     _linear_epilogue_kernel[(triton.cdiv(I, block_n),)](
         z, fc2, pred, T, I, r, float(threshold),
         z.stride(0), z.stride(1), fc2.stride(0), fc2.stride(1), pred.stride(0), pred.stride(1),
-        EPILOGUE=1, DOT_FP32=dot_fp32, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k)
+        EPILOGUE=1, USE_DOT=use_dot, DOT_FP32=dot_fp32, BLOCK_T=block_t, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=config.warps)
     return pred.view(torch.bool)
