@@ -127,6 +127,8 @@ def predict_active(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float = 0.0) 
     assert fc1.shape[1] == x.shape[1] and fc2.shape[1] == fc1.shape[0], (
         f"fc1 must be [r, H={x.shape[1]}] and fc2 [I, r]; got {tuple(fc1.shape)}, {tuple(fc2.shape)}")
     if x.is_cuda:
+        if x.shape[0] > MAX_SPARSE_BATCH:   # prefill: compute-bound, cuBLAS
+            return predict_active_ref(x, fc1, fc2, threshold)
         from kernels import predictor_triton
         return predictor_triton.predict_active_triton(x, fc1, fc2, threshold)
     # NOTE: on the CPU the native kernel reads the weights once at full speed for any decode
