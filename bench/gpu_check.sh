@@ -25,11 +25,11 @@ XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
 
 step "kernel + CUDA engine tests (compiled Triton, CUDA tensors)" \
     timeout 180 "$PY" -m pytest -q $XDIST -p no:cacheprovider tests/kernels tests/engine/test_engine_cuda.py
-step "tile sweep of the compacted FFN and predictor kernels (batch 1, 4, 16; 90%)" \
-    timeout 200 "$PY" bench/tune_triton_ffn.py --json "$OUT_DIR/tuned.json"
+step "tile sweep of the Triton FFN and predictor kernels (batch ${TUNE_BATCHES:-1 4 16}; 90%)" \
+    timeout 200 "$PY" bench/tune_triton_ffn.py --batches ${TUNE_BATCHES:-1 4 16} --json "$OUT_DIR/tuned.json"
 CONFIGS=$([ -f "$OUT_DIR/tuned.json" ] && echo "--configs $OUT_DIR/tuned.json" || true)
-step "benchmark: bf16, batch 1/4/16, sparsity 0/50/80/90/95%, predictor rank 1024 $CONFIGS" \
-    timeout 90 "$PY" bench/kernels.py --device cuda --dtypes bf16 --predictor-rank 1024 \
+step "benchmark: bf16, batch 1/2/4/8/16, sparsity 0/50/80/90/95%, predictor rank 1024 $CONFIGS" \
+    timeout 120 "$PY" bench/kernels.py --device cuda --dtypes bf16 --predictor-rank 1024 --batches 1 2 4 8 16 \
     $CONFIGS --out "$OUT_DIR/kernels_gpu.md"
 echo "targets (issue 5): batch 1 at 90% sparsity >= 6x cuBLAS dense and >= 60% of the copy ceiling"
 exit $status

@@ -2,7 +2,8 @@
 
 For each batch bucket, at Mistral-7B shape, bf16 and 90% per-row sparsity: the gate/up tiles
 are swept with the current down tiles, then the down tiles with the best gate/up ones, then the
-warps of both; then the predictor's tiles (rank 1024). Each configuration is timed as a
+warps of both; at batch 1, the fused small-batch kernel's tiles too (and which of the two
+paths wins); then the predictor's tiles (rank 1024). Ends with a per-kernel profile at batch 1. Each configuration is timed as a
 CUDA-graph replay from a flushed cache (bench/kernels.py's timer); configurations the GPU
 cannot run (shared memory) are skipped. Prints the winners, as the entries of TUNED_CONFIGS in
 kernels/ffn_triton_compact.py and kernels/predictor_triton.py, and can save them as JSON for
@@ -27,10 +28,10 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from bench.kernels import HIDDEN, INTERMEDIATE, flush_cache, random_masks, time_min  # noqa: E402
-from kernels import ffn_triton_compact, predictor_triton  # noqa: E402
+from kernels import ffn_triton_compact, ffn_triton_fused, predictor_triton, sparse_ffn_triton  # noqa: E402
 from kernels.ffn_triton_compact import DOT_MIN_ROWS, CompactConfig, default_config  # noqa: E402
 from kernels.predictor_triton import PredictorConfig, predict_active_triton  # noqa: E402
-from kernels.sparse_ffn_triton import sparse_ffn_triton  # noqa: E402
+from kernels.ffn_triton_fused import FusedConfig  # noqa: E402
 
 logger = logging.getLogger("bench.tune_triton_ffn")
 
@@ -38,6 +39,11 @@ FFN_STAGES = [
     dict(gate_block_i=[4, 8, 16, 32], gate_block_h=[256, 512, 1024]),
     dict(down_block_k=[8, 16, 32], down_block_h=[128, 256, 512], down_split=[8, 16, 32]),
     dict(gate_warps=[2, 4, 8], down_warps=[2, 4, 8]),
+]
+FUSED_STAGES = [
+    dict(block_n=[32, 64, 128], block_i=[8, 16, 32]),
+    dict(block_h=[512, 1024, 2048], block_hd=[512, 1024, 2048]),
+    dict(warps=[2, 4, 8]),
 ]
 PREDICTOR_STAGES = [dict(block_n=[4, 8, 16, 32], block_k=[256, 512, 1024]), dict(warps=[2, 4, 8])]
 PREDICTOR_RANK = 1024
@@ -77,6 +83,8 @@ def load_tuned(path: Path) -> None:
     saved = json.loads(path.read_text())
     for bucket, fields in saved["ffn"].items():
         ffn_triton_compact.TUNED_CONFIGS[int(bucket)] = CompactConfig(**fields)
+    ffn_triton_fused.TUNED_CONFIG = FusedConfig(**saved["fused"])
+    sparse_ffn_triton.SMALL_BATCH_PATH = saved["small_batch_path"]
     for bucket, fields in saved["predictor"].items():
         predictor_triton.TUNED_CONFIGS[int(bucket)] = PredictorConfig(**fields)
 
@@ -97,12 +105,22 @@ def main(argv: list[str] | None = None) -> None:
     fc1 = (torch.randn(PREDICTOR_RANK, HIDDEN, generator=gen) * HIDDEN ** -0.5).to(**bf16)
     fc2 = (torch.randn(INTERMEDIATE, PREDICTOR_RANK, generator=gen) * PREDICTOR_RANK ** -0.5).to(**bf16)
     flush_cache("cuda")
-    tuned: dict[str, dict] = {"ffn": {}, "predictor": {}}
+    tuned: dict = {"ffn": {}, "predictor": {}}
     for T in args.batches:
         x = torch.randn(T, HIDDEN, generator=gen).to(**bf16)
         mask = random_masks(T, args.sparsity, gen, "cuda")
-        ffn, ffn_ms = _sweep("ffn", default_config(T), FFN_STAGES, T, lambda c: sparse_ffn_triton(
-            x, *weights, "silu", 0.0, mask, compact_config=c), args.repeats)
+        ffn, ffn_ms = _sweep("ffn", default_config(T), FFN_STAGES, T,
+                             lambda c: sparse_ffn_triton.sparse_ffn_triton(
+                                 x, *weights, "silu", 0.0, mask, compact_config=c,
+                                 small_batch_path="compact"), args.repeats)
+        if T == 1:
+            fused, fused_ms = _sweep("fused", ffn_triton_fused.TUNED_CONFIG, FUSED_STAGES, T,
+                                     lambda c: sparse_ffn_triton.sparse_ffn_triton(
+                                         x, *weights, "silu", 0.0, mask, fused_config=c,
+                                         small_batch_path="fused"), args.repeats)
+            tuned["fused"] = dataclasses.asdict(fused)
+            tuned["small_batch_path"] = "fused" if fused_ms < ffn_ms else "compact"
+            print(f"TUNED fused T=1: {fused} {fused_ms:.4f} ms vs compact {ffn_ms:.4f} ms")
         start = predictor_triton.TUNED_CONFIGS[max(b for b in predictor_triton.TUNED_CONFIGS if b <= T)]
         pred, pred_ms = _sweep("predictor", start, PREDICTOR_STAGES, T,
                                lambda c: predict_active_triton(x, fc1, fc2, 0.0, config=c),
@@ -111,6 +129,27 @@ def main(argv: list[str] | None = None) -> None:
         print(f"TUNED T={T}: {ffn} {ffn_ms:.4f} ms | {pred} {pred_ms:.4f} ms")
     if args.json is not None:
         args.json.write_text(json.dumps(tuned, indent=1) + "\n")
+        load_tuned(args.json)
+        profile_kernels(weights, fc1, fc2, args.sparsity, gen)
+
+
+def profile_kernels(weights, fc1, fc2, sparsity: float, gen) -> None:
+    """Per-kernel CUDA time at batch 1 on the tuned tiles (torch profiler, eager calls)."""
+    x = torch.randn(1, HIDDEN, generator=gen).to(dtype=torch.bfloat16, device="cuda")
+    mask = random_masks(1, sparsity, gen, "cuda")
+    calls = {path: (lambda p=path: sparse_ffn_triton.sparse_ffn_triton(
+        x, *weights, "silu", 0.0, mask, small_batch_path=p)) for path in ("fused", "compact")}
+    calls["predictor"] = lambda: predict_active_triton(x, fc1, fc2)
+    for name, fn in calls.items():
+        fn()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                flush_cache("cuda")
+                fn()
+            torch.cuda.synchronize()
+        print(f"== per-kernel CUDA time, T=1, {name} (20 calls, flush kernel included)")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
 
 
 if __name__ == "__main__":

@@ -53,11 +53,14 @@ class CompactConfig:
 DOT_MIN_ROWS = 4
 
 
-# Per batch size bucket (the largest bucket <= T applies). NOTE: first guesses, to be replaced
-# by the sweep of bench/tune_triton_ffn.py on a GPU.
+# Per batch size bucket (the largest bucket <= T applies): the winners of
+# `python bench/tune_triton_ffn.py` on an H100 (bf16, Mistral-7B FFN, 90% sparsity; 2026-11-26,
+# docs/benchmarks/kernels_gpu.md). The buckets under DOT_MIN_ROWS run the fused kernel by default.
 TUNED_CONFIGS: dict[int, CompactConfig] = {
-    1: CompactConfig(),
-    DOT_MIN_ROWS: CompactConfig(gate_block_i=16, gate_block_h=256, down_block_k=16, down_block_h=256),
+    1: CompactConfig(gate_block_i=4, gate_block_h=1024, gate_warps=2, down_block_k=32,
+                     down_block_h=256, down_split=16, down_warps=8),
+    DOT_MIN_ROWS: CompactConfig(gate_block_i=32, gate_block_h=256, gate_warps=4, down_block_k=32,
+                                down_block_h=128, down_split=16, down_warps=2),
 }
 
 
@@ -183,19 +186,37 @@ def _down_kernel(
 
 
 @triton.jit
-def _reduce_kernel(PARTIAL, OUT, N, stride_ps, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(0, SPLIT):
-        acc += tl.load(PARTIAL + s * stride_ps + offs, mask=mask, other=0.0)
-    tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=mask)
+def _reduce_kernel(PARTIAL, OUT, S, N, stride_ps, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
+    # NOTE: a [BLOCK_S, BLOCK_N] tile per step, so that all the partials' loads are in flight
+    # at once (a loop of one load per partial waits for each in turn: ~0.7 us apiece).
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_s = tl.arange(0, BLOCK_S)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        ss = s0 + offs_s
+        p = tl.load(PARTIAL + ss[:, None] * stride_ps + offs_n[None, :],
+                    mask=(ss < S)[:, None] & mask_n[None, :], other=0.0)    # [BS, BN]
+        acc += tl.sum(p, axis=0)
+    tl.store(OUT + offs_n, acc.to(OUT.dtype.element_ty), mask=mask_n)
+
+
+def reduce_partials(partial: Tensor, out: Tensor) -> None:
+    """out (any float dtype, N elements, contiguous) = partial [S, N...] float32 summed over S,
+    in a fixed order (deterministic)."""
+    S = partial.shape[0]
+    N = out.numel()
+    block_s = min(next_pow2(S), 256)
+    block_n = max(16, 8192 // block_s)
+    _reduce_kernel[(triton.cdiv(N, block_n),)](partial, out, S, N, partial.stride(0),
+                                              BLOCK_S=block_s, BLOCK_N=block_n)
+
+
 
 
 # NOTE: one program scans the whole mask (a deterministic order needs one running count); with
 # the whole intermediate dimension in one block and 16 warps it is a single parallel scan.
 _COMPACT_MAX_BLOCK = 16384
-_REDUCE_BLOCK = 1024
 
 
 def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_code: int,
@@ -241,6 +262,5 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
         num_warps=config.down_warps,
     )
     out = torch.empty(T, H, dtype=x.dtype, device=dev)                   # [T, H]
-    _reduce_kernel[(triton.cdiv(T * H, _REDUCE_BLOCK),)](
-        partial, out, T * H, partial.stride(0), SPLIT=split, BLOCK=_REDUCE_BLOCK)
+    reduce_partials(partial, out)
     return out, active.view(torch.bool)

@@ -69,9 +69,10 @@ class PredictorConfig:
 # NOTE: as in kernels/ffn_triton_compact.py: under DOT_MIN_ROWS batch rows, multiply and reduce
 # in registers (tl.dot would pad the rows to 16), and few output features per program, so that
 # the narrow fc1 stage (r ~ 1000 outputs) still spreads over every SM.
+# Winners of bench/tune_triton_ffn.py on an H100 (bf16, rank 1024, 2026-11-26).
 TUNED_CONFIGS: dict[int, PredictorConfig] = {
-    1: PredictorConfig(),
-    DOT_MIN_ROWS: PredictorConfig(block_n=16, block_k=128),
+    1: PredictorConfig(block_n=4, block_k=1024, warps=4),
+    DOT_MIN_ROWS: PredictorConfig(block_n=32, block_k=256, warps=4),
 }
 
 
