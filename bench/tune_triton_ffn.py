@@ -2,14 +2,16 @@
 
 For each batch bucket, at Mistral-7B shape, bf16 and 90% per-row sparsity: the gate/up tiles
 are swept with the current down tiles, then the down tiles with the best gate/up ones, then the
-warps of both; at batch 1, the fused small-batch kernel's tiles too (and which of the two
-paths wins); then the predictor's tiles (rank 1024). Ends with a per-kernel profile at batch 1. Each configuration is timed as a
+warps of both; at batch 1, the blockwise small-batch kernels' tiles too (and which of the two
+paths wins); then the predictor's tiles (rank 1024). Ends with a per-kernel profile at batch 1.
+`--sweep` picks what to sweep; what is not swept is timed once at its current tiles. Each configuration is timed as a
 CUDA-graph replay from a flushed cache (bench/kernels.py's timer); configurations the GPU
 cannot run (shared memory) are skipped. Prints the winners, as the entries of TUNED_CONFIGS in
 kernels/ffn_triton_compact.py and kernels/predictor_triton.py, and can save them as JSON for
 `bench/kernels.py --configs`.
 
     python bench/tune_triton_ffn.py --json tuned.json     # batches 1, 4 and 16: ~2 minutes
+    python bench/tune_triton_ffn.py --batches 1 --sweep blockwise --json tuned.json
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from bench.kernels import HIDDEN, INTERMEDIATE, flush_cache, random_masks, time_min  # noqa: E402
-from kernels import ffn_triton_compact, ffn_triton_fused, predictor_triton, sparse_ffn_triton  # noqa: E402
+from kernels import ffn_triton_blockwise, ffn_triton_compact, predictor_triton, sparse_ffn_triton  # noqa: E402
 from kernels.ffn_triton_compact import DOT_MIN_ROWS, CompactConfig, default_config  # noqa: E402
 from kernels.predictor_triton import PredictorConfig, predict_active_triton  # noqa: E402
-from kernels.ffn_triton_fused import FusedConfig  # noqa: E402
+from kernels.ffn_triton_blockwise import BlockwiseConfig  # noqa: E402
 
 logger = logging.getLogger("bench.tune_triton_ffn")
 
@@ -40,10 +42,12 @@ FFN_STAGES = [
     dict(down_block_k=[8, 16, 32], down_block_h=[128, 256, 512], down_split=[8, 16, 32]),
     dict(gate_warps=[2, 4, 8], down_warps=[2, 4, 8]),
 ]
-FUSED_STAGES = [
-    dict(block_n=[32, 64, 128], block_i=[8, 16, 32]),
-    dict(block_h=[512, 1024, 2048], block_hd=[512, 1024, 2048]),
-    dict(warps=[2, 4, 8]),
+BLOCKWISE_STAGES = [
+    dict(gate_block_n=[32, 64, 128], gate_block_i=[8, 16, 32]),
+    dict(gate_block_h=[512, 1024, 2048], gate_warps=[2, 4, 8]),
+    dict(down_block_n=[64, 128, 256], down_block_i=[8, 16, 32]),
+    dict(down_block_h=[128, 256, 512], down_split=[8, 16, 32]),
+    dict(down_warps=[2, 4, 8]),
 ]
 PREDICTOR_STAGES = [dict(block_n=[4, 8, 16, 32], block_k=[256, 512, 1024]), dict(warps=[2, 4, 8])]
 PREDICTOR_RANK = 1024
@@ -57,7 +61,7 @@ def _grid(spec: dict, T: int) -> list[dict]:
     return combos
 
 
-def _sweep(label: str, start, stages: list[dict], T: int, call, repeats: int):
+def _sweep(label: str, start, stages: list[dict], T: int, call, repeats: int, sweep: bool = True):
     def measure(config) -> float:
         try:
             (ms,) = time_min([lambda: call(config)], repeats, "cuda")
@@ -68,7 +72,7 @@ def _sweep(label: str, start, stages: list[dict], T: int, call, repeats: int):
         return ms
 
     best, best_ms = start, measure(start)
-    for stage in stages:
+    for stage in stages if sweep else []:
         for combo in _grid(stage, T):
             config = dataclasses.replace(best, **combo)
             ms = measure(config)
@@ -83,8 +87,9 @@ def load_tuned(path: Path) -> None:
     saved = json.loads(path.read_text())
     for bucket, fields in saved["ffn"].items():
         ffn_triton_compact.TUNED_CONFIGS[int(bucket)] = CompactConfig(**fields)
-    ffn_triton_fused.TUNED_CONFIG = FusedConfig(**saved["fused"])
-    sparse_ffn_triton.SMALL_BATCH_PATH = saved["small_batch_path"]
+    if "blockwise" in saved:
+        ffn_triton_blockwise.TUNED_CONFIG = BlockwiseConfig(**saved["blockwise"])
+        sparse_ffn_triton.SMALL_BATCH_PATH = saved["small_batch_path"]
     for bucket, fields in saved["predictor"].items():
         predictor_triton.TUNED_CONFIGS[int(bucket)] = PredictorConfig(**fields)
 
@@ -94,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, DOT_MIN_ROWS, 16])
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--sweep", nargs="+", choices=["compact", "blockwise", "predictor"],
+                        default=["compact", "blockwise", "predictor"])
     parser.add_argument("--json", type=Path, default=None, help="save the winners here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -109,22 +116,32 @@ def main(argv: list[str] | None = None) -> None:
     for T in args.batches:
         x = torch.randn(T, HIDDEN, generator=gen).to(**bf16)
         mask = random_masks(T, args.sparsity, gen, "cuda")
-        ffn, ffn_ms = _sweep("ffn", default_config(T), FFN_STAGES, T,
+        ffn, ffn_ms = _sweep("compact", default_config(T), FFN_STAGES, T,
                              lambda c: sparse_ffn_triton.sparse_ffn_triton(
                                  x, *weights, "silu", 0.0, mask, compact_config=c,
-                                 small_batch_path="compact"), args.repeats)
+                                 small_batch_path="compact"), args.repeats,
+                             "compact" in args.sweep)
         if T == 1:
-            fused, fused_ms = _sweep("fused", ffn_triton_fused.TUNED_CONFIG, FUSED_STAGES, T,
-                                     lambda c: sparse_ffn_triton.sparse_ffn_triton(
-                                         x, *weights, "silu", 0.0, mask, fused_config=c,
-                                         small_batch_path="fused"), args.repeats)
-            tuned["fused"] = dataclasses.asdict(fused)
-            tuned["small_batch_path"] = "fused" if fused_ms < ffn_ms else "compact"
-            print(f"TUNED fused T=1: {fused} {fused_ms:.4f} ms vs compact {ffn_ms:.4f} ms")
+            blockwise, blockwise_ms = _sweep(
+                "blockwise", ffn_triton_blockwise.TUNED_CONFIG, BLOCKWISE_STAGES, T,
+                lambda c: sparse_ffn_triton.sparse_ffn_triton(
+                    x, *weights, "silu", 0.0, mask, blockwise_config=c,
+                    small_batch_path="blockwise"), args.repeats, "blockwise" in args.sweep)
+            # NOTE: the winners timed again side by side (interleaved): a minimum taken over a
+            # sweep is biased low against a configuration timed once.
+            ffn_ms, blockwise_ms = time_min([
+                lambda: sparse_ffn_triton.sparse_ffn_triton(
+                    x, *weights, "silu", 0.0, mask, compact_config=ffn, small_batch_path="compact"),
+                lambda: sparse_ffn_triton.sparse_ffn_triton(
+                    x, *weights, "silu", 0.0, mask, blockwise_config=blockwise,
+                    small_batch_path="blockwise")], 3 * args.repeats, "cuda")
+            tuned["blockwise"] = dataclasses.asdict(blockwise)
+            tuned["small_batch_path"] = "blockwise" if blockwise_ms < ffn_ms else "compact"
+            print(f"TUNED blockwise T=1: {blockwise} {blockwise_ms:.4f} ms vs compact {ffn_ms:.4f} ms")
         start = predictor_triton.TUNED_CONFIGS[max(b for b in predictor_triton.TUNED_CONFIGS if b <= T)]
         pred, pred_ms = _sweep("predictor", start, PREDICTOR_STAGES, T,
                                lambda c: predict_active_triton(x, fc1, fc2, 0.0, config=c),
-                               args.repeats)
+                               args.repeats, "predictor" in args.sweep)
         tuned["ffn"][T], tuned["predictor"][T] = dataclasses.asdict(ffn), dataclasses.asdict(pred)
         print(f"TUNED T={T}: {ffn} {ffn_ms:.4f} ms | {pred} {pred_ms:.4f} ms")
     if args.json is not None:
@@ -138,7 +155,7 @@ def profile_kernels(weights, fc1, fc2, sparsity: float, gen) -> None:
     x = torch.randn(1, HIDDEN, generator=gen).to(dtype=torch.bfloat16, device="cuda")
     mask = random_masks(1, sparsity, gen, "cuda")
     calls = {path: (lambda p=path: sparse_ffn_triton.sparse_ffn_triton(
-        x, *weights, "silu", 0.0, mask, small_batch_path=p)) for path in ("fused", "compact")}
+        x, *weights, "silu", 0.0, mask, small_batch_path=p)) for path in sparse_ffn_triton.SMALL_BATCH_PATHS}
     calls["predictor"] = lambda: predict_active_triton(x, fc1, fc2)
     for name, fn in calls.items():
         fn()

@@ -55,7 +55,8 @@ DOT_MIN_ROWS = 4
 
 # Per batch size bucket (the largest bucket <= T applies): the winners of
 # `python bench/tune_triton_ffn.py` on an H100 (bf16, Mistral-7B FFN, 90% sparsity; 2026-11-26,
-# docs/benchmarks/kernels_gpu.md). The buckets under DOT_MIN_ROWS run the fused kernel by default.
+# docs/benchmarks/kernels_gpu.md). Tiles are tuned for 16-bit weights; float32 ones halve the
+# hidden-dimension tiles of the tl.dot path (same bytes per tile, or shared memory overflows).
 TUNED_CONFIGS: dict[int, CompactConfig] = {
     1: CompactConfig(gate_block_i=4, gate_block_h=1024, gate_warps=2, down_block_k=32,
                      down_block_h=256, down_split=16, down_warps=8),
@@ -234,6 +235,9 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
     block_t = max(16, next_pow2(T)) if use_dot else next_pow2(T)
     block_i = max(16, config.gate_block_i) if use_dot else config.gate_block_i
     block_k = max(16, config.down_block_k) if use_dot else config.down_block_k
+    gate_block_h, down_block_h = config.gate_block_h, config.down_block_h
+    if use_dot and w_gate.element_size() == 4:
+        gate_block_h, down_block_h = max(16, gate_block_h // 2), max(16, down_block_h // 2)
     pred = predicted.view(torch.int8)
     dev = x.device
 
@@ -248,17 +252,17 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
         T, H, float(threshold),
         x.stride(0), w_gate.stride(0), pred.stride(0), hc.stride(0), active.stride(0),
         ACT=act_code, USE_DOT=use_dot, DOT_FP32=dot_fp32,
-        BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_H=config.gate_block_h,
+        BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_H=gate_block_h,
         num_warps=config.gate_warps,
     )
     split = config.down_split
     partial = torch.empty(split, T, H, dtype=torch.float32, device=dev)  # [S, T, H]
-    _down_kernel[(triton.cdiv(H, config.down_block_h), split)](
+    _down_kernel[(triton.cdiv(H, down_block_h), split)](
         hc, w_down_t, idx, count, partial,
         T, H,
         hc.stride(0), w_down_t.stride(0), partial.stride(0), partial.stride(1),
         USE_DOT=use_dot, DOT_FP32=dot_fp32, SPLIT=split,
-        BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_H=config.down_block_h,
+        BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_H=down_block_h,
         num_warps=config.down_warps,
     )
     out = torch.empty(T, H, dtype=x.dtype, device=dev)                   # [T, H]

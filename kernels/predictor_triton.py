@@ -92,7 +92,8 @@ def predict_active_triton(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float 
     use_dot = T >= DOT_MIN_ROWS
     block_t = max(16, next_pow2(T)) if use_dot else next_pow2(T)
     block_n = max(16, config.block_n) if use_dot else config.block_n
-    block_k = config.block_k
+    # NOTE: tiles are tuned for 16-bit weights; float32 halves K on the tl.dot path (shared memory).
+    block_k = max(16, config.block_k // 2) if use_dot and fc1.element_size() == 4 else config.block_k
     dot_fp32 = dot_in_fp32(fc1.dtype)
     xw = x if dot_fp32 else x.to(fc1.dtype)
     z = torch.empty(T, r, dtype=torch.float32, device=x.device)          # [T, r]

@@ -1,8 +1,8 @@
 """Triton sparse FFN for decode (batch 1..64), no host sync: the launcher, and the exact-mode kernels.
 
-Predicted mode (a mask is given) runs, below DOT_MIN_ROWS batch rows, the fused kernel of
-kernels/ffn_triton_fused.py (or the compacted one, if SMALL_BATCH_PATH says so), and from there
-on the compacted kernels of kernels/ffn_triton_compact.py.
+Predicted mode (a mask is given) runs, below DOT_MIN_ROWS batch rows, the kernels that SMALL_BATCH_PATH
+names (kernels/ffn_triton_blockwise.py or kernels/ffn_triton_compact.py), and from there on the
+compacted kernels of kernels/ffn_triton_compact.py.
 Exact mode (no predictor: every gate row must be read to know which neurons fire) runs the two
 mask-based kernels below:
   _gate_up_kernel  grid (cdiv(I, BLOCK_I),): each program owns BLOCK_I neurons. It reads their
@@ -24,14 +24,15 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.ffn_triton_compact import DOT_MIN_ROWS, CompactConfig, ffn_compact
-from kernels.ffn_triton_fused import FusedConfig, ffn_fused
+from kernels.ffn_triton_blockwise import BlockwiseConfig, ffn_blockwise
 from kernels.sparse_ffn_ref import check_act
 from kernels.triton_utils import check_device, dot_in_fp32, next_pow2
 
 _ACT_CODES = {"silu": 0, "relu": 1, "drelu": 2, "fatrelu": 3}
-# NOTE: predicted mode under DOT_MIN_ROWS rows: "fused" or "compact", whichever
+# NOTE: predicted mode under DOT_MIN_ROWS rows: "blockwise" or "compact", whichever
 # bench/tune_triton_ffn.py measured faster on a GPU.
-SMALL_BATCH_PATH = "fused"
+SMALL_BATCH_PATHS = ("blockwise", "compact")
+SMALL_BATCH_PATH = "compact"
 
 
 @triton.jit
@@ -136,7 +137,8 @@ def sparse_ffn_triton(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
                       dense_fallback_fraction: float = 1.0,
                       block_i: int = 32, block_h: int = 128, split_i: int | None = None,
                       compact_config: CompactConfig | None = None,
-                      fused_config: FusedConfig | None = None, small_batch_path: str | None = None
+                      blockwise_config: BlockwiseConfig | None = None,
+                      small_batch_path: str | None = None
                       ) -> tuple[Tensor, Tensor]:
     """Sparse FFN launcher.
 
@@ -146,8 +148,8 @@ def sparse_ffn_triton(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
     NOTE: a dense_fallback_fraction below 1 costs one host sync (the mask's density is read on
     the host); the default 1.0 keeps the call sync-free for CUDA graphs. At full density the
     masked loads read the same bytes as dense, so never falling back costs only kernel tuning.
-    block_i / block_h / split_i tune the exact-mode kernels; compact_config, fused_config and
-    small_batch_path the predicted mode.
+    block_i / block_h / split_i tune the exact-mode kernels; compact_config, blockwise_config
+    and small_batch_path the predicted mode.
     """
     check_act(act)
     check_device(x, w_gate, w_up, w_down_t)
@@ -168,8 +170,10 @@ def sparse_ffn_triton(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
                 return dense_ffn(x, w_gate, w_up, w_down_t, act, threshold, predicted)
         args = (x.contiguous(), w_gate, w_up, w_down_t, _ACT_CODES[act], threshold,
                 predicted.contiguous())
-        if T < DOT_MIN_ROWS and (small_batch_path or SMALL_BATCH_PATH) == "fused":
-            return ffn_fused(*args, fused_config)
+        path = small_batch_path or SMALL_BATCH_PATH
+        assert path in SMALL_BATCH_PATHS, f"small_batch_path must be one of {SMALL_BATCH_PATHS}"
+        if T < DOT_MIN_ROWS and path == "blockwise":
+            return ffn_blockwise(*args, blockwise_config)
         return ffn_compact(*args, dot_in_fp32(w_gate.dtype), compact_config)
     block_t = max(16, next_pow2(T))
     dot_fp32 = dot_in_fp32(w_gate.dtype)

@@ -7,9 +7,9 @@ pytest.importorskip("triton")
 
 from tests.kernels.kernel_cases import (DTYPES, SPARSITIES, assert_close, assert_mask_equal, ffn_weights,
                           poison_allocations, predicted_mask, triton_device)
-from kernels import ffn_triton_compact, ffn_triton_fused, sparse_ffn_triton
+from kernels import ffn_triton_blockwise, ffn_triton_compact, sparse_ffn_triton
 from kernels.ffn_triton_compact import CompactConfig
-from kernels.ffn_triton_fused import FusedConfig
+from kernels.ffn_triton_blockwise import BlockwiseConfig
 from kernels.sparse_ffn_ref import ACTIVATIONS, sparse_ffn_ref
 
 # (T, H, I): batch 1, 3 (both multiply-reduce in registers) and 5 (tl.dot); H and I off the
@@ -18,7 +18,8 @@ SHAPES = [(1, 96, 80), (3, 70, 90), (5, 150, 70)]
 # Small tiles, so that several programs and several steps of each loop run on these shapes.
 SMALL_TILES = CompactConfig(gate_block_i=4, gate_block_h=32, down_block_k=4, down_block_h=32,
                             down_split=3)
-SMALL_FUSED = FusedConfig(block_n=16, block_i=4, block_h=32, block_hd=32)
+SMALL_BLOCKWISE = BlockwiseConfig(gate_block_n=16, gate_block_i=4, gate_block_h=32,
+                                  down_block_n=16, down_block_i=4, down_block_h=32, down_split=3)
 THRESHOLD = {"silu": 0.05, "relu": 0.0, "drelu": 0.0, "fatrelu": 0.1}
 
 
@@ -36,15 +37,16 @@ def test_predicted_mode(monkeypatch, shape, sparsity, dtype):
     act = ACTIVATIONS[(SPARSITIES.index(sparsity) + SHAPES.index(shape) + DTYPES.index(dtype)) % 4]
     poison_allocations(monkeypatch, sparse_ffn_triton)
     poison_allocations(monkeypatch, ffn_triton_compact)
-    poison_allocations(monkeypatch, ffn_triton_fused)
+    poison_allocations(monkeypatch, ffn_triton_blockwise)
     small = (SPARSITIES.index(sparsity) + SHAPES.index(shape)) % 2 == 1
     ref, ref_active = sparse_ffn_ref(x, wg, wu, wd, act, THRESHOLD[act], pred)
-    # Both predicted-mode paths (fused is the default only below DOT_MIN_ROWS rows).
-    for path in ("fused", "compact") if T < ffn_triton_compact.DOT_MIN_ROWS else ("compact",):
+    # Both predicted-mode paths (blockwise applies only below DOT_MIN_ROWS rows).
+    small_batch = T < ffn_triton_compact.DOT_MIN_ROWS
+    for path in sparse_ffn_triton.SMALL_BATCH_PATHS if small_batch else ("compact",):
         out, active = sparse_ffn_triton.sparse_ffn_triton(
             x, wg, wu, wd, act, THRESHOLD[act], pred, small_batch_path=path,
             compact_config=SMALL_TILES if small else None,
-            fused_config=SMALL_FUSED if small else None)
+            blockwise_config=SMALL_BLOCKWISE if small else None)
         assert_close(out, ref, dtype)
         assert_mask_equal(active, ref_active)
         assert not (active & ~pred).any(), f"{path}: an unpredicted neuron was reported active"
