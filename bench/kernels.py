@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import logging
 import platform
 import sys
@@ -34,8 +35,11 @@ import torch
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from kernels.sparse_ffn import default_dense_fallback, predict_active, sparse_ffn  # noqa: E402
+from kernels.sparse_ffn import predict_active, sparse_ffn  # noqa: E402
 from kernels.sparse_ffn_ref import dense_ffn  # noqa: E402
+
+# NOTE: the module itself (kernels/__init__.py re-exports a function of the same name).
+sparse_ffn_module = importlib.import_module("kernels.sparse_ffn")
 
 logger = logging.getLogger("bench.kernels")
 HIDDEN, INTERMEDIATE = 4096, 14336
@@ -138,6 +142,34 @@ def random_masks(T: int, sparsity: float, gen: torch.Generator, device: str) -> 
     return mask.to(device)
 
 
+def dispatch_path(call) -> str:
+    """"dense" or "sparse": which path `kernels.sparse_ffn` takes for this call, observed (its
+    dense branch calls the module's `dense_ffn`), so the table follows the dispatch rules."""
+    real, taken = sparse_ffn_module.dense_ffn, []
+
+    def spy(*args, **kwargs):
+        taken.append(True)
+        return real(*args, **kwargs)
+
+    sparse_ffn_module.dense_ffn = spy
+    try:
+        call()
+    finally:
+        sparse_ffn_module.dense_ffn = real
+    return "dense" if taken else "sparse"
+
+
+def exact_threshold(x: torch.Tensor, w_gate: torch.Tensor, sparsity: float) -> float:
+    """Exact mode: the fatrelu threshold at which `sparsity` of this batch's gate values are
+    at or under it (the model's own gate decides; no predictor)."""
+    g = (x.float() @ w_gate.float().t()).flatten()
+    return float(torch.quantile(g, sparsity).item()) if sparsity > 0 else float(g.min().item()) - 1.0
+
+
+def exact_union(x: torch.Tensor, w_gate: torch.Tensor, threshold: float) -> float:
+    return ((x.float() @ w_gate.float().t()) > threshold).any(0).float().mean().item()
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     device = args.device
     gen = torch.Generator().manual_seed(0)
@@ -157,18 +189,25 @@ def run(args: argparse.Namespace) -> list[dict]:
                                    device)
             dense_gbs = 3 * INTERMEDIATE * HIDDEN * elsize / dense_ms / 1e6
             for sparsity in args.sparsities:
-                mask = random_masks(T, sparsity, gen, device)
-                union = mask.any(0).float().mean().item()
-                fallback = default_dense_fallback(torch.device(device), dtype, T)
-                path = "dense" if union > fallback else "sparse"
+                if args.mode == "exact":
+                    act, threshold, mask = "fatrelu", exact_threshold(x, weights[0], sparsity), None
+                    union = exact_union(x, weights[0], threshold)
+                    # every gate row, then up and down rows of the neurons that fired
+                    read = (1 + 2 * union) * INTERMEDIATE * HIDDEN * elsize
+                else:
+                    act, threshold = "silu", 0.0
+                    mask = random_masks(T, sparsity, gen, device)
+                    union = mask.any(0).float().mean().item()
+                    read = union * 3 * INTERMEDIATE * HIDDEN * elsize
+                path = dispatch_path(lambda: sparse_ffn(x, *weights, act, threshold,
+                                                        predicted=mask))
                 # The sparse kernel itself (fallback off) and, where it differs, the dispatcher.
-                calls = [lambda: sparse_ffn(x, *weights, "silu", 0.0, predicted=mask,
+                calls = [lambda: sparse_ffn(x, *weights, act, threshold, predicted=mask,
                                             dense_fallback_fraction=1.0)]
                 if path == "dense":
-                    calls.append(lambda: sparse_ffn(x, *weights, "silu", 0.0, predicted=mask))
+                    calls.append(lambda: sparse_ffn(x, *weights, act, threshold, predicted=mask))
                 times = time_min(calls, args.repeats, device)
                 kernel_ms, sparse_ms = times[0], times[-1]
-                read = union * 3 * INTERMEDIATE * HIDDEN * elsize
                 row = dict(device=device, dtype=name, batch=T, sparsity=sparsity, union=union,
                            dense_ms=dense_ms, kernel_ms=kernel_ms, sparse_ms=sparse_ms,
                            speedup=dense_ms / sparse_ms, dense_gbs=dense_gbs,
@@ -216,12 +255,18 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
         f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- Command: `python bench/kernels.py {' '.join(sys.argv[1:])}`",
-        f"- Layer: Mistral-7B FFN, hidden {HIDDEN}, intermediate {INTERMEDIATE}; predicted mode, "
-        "per-row random masks; `union` = fraction of neurons the batch reads.",
+        f"- Layer: Mistral-7B FFN, hidden {HIDDEN}, intermediate {INTERMEDIATE}; "
+        + ("predicted mode, per-row random masks (SwiGLU, every predicted neuron fires)"
+           if args.mode == "predicted" else
+           "exact mode (no predictor): fatrelu with the threshold at the target quantile of "
+           "the batch's gate values")
+        + "; `union` = fraction of neurons the batch reads.",
         f"- Bandwidth ceiling (large copy, read + write): {rows[0]['ceiling']:.1f} GB/s. "
         "`kernel` = the sparse kernel with the dense fallback off; `kernel GB/s` = bytes it "
-        "reads (union x 3 rows) / time. `dispatch` = `sparse_ffn` with its default fallback "
-        "(what the engine runs); `speed-up` = dense / dispatch.",
+        "reads (" + ("union x 3 rows" if args.mode == "predicted" else
+                     "every gate row + union x (up, down) rows") + ") / time. `dispatch` = "
+        "`sparse_ffn` with its default fallback (what the engine runs); `speed-up` = dense / "
+        "dispatch.",
         "- Times are the minimum over repeats (dense and sparse interleaved), each call after "
         "evicting the last-level cache" + ("; GPU times are CUDA-event times of a CUDA-graph replay "
         "of the call (as a server runs decode; Python's launch overhead excluded)."
@@ -257,6 +302,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--copy-mb", type=int, default=1024)
     parser.add_argument("--quick", action="store_true",
                         help="batch 1 and 4, sparsity 0/50/90%%, fewer repeats")
+    parser.add_argument("--mode", choices=["predicted", "exact"], default="predicted",
+                        help="predicted: random masks given; exact: no predictor, fatrelu "
+                             "thresholds set for the target sparsity (every gate row is read)")
     parser.add_argument("--predictor-rank", type=int, default=0,
                         help="also time the predictor at this rank (TurboSparse: ~1000)")
     parser.add_argument("--out", type=Path, default=None, help="write a markdown table here")

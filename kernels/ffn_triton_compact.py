@@ -8,7 +8,8 @@ dense one does, over a tenth of the rows. The list and its length stay on the de
 sync, so decode can be captured in a CUDA graph.
 
 Four launches:
-  _compact_kernel       grid (1,), 16 warps: union of the predicted mask's rows -> IDX (ascending neuron
+  _compact_kernel       grid (1,), 16 warps (or _compact_parallel_kernel, grid
+      (cdiv(I, scan_block),), each program counting the live neurons before its block): union of the predicted mask's rows -> IDX (ascending neuron
       ids), COUNT; also zeroes ACTIVE for the neurons outside the union.
   _gate_up_kernel       grid (cdiv(I, BLOCK_I),): program p takes compact slots
       [p*BLOCK_I, (p+1)*BLOCK_I) (programs past COUNT return at once), reads those neurons'
@@ -46,6 +47,9 @@ class CompactConfig:
     down_block_h: int = 256      # output columns per down program
     down_split: int = 16         # programs along the neuron list per column block
     down_warps: int = 4
+    # 0: one program scans the whole mask; > 0: cdiv(I, scan_block) programs, each recomputing
+    # the live count before its block from the (small, L2-resident) mask.
+    scan_block: int = 0
 
 
 # NOTE: below this many batch rows the kernels multiply and reduce in registers; from here on
@@ -87,6 +91,36 @@ def _compact_kernel(PRED, IDX, COUNT, ACTIVE, T, I, stride_pt, stride_at, BLOCK:
         tl.store(IDX + slot, offs, mask=in_range & (union != 0))
         count += tl.sum(union, axis=0)
     tl.store(COUNT, count)
+
+
+@triton.jit
+def _compact_parallel_kernel(PRED, IDX, COUNT, ACTIVE, T, I, stride_pt, stride_at,
+                             BLOCK: tl.constexpr, SCAN: tl.constexpr):
+    # Same output as _compact_kernel, from cdiv(I, BLOCK) programs: program p counts the live
+    # neurons before its block itself (a sum over the mask, no cross-program communication),
+    # so the slots stay in ascending neuron order (deterministic down-projection sums).
+    pid = tl.program_id(0)
+    first = pid * BLOCK
+    before = tl.sum(tl.zeros([SCAN], dtype=tl.int32), axis=0)
+    for i0 in range(0, first, SCAN):
+        offs = i0 + tl.arange(0, SCAN)
+        in_range = offs < first
+        union = tl.zeros([SCAN], dtype=tl.int32)
+        for t in range(0, T):
+            p = tl.load(PRED + t * stride_pt + offs, mask=in_range, other=0)
+            union = tl.maximum(union, (p != 0).to(tl.int32))
+        before += tl.sum(union, axis=0)
+    offs = first + tl.arange(0, BLOCK)
+    in_range = offs < I
+    union = tl.zeros([BLOCK], dtype=tl.int32)
+    for t in range(0, T):
+        p = tl.load(PRED + t * stride_pt + offs, mask=in_range, other=0)
+        union = tl.maximum(union, (p != 0).to(tl.int32))
+    for t in range(0, T):
+        tl.store(ACTIVE + t * stride_at + offs, tl.zeros([BLOCK], dtype=tl.int8),
+                 mask=in_range & (union == 0))
+    tl.store(IDX + before + tl.cumsum(union, axis=0) - 1, offs, mask=in_range & (union != 0))
+    tl.store(COUNT, before + tl.sum(union, axis=0), mask=pid == tl.num_programs(0) - 1)
 
 
 @triton.jit
@@ -245,8 +279,13 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
     count = torch.empty(1, dtype=torch.int32, device=dev)
     active = torch.empty(T, I, dtype=torch.int8, device=dev)             # [T, I]
     hc = torch.empty(T, I, dtype=torch.float32, device=dev)              # [T, slot]
-    _compact_kernel[(1,)](pred, idx, count, active, T, I, pred.stride(0), active.stride(0),
-                          BLOCK=min(next_pow2(I), _COMPACT_MAX_BLOCK), num_warps=16)
+    if config.scan_block:
+        _compact_parallel_kernel[(triton.cdiv(I, config.scan_block),)](
+            pred, idx, count, active, T, I, pred.stride(0), active.stride(0),
+            BLOCK=config.scan_block, SCAN=min(next_pow2(I), _COMPACT_MAX_BLOCK), num_warps=8)
+    else:
+        _compact_kernel[(1,)](pred, idx, count, active, T, I, pred.stride(0), active.stride(0),
+                              BLOCK=min(next_pow2(I), _COMPACT_MAX_BLOCK), num_warps=16)
     _gate_up_kernel[(triton.cdiv(I, block_i),)](
         x, w_gate, w_up, pred, idx, count, hc, active,
         T, H, float(threshold),

@@ -1,8 +1,6 @@
 """Triton sparse FFN for decode (batch 1..64), no host sync: the launcher, and the exact-mode kernels.
 
-Predicted mode (a mask is given) runs, below DOT_MIN_ROWS batch rows, the kernels that SMALL_BATCH_PATH
-names (kernels/ffn_triton_blockwise.py or kernels/ffn_triton_compact.py), and from there on the
-compacted kernels of kernels/ffn_triton_compact.py.
+Predicted mode (a mask is given) runs the compacted kernels of kernels/ffn_triton_compact.py.
 Exact mode (no predictor: every gate row must be read to know which neurons fire) runs the two
 mask-based kernels below:
   _gate_up_kernel  grid (cdiv(I, BLOCK_I),): each program owns BLOCK_I neurons. It reads their
@@ -23,16 +21,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.ffn_triton_compact import DOT_MIN_ROWS, CompactConfig, ffn_compact
-from kernels.ffn_triton_blockwise import BlockwiseConfig, ffn_blockwise
+from kernels.ffn_triton_compact import CompactConfig, ffn_compact
 from kernels.sparse_ffn_ref import check_act
 from kernels.triton_utils import check_device, dot_in_fp32, next_pow2
 
 _ACT_CODES = {"silu": 0, "relu": 1, "drelu": 2, "fatrelu": 3}
-# NOTE: predicted mode under DOT_MIN_ROWS rows: "blockwise" or "compact", whichever
-# bench/tune_triton_ffn.py measured faster on a GPU.
-SMALL_BATCH_PATHS = ("blockwise", "compact")
-SMALL_BATCH_PATH = "compact"
 
 
 @triton.jit
@@ -136,10 +129,7 @@ def sparse_ffn_triton(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
                       threshold: float = 0.0, predicted: Tensor | None = None,
                       dense_fallback_fraction: float = 1.0,
                       block_i: int = 32, block_h: int = 128, split_i: int | None = None,
-                      compact_config: CompactConfig | None = None,
-                      blockwise_config: BlockwiseConfig | None = None,
-                      small_batch_path: str | None = None
-                      ) -> tuple[Tensor, Tensor]:
+                      compact_config: CompactConfig | None = None) -> tuple[Tensor, Tensor]:
     """Sparse FFN launcher.
 
     x [T, H] (T <= 64); w_gate, w_up, w_down_t [I, H] with unit stride along H and one dtype
@@ -148,8 +138,7 @@ def sparse_ffn_triton(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
     NOTE: a dense_fallback_fraction below 1 costs one host sync (the mask's density is read on
     the host); the default 1.0 keeps the call sync-free for CUDA graphs. At full density the
     masked loads read the same bytes as dense, so never falling back costs only kernel tuning.
-    block_i / block_h / split_i tune the exact-mode kernels; compact_config, blockwise_config
-    and small_batch_path the predicted mode.
+    block_i / block_h / split_i tune the exact-mode kernels, compact_config the predicted mode.
     """
     check_act(act)
     check_device(x, w_gate, w_up, w_down_t)
@@ -168,13 +157,8 @@ def sparse_ffn_triton(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
             if predicted.any(0).float().mean().item() > dense_fallback_fraction:
                 from kernels.sparse_ffn_ref import dense_ffn
                 return dense_ffn(x, w_gate, w_up, w_down_t, act, threshold, predicted)
-        args = (x.contiguous(), w_gate, w_up, w_down_t, _ACT_CODES[act], threshold,
-                predicted.contiguous())
-        path = small_batch_path or SMALL_BATCH_PATH
-        assert path in SMALL_BATCH_PATHS, f"small_batch_path must be one of {SMALL_BATCH_PATHS}"
-        if T < DOT_MIN_ROWS and path == "blockwise":
-            return ffn_blockwise(*args, blockwise_config)
-        return ffn_compact(*args, dot_in_fp32(w_gate.dtype), compact_config)
+        return ffn_compact(x.contiguous(), w_gate, w_up, w_down_t, _ACT_CODES[act], threshold,
+                           predicted.contiguous(), dot_in_fp32(w_gate.dtype), compact_config)
     block_t = max(16, next_pow2(T))
     dot_fp32 = dot_in_fp32(w_gate.dtype)
 

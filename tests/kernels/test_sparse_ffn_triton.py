@@ -7,9 +7,8 @@ pytest.importorskip("triton")
 
 from tests.kernels.kernel_cases import (DTYPES, SPARSITIES, assert_close, assert_mask_equal, ffn_weights,
                           poison_allocations, predicted_mask, triton_device)
-from kernels import ffn_triton_blockwise, ffn_triton_compact, sparse_ffn_triton
+from kernels import ffn_triton_compact, sparse_ffn_triton
 from kernels.ffn_triton_compact import CompactConfig
-from kernels.ffn_triton_blockwise import BlockwiseConfig
 from kernels.sparse_ffn_ref import ACTIVATIONS, sparse_ffn_ref
 
 # (T, H, I): batch 1, 3 (both multiply-reduce in registers) and 5 (tl.dot); H and I off the
@@ -17,9 +16,7 @@ from kernels.sparse_ffn_ref import ACTIVATIONS, sparse_ffn_ref
 SHAPES = [(1, 96, 80), (3, 70, 90), (5, 150, 70)]
 # Small tiles, so that several programs and several steps of each loop run on these shapes.
 SMALL_TILES = CompactConfig(gate_block_i=4, gate_block_h=32, down_block_k=4, down_block_h=32,
-                            down_split=3)
-SMALL_BLOCKWISE = BlockwiseConfig(gate_block_n=16, gate_block_i=4, gate_block_h=32,
-                                  down_block_n=16, down_block_i=4, down_block_h=32, down_split=3)
+                            down_split=3, scan_block=16)
 THRESHOLD = {"silu": 0.05, "relu": 0.0, "drelu": 0.0, "fatrelu": 0.1}
 
 
@@ -37,21 +34,15 @@ def test_predicted_mode(monkeypatch, shape, sparsity, dtype):
     act = ACTIVATIONS[(SPARSITIES.index(sparsity) + SHAPES.index(shape) + DTYPES.index(dtype)) % 4]
     poison_allocations(monkeypatch, sparse_ffn_triton)
     poison_allocations(monkeypatch, ffn_triton_compact)
-    poison_allocations(monkeypatch, ffn_triton_blockwise)
     small = (SPARSITIES.index(sparsity) + SHAPES.index(shape)) % 2 == 1
+    out, active = sparse_ffn_triton.sparse_ffn_triton(
+        x, wg, wu, wd, act, THRESHOLD[act], pred, compact_config=SMALL_TILES if small else None)
     ref, ref_active = sparse_ffn_ref(x, wg, wu, wd, act, THRESHOLD[act], pred)
-    # Both predicted-mode paths (blockwise applies only below DOT_MIN_ROWS rows).
-    small_batch = T < ffn_triton_compact.DOT_MIN_ROWS
-    for path in sparse_ffn_triton.SMALL_BATCH_PATHS if small_batch else ("compact",):
-        out, active = sparse_ffn_triton.sparse_ffn_triton(
-            x, wg, wu, wd, act, THRESHOLD[act], pred, small_batch_path=path,
-            compact_config=SMALL_TILES if small else None,
-            blockwise_config=SMALL_BLOCKWISE if small else None)
-        assert_close(out, ref, dtype)
-        assert_mask_equal(active, ref_active)
-        assert not (active & ~pred).any(), f"{path}: an unpredicted neuron was reported active"
-        if sparsity == 1.0:
-            assert out.abs().max().item() == 0.0
+    assert_close(out, ref, dtype)
+    assert_mask_equal(active, ref_active)
+    assert not (active & ~pred).any(), "an unpredicted neuron was reported active"
+    if sparsity == 1.0:
+        assert out.abs().max().item() == 0.0
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -88,3 +79,19 @@ def test_rejects_bad_layout():
     w = torch.randn(32, 16, device=device).t()  # [16, 32] but stride(1) != 1
     with pytest.raises(AssertionError):
         sparse_ffn_triton.sparse_ffn_triton(x, w, w, w, "relu")
+
+
+@pytest.mark.parametrize("scan_block", [0, 16])
+def test_compaction_scans_in_several_chunks(monkeypatch, scan_block):
+    # A mask wider than one scan chunk (the default chunk is 16384 neurons: shrink it).
+    monkeypatch.setattr(ffn_triton_compact, "_COMPACT_MAX_BLOCK", 32)
+    gen = torch.Generator().manual_seed(5)
+    device = triton_device()
+    x, wg, wu, wd = ffn_weights(2, 40, 150, torch.float32, gen, device)
+    pred = predicted_mask(2, 150, 0.7, gen).to(device)
+    config = CompactConfig(scan_block=scan_block)
+    out, active = sparse_ffn_triton.sparse_ffn_triton(x, wg, wu, wd, "relu", 0.0, pred,
+                                                      compact_config=config)
+    ref, ref_active = sparse_ffn_ref(x, wg, wu, wd, "relu", 0.0, pred)
+    assert_close(out, ref, torch.float32)
+    assert_mask_equal(active, ref_active)
