@@ -9,8 +9,10 @@ from kernels.sparse_ffn_ref import ACTIVATIONS, sparse_ffn_ref
 from tests.kernels.kernel_cases import (DTYPES, SPARSITIES, assert_close, assert_mask_equal,
                                         ffn_weights, poison_allocations, predicted_mask)
 
-# (T, H, I): batch 1, > 1 and the native maximum; H off the 32/16/8-wide vector loops.
-SHAPES = [(1, 77, 130), (4, 256, 96), (64, 40, 33)]
+# (T, H, I): batch 1, > 1 and the native maximum; H off the 32/16/8-wide vector loops. (1, 40, 600)
+# spans several neuron chunks of the batch-1 path (kRowChunk 256); (16, 600, 50) several hidden
+# blocks of phase 2 (kOutBlockBytes: 256 floats at 16 rows) with a remainder.
+SHAPES = [(1, 77, 130), (1, 40, 600), (4, 256, 96), (16, 600, 50), (64, 40, 33)]
 THRESHOLD = {"silu": 0.05, "relu": 0.0, "drelu": 0.0, "fatrelu": 0.1}
 
 needs_native = pytest.mark.skipif(not cpu_native.available(),
