@@ -3,7 +3,8 @@
 Dispatch: CUDA tensors -> Triton kernels (kernels/sparse_ffn_triton.py, imported lazily so
 that CPU-only processes never import Triton); CPU tensors -> the native copy-free kernel
 (kernels/sparse_ffn_cpu.py), or stock torch ops if it cannot be built. Above
-`dense_fallback_fraction` of the batch's (predicted) neurons, the dense path is used instead.
+`dense_fallback_fraction` of the batch's (predicted) neurons, the dense path is used instead
+(on the CPU: of the batch's predicted (row, neuron) pairs; see the NOTE on the defaults).
 
 Semantics (kernels/sparse_ffn_ref.py is the definition):
     g = x @ w_gate.T ; u = x @ w_up.T
@@ -27,19 +28,31 @@ from kernels.sparse_ffn_ref import check_act, dense_ffn, predict_active_ref
 
 logger = logging.getLogger(__name__)
 
-# NOTE: measured crossovers (bench/kernels.py, docs/benchmarks/kernels.md): the fraction of
-# neurons the batch reads above which the dense path is used.
-# - CPU float32, batch 1: the native kernel reads each active row once but at ~80% of the
-#   bandwidth torch's dense GEMV reaches on one full stream (rows are scattered), so it loses
-#   near full density: measured 0.82x dense at 100% active, 1.05x at 75%.
-# - CPU float32, batch >= 2: torch's small-M SGEMM is 2-4x slower than its GEMV per byte here,
-#   while the native kernel reads each row once for the whole batch: it wins at any density.
-# - CPU bf16/fp16: torch's 16-bit CPU GEMM (no bf16 units on this class of CPU) is over 10x
-#   slower than the native kernel even at full density: never fall back.
+# NOTE: measured crossovers: the fraction above which the dense path is used. On the CPU the
+# fraction compared is the batch's mean predicted fraction per row, i.e. the share of the
+# (row, neuron) products the native kernel computes (at batch 1: the share of neurons it reads).
+# Exact mode computes every gate product before it knows the sparsity, so it counts as 1.0.
+# Measured 2026-11-26 02:49 UTC on the 2-core AMD EPYC VM, no other process running (load
+# 1.4-1.7), `python bench/cpu_crossover.py` (weights on huge pages as the engine loads them;
+# random per-row masks; exact = calibrated |silu| threshold), native vs dense ms per layer:
+# - CPU float32, 1-11 rows: the native kernel wins at any density. All neurons active: SmolLM2
+#   (576 x 1536) 1 row 0.63 vs 1.59, 8 rows 1.69 vs 2.91; Mistral (4096 x 14336) 1 row 34 vs
+#   56, 12 rows 138 vs 285. Decode is bandwidth-bound, MKL's GEMV reaches ~13 GB/s on this AMD
+#   CPU (the kernel ~17-19 GB/s), and its small-M SGEMM is slower still per byte.
+# - CPU float32, >= 12 rows: both become compute-bound and MKL's SGEMM does more FLOP/s than the
+#   kernel's dot products, so the kernel wins only on the products it skips. SmolLM2: 12 rows
+#   all active 3.20 vs 2.75; 16 rows exact mode at 30% sparsity 3.06 vs 2.80, predicted 50%
+#   2.08 vs 2.80; 64 rows predicted 50% 6.72 vs 5.84, 70% 4.40 vs 5.84, exact 30% 9.09 vs 5.84.
+#   Mistral keeps winning longer (64 rows, 50%: 393 vs 500; all active: 728 vs 500); the
+#   threshold follows the smaller shape, the engine's default model.
+# - CPU bf16/fp16: torch's 16-bit CPU GEMM (no bf16 units on this class of CPU) is 3-35x
+#   slower than the native kernel at any density and batch (SmolLM2 64 rows, all active: 9.7
+#   vs 81 ms): never fall back.
 # - CUDA: 1.0 (never): the masked row loads read no more bytes than dense at any density, and a
 #   fraction below 1 costs a host sync per call (breaking CUDA-graph capture); run
 #   bench/gpu_check.sh on a GPU to measure the crossover there.
-CPU_FP32_BATCH1_FALLBACK = 0.75
+CPU_FP32_COMPUTE_BOUND_ROWS = 12
+CPU_FP32_COMPUTE_BOUND_FALLBACK = 0.4
 CUDA_DENSE_FALLBACK = 1.0
 
 
@@ -47,8 +60,8 @@ def default_dense_fallback(device: torch.device, dtype: torch.dtype, num_rows: i
     """The measured default crossover for `num_rows` rows of `dtype` weights on `device`."""
     if device.type == "cuda":
         return CUDA_DENSE_FALLBACK
-    if dtype == torch.float32 and num_rows == 1:
-        return CPU_FP32_BATCH1_FALLBACK
+    if dtype == torch.float32 and num_rows >= CPU_FP32_COMPUTE_BOUND_ROWS:
+        return CPU_FP32_COMPUTE_BOUND_FALLBACK
     return 1.0
 
 
@@ -100,12 +113,10 @@ def _sparse_ffn_cpu(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, a
                     ) -> tuple[Tensor, Tensor]:
     # NOTE: on the CPU a host read of the mask is free (no device to sync with).
     if fallback < 1.0:
-        if predicted is None:
-            # Exact mode reads every gate row anyway; plain SwiGLU (silu, threshold 0) activates
-            # every neuron, so it is dense by definition.
-            if act == "silu" and threshold <= 0.0:
-                return dense_ffn(x, w_gate, w_up, w_down_t, act, threshold, predicted)
-        elif predicted.any(0).float().mean().item() > fallback:
+        # The share of (row, neuron) products the native kernel computes; exact mode computes
+        # every gate product before it knows which neurons fire.
+        density = 1.0 if predicted is None else predicted.float().mean().item()
+        if density > fallback:
             return dense_ffn(x, w_gate, w_up, w_down_t, act, threshold, predicted)
     contiguous = all(w.is_contiguous() for w in (w_gate, w_up, w_down_t))
     if contiguous and sparse_ffn_cpu.native_supported(x, w_gate):

@@ -1,13 +1,19 @@
 """CPU sparse FFN paths (native kernel, stock-torch path, dispatcher) vs the torch reference."""
 
+import importlib
+
 import pytest
 import torch
 
 from kernels import cpu_native, sparse_ffn_cpu
-from kernels.sparse_ffn import sparse_ffn
+from kernels.sparse_ffn import default_dense_fallback, sparse_ffn
 from kernels.sparse_ffn_ref import ACTIVATIONS, sparse_ffn_ref
 from tests.kernels.kernel_cases import (DTYPES, SPARSITIES, assert_close, assert_mask_equal,
                                         ffn_weights, poison_allocations, predicted_mask)
+
+# NOTE: the module, not the `kernels.sparse_ffn` attribute (the package re-exports the function
+# under the module's name).
+dispatch = importlib.import_module("kernels.sparse_ffn")
 
 # (T, H, I): batch 1, > 1 and the native maximum; H off the 32/16/8-wide vector loops. (1, 40, 600)
 # spans several neuron chunks of the batch-1 path (kRowChunk 256); (16, 600, 50) several hidden
@@ -136,3 +142,47 @@ def test_package_exports_public_api():
 
     assert kernels.sparse_ffn is sparse_ffn
     assert callable(kernels.predict_active) and callable(kernels.paged_attention_decode)
+
+
+def test_default_fallbacks():
+    cpu = torch.device("cpu")
+    rows = dispatch.CPU_FP32_COMPUTE_BOUND_ROWS
+    for T in (1, 2, rows - 1):
+        assert default_dense_fallback(cpu, torch.float32, T) == 1.0
+    for T in (rows, 64):
+        assert default_dense_fallback(cpu, torch.float32, T) == dispatch.CPU_FP32_COMPUTE_BOUND_FALLBACK
+    for dtype in (torch.bfloat16, torch.float16):
+        assert default_dense_fallback(cpu, dtype, 64) == 1.0
+    assert default_dense_fallback(torch.device("cuda"), torch.float32, 64) == 1.0
+
+
+@needs_native
+@pytest.mark.parametrize("T, dtype, sparsity, route", [
+    (1, torch.float32, None, "native"),        # batch 1 is bandwidth-bound: native at any density
+    (1, torch.float32, 0.0, "native"),
+    (11, torch.float32, None, "native"),       # below the compute-bound rows
+    (12, torch.float32, None, "dense"),        # exact mode counts as every product computed
+    (12, torch.float32, 0.5, "dense"),         # 50% of the products > 40%
+    (16, torch.float32, 0.7, "native"),        # 30% of the products
+    (64, torch.float32, 0.5, "dense"),
+    (16, torch.bfloat16, None, "native"),      # 16-bit dense is slower at any density
+    (16, torch.bfloat16, 0.0, "native"),
+])
+def test_dispatch_rule(monkeypatch, T, dtype, sparsity, route):
+    """Default dispatch on the CPU: which path runs, and it still gives the reference result."""
+    calls = []
+    real_dense, real_native = dispatch.dense_ffn, sparse_ffn_cpu.sparse_ffn_native
+    monkeypatch.setattr(dispatch, "dense_ffn",
+                        lambda *a, **k: calls.append("dense") or real_dense(*a, **k))
+    monkeypatch.setattr(sparse_ffn_cpu, "sparse_ffn_native",
+                        lambda *a, **k: calls.append("native") or real_native(*a, **k))
+    gen = torch.Generator().manual_seed(T)
+    x, wg, wu, wd = ffn_weights(T, 64, 100, dtype, gen)
+    pred = None if sparsity is None else predicted_mask(T, 100, sparsity, gen)
+    out, active = sparse_ffn(x, wg, wu, wd, "silu", 0.05, predicted=pred)
+    ref, ref_active = sparse_ffn_ref(x, wg, wu, wd, "silu", 0.05, pred)
+    assert calls == [route]
+    assert_close(out, ref, dtype)
+    # 16-bit dense computes in the weights' dtype and may flip a neuron on the threshold.
+    if dtype == torch.float32:
+        assert_mask_equal(active, ref_active)
