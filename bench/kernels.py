@@ -213,8 +213,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                            speedup=dense_ms / sparse_ms, dense_gbs=dense_gbs,
                            sparse_gbs=read / kernel_ms / 1e6, ceiling=ceiling, path=path)
                 rows.append(row)
-                logger.info("%s %s T=%-2d sparsity=%3.0f%% union=%5.1f%% dense %8.2f ms "
-                            "kernel %8.2f ms  dispatch (%s) %8.2f ms  %5.2fx  kernel %5.1f GB/s "
+                logger.info("%s %s T=%-2d sparsity=%3.0f%% union=%5.1f%% dense %8.3f ms "
+                            "kernel %8.3f ms  dispatch (%s) %8.3f ms  %5.2fx  kernel %5.1f GB/s "
                             "(%3.0f%% of ceiling)", device, name, T, sparsity * 100, union * 100,
                             dense_ms, kernel_ms, path, sparse_ms, row["speedup"],
                             row["sparse_gbs"], 100 * row["sparse_gbs"] / ceiling)
@@ -279,9 +279,9 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     for r in rows:
         lines.append(
             f"| {r['device']} | {r['dtype']} | {r['batch']} | {r['sparsity']:.0%} | "
-            f"{r['union']:.1%} | {r['dense_ms']:.2f} | {r['kernel_ms']:.2f} | "
+            f"{r['union']:.1%} | {r['dense_ms']:.3f} | {r['kernel_ms']:.3f} | "
             f"{r['sparse_gbs']:.1f} | {100 * r['sparse_gbs'] / r['ceiling']:.0f}% | "
-            f"{r['path']} | {r['sparse_ms']:.2f} | {r['speedup']:.2f}x |")
+            f"{r['path']} | {r['sparse_ms']:.3f} | {r['speedup']:.2f}x |")
     if args.predictor_rows:
         lines += ["", f"Predictor (`predict_active`, fc1 [{args.predictor_rank}, {HIDDEN}], fc2 "
                   f"[{INTERMEDIATE}, {args.predictor_rank}], every weight read):", "",
