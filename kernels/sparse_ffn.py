@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 CPU_FP32_COMPUTE_BOUND_ROWS = 12
 CPU_FP32_COMPUTE_BOUND_FALLBACK = 0.4
 CUDA_DENSE_FALLBACK = 1.0
+CUDA_SPARSE_MAX_ROWS = 8
 
 
 def default_dense_fallback(device: torch.device, dtype: torch.dtype, num_rows: int) -> float:
@@ -65,7 +66,7 @@ def default_dense_fallback(device: torch.device, dtype: torch.dtype, num_rows: i
     return 1.0
 
 
-# Above this many rows (prefill) the GPU path is always dense: the work is compute-bound.
+# Above this many rows (prefill) the GPU predictor is cuBLAS: the work is compute-bound.
 MAX_SPARSE_BATCH = 64
 # The gather-based torch CPU path (no compiler) beats dense only below ~20% active neurons.
 TORCH_PATH_CROSSOVER = 0.2
@@ -100,7 +101,7 @@ def sparse_ffn(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act: s
     fallback = (default_dense_fallback(x.device, w_gate.dtype, T) if dense_fallback_fraction is None
                 else dense_fallback_fraction)
     if x.is_cuda:
-        if T > MAX_SPARSE_BATCH:
+        if T > CUDA_SPARSE_MAX_ROWS:
             return dense_ffn(x, w_gate, w_up, w_down_t, act, threshold, predicted)
         from kernels import sparse_ffn_triton  # NOTE: lazy, see the module docstring
         return sparse_ffn_triton.sparse_ffn_triton(
