@@ -48,9 +48,12 @@ logger = logging.getLogger(__name__)
 # - CPU bf16/fp16: torch's 16-bit CPU GEMM (no bf16 units on this class of CPU) is 3-35x
 #   slower than the native kernel at any density and batch (SmolLM2 64 rows, all active: 9.7
 #   vs 81 ms): never fall back.
-# - CUDA: 1.0 (never): the masked row loads read no more bytes than dense at any density, and a
-#   fraction below 1 costs a host sync per call (breaking CUDA-graph capture); run
-#   bench/gpu_check.sh on a GPU to measure the crossover there.
+# - CUDA: 1.0 (never): a fraction below 1 costs a host sync per call (breaking CUDA-graph
+#   capture). Instead a shape rule: above CUDA_SPARSE_MAX_ROWS rows the call goes to cuBLAS.
+#   Measured on an H100 (bench/gpu_check.sh, bf16, Mistral-7B FFN, random per-row masks,
+#   docs/benchmarks/kernels_gpu.md): up to 8 rows the Triton kernels are 0.91-1.01x cuBLAS when
+#   the batch reads every neuron and win from there on (8 rows at 90%: union 57%, 1.18x); at 16
+#   rows they lost at every measured sparsity (0.97-0.98x; unions of 56-100%).
 CPU_FP32_COMPUTE_BOUND_ROWS = 12
 CPU_FP32_COMPUTE_BOUND_FALLBACK = 0.4
 CUDA_DENSE_FALLBACK = 1.0
