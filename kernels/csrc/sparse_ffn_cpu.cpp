@@ -5,9 +5,9 @@
 // straight from the weight tensors: no gather copy (a torch `W[idx]` gather writes the active rows
 // before reading them, which costs more than it saves below ~90% sparsity).
 //
-// Batch 1 (sparse_ffn_row): one pass, each thread takes chunks of neurons and for each reads the
-//   gate row, the up row if the gate survived, and the down row if h != 0, into its own copy of
-//   out; the copies are summed at the end.
+// Batch 1 (sparse_ffn_row): one pass, threads take chunks of neurons and for each neuron read the
+//   gate row, the up row if the gate survived, and the down row if h != 0, into the chunk's
+//   partial out; the partials are summed in chunk order at the end (deterministic).
 // Batch > 1:
 // Phase 1 (threads split the neurons): for each candidate neuron (all neurons, or the union of the
 //   predicted ones) read its gate row and compute g for every batch row; apply the activation;
@@ -242,29 +242,36 @@ inline int64_t next_candidate(const uint8_t* predicted, int64_t i, int64_t T, in
   return I;
 }
 
-// Batch 1: one pass per neuron, gate -> up -> down, each thread accumulating its own copy of
-// out (H floats, in L1/L2) that is summed at the end. Versus the two-phase path below it reads
-// each down row whole (not one half-row slice per thread), has no barrier between the phases,
-// and balances the down rows dynamically too. NOTE: measured (Mistral layer, fp32, 90%
-// predicted sparsity, calls interleaved): the same on a quiet machine (3.90 vs 4.02 ms, at the
-// ~17 GB/s read bandwidth), faster with another process on one of the 2 cores (4.3 vs 6.4 ms
-// next to a busy loop, 5.2 vs 6.4 ms next to a memory copy, 8.0 vs 14.3 ms in one such episode
-// of the shared machine), where a preempted thread holds back only its current chunk. Fetching
-// two rows ahead instead of one: 4.0 vs 5.7 ms next to the memory copy, equal when quiet.
+// Batch 1: one pass per neuron, gate -> up -> down, each chunk of neurons accumulating its own
+// partial out (H floats, in L1/L2); the partials are summed in chunk order at the end, so the
+// result does not depend on which thread ran which chunk. Versus the two-phase path below it
+// reads each down row whole (not one half-row slice per thread), has no barrier between the
+// gate/up and down phases, and balances the down rows dynamically too. NOTE: measured (Mistral
+// layer, fp32, 90% predicted sparsity, calls interleaved): the same on a quiet machine (3.90 vs
+// 4.02 ms, at the ~17 GB/s read bandwidth), faster with another process on one of the 2 cores
+// (4.3 vs 6.4 ms next to a busy loop, 5.2 vs 6.4 ms next to a memory copy, 8.0 vs 14.3 ms in
+// one such episode of the shared machine), where a preempted thread holds back only its
+// current chunk. Fetching two rows ahead instead of one: 4.0 vs 5.7 ms next to the memory copy,
+// equal when quiet. Per-thread instead of per-chunk partials were 4% faster (4.04 vs 4.20 ms)
+// but gave 86 different outputs in 200 identical calls.
 template <typename D>
 void sparse_ffn_row(const float* x, const typename D::T* w_gate, const typename D::T* w_up,
                     const typename D::T* w_down_t, const uint8_t* predicted, float* h,
                     uint8_t* active, float* out, int64_t H, int64_t I, int act,
                     float threshold, int num_threads) {
-  std::memset(out, 0, sizeof(float) * H);
+  // One partial out per chunk of neurons, summed in chunk order: the result does not depend on
+  // which thread ran which chunk (dynamic scheduling), so repeated calls are bitwise equal.
+  const int64_t num_chunks = (I + kRowChunk - 1) / kRowChunk;
+  std::vector<float> partial(num_chunks * H);
+  std::vector<uint8_t> used(num_chunks, 0);
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<float> acc(H, 0.f);
     const int row0 = 0;
     float g, u;
-#pragma omp for schedule(dynamic, 1) nowait
-    for (int64_t c = 0; c < I; c += kRowChunk) {
-      const int64_t end = c + kRowChunk < I ? c + kRowChunk : I;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t ci = 0; ci < num_chunks; ++ci) {
+      const int64_t c = ci * kRowChunk, end = c + kRowChunk < I ? c + kRowChunk : I;
+      float* acc = partial.data() + ci * H;
       std::memset(h + c, 0, sizeof(float) * (end - c));
       std::memset(active + c, 0, end - c);
       int64_t i = c;
@@ -291,15 +298,25 @@ void sparse_ffn_row(const float* x, const typename D::T* w_gate, const typename 
           const float v = a * ((act == ACT_DRELU && u < 0.f) ? 0.f : u);
           h[i] = v;
           active[i] = v != 0.f;
-          if (v != 0.f)
-            axpy_rows<D, 1>(w_down_t + i * H, &v, acc.data(), &row0, H, H,
+          if (v != 0.f) {
+            if (!used[ci]) {
+              std::memset(acc, 0, sizeof(float) * H);
+              used[ci] = 1;
+            }
+            axpy_rows<D, 1>(w_down_t + i * H, &v, acc, &row0, H, H,
                             predicted != nullptr ? next_up : next_gate);
+          }
         }
         i = next;
       }
-    }
-#pragma omp critical
-    for (int64_t k = 0; k < H; ++k) out[k] += acc[k];
+    }  // implicit barrier: the reduction reads every chunk's partial
+    const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int64_t slice = ((H + nt - 1) / nt + 15) / 16 * 16;
+    const int64_t lo = tid * slice, hi = lo + slice < H ? lo + slice : H;
+    for (int64_t k = lo; k < hi; ++k) out[k] = 0.f;
+    for (int64_t ci = 0; ci < num_chunks; ++ci)
+      if (used[ci])
+        for (int64_t k = lo; k < hi; ++k) out[k] += partial[ci * H + k];
   }
 }
 

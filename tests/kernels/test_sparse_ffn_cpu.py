@@ -59,6 +59,19 @@ def test_native_exact(monkeypatch, shape, act, dtype):
     assert 0 < ref_active.sum() < ref_active.numel()
 
 
+@needs_native
+@pytest.mark.parametrize("T", [1, 4])
+def test_native_is_deterministic(T):
+    """Identical calls give bitwise identical outputs, whichever thread ran which neurons."""
+    gen = torch.Generator().manual_seed(5)
+    x, wg, wu, wd = ffn_weights(T, 64, 2000, torch.float32, gen)  # 8 neuron chunks at batch 1
+    for pred in (predicted_mask(T, 2000, 0.7, gen), None):
+        first, _ = sparse_ffn_cpu.sparse_ffn_native(x, wg, wu, wd, "silu", 0.05, pred)
+        for _ in range(20):
+            out, _ = sparse_ffn_cpu.sparse_ffn_native(x, wg, wu, wd, "silu", 0.05, pred)
+            assert torch.equal(out, first)
+
+
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 @pytest.mark.parametrize("act", ACTIVATIONS)
 def test_torch_path(sparsity, act):
