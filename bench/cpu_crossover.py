@@ -29,17 +29,12 @@ import torch.nn.functional as F
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from engine.huge_pages import huge_page_bytes
+from engine.huge_pages import copy_to_huge_pages
 from kernels import sparse_ffn_cpu
 from kernels.sparse_ffn_ref import dense_ffn
 
 SHAPES = {"smollm2": (576, 1536, 30), "mistral": (4096, 14336, 1)}  # hidden, intermediate, layers
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def on_huge_pages(w: torch.Tensor) -> torch.Tensor:
-    out = huge_page_bytes(w.numel() * w.element_size()).view(w.dtype).view(w.shape)
-    return out.copy_(w)
 
 
 def per_layer_ms(layers: list, call, repeats: int, flush: torch.Tensor) -> float:
@@ -75,7 +70,7 @@ def main() -> None:
         H, I, num_layers = SHAPES[shape]
         for name in args.dtypes:
             dtype = DTYPES[name]
-            layers = [[on_huge_pages((torch.randn(I, H, generator=gen) * H ** -0.5).to(dtype))
+            layers = [[copy_to_huge_pages((torch.randn(I, H, generator=gen) * H ** -0.5).to(dtype))
                        for _ in range(3)] for _ in range(num_layers)]  # w_gate, w_up, w_down_t
             for T in args.rows:
                 x = torch.randn(T, H, generator=gen)

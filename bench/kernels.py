@@ -35,6 +35,7 @@ import torch
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+from engine.huge_pages import copy_to_huge_pages  # noqa: E402
 from kernels.sparse_ffn import predict_active, sparse_ffn  # noqa: E402
 from kernels.sparse_ffn_ref import dense_ffn  # noqa: E402
 
@@ -44,6 +45,12 @@ sparse_ffn_module = importlib.import_module("kernels.sparse_ffn")
 logger = logging.getLogger("bench.kernels")
 HIDDEN, INTERMEDIATE = 4096, 14336
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def place(w: torch.Tensor, device: str) -> torch.Tensor:
+    """Weights where the engine keeps them: on the GPU, or on CPU huge pages (engine/huge_pages.py;
+    5-20% faster scattered-row reads than 4 KiB pages here)."""
+    return w.to(device) if device != "cpu" else copy_to_huge_pages(w)
 
 
 def _sync(device: str) -> None:
@@ -180,8 +187,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     for name in args.dtypes:
         dtype = DTYPES[name]
         scale = HIDDEN ** -0.5
-        weights = [(torch.randn(INTERMEDIATE, HIDDEN, generator=gen) * scale).to(dtype).to(device)
-                   for _ in range(3)]  # w_gate, w_up, w_down_t: [I, H] each
+        weights = [place((torch.randn(INTERMEDIATE, HIDDEN, generator=gen) * scale).to(dtype),
+                         device) for _ in range(3)]  # w_gate, w_up, w_down_t: [I, H] each
         elsize = weights[0].element_size()
         for T in args.batches:
             x = torch.randn(T, HIDDEN, generator=gen).to(dtype).to(device)
@@ -229,8 +236,8 @@ def run_predictor(args: argparse.Namespace) -> list[dict]:
     rows = []
     for name in args.dtypes:
         dtype = DTYPES[name]
-        fc1 = (torch.randn(rank, HIDDEN, generator=gen) * HIDDEN ** -0.5).to(dtype).to(device)
-        fc2 = (torch.randn(INTERMEDIATE, rank, generator=gen) * rank ** -0.5).to(dtype).to(device)
+        fc1 = place((torch.randn(rank, HIDDEN, generator=gen) * HIDDEN ** -0.5).to(dtype), device)
+        fc2 = place((torch.randn(INTERMEDIATE, rank, generator=gen) * rank ** -0.5).to(dtype), device)
         for T in args.batches:
             x = torch.randn(T, HIDDEN, generator=gen).to(dtype).to(device)
             (ms,) = time_min([lambda: predict_active(x, fc1, fc2)], args.repeats, device)

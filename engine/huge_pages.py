@@ -35,6 +35,13 @@ def huge_page_bytes(num_bytes: int) -> torch.Tensor:
     return arena
 
 
+def copy_to_huge_pages(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of CPU tensor t in its own huge-page arena (benchmarks place their
+    weights the way the engine does)."""
+    out = huge_page_bytes(t.numel() * t.element_size()).view(t.dtype).view(t.shape)
+    return out.copy_(t)
+
+
 @torch.no_grad()
 def pack_on_huge_pages(module: torch.nn.Module) -> int:
     """Move every CPU parameter and buffer storage of `module` into one huge-page arena.
