@@ -8,9 +8,9 @@ dense one does, over a tenth of the rows. The list and its length stay on the de
 sync, so decode can be captured in a CUDA graph.
 
 Four launches:
-  _compact_kernel       grid (1,), 16 warps (or _compact_parallel_kernel, grid
-      (cdiv(I, scan_block),), each program counting the live neurons before its block): union of the predicted mask's rows -> IDX (ascending neuron
-      ids), COUNT; also zeroes ACTIVE for the neurons outside the union.
+  _compact_kernel       grid (cdiv(I, BLOCK),): union of the predicted mask's rows -> IDX
+      (ascending neuron ids), COUNT; also zeroes ACTIVE for the neurons outside the union.
+      Program p counts the live neurons before its block itself, so no program waits on another.
   _gate_up_kernel       grid (cdiv(I, BLOCK_I),): program p takes compact slots
       [p*BLOCK_I, (p+1)*BLOCK_I) (programs past COUNT return at once), reads those neurons'
       gate and up rows in one pass over H, applies the activation and the per-row prediction,
@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.triton_utils import next_pow2
+from kernels.triton_utils import activate_gate, next_pow2
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,9 @@ class CompactConfig:
     down_block_h: int = 256      # output columns per down program
     down_split: int = 16         # programs along the neuron list per column block
     down_warps: int = 4
-    # 0: one program scans the whole mask; > 0: cdiv(I, scan_block) programs, each recomputing
-    # the live count before its block from the (small, L2-resident) mask.
+    # neurons per compaction program; 0: one program for the whole mask (up to
+    # _COMPACT_MAX_BLOCK neurons). More programs each recount the live neurons before their
+    # block from the (small, L2-resident) mask.
     scan_block: int = 0
 
 
@@ -76,48 +77,30 @@ def default_config(T: int) -> CompactConfig:
 
 
 @triton.jit
-def _compact_kernel(PRED, IDX, COUNT, ACTIVE, T, I, stride_pt, stride_at, BLOCK: tl.constexpr):
-    offs0 = tl.arange(0, BLOCK)
-    count = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)   # an int32 scalar (loop-carried)
-    for i0 in range(0, I, BLOCK):
-        offs = i0 + offs0
-        in_range = offs < I
-        union = tl.zeros([BLOCK], dtype=tl.int32)
-        for t in range(0, T):
-            p = tl.load(PRED + t * stride_pt + offs, mask=in_range, other=0)
-            union = tl.maximum(union, (p != 0).to(tl.int32))
-        for t in range(0, T):
-            tl.store(ACTIVE + t * stride_at + offs, tl.zeros([BLOCK], dtype=tl.int8),
-                     mask=in_range & (union == 0))
-        slot = count + tl.cumsum(union, axis=0) - 1
-        tl.store(IDX + slot, offs, mask=in_range & (union != 0))
-        count += tl.sum(union, axis=0)
-    tl.store(COUNT, count)
-
-
-@triton.jit
-def _compact_parallel_kernel(PRED, IDX, COUNT, ACTIVE, T, I, stride_pt, stride_at,
-                             BLOCK: tl.constexpr, SCAN: tl.constexpr):
-    # Same output as _compact_kernel, from cdiv(I, BLOCK) programs: program p counts the live
-    # neurons before its block itself (a sum over the mask, no cross-program communication),
-    # so the slots stay in ascending neuron order (deterministic down-projection sums).
-    pid = tl.program_id(0)
-    first = pid * BLOCK
-    before = tl.sum(tl.zeros([SCAN], dtype=tl.int32), axis=0)
-    for i0 in range(0, first, SCAN):
-        offs = i0 + tl.arange(0, SCAN)
-        in_range = offs < first
-        union = tl.zeros([SCAN], dtype=tl.int32)
-        for t in range(0, T):
-            p = tl.load(PRED + t * stride_pt + offs, mask=in_range, other=0)
-            union = tl.maximum(union, (p != 0).to(tl.int32))
-        before += tl.sum(union, axis=0)
-    offs = first + tl.arange(0, BLOCK)
-    in_range = offs < I
+def _union_of_rows(PRED, offs, in_range, T, stride_pt, BLOCK: tl.constexpr):
+    """[BLOCK] int32: 1 where some batch row predicts neuron offs, 0 elsewhere."""
     union = tl.zeros([BLOCK], dtype=tl.int32)
     for t in range(0, T):
         p = tl.load(PRED + t * stride_pt + offs, mask=in_range, other=0)
         union = tl.maximum(union, (p != 0).to(tl.int32))
+    return union
+
+
+@triton.jit
+def _compact_kernel(PRED, IDX, COUNT, ACTIVE, T, I, stride_pt, stride_at,
+                    BLOCK: tl.constexpr, SCAN: tl.constexpr):
+    # NOTE: program p counts the live neurons before its block itself (a sum over the mask, no
+    # cross-program communication), so the slots stay in ascending neuron order: the
+    # down-projection sums are deterministic.
+    pid = tl.program_id(0)
+    first = pid * BLOCK
+    before = tl.sum(tl.zeros([SCAN], dtype=tl.int32), axis=0)   # an int32 scalar (loop-carried)
+    for i0 in range(0, first, SCAN):
+        offs = i0 + tl.arange(0, SCAN)
+        before += tl.sum(_union_of_rows(PRED, offs, offs < first, T, stride_pt, SCAN), axis=0)
+    offs = first + tl.arange(0, BLOCK)
+    in_range = offs < I
+    union = _union_of_rows(PRED, offs, in_range, T, stride_pt, BLOCK)
     for t in range(0, T):
         tl.store(ACTIVE + t * stride_at + offs, tl.zeros([BLOCK], dtype=tl.int8),
                  mask=in_range & (union == 0))
@@ -166,14 +149,7 @@ def _gate_up_kernel(
             xf = x.to(tl.float32)[:, None, :]                                 # [BT, 1, BH]
             acc_g += tl.sum(xf * wg.to(tl.float32)[None, :, :], axis=2)
             acc_u += tl.sum(xf * wu.to(tl.float32)[None, :, :], axis=2)
-    g = acc_g
-    if ACT == 0:  # silu, CATS threshold on |silu(g)|
-        s = g / (1.0 + tl.exp(-g))
-        a = tl.where(tl.abs(s) > threshold, s, 0.0)
-    elif ACT == 3:  # fatrelu
-        a = tl.where(g > threshold, g, 0.0)
-    else:  # relu, drelu
-        a = tl.maximum(g, 0.0)
+    a = activate_gate(acc_g, threshold, ACT)
     u = acc_u
     if ACT == 2:
         u = tl.maximum(u, 0.0)
@@ -251,8 +227,7 @@ def reduce_partials(partial: Tensor, out: Tensor) -> None:
 
 
 
-# NOTE: one program scans the whole mask (a deterministic order needs one running count); with
-# the whole intermediate dimension in one block and 16 warps it is a single parallel scan.
+# The widest block one compaction program loads at once (scan_block 0 means this, or I).
 _COMPACT_MAX_BLOCK = 16384
 
 
@@ -281,13 +256,11 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
     count = torch.empty(1, dtype=torch.int32, device=dev)
     active = torch.empty(T, I, dtype=torch.int8, device=dev)             # [T, I]
     hc = torch.empty(T, I, dtype=torch.float32, device=dev)              # [T, slot]
-    if config.scan_block:
-        _compact_parallel_kernel[(triton.cdiv(I, config.scan_block),)](
-            pred, idx, count, active, T, I, pred.stride(0), active.stride(0),
-            BLOCK=config.scan_block, SCAN=min(next_pow2(I), _COMPACT_MAX_BLOCK), num_warps=8)
-    else:
-        _compact_kernel[(1,)](pred, idx, count, active, T, I, pred.stride(0), active.stride(0),
-                              BLOCK=min(next_pow2(I), _COMPACT_MAX_BLOCK), num_warps=16)
+    scan = min(next_pow2(I), _COMPACT_MAX_BLOCK)
+    scan_block = config.scan_block or scan
+    _compact_kernel[(triton.cdiv(I, scan_block),)](
+        pred, idx, count, active, T, I, pred.stride(0), active.stride(0),
+        BLOCK=scan_block, SCAN=scan, num_warps=16 if scan_block == scan else 8)
     _gate_up_kernel[(triton.cdiv(I, block_i),)](
         x, w_gate, w_up, pred, idx, count, hc, active,
         T, H, float(threshold),

@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels import cpu_native
-from kernels.sparse_ffn_ref import apply_activation, check_act
+from kernels.sparse_ffn_ref import ACT_CODES, apply_activation, check_act
 
-_ACT_CODES = {"silu": 0, "relu": 1, "drelu": 2, "fatrelu": 3}
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 MAX_NATIVE_BATCH = 64
 
@@ -62,7 +61,7 @@ def sparse_ffn_native(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
     out = torch.empty(T, H, dtype=torch.float32)      # [T, H], zeroed by the kernel
     rc = lib.sparse_ffn_cpu(
         _ptr(xf), _ptr(w_gate), _ptr(w_up), _ptr(w_down_t), _ptr(pred), _ptr(h),
-        _ptr(active), _ptr(any_active), _ptr(out), T, H, I, _ACT_CODES[act], float(threshold),
+        _ptr(active), _ptr(any_active), _ptr(out), T, H, I, ACT_CODES[act], float(threshold),
         _DTYPE_CODES[w_gate.dtype], torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"native sparse FFN kernel failed with code {rc}")

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 ACTIVATIONS = ("silu", "relu", "drelu", "fatrelu")
+# The codes the compiled kernels take (Triton's ACT constexpr, the C++ kernel's enum Act).
+ACT_CODES = {act: code for code, act in enumerate(ACTIVATIONS)}
 
 
 def check_act(act: str) -> None:

@@ -22,10 +22,9 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.ffn_triton_compact import CompactConfig, ffn_compact
-from kernels.sparse_ffn_ref import check_act
-from kernels.triton_utils import check_device, dot_in_fp32, next_pow2
+from kernels.sparse_ffn_ref import ACT_CODES, check_act
+from kernels.triton_utils import activate_gate, check_device, dot_in_fp32, next_pow2
 
-_ACT_CODES = {"silu": 0, "relu": 1, "drelu": 2, "fatrelu": 3}
 
 
 @triton.jit
@@ -58,14 +57,7 @@ def _gate_up_kernel(
             acc_g += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
         else:
             acc_g += tl.dot(x.to(w.dtype), tl.trans(w))
-    g = acc_g
-    if ACT == 0:  # silu, CATS threshold on |silu(g)|
-        s = g / (1.0 + tl.exp(-g))
-        a = tl.where(tl.abs(s) > threshold, s, 0.0)
-    elif ACT == 3:  # fatrelu
-        a = tl.where(g > threshold, g, 0.0)
-    else:  # relu, drelu
-        a = tl.maximum(g, 0.0)
+    a = activate_gate(acc_g, threshold, ACT)
     alive = mask_ti & (a != 0.0)                                              # [BT, BI]
     need_up = tl.max(alive.to(tl.int32), axis=0) > 0                         # [BI]
 
@@ -157,7 +149,7 @@ def sparse_ffn_triton(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
             if predicted.any(0).float().mean().item() > dense_fallback_fraction:
                 from kernels.sparse_ffn_ref import dense_ffn
                 return dense_ffn(x, w_gate, w_up, w_down_t, act, threshold, predicted)
-        return ffn_compact(x.contiguous(), w_gate, w_up, w_down_t, _ACT_CODES[act], threshold,
+        return ffn_compact(x.contiguous(), w_gate, w_up, w_down_t, ACT_CODES[act], threshold,
                            predicted.contiguous(), dot_in_fp32(w_gate.dtype), compact_config)
     block_t = max(16, next_pow2(T))
     dot_fp32 = dot_in_fp32(w_gate.dtype)
@@ -170,7 +162,7 @@ def sparse_ffn_triton(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
         x.stride(0), x.stride(1),
         w_gate.stride(0), w_gate.stride(1),
         h.stride(0), h.stride(1),
-        ACT=_ACT_CODES[act], DOT_FP32=dot_fp32,
+        ACT=ACT_CODES[act], DOT_FP32=dot_fp32,
         BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_H=block_h,
     )
 

@@ -1,10 +1,12 @@
-"""Small helpers shared by the Triton launchers."""
+"""Small helpers shared by the Triton kernels and their launchers."""
 
 from __future__ import annotations
 
 import os
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
 
@@ -31,3 +33,17 @@ def dot_in_fp32(dtype: torch.dtype) -> bool:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+@triton.jit
+def activate_gate(g, threshold, ACT: tl.constexpr):
+    """The gate's activation, as kernels/sparse_ffn_ref.py defines it (float32 in and out;
+    ACT is sparse_ffn_ref.ACT_CODES[act]); drelu's relu on the up projection is the caller's."""
+    if ACT == 0:  # silu, CATS threshold on |silu(g)|
+        s = g / (1.0 + tl.exp(-g))
+        a = tl.where(tl.abs(s) > threshold, s, 0.0)
+    elif ACT == 3:  # fatrelu
+        a = tl.where(g > threshold, g, 0.0)
+    else:  # relu, drelu
+        a = tl.maximum(g, 0.0)
+    return a

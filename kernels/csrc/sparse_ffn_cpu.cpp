@@ -29,6 +29,7 @@
 
 namespace {
 
+// Codes as kernels/sparse_ffn_ref.py ACT_CODES assigns them.
 enum Act { ACT_SILU = 0, ACT_RELU = 1, ACT_DRELU = 2, ACT_FATRELU = 3 };
 
 struct F32 { using T = float; };

@@ -8,7 +8,7 @@ import torch
 from kernels import cpu_native, sparse_ffn_cpu
 from kernels.sparse_ffn import default_dense_fallback, sparse_ffn
 from kernels.sparse_ffn_ref import ACTIVATIONS, sparse_ffn_ref
-from tests.kernels.kernel_cases import (DTYPES, SPARSITIES, assert_close, assert_mask_equal,
+from tests.kernels.kernel_cases import (DTYPES, SPARSITIES, THRESHOLD, assert_close, assert_mask_equal,
                                         ffn_weights, poison_allocations, predicted_mask)
 
 # NOTE: the module, not the `kernels.sparse_ffn` attribute (the package re-exports the function
@@ -19,7 +19,6 @@ dispatch = importlib.import_module("kernels.sparse_ffn")
 # spans several neuron chunks of the batch-1 path (kRowChunk 256); (16, 600, 50) several hidden
 # blocks of phase 2 (kOutBlockBytes: 256 floats at 16 rows) with a remainder.
 SHAPES = [(1, 77, 130), (1, 40, 600), (4, 256, 96), (16, 600, 50), (64, 40, 33)]
-THRESHOLD = {"silu": 0.05, "relu": 0.0, "drelu": 0.0, "fatrelu": 0.1}
 
 needs_native = pytest.mark.skipif(not cpu_native.available(),
                                   reason="native CPU kernel could not be built (no g++?)")

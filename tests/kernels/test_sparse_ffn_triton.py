@@ -5,8 +5,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from tests.kernels.kernel_cases import (DTYPES, SPARSITIES, assert_close, assert_mask_equal, ffn_weights,
-                          poison_allocations, predicted_mask, triton_device)
+from tests.kernels.kernel_cases import (DTYPES, SPARSITIES, THRESHOLD, assert_close,
+                                        assert_mask_equal, ffn_weights, poison_allocations,
+                                        predicted_mask, triton_device)
 from kernels import ffn_triton_compact, sparse_ffn_triton
 from kernels.ffn_triton_compact import CompactConfig
 from kernels.sparse_ffn_ref import ACTIVATIONS, sparse_ffn_ref
@@ -17,7 +18,6 @@ SHAPES = [(1, 96, 80), (3, 70, 90), (5, 150, 70)]
 # Small tiles, so that several programs and several steps of each loop run on these shapes.
 SMALL_TILES = CompactConfig(gate_block_i=4, gate_block_h=32, down_block_k=4, down_block_h=32,
                             down_split=3, scan_block=16)
-THRESHOLD = {"silu": 0.05, "relu": 0.0, "drelu": 0.0, "fatrelu": 0.1}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
