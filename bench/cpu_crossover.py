@@ -1,8 +1,9 @@
 """Where the CPU dense path beats the native sparse FFN kernel: rows x shape x dtype x mode.
 
-For each shape (SmolLM2-135M: hidden 576, intermediate 1536, 30 layers; Mistral-7B: 4096 x
-14336, one layer), dtype and number of rows, the time per layer of `dense_ffn` (torch/MKL in the
-weights' dtype) and of the native kernel (`sparse_ffn_native`, no fallback) in:
+For each shape (SmolLM2-135M: hidden 576, intermediate 1536, 30 layers; Llama-3.2-1B: 2048 x
+8192, one layer; Mistral-7B: 4096 x 14336, one layer), dtype and number of rows, the time per
+layer of `dense_ffn` (torch/MKL in the weights' dtype) and of the native kernel
+(`sparse_ffn_native`, no fallback) in:
 - exact mode `exact:S`: calibrated SwiGLU, silu with the |silu(g)| threshold that leaves S of
   the (row, neuron) pairs off (the engine's calibrated-threshold configs);
 - predicted mode `pred:S`: an independent random mask per row with S of the neurons off.
@@ -11,7 +12,7 @@ call runs all the shape's layers, after a read of 64 MB that evicts the last-lev
 the time is the minimum over repeats divided by the layers. The numbers feed the CPU defaults in
 kernels/sparse_ffn.py (`default_dense_fallback`).
 
-    python bench/cpu_crossover.py                                  # fp32, both shapes
+    python bench/cpu_crossover.py                                  # fp32, every shape
     python bench/cpu_crossover.py --shapes smollm2 --dtypes bf16 --rows 1 16 64
 """
 
@@ -33,7 +34,8 @@ from engine.huge_pages import copy_to_huge_pages
 from kernels import sparse_ffn_cpu
 from kernels.sparse_ffn_ref import dense_ffn
 
-SHAPES = {"smollm2": (576, 1536, 30), "mistral": (4096, 14336, 1)}  # hidden, intermediate, layers
+SHAPES = {"smollm2": (576, 1536, 30), "llama1b": (2048, 8192, 1), "mistral": (4096, 14336, 1)}
+# (hidden, intermediate, layers); llama1b is Llama-3.2-1B's FFN, between the other two
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -39,12 +39,20 @@ logger = logging.getLogger(__name__)
 #   (576 x 1536) 1 row 0.63 vs 1.59, 8 rows 1.69 vs 2.91; Mistral (4096 x 14336) 1 row 34 vs
 #   56, 12 rows 138 vs 285. Decode is bandwidth-bound, MKL's GEMV reaches ~13 GB/s on this AMD
 #   CPU (the kernel ~17-19 GB/s), and its small-M SGEMM is slower still per byte.
-# - CPU float32, >= 12 rows: both become compute-bound and MKL's SGEMM does more FLOP/s than the
-#   kernel's dot products, so the kernel wins only on the products it skips. SmolLM2: 12 rows
-#   all active 3.20 vs 2.75; 16 rows exact mode at 30% sparsity 3.06 vs 2.80, predicted 50%
-#   2.08 vs 2.80; 64 rows predicted 50% 6.72 vs 5.84, 70% 4.40 vs 5.84, exact 30% 9.09 vs 5.84.
-#   Mistral keeps winning longer (64 rows, 50%: 393 vs 500; all active: 728 vs 500); the
-#   threshold follows the smaller shape, the engine's default model.
+# - CPU float32, many rows: both become compute-bound and MKL's SGEMM does more FLOP/s than the
+#   kernel's dot products, so the kernel wins only on the products it skips. Where that starts
+#   depends on the layer's width (CPU_FP32_COMPUTE_BOUND, keyed by hidden size):
+#   SmolLM2 (H 576): from 12 rows. 12 rows all active 3.20 vs 2.75; 16 rows exact mode at 30%
+#   sparsity 3.06 vs 2.80, predicted 50% 2.08 vs 2.80; 64 rows predicted 50% 6.72 vs 5.84,
+#   70% 4.40 vs 5.84, exact 30% 9.09 vs 5.84.
+#   H >= 2048 (measured 2026-11-26 03:45-04:00 UTC, load ~1.1, `python bench/cpu_crossover.py
+#   --shapes llama1b mistral --rows 8 12 16 24 32 40 48 64 --modes exact:0.3 pred:0.0 pred:0.5
+#   pred:0.7`): the kernel wins at every density up to 24 rows (Llama-3.2-1B, 2048 x 8192,
+#   24 rows all active: 72 vs 89; Mistral 24 rows: 244 vs 249) and from 32 rows loses only
+#   above ~60% of the products (all active, 32 rows: 100 vs 98 and 331 vs 314; 64 rows Mistral
+#   771 vs 568; predicted 50% still wins: 48 rows 84 vs 111, 64 rows Mistral 399 vs 568).
+#   Exact mode at 32-47 rows still won by 1.1-1.3x there (30% sparsity) but counts as all
+#   products computed (its density is known only afterwards): dense from 32 rows.
 # - CPU bf16/fp16: torch's 16-bit CPU GEMM (no bf16 units on this class of CPU) is 3-35x
 #   slower than the native kernel at any density and batch (SmolLM2 64 rows, all active: 9.7
 #   vs 81 ms): never fall back.
@@ -54,18 +62,22 @@ logger = logging.getLogger(__name__)
 #   docs/benchmarks/kernels_gpu.md): up to 8 rows the Triton kernels are 0.91-1.01x cuBLAS when
 #   the batch reads every neuron and win from there on (8 rows at 90%: union 57%, 1.18x); at 16
 #   rows they lost at every measured sparsity (0.97-0.98x; unions of 56-100%).
-CPU_FP32_COMPUTE_BOUND_ROWS = 12
-CPU_FP32_COMPUTE_BOUND_FALLBACK = 0.4
+# hidden size -> (rows from which CPU float32 is compute-bound, dense fallback fraction there);
+# the entry with the largest hidden size <= the layer's applies.
+CPU_FP32_COMPUTE_BOUND: dict[int, tuple[int, float]] = {0: (12, 0.4), 2048: (32, 0.6)}
 CUDA_DENSE_FALLBACK = 1.0
 CUDA_SPARSE_MAX_ROWS = 8
 
 
-def default_dense_fallback(device: torch.device, dtype: torch.dtype, num_rows: int) -> float:
-    """The measured default crossover for `num_rows` rows of `dtype` weights on `device`."""
+def default_dense_fallback(device: torch.device, dtype: torch.dtype, num_rows: int,
+                           hidden_size: int = 0) -> float:
+    """The measured default crossover for `num_rows` rows of `dtype` weights of a layer with
+    `hidden_size` inputs on `device`."""
     if device.type == "cuda":
         return CUDA_DENSE_FALLBACK
-    if dtype == torch.float32 and num_rows >= CPU_FP32_COMPUTE_BOUND_ROWS:
-        return CPU_FP32_COMPUTE_BOUND_FALLBACK
+    rows, fraction = CPU_FP32_COMPUTE_BOUND[max(h for h in CPU_FP32_COMPUTE_BOUND if h <= hidden_size)]
+    if dtype == torch.float32 and num_rows >= rows:
+        return fraction
     return 1.0
 
 
@@ -100,9 +112,9 @@ def sparse_ffn(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act: s
     """
     check_act(act)
     _check_inputs(x, w_gate, w_up, w_down_t, predicted)
-    T = x.shape[0]
-    fallback = (default_dense_fallback(x.device, w_gate.dtype, T) if dense_fallback_fraction is None
-                else dense_fallback_fraction)
+    T, H = x.shape
+    fallback = (default_dense_fallback(x.device, w_gate.dtype, T, H)
+                if dense_fallback_fraction is None else dense_fallback_fraction)
     if x.is_cuda:
         if T > CUDA_SPARSE_MAX_ROWS:
             return dense_ffn(x, w_gate, w_up, w_down_t, act, threshold, predicted)

@@ -156,31 +156,38 @@ def test_package_exports_public_api():
     assert callable(kernels.predict_active) and callable(kernels.paged_attention_decode)
 
 
-def test_default_fallbacks():
+@pytest.mark.parametrize("hidden", [64, 576, 2047, 2048, 4096])
+def test_default_fallbacks(hidden):
     cpu = torch.device("cpu")
-    rows = dispatch.CPU_FP32_COMPUTE_BOUND_ROWS
+    key = max(h for h in dispatch.CPU_FP32_COMPUTE_BOUND if h <= hidden)
+    rows, fraction = dispatch.CPU_FP32_COMPUTE_BOUND[key]
+    assert rows == (32 if hidden >= 2048 else 12)   # wider layers stay bandwidth-bound longer
     for T in (1, 2, rows - 1):
-        assert default_dense_fallback(cpu, torch.float32, T) == 1.0
+        assert default_dense_fallback(cpu, torch.float32, T, hidden) == 1.0
     for T in (rows, 64):
-        assert default_dense_fallback(cpu, torch.float32, T) == dispatch.CPU_FP32_COMPUTE_BOUND_FALLBACK
+        assert default_dense_fallback(cpu, torch.float32, T, hidden) == fraction < 1.0
     for dtype in (torch.bfloat16, torch.float16):
-        assert default_dense_fallback(cpu, dtype, 64) == 1.0
-    assert default_dense_fallback(torch.device("cuda"), torch.float32, 64) == 1.0
+        assert default_dense_fallback(cpu, dtype, 64, hidden) == 1.0
+    assert default_dense_fallback(torch.device("cuda"), torch.float32, 64, hidden) == 1.0
 
 
 @needs_native
-@pytest.mark.parametrize("T, dtype, sparsity, route", [
-    (1, torch.float32, None, "native"),        # batch 1 is bandwidth-bound: native at any density
-    (1, torch.float32, 0.0, "native"),
-    (11, torch.float32, None, "native"),       # below the compute-bound rows
-    (12, torch.float32, None, "dense"),        # exact mode counts as every product computed
-    (12, torch.float32, 0.5, "dense"),         # 50% of the products > 40%
-    (16, torch.float32, 0.7, "native"),        # 30% of the products
-    (64, torch.float32, 0.5, "dense"),
-    (16, torch.bfloat16, None, "native"),      # 16-bit dense is slower at any density
-    (16, torch.bfloat16, 0.0, "native"),
+@pytest.mark.parametrize("T, dtype, sparsity, route, hidden", [
+    (1, torch.float32, None, "native", 64),    # batch 1 is bandwidth-bound: native at any density
+    (1, torch.float32, 0.0, "native", 64),
+    (11, torch.float32, None, "native", 64),   # below the compute-bound rows
+    (12, torch.float32, None, "dense", 64),    # exact mode counts as every product computed
+    (12, torch.float32, 0.5, "dense", 64),     # 50% of the products > 40%
+    (16, torch.float32, 0.7, "native", 64),    # 30% of the products
+    (64, torch.float32, 0.5, "dense", 64),
+    (16, torch.bfloat16, None, "native", 64),  # 16-bit dense is slower at any density
+    (16, torch.bfloat16, 0.0, "native", 64),
+    (16, torch.float32, None, "native", 2048),  # a wide layer stays bandwidth-bound longer
+    (32, torch.float32, 0.5, "native", 2048),   # 50% of the products < 60%
+    (32, torch.float32, 0.3, "dense", 2048),
+    (32, torch.float32, None, "dense", 2048),
 ])
-def test_dispatch_rule(monkeypatch, T, dtype, sparsity, route):
+def test_dispatch_rule(monkeypatch, T, dtype, sparsity, route, hidden):
     """Default dispatch on the CPU: which path runs, and it still gives the reference result."""
     calls = []
     real_dense, real_native = dispatch.dense_ffn, sparse_ffn_cpu.sparse_ffn_native
@@ -189,7 +196,7 @@ def test_dispatch_rule(monkeypatch, T, dtype, sparsity, route):
     monkeypatch.setattr(sparse_ffn_cpu, "sparse_ffn_native",
                         lambda *a, **k: calls.append("native") or real_native(*a, **k))
     gen = torch.Generator().manual_seed(T)
-    x, wg, wu, wd = ffn_weights(T, 64, 100, dtype, gen)
+    x, wg, wu, wd = ffn_weights(T, hidden, 100, dtype, gen)
     pred = None if sparsity is None else predicted_mask(T, 100, sparsity, gen)
     out, active = sparse_ffn(x, wg, wu, wd, "silu", 0.05, predicted=pred)
     ref, ref_active = sparse_ffn_ref(x, wg, wu, wd, "silu", 0.05, pred)
