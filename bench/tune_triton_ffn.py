@@ -1,8 +1,9 @@
 """Tile sweep for the compacted Triton sparse FFN (predicted mode) and the predictor on a GPU.
 
 For each batch bucket, at Mistral-7B shape, bf16 and 90% per-row sparsity: the compaction
-scan, then the gate/up tiles, then the down tiles, then the warps of both, each stage starting
-from the best so far; then the predictor's tiles (rank 1024). Ends with a per-kernel profile at
+scan, then the gate/up tiles, then the down tiles, then the reduction (a launch of its own, or
+fused into the down kernel), then the warps and then the pipelining depth of both, each stage
+starting from the best so far; then the predictor's tiles (rank 1024). Ends with a per-kernel profile at
 batch 1. `--sweep` picks what to sweep; what is not swept is timed once at its current tiles.
 Each configuration is timed as a CUDA-graph replay from a flushed cache (bench/kernels.py's
 timer); configurations the GPU cannot run (shared memory) or that give a wrong result (checked
@@ -41,7 +42,9 @@ FFN_STAGES = [
     dict(scan_block=[0, 512, 1024, 2048]),
     dict(gate_block_i=[4, 8, 16, 32], gate_block_h=[256, 512, 1024, 2048, 4096]),
     dict(down_block_k=[8, 16, 32], down_block_h=[128, 256, 512], down_split=[8, 16, 32]),
+    dict(down_fused_reduce=[False, True]),
     dict(gate_warps=[2, 4, 8], down_warps=[2, 4, 8]),
+    dict(gate_stages=[2, 3, 4], down_stages=[2, 3, 4]),
 ]
 PREDICTOR_STAGES = [dict(block_n=[4, 8, 16, 32], block_k=[256, 512, 1024]), dict(warps=[2, 4, 8])]
 PREDICTOR_RANK = 1024

@@ -7,7 +7,7 @@ ids first makes every row a program loads a live one, so the sparse kernel strea
 dense one does, over a tenth of the rows. The list and its length stay on the device: no host
 sync, so decode can be captured in a CUDA graph.
 
-Four launches:
+Four launches (three with CompactConfig.down_fused_reduce):
   _compact_kernel       grid (cdiv(I, BLOCK),): union of the predicted mask's rows -> IDX
       (ascending neuron ids), COUNT; also zeroes ACTIVE for the neurons outside the union.
       Program p counts the live neurons before its block itself, so no program waits on another.
@@ -19,7 +19,9 @@ Four launches:
       HC[:, slot] * W_down_t[IDX[slot], j-th slice] over slots s*BLOCK_K + k*SPLIT*BLOCK_K
       (interleaved, so the splits stay balanced whatever COUNT is) into PARTIAL[s].
   _reduce_kernel        sums PARTIAL over the splits and casts to the output dtype
-      (deterministic: no atomics, fixed order).
+      (deterministic: no atomics, fixed order). With CompactConfig.down_fused_reduce the down
+      kernel does this itself instead: the last of a column block's SPLIT programs to finish
+      (a ticket counter per column block) sums that block's partials, one launch fewer.
 Semantics are kernels/sparse_ffn_ref.py's; unlike the exact-mode kernels, the up row of a
 predicted neuron is read even where its gate comes out zero (one pass over H keeps both rows'
 loads in flight together; the result is the same).
@@ -51,6 +53,11 @@ class CompactConfig:
     # _COMPACT_MAX_BLOCK neurons). More programs each recount the live neurons before their
     # block from the (small, L2-resident) mask.
     scan_block: int = 0
+    # True: no reduce launch; the last down program of each column block sums the partials.
+    down_fused_reduce: bool = False
+    # software-pipelining depth of the gate/up and down loops (Triton's default is 3)
+    gate_stages: int = 3
+    down_stages: int = 3
 
 
 # NOTE: below this many batch rows the kernels multiply and reduce in registers; from here on
@@ -111,18 +118,22 @@ def _compact_kernel(PRED, IDX, COUNT, ACTIVE, T, I, stride_pt, stride_at,
 @triton.jit
 def _gate_up_kernel(
     X, WG, WU, PRED, IDX, COUNT, HC, ACTIVE,
-    T, H, threshold,
+    T, H, I, threshold,
     stride_xt, stride_wi, stride_pt, stride_ht, stride_at,
     ACT: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    slots = pid * BLOCK_I + tl.arange(0, BLOCK_I)
+    # NOTE: the list is loaded before COUNT arrives (both loads in flight at once: one memory
+    # round trip at the head instead of two); the slots past COUNT hold stale ids, so an id is
+    # used only where its slot is live.
+    listed = tl.load(IDX + slots, mask=slots < I, other=0)                     # [BI]
     count = tl.load(COUNT)
     if pid * BLOCK_I >= count:
         return
-    slots = pid * BLOCK_I + tl.arange(0, BLOCK_I)
     live = slots < count
-    neuron = tl.load(IDX + slots, mask=live, other=0)                          # [BI]
+    neuron = tl.where(live, listed, 0)
     offs_t = tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
     offs_h = tl.arange(0, BLOCK_H)
@@ -164,10 +175,11 @@ def _gate_up_kernel(
 
 @triton.jit
 def _down_kernel(
-    HC, WD, IDX, COUNT, PARTIAL,
+    HC, WD, IDX, COUNT, PARTIAL, OUT, TICKETS,
     T, H,
-    stride_ht, stride_wi, stride_ps, stride_pt,
+    stride_ht, stride_wi, stride_ps, stride_pt, stride_ot,
     USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, SPLIT: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
@@ -196,6 +208,23 @@ def _down_kernel(
             acc += tl.sum(h[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
     tl.store(PARTIAL + pid_s * stride_ps + offs_t[:, None] * stride_pt + offs_h[None, :], acc,
              mask=mask_t[:, None] & mask_h[None, :])
+    if FUSED_REDUCE:
+        # NOTE: the threadfence-reduction pattern. The barrier puts every thread's partial stores
+        # before the ticket; the ticket is acq_rel at GPU scope, so the program that draws the
+        # last one sees every other split's partials. It sums them in split order (the same
+        # result whichever program finishes last: deterministic) and resets the ticket for the
+        # next call, so the counters need zeroing only once.
+        tl.debug_barrier()
+        ticket = tl.atomic_add(TICKETS + pid_h, 1, sem="acq_rel", scope="gpu")
+        if ticket == SPLIT - 1:
+            offs_s = tl.arange(0, BLOCK_S)
+            tile_mask = (offs_s < SPLIT)[:, None] & mask_h[None, :]
+            for t in range(0, T):
+                p = tl.load(PARTIAL + offs_s[:, None] * stride_ps + t * stride_pt + offs_h[None, :],
+                            mask=tile_mask, other=0.0, cache_modifier=".cg")   # [BS, BH]
+                tl.store(OUT + t * stride_ot + offs_h, tl.sum(p, axis=0).to(OUT.dtype.element_ty),
+                         mask=mask_h)
+            tl.store(TICKETS + pid_h, 0)
 
 
 @triton.jit
@@ -263,22 +292,43 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
         BLOCK=scan_block, SCAN=scan, num_warps=16 if scan_block == scan else 8)
     _gate_up_kernel[(triton.cdiv(I, block_i),)](
         x, w_gate, w_up, pred, idx, count, hc, active,
-        T, H, float(threshold),
+        T, H, I, float(threshold),
         x.stride(0), w_gate.stride(0), pred.stride(0), hc.stride(0), active.stride(0),
         ACT=act_code, USE_DOT=use_dot, DOT_FP32=dot_fp32,
         BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_H=gate_block_h,
-        num_warps=config.gate_warps,
+        num_warps=config.gate_warps, num_stages=config.gate_stages,
     )
     split = config.down_split
+    num_col_blocks = triton.cdiv(H, down_block_h)
     partial = torch.empty(split, T, H, dtype=torch.float32, device=dev)  # [S, T, H]
-    _down_kernel[(triton.cdiv(H, down_block_h), split)](
-        hc, w_down_t, idx, count, partial,
-        T, H,
-        hc.stride(0), w_down_t.stride(0), partial.stride(0), partial.stride(1),
-        USE_DOT=use_dot, DOT_FP32=dot_fp32, SPLIT=split,
-        BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_H=down_block_h,
-        num_warps=config.down_warps,
-    )
     out = torch.empty(T, H, dtype=x.dtype, device=dev)                   # [T, H]
-    reduce_partials(partial, out)
+    fused = config.down_fused_reduce
+    tickets = _tickets(dev, num_col_blocks) if fused else count          # (unused if not fused)
+    _down_kernel[(num_col_blocks, split)](
+        hc, w_down_t, idx, count, partial, out, tickets,
+        T, H,
+        hc.stride(0), w_down_t.stride(0), partial.stride(0), partial.stride(1), out.stride(0),
+        USE_DOT=use_dot, DOT_FP32=dot_fp32, SPLIT=split,
+        FUSED_REDUCE=fused, BLOCK_S=next_pow2(split),
+        BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_H=down_block_h,
+        num_warps=config.down_warps, num_stages=config.down_stages,
+    )
+    if not fused:
+        reduce_partials(partial, out)
     return out, active.view(torch.bool)
+
+
+# Ticket counters of the fused reduction, per (device, stream): zeroed once, and every call
+# leaves them at zero again (the last program of a column block resets its own).
+_TICKETS: dict[tuple, Tensor] = {}
+
+
+def _tickets(device: torch.device, n: int) -> Tensor:
+    # NOTE: one buffer per stream, so that calls on two streams never share a counter. The first
+    # call on a stream should run outside CUDA-graph capture (the engine warms up first).
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    buf = _TICKETS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _TICKETS[key] = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
+    return buf

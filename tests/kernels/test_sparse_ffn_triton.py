@@ -1,5 +1,7 @@
 """Triton sparse FFN vs the torch reference (interpreter on CPU, compiled on CUDA)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -18,6 +20,9 @@ SHAPES = [(1, 96, 80), (3, 70, 90), (5, 150, 70)]
 # Small tiles, so that several programs and several steps of each loop run on these shapes.
 SMALL_TILES = CompactConfig(gate_block_i=4, gate_block_h=32, down_block_k=4, down_block_h=32,
                             down_split=3, scan_block=16)
+# The same, with the partial sums reduced by the down kernel's last program (no reduce launch).
+SMALL_TILES_FUSED = dataclasses.replace(SMALL_TILES, down_fused_reduce=True)
+CONFIGS = [None, SMALL_TILES, SMALL_TILES_FUSED]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -34,9 +39,9 @@ def test_predicted_mode(monkeypatch, shape, sparsity, dtype):
     act = ACTIVATIONS[(SPARSITIES.index(sparsity) + SHAPES.index(shape) + DTYPES.index(dtype)) % 4]
     poison_allocations(monkeypatch, sparse_ffn_triton)
     poison_allocations(monkeypatch, ffn_triton_compact)
-    small = (SPARSITIES.index(sparsity) + SHAPES.index(shape)) % 2 == 1
+    config = CONFIGS[(SPARSITIES.index(sparsity) + SHAPES.index(shape)) % len(CONFIGS)]
     out, active = sparse_ffn_triton.sparse_ffn_triton(
-        x, wg, wu, wd, act, THRESHOLD[act], pred, compact_config=SMALL_TILES if small else None)
+        x, wg, wu, wd, act, THRESHOLD[act], pred, compact_config=config)
     ref, ref_active = sparse_ffn_ref(x, wg, wu, wd, act, THRESHOLD[act], pred)
     assert_close(out, ref, dtype)
     assert_mask_equal(active, ref_active)
@@ -95,3 +100,22 @@ def test_compaction_scans_in_several_chunks(monkeypatch, scan_block):
     ref, ref_active = sparse_ffn_ref(x, wg, wu, wd, "relu", 0.0, pred)
     assert_close(out, ref, torch.float32)
     assert_mask_equal(active, ref_active)
+
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_fused_reduce_is_repeatable_and_resets_its_tickets(monkeypatch, T):
+    gen = torch.Generator().manual_seed(11 + T)
+    device = triton_device()
+    x, wg, wu, wd = ffn_weights(T, 72, 100, torch.float32, gen, device)
+    pred = predicted_mask(T, 100, 0.6, gen).to(device)
+    poison_allocations(monkeypatch, ffn_triton_compact)
+    ref, ref_active = sparse_ffn_ref(x, wg, wu, wd, "drelu", 0.0, pred)
+    outs = []
+    for _ in range(3):  # a ticket left non-zero would make the next call's reduction skip
+        out, active = sparse_ffn_triton.sparse_ffn_triton(x, wg, wu, wd, "drelu", 0.0, pred,
+                                                          compact_config=SMALL_TILES_FUSED)
+        assert_close(out, ref, torch.float32)
+        assert_mask_equal(active, ref_active)
+        outs.append(out)
+    assert all(torch.equal(o, outs[0]) for o in outs), "the fused reduction is not deterministic"
+    assert all(int(t.abs().sum()) == 0 for t in ffn_triton_compact._TICKETS.values())
