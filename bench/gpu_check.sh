@@ -3,7 +3,8 @@
 # the CUDA engine tests with compiled Triton kernels (no interpreter), the tile sweep of the
 # Triton kernels, then the bf16 benchmark at Mistral-7B FFN shape (with the predictor at rank
 # 1024) on the tiles the sweep chose, and exact mode (no predictor). Usage, from the repository root:
-#   bash bench/gpu_check.sh [OUT_DIR]       (TUNE_BATCHES="1" TUNE_SWEEP="predictor" narrow the sweep)
+#   bash bench/gpu_check.sh [OUT_DIR]
+# TUNE_BATCHES="1" and TUNE_SWEEP="predictor" (of: compact exact predictor) narrow the sweep.
 # Writes OUT_DIR/tuned.json, OUT_DIR/kernels_gpu.md and OUT_DIR/kernels_gpu_exact.md
 # (default docs/benchmarks).
 # Every step runs even if an earlier one fails; the exit code is the first failure's.
@@ -26,8 +27,8 @@ XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
 
 step "kernel + CUDA engine tests (compiled Triton, CUDA tensors)" \
     timeout 180 "$PY" -m pytest -q $XDIST -p no:cacheprovider tests/kernels tests/engine/test_engine_cuda.py
-step "tile sweep of the Triton FFN and predictor kernels (batch ${TUNE_BATCHES:-1 4 16}; 90%)" \
-    timeout 200 "$PY" bench/tune_triton_ffn.py --batches ${TUNE_BATCHES:-1 4 16} --sweep ${TUNE_SWEEP:-compact predictor} --json "$OUT_DIR/tuned.json"
+step "tile sweep of the Triton FFN and predictor kernels (batch ${TUNE_BATCHES:-1 4}; 90%)" \
+    timeout 200 "$PY" bench/tune_triton_ffn.py --batches ${TUNE_BATCHES:-1 4} --sweep ${TUNE_SWEEP:-compact exact predictor} --json "$OUT_DIR/tuned.json"
 CONFIGS=$([ -f "$OUT_DIR/tuned.json" ] && echo "--configs $OUT_DIR/tuned.json" || true)
 step "benchmark: bf16, batch 1/2/4/8/16, sparsity 0/50/80/90/95%, predictor rank 1024 $CONFIGS" \
     timeout 120 "$PY" bench/kernels.py --device cuda --dtypes bf16 --predictor-rank 1024 --batches 1 2 4 8 16 \

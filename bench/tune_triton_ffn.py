@@ -2,16 +2,19 @@
 
 For each batch bucket, at Mistral-7B shape, bf16 and 90% per-row sparsity: the compaction
 scan, then the gate/up tiles, then the down tiles, then the reduction (a launch of its own, or
-fused into the down kernel), then the warps and then the pipelining depth of both, each stage
-starting from the best so far; then the predictor's tiles (rank 1024). Ends with a per-kernel profile at
-batch 1. `--sweep` picks what to sweep; what is not swept is timed once at its current tiles.
+fused into the down kernel), then the warps, then the pipelining depth, each stage starting
+from the best so far; then exact mode's gate pass (and exact mode's masked kernels timed
+against the compacted ones); then the predictor's tiles (rank 1024). Ends with a per-kernel
+profile at batch 1. `--sweep` picks what to sweep; what is not swept is timed once at its
+current tiles. Batches above 8 rows are not swept by default: the dispatch sends them to
+cuBLAS (kernels/sparse_ffn.py, CUDA_SPARSE_MAX_ROWS).
 Each configuration is timed as a CUDA-graph replay from a flushed cache (bench/kernels.py's
 timer); configurations the GPU cannot run (shared memory) or that give a wrong result (checked
 against the torch reference before timing) are skipped. Prints the winners, as the entries of
 TUNED_CONFIGS in kernels/ffn_triton_compact.py and kernels/predictor_triton.py, and can save
 them as JSON for `bench/kernels.py --configs`.
 
-    python bench/tune_triton_ffn.py --json tuned.json     # batches 1, 4 and 16: ~2 minutes
+    python bench/tune_triton_ffn.py --json tuned.json     # batches 1 and 4: ~2 minutes
     python bench/tune_triton_ffn.py --batches 1 --sweep predictor --json tuned.json
 """
 
@@ -30,7 +33,14 @@ import torch
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from bench.kernels import HIDDEN, INTERMEDIATE, flush_cache, random_masks, time_min  # noqa: E402
+from bench.kernels import (  # noqa: E402
+    HIDDEN,
+    INTERMEDIATE,
+    exact_threshold,
+    flush_cache,
+    random_masks,
+    time_min,
+)
 from kernels import ffn_triton_compact, predictor_triton, sparse_ffn_triton  # noqa: E402
 from kernels.ffn_triton_compact import DOT_MIN_ROWS, CompactConfig, default_config  # noqa: E402
 from kernels.predictor_triton import PredictorConfig, predict_active_triton  # noqa: E402
@@ -44,8 +54,12 @@ FFN_STAGES = [
     dict(down_block_k=[8, 16, 32], down_block_h=[128, 256, 512], down_split=[8, 16, 32]),
     dict(down_fused_reduce=[False, True]),
     dict(gate_warps=[2, 4, 8], down_warps=[2, 4, 8]),
-    dict(gate_stages=[2, 3, 4], down_stages=[2, 3, 4]),
+    dict(gate_stages=[2, 3, 4]),
+    dict(down_stages=[2, 3, 4]),
 ]
+# exact mode's dense gate pass (the rest of its tiles are predicted mode's winners)
+EXACT_STAGES = [dict(gate_pass_block_i=[4, 8, 16, 32], gate_pass_block_h=[512, 1024, 2048]),
+                dict(gate_pass_warps=[2, 4, 8])]
 PREDICTOR_STAGES = [dict(block_n=[4, 8, 16, 32], block_k=[256, 512, 1024]), dict(warps=[2, 4, 8])]
 PREDICTOR_RANK = 1024
 
@@ -54,7 +68,8 @@ def _grid(spec: dict, T: int) -> list[dict]:
     combos = [dict(zip(spec, values)) for values in itertools.product(*spec.values())]
     if T >= DOT_MIN_ROWS:  # tl.dot pads these to 16: smaller values repeat a configuration
         combos = [c for c in combos if all(c.get(k, 16) >= 16 for k in
-                                           ("gate_block_i", "down_block_k", "block_n"))]
+                                           ("gate_block_i", "down_block_k", "block_n",
+                                            "gate_pass_block_i"))]
     return combos
 
 
@@ -83,6 +98,36 @@ def _sweep(label: str, start, stages: list[dict], T: int, call, repeats: int, sw
     return best, best_ms
 
 
+def matches(ref_out, ref_active):
+    """A check of an FFN call's (out, active) against the reference (every tile is checked
+    before it is timed)."""
+    scale = ref_out.float().abs().max().item()
+
+    def check(result) -> bool:
+        out, active = result
+        return (torch.equal(active, ref_active)
+                and (out.float() - ref_out.float()).abs().max().item() <= 2e-2 * scale)
+    return check
+
+
+def sweep_exact(x, weights, sparsity: float, start: CompactConfig, T: int,
+                repeats: int) -> CompactConfig:
+    """Exact mode (fatrelu at the `sparsity` quantile of the gate): the masked kernels against
+    the compacted ones, whose gate-pass tiles are swept."""
+    thr = exact_threshold(x, weights[0], sparsity)
+    check = matches(*sparse_ffn_ref(x, *weights, "fatrelu", thr))
+
+    def call(config, path="compact"):
+        return sparse_ffn_triton.sparse_ffn_triton(x, *weights, "fatrelu", thr,
+                                                   compact_config=config, exact_path=path)
+    masked_ok = check(call(None, "masked"))
+    (masked_ms,) = time_min([lambda: call(None, "masked")], repeats, "cuda")
+    best, best_ms = _sweep("exact", start, EXACT_STAGES, T, call, repeats, check=check)
+    print(f"EXACT T={T}: masked kernels {masked_ms:.4f} ms{'' if masked_ok else ' (WRONG)'} | "
+          f"compacted {best_ms:.4f} ms")
+    return best
+
+
 def load_tuned(path: Path) -> None:
     """Install the tiles saved by --json as the kernels' defaults (for bench/kernels.py)."""
     saved = json.loads(path.read_text())
@@ -94,11 +139,11 @@ def load_tuned(path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, DOT_MIN_ROWS, 16])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, DOT_MIN_ROWS])
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--sweep", nargs="+", choices=["compact", "predictor"],
-                        default=["compact", "predictor"])
+    parser.add_argument("--sweep", nargs="+", choices=["compact", "exact", "predictor"],
+                        default=["compact", "exact", "predictor"])
     parser.add_argument("--json", type=Path, default=None, help="save the winners here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -116,16 +161,12 @@ def main(argv: list[str] | None = None) -> None:
         mask = random_masks(T, args.sparsity, gen, "cuda")
         ref_out, ref_active = sparse_ffn_ref(x, *weights, "silu", 0.0, mask)
 
-        def ffn_matches(result) -> bool:  # every tile is checked before it is timed
-            out, active = result
-            scale = ref_out.float().abs().max().item()
-            return (torch.equal(active, ref_active)
-                    and (out.float() - ref_out.float()).abs().max().item() <= 2e-2 * scale)
-
         ffn, ffn_ms = _sweep("compact", default_config(T), FFN_STAGES, T,
                              lambda c: sparse_ffn_triton.sparse_ffn_triton(
                                  x, *weights, "silu", 0.0, mask, compact_config=c), args.repeats,
-                             "compact" in args.sweep, check=ffn_matches)
+                             "compact" in args.sweep, check=matches(ref_out, ref_active))
+        if "exact" in args.sweep:
+            ffn = sweep_exact(x, weights, args.sparsity, ffn, T, args.repeats)
         start = predictor_triton.TUNED_CONFIGS[max(b for b in predictor_triton.TUNED_CONFIGS if b <= T)]
         pred, pred_ms = _sweep("predictor", start, PREDICTOR_STAGES, T,
                                lambda c: predict_active_triton(x, fc1, fc2, 0.0, config=c),

@@ -1,4 +1,4 @@
-"""Triton sparse FFN, predicted mode: the batch's neuron union compacted on the device.
+"""Triton sparse FFN: the active neurons compacted on the device, then only their rows read.
 
 Why compact: a masked load of a block of rows issues the same instructions whether 3 or 32 of
 its rows are live, so at 90% sparsity a mask-based kernel keeps a tenth of the bytes in flight
@@ -7,7 +7,7 @@ ids first makes every row a program loads a live one, so the sparse kernel strea
 dense one does, over a tenth of the rows. The list and its length stay on the device: no host
 sync, so decode can be captured in a CUDA graph.
 
-Four launches (three with CompactConfig.down_fused_reduce):
+Launches (predicted mode: a mask is given):
   _compact_kernel       grid (cdiv(I, BLOCK),): union of the predicted mask's rows -> IDX
       (ascending neuron ids), COUNT; also zeroes ACTIVE for the neurons outside the union.
       Program p counts the live neurons before its block itself, so no program waits on another.
@@ -22,7 +22,11 @@ Four launches (three with CompactConfig.down_fused_reduce):
       (deterministic: no atomics, fixed order). With CompactConfig.down_fused_reduce the down
       kernel does this itself instead: the last of a column block's SPLIT programs to finish
       (a ticket counter per column block) sums that block's partials, one launch fewer.
-Semantics are kernels/sparse_ffn_ref.py's; unlike the exact-mode kernels, the up row of a
+Exact mode (no predictor) first runs _gate_pass_kernel, a dense pass over every gate row that
+writes the gate's activation and the alive mask (activation != 0); that mask is then compacted
+like a predicted one, and _gate_up_kernel reads only the alive neurons' up rows (the activation
+is loaded, not recomputed), then down and reduce as above.
+Semantics are kernels/sparse_ffn_ref.py's; unlike the masked exact-mode kernels, the up row of a
 predicted neuron is read even where its gate comes out zero (one pass over H keeps both rows'
 loads in flight together; the result is the same).
 """
@@ -53,6 +57,10 @@ class CompactConfig:
     # _COMPACT_MAX_BLOCK neurons). More programs each recount the live neurons before their
     # block from the (small, L2-resident) mask.
     scan_block: int = 0
+    # exact mode's dense pass over the gate rows (predicted mode skips it)
+    gate_pass_block_i: int = 4
+    gate_pass_block_h: int = 1024
+    gate_pass_warps: int = 4
     # True: no reduce launch; the last down program of each column block sums the partials.
     down_fused_reduce: bool = False
     # software-pipelining depth of the gate/up and down loops (Triton's default is 3)
@@ -117,10 +125,10 @@ def _compact_kernel(PRED, IDX, COUNT, ACTIVE, T, I, stride_pt, stride_at,
 
 @triton.jit
 def _gate_up_kernel(
-    X, WG, WU, PRED, IDX, COUNT, HC, ACTIVE,
+    X, WG, WU, GATE, PRED, IDX, COUNT, HC, ACTIVE,
     T, H, I, threshold,
-    stride_xt, stride_wi, stride_pt, stride_ht, stride_at,
-    ACT: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+    stride_xt, stride_wi, stride_gt, stride_pt, stride_ht, stride_at,
+    ACT: tl.constexpr, GATE_GIVEN: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -146,30 +154,76 @@ def _gate_up_kernel(
         x = tl.load(X + offs_t[:, None] * stride_xt + hh[None, :],
                     mask=mask_t[:, None] & mask_h[None, :], other=0.0)         # [BT, BH]
         wmask = live[:, None] & mask_h[None, :]
-        wg = tl.load(WG + row_ptr + hh[None, :], mask=wmask, other=0.0)        # [BI, BH]
         wu = tl.load(WU + row_ptr + hh[None, :], mask=wmask, other=0.0)        # [BI, BH]
+        if not GATE_GIVEN:
+            wg = tl.load(WG + row_ptr + hh[None, :], mask=wmask, other=0.0)    # [BI, BH]
         if USE_DOT:
             if DOT_FP32:
                 xf = x.to(tl.float32)
-                acc_g += tl.dot(xf, tl.trans(wg.to(tl.float32)), input_precision="ieee")
                 acc_u += tl.dot(xf, tl.trans(wu.to(tl.float32)), input_precision="ieee")
+                if not GATE_GIVEN:
+                    acc_g += tl.dot(xf, tl.trans(wg.to(tl.float32)), input_precision="ieee")
             else:
-                acc_g += tl.dot(x.to(wg.dtype), tl.trans(wg))
                 acc_u += tl.dot(x.to(wu.dtype), tl.trans(wu))
+                if not GATE_GIVEN:
+                    acc_g += tl.dot(x.to(wg.dtype), tl.trans(wg))
         else:
             xf = x.to(tl.float32)[:, None, :]                                 # [BT, 1, BH]
-            acc_g += tl.sum(xf * wg.to(tl.float32)[None, :, :], axis=2)
             acc_u += tl.sum(xf * wu.to(tl.float32)[None, :, :], axis=2)
-    a = activate_gate(acc_g, threshold, ACT)
+            if not GATE_GIVEN:
+                acc_g += tl.sum(xf * wg.to(tl.float32)[None, :, :], axis=2)
+    mask_ti = mask_t[:, None] & live[None, :]
+    if GATE_GIVEN:
+        a = tl.load(GATE + offs_t[:, None] * stride_gt + neuron[None, :], mask=mask_ti,
+                    other=0.0)                                                 # [BT, BI] fp32
+    else:
+        a = activate_gate(acc_g, threshold, ACT)
     u = acc_u
     if ACT == 2:
         u = tl.maximum(u, 0.0)
-    mask_ti = mask_t[:, None] & live[None, :]
     pred = tl.load(PRED + offs_t[:, None] * stride_pt + neuron[None, :], mask=mask_ti,
                    other=0) != 0                                               # [BT, BI]
     h = tl.where(pred, a * u, 0.0)
     tl.store(HC + offs_t[:, None] * stride_ht + slots[None, :], h, mask=mask_ti)
     tl.store(ACTIVE + offs_t[:, None] * stride_at + neuron[None, :], (h != 0.0).to(tl.int8),
+             mask=mask_ti)
+
+
+@triton.jit
+def _gate_pass_kernel(
+    X, WG, GATE, ALIVE,
+    T, H, I, threshold,
+    stride_xt, stride_wi, stride_gt, stride_at,
+    ACT: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    # Exact mode's first pass: every gate row, streamed like a dense GEMV; writes the gate's
+    # activation GATE [T, I] float32 and ALIVE [T, I] (activation != 0), which then plays the
+    # predicted mask's part: only the alive neurons' up and down rows are read.
+    pid = tl.program_id(0)
+    offs_t = tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    offs_i = pid * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask_i = offs_i < I
+    offs_h = tl.arange(0, BLOCK_H)
+    acc = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        hh = h0 + offs_h
+        mask_h = hh < H
+        x = tl.load(X + offs_t[:, None] * stride_xt + hh[None, :],
+                    mask=mask_t[:, None] & mask_h[None, :], other=0.0)         # [BT, BH]
+        w = tl.load(WG + offs_i[:, None].to(tl.int64) * stride_wi + hh[None, :],
+                    mask=mask_i[:, None] & mask_h[None, :], other=0.0)         # [BI, BH]
+        if not USE_DOT:
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        elif DOT_FP32:
+            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        else:
+            acc += tl.dot(x.to(w.dtype), tl.trans(w))
+    a = activate_gate(acc, threshold, ACT)
+    mask_ti = mask_t[:, None] & mask_i[None, :]
+    tl.store(GATE + offs_t[:, None] * stride_gt + offs_i[None, :], a, mask=mask_ti)
+    tl.store(ALIVE + offs_t[:, None] * stride_at + offs_i[None, :], (a != 0.0).to(tl.int8),
              mask=mask_ti)
 
 
@@ -261,9 +315,10 @@ _COMPACT_MAX_BLOCK = 16384
 
 
 def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_code: int,
-                threshold: float, predicted: Tensor, dot_fp32: bool,
+                threshold: float, predicted: Tensor | None, dot_fp32: bool,
                 config: CompactConfig | None = None) -> tuple[Tensor, Tensor]:
-    """x [T, H] contiguous; w_* [I, H] contiguous, one dtype; predicted [T, I] bool contiguous.
+    """x [T, H] contiguous; w_* [I, H] contiguous, one dtype; predicted [T, I] bool contiguous,
+    or None for exact mode (a dense pass over the gate rows finds the alive neurons first).
 
     Returns (out [T, H] in x.dtype, active [T, I] bool). Validation is the caller's
     (kernels/sparse_ffn_triton.py).
@@ -278,8 +333,23 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
     gate_block_h, down_block_h = config.gate_block_h, config.down_block_h
     if use_dot and w_gate.element_size() == 4:
         gate_block_h, down_block_h = max(16, gate_block_h // 2), max(16, down_block_h // 2)
-    pred = predicted.view(torch.int8)
     dev = x.device
+    gate = None
+    if predicted is None:   # exact mode
+        gate = torch.empty(T, I, dtype=torch.float32, device=dev)        # [T, I] activation
+        pred = torch.empty(T, I, dtype=torch.int8, device=dev)           # [T, I] alive
+        pass_block_i = max(16, config.gate_pass_block_i) if use_dot else config.gate_pass_block_i
+        pass_block_h = config.gate_pass_block_h
+        if use_dot and w_gate.element_size() == 4:
+            pass_block_h = max(16, pass_block_h // 2)
+        _gate_pass_kernel[(triton.cdiv(I, pass_block_i),)](
+            x, w_gate, gate, pred, T, H, I, float(threshold),
+            x.stride(0), w_gate.stride(0), gate.stride(0), pred.stride(0),
+            ACT=act_code, USE_DOT=use_dot, DOT_FP32=dot_fp32,
+            BLOCK_T=block_t, BLOCK_I=pass_block_i, BLOCK_H=pass_block_h,
+            num_warps=config.gate_pass_warps)
+    else:
+        pred = predicted.view(torch.int8)
 
     idx = torch.empty(I, dtype=torch.int32, device=dev)                 # [I] compact neuron ids
     count = torch.empty(1, dtype=torch.int32, device=dev)
@@ -290,11 +360,13 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
     _compact_kernel[(triton.cdiv(I, scan_block),)](
         pred, idx, count, active, T, I, pred.stride(0), active.stride(0),
         BLOCK=scan_block, SCAN=scan, num_warps=16 if scan_block == scan else 8)
+    gate_arg = hc if gate is None else gate   # (not read unless the gate was given)
     _gate_up_kernel[(triton.cdiv(I, block_i),)](
-        x, w_gate, w_up, pred, idx, count, hc, active,
+        x, w_gate, w_up, gate_arg, pred, idx, count, hc, active,
         T, H, I, float(threshold),
-        x.stride(0), w_gate.stride(0), pred.stride(0), hc.stride(0), active.stride(0),
-        ACT=act_code, USE_DOT=use_dot, DOT_FP32=dot_fp32,
+        x.stride(0), w_gate.stride(0), gate_arg.stride(0), pred.stride(0), hc.stride(0),
+        active.stride(0),
+        ACT=act_code, GATE_GIVEN=gate is not None, USE_DOT=use_dot, DOT_FP32=dot_fp32,
         BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_H=gate_block_h,
         num_warps=config.gate_warps, num_stages=config.gate_stages,
     )
@@ -318,17 +390,19 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
     return out, active.view(torch.bool)
 
 
-# Ticket counters of the fused reduction, per (device, stream): zeroed once, and every call
-# leaves them at zero again (the last program of a column block resets its own).
-_TICKETS: dict[tuple, Tensor] = {}
+# Ticket counters of the fused reduction, per device: zeroed once, and every call leaves them
+# at zero again (the last program of a column block resets its own).
+_TICKETS: dict[torch.device, Tensor] = {}
 
 
 def _tickets(device: torch.device, n: int) -> Tensor:
-    # NOTE: one buffer per stream, so that calls on two streams never share a counter. The first
-    # call on a stream should run outside CUDA-graph capture (the engine warms up first).
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    buf = _TICKETS.get(key)
+    # NOTE: one buffer per device: calls that run concurrently on two streams of one device would
+    # share counters (the engine runs one forward pass at a time). A buffer first made inside a
+    # CUDA-graph capture would be zeroed only when the graph replays, so that is refused.
+    buf = _TICKETS.get(device)
     if buf is None or buf.numel() < n:
-        buf = _TICKETS[key] = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the fused reduction's counters are made on the first call: "
+                               "call the FFN once before capturing it in a CUDA graph")
+        buf = _TICKETS[device] = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
     return buf

@@ -1,8 +1,12 @@
-"""Triton sparse FFN for decode (batch 1..64), no host sync: the launcher, and the exact-mode kernels.
+"""Triton sparse FFN for decode (batch 1..64), no host sync: the launcher, and the masked
+exact-mode kernels.
 
-Predicted mode (a mask is given) runs the compacted kernels of kernels/ffn_triton_compact.py.
-Exact mode (no predictor: every gate row must be read to know which neurons fire) runs the two
-mask-based kernels below:
+Both modes run the compacted kernels of kernels/ffn_triton_compact.py by default: predicted mode
+(a mask is given) compacts the mask; exact mode (no predictor: every gate row must be read to
+know which neurons fire) first makes the mask with a dense pass over the gate rows.
+The masked exact-mode kernels below (`exact_path="masked"`) were the exact mode measured on an
+H100 (1.27x cuBLAS at batch 1, 90%); they stay selectable until a GPU run has timed the
+compacted exact mode against them (bench/tune_triton_ffn.py prints both), then the loser goes:
   _gate_up_kernel  grid (cdiv(I, BLOCK_I),): each program owns BLOCK_I neurons. It reads their
       gate rows, applies the activation, reads an up row only where the gate survived for some
       batch row (masked loads of whole rows: a dead neuron's up row is never fetched), and
@@ -121,7 +125,8 @@ def sparse_ffn_triton(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
                       threshold: float = 0.0, predicted: Tensor | None = None,
                       dense_fallback_fraction: float = 1.0,
                       block_i: int = 32, block_h: int = 128, split_i: int | None = None,
-                      compact_config: CompactConfig | None = None) -> tuple[Tensor, Tensor]:
+                      compact_config: CompactConfig | None = None,
+                      exact_path: str = "compact") -> tuple[Tensor, Tensor]:
     """Sparse FFN launcher.
 
     x [T, H] (T <= 64); w_gate, w_up, w_down_t [I, H] with unit stride along H and one dtype
@@ -130,7 +135,8 @@ def sparse_ffn_triton(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
     NOTE: a dense_fallback_fraction below 1 costs one host sync (the mask's density is read on
     the host); the default 1.0 keeps the call sync-free for CUDA graphs. At full density the
     masked loads read the same bytes as dense, so never falling back costs only kernel tuning.
-    block_i / block_h / split_i tune the exact-mode kernels, compact_config the predicted mode.
+    compact_config tunes the compacted kernels (both modes); exact_path "masked" runs exact mode
+    on the masked kernels instead, which block_i / block_h / split_i tune.
     """
     check_act(act)
     check_device(x, w_gate, w_up, w_down_t)
@@ -151,6 +157,10 @@ def sparse_ffn_triton(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
                 return dense_ffn(x, w_gate, w_up, w_down_t, act, threshold, predicted)
         return ffn_compact(x.contiguous(), w_gate, w_up, w_down_t, ACT_CODES[act], threshold,
                            predicted.contiguous(), dot_in_fp32(w_gate.dtype), compact_config)
+    assert exact_path in ("compact", "masked"), exact_path
+    if exact_path == "compact":
+        return ffn_compact(x.contiguous(), w_gate, w_up, w_down_t, ACT_CODES[act], threshold,
+                           None, dot_in_fp32(w_gate.dtype), compact_config)
     block_t = max(16, next_pow2(T))
     dot_fp32 = dot_in_fp32(w_gate.dtype)
 

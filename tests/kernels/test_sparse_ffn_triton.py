@@ -50,16 +50,24 @@ def test_predicted_mode(monkeypatch, shape, sparsity, dtype):
         assert out.abs().max().item() == 0.0
 
 
+@pytest.mark.parametrize("path", ["compact", "masked"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("act", ACTIVATIONS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_exact_mode(monkeypatch, shape, act, dtype):
+def test_exact_mode(monkeypatch, shape, act, dtype, path):
     T, H, I = shape
     gen = torch.Generator().manual_seed(7)
     device = triton_device()
     x, wg, wu, wd = ffn_weights(T, H, I, dtype, gen, device)
     poison_allocations(monkeypatch, sparse_ffn_triton)
-    out, active = sparse_ffn_triton.sparse_ffn_triton(x, wg, wu, wd, act, THRESHOLD[act])
+    poison_allocations(monkeypatch, ffn_triton_compact)
+    # The compacted path alternates between the default and the small tiles (several programs
+    # and loop steps in the gate pass too).
+    config = CONFIGS[(SHAPES.index(shape) + ACTIVATIONS.index(act)) % len(CONFIGS)]
+    if config is not None:
+        config = dataclasses.replace(config, gate_pass_block_i=4, gate_pass_block_h=32)
+    out, active = sparse_ffn_triton.sparse_ffn_triton(x, wg, wu, wd, act, THRESHOLD[act],
+                                                      compact_config=config, exact_path=path)
     ref, ref_active = sparse_ffn_ref(x, wg, wu, wd, act, THRESHOLD[act])
     assert_close(out, ref, dtype)
     assert_mask_equal(active, ref_active)
