@@ -28,7 +28,7 @@ XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
 step "kernel + CUDA engine tests (compiled Triton, CUDA tensors)" \
     timeout 180 "$PY" -m pytest -q $XDIST -p no:cacheprovider tests/kernels tests/engine/test_engine_cuda.py
 step "tile sweep of the Triton FFN and predictor kernels (batch ${TUNE_BATCHES:-1 4}; 90%)" \
-    timeout 200 "$PY" bench/tune_triton_ffn.py --batches ${TUNE_BATCHES:-1 4} --sweep ${TUNE_SWEEP:-compact exact predictor} --json "$OUT_DIR/tuned.json"
+    timeout 240 "$PY" bench/tune_triton_ffn.py --batches ${TUNE_BATCHES:-1 4} --sweep ${TUNE_SWEEP:-compact exact predictor} --json "$OUT_DIR/tuned.json"
 CONFIGS=$([ -f "$OUT_DIR/tuned.json" ] && echo "--configs $OUT_DIR/tuned.json" || true)
 step "benchmark: bf16, batch 1/2/4/8/16, sparsity 0/50/80/90/95%, predictor rank 1024 $CONFIGS" \
     timeout 120 "$PY" bench/kernels.py --device cuda --dtypes bf16 --predictor-rank 1024 --batches 1 2 4 8 16 \

@@ -1,13 +1,13 @@
 """Tile sweep for the compacted Triton sparse FFN (predicted mode) and the predictor on a GPU.
 
 For each batch bucket, at Mistral-7B shape, bf16 and 90% per-row sparsity: the compaction
-scan, then the gate/up tiles, then the down tiles, then the reduction (a launch of its own, or
-fused into the down kernel), then the warps, then the pipelining depth, each stage starting
-from the best so far; then exact mode's gate pass (and exact mode's masked kernels timed
-against the compacted ones); then the predictor's tiles (rank 1024). Ends with a per-kernel
-profile at batch 1. `--sweep` picks what to sweep; what is not swept is timed once at its
-current tiles. Batches above 8 rows are not swept by default: the dispatch sends them to
-cuBLAS (kernels/sparse_ffn.py, CUDA_SPARSE_MAX_ROWS).
+scan, then the gate/up tiles, then the scan-free layout's ranges, then the down tiles, then
+the reduction (a launch of its own, or fused into the down kernel), then the warps, then the
+pipelining depth, each stage starting from the best so far; then exact mode's gate pass (and
+exact mode's masked kernels timed against the compacted ones); then the predictor's tiles
+(rank 1024). Ends with a per-kernel profile at batch 1. `--sweep` picks what to sweep; what is
+not swept is timed once at its current tiles. Batches above 8 rows are not swept by default:
+the dispatch sends them to cuBLAS (kernels/sparse_ffn.py, CUDA_SPARSE_MAX_ROWS).
 Each configuration is timed as a CUDA-graph replay from a flushed cache (bench/kernels.py's
 timer); configurations the GPU cannot run (shared memory) or that give a wrong result (checked
 against the torch reference before timing) are skipped. Prints the winners, as the entries of
@@ -51,6 +51,7 @@ logger = logging.getLogger("bench.tune_triton_ffn")
 FFN_STAGES = [
     dict(scan_block=[0, 512, 1024, 2048]),
     dict(gate_block_i=[4, 8, 16, 32], gate_block_h=[256, 512, 1024, 2048, 4096]),
+    dict(gate_range=[0, 32, 64, 128, 256], gate_block_i=[4, 8, 16, 32]),
     dict(down_block_k=[8, 16, 32], down_block_h=[128, 256, 512], down_split=[8, 16, 32]),
     dict(down_fused_reduce=[False, True]),
     dict(gate_warps=[2, 4, 8], down_warps=[2, 4, 8]),
@@ -173,8 +174,9 @@ def main(argv: list[str] | None = None) -> None:
                                args.repeats, "predictor" in args.sweep)
         tuned["ffn"][T], tuned["predictor"][T] = dataclasses.asdict(ffn), dataclasses.asdict(pred)
         print(f"TUNED T={T}: {ffn} {ffn_ms:.4f} ms | {pred} {pred_ms:.4f} ms")
+        if args.json is not None:  # after every batch: a sweep cut short keeps what it found
+            args.json.write_text(json.dumps(tuned, indent=1) + "\n")
     if args.json is not None:
-        args.json.write_text(json.dumps(tuned, indent=1) + "\n")
         load_tuned(args.json)
         profile_kernels(weights, fc1, fc2, args.sparsity, gen)
 

@@ -22,6 +22,11 @@ Launches (predicted mode: a mask is given):
       (deterministic: no atomics, fixed order). With CompactConfig.down_fused_reduce the down
       kernel does this itself instead: the last of a column block's SPLIT programs to finish
       (a ticket counter per column block) sums that block's partials, one launch fewer.
+With CompactConfig.gate_range > 0 (the scan-free layout) _compact_kernel does not run:
+_range_gate_up_kernel programs each own a fixed range of neurons, compact it in registers and
+list it in place (LIST[range*RANGE + k], RCOUNT[range]); _down_kernel maps its balanced slots
+to those places through a prefix sum of RCOUNT. One launch and one dependent wait fewer, for
+gate/up programs that read between none and RANGE rows each.
 Exact mode (no predictor) first runs _gate_pass_kernel, a dense pass over every gate row that
 writes the gate's activation and the alive mask (activation != 0); that mask is then compacted
 like a predicted one, and _gate_up_kernel reads only the alive neurons' up rows (the activation
@@ -61,6 +66,10 @@ class CompactConfig:
     gate_pass_block_i: int = 4
     gate_pass_block_h: int = 1024
     gate_pass_warps: int = 4
+    # > 0: no compaction launch; gate/up programs each own this many neurons and compact them
+    # in registers, gate_block_i at a time (_range_gate_up_kernel). 0: compaction, then gate/up
+    # programs over the compact list.
+    gate_range: int = 0
     # True: no reduce launch; the last down program of each column block sums the partials.
     down_fused_reduce: bool = False
     # software-pipelining depth of the gate/up and down loops (Triton's default is 3)
@@ -124,24 +133,14 @@ def _compact_kernel(PRED, IDX, COUNT, ACTIVE, T, I, stride_pt, stride_at,
 
 
 @triton.jit
-def _gate_up_kernel(
-    X, WG, WU, GATE, PRED, IDX, COUNT, HC, ACTIVE,
-    T, H, I, threshold,
+def _gate_up_rows(
+    X, WG, WU, GATE, PRED, HC, ACTIVE, neuron, live, slots,
+    T, H, threshold,
     stride_xt, stride_wi, stride_gt, stride_pt, stride_ht, stride_at,
     ACT: tl.constexpr, GATE_GIVEN: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    slots = pid * BLOCK_I + tl.arange(0, BLOCK_I)
-    # NOTE: the list is loaded before COUNT arrives (both loads in flight at once: one memory
-    # round trip at the head instead of two); the slots past COUNT hold stale ids, so an id is
-    # used only where its slot is live.
-    listed = tl.load(IDX + slots, mask=slots < I, other=0)                     # [BI]
-    count = tl.load(COUNT)
-    if pid * BLOCK_I >= count:
-        return
-    live = slots < count
-    neuron = tl.where(live, listed, 0)
+    """h of the [BLOCK_I] neurons `neuron` (where `live`) -> HC[:, slots], ACTIVE[:, neuron]."""
     offs_t = tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
     offs_h = tl.arange(0, BLOCK_H)
@@ -190,6 +189,65 @@ def _gate_up_kernel(
 
 
 @triton.jit
+def _gate_up_kernel(
+    X, WG, WU, GATE, PRED, IDX, COUNT, HC, ACTIVE,
+    T, H, I, threshold,
+    stride_xt, stride_wi, stride_gt, stride_pt, stride_ht, stride_at,
+    ACT: tl.constexpr, GATE_GIVEN: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    slots = pid * BLOCK_I + tl.arange(0, BLOCK_I)
+    # NOTE: the list is loaded before COUNT arrives (both loads in flight at once: one memory
+    # round trip at the head instead of two); the slots past COUNT hold stale ids, so an id is
+    # used only where its slot is live.
+    listed = tl.load(IDX + slots, mask=slots < I, other=0)                     # [BI]
+    count = tl.load(COUNT)
+    if pid * BLOCK_I >= count:
+        return
+    live = slots < count
+    _gate_up_rows(X, WG, WU, GATE, PRED, HC, ACTIVE, tl.where(live, listed, 0), live, slots,
+                  T, H, threshold, stride_xt, stride_wi, stride_gt, stride_pt, stride_ht,
+                  stride_at, ACT, GATE_GIVEN, USE_DOT, DOT_FP32, BLOCK_T, BLOCK_I, BLOCK_H)
+
+
+@triton.jit
+def _range_gate_up_kernel(
+    X, WG, WU, GATE, PRED, LIST, RCOUNT, HC, ACTIVE,
+    T, H, I, threshold,
+    stride_xt, stride_wi, stride_gt, stride_pt, stride_ht, stride_at,
+    ACT: tl.constexpr, GATE_GIVEN: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr, RANGE: tl.constexpr,
+):
+    # The scan-free layout (CompactConfig.gate_range): program p owns neurons
+    # [p*RANGE, (p+1)*RANGE), compacts its own range in registers (no compaction launch, and no
+    # wait on one), lists the live ids at LIST[p*RANGE + k] with their number at RCOUNT[p], and
+    # runs gate/up over them BLOCK_I at a time. Slot space: p*RANGE + k.
+    pid = tl.program_id(0)
+    offs_r = pid * RANGE + tl.arange(0, RANGE)
+    in_range = offs_r < I
+    union = _union_of_rows(PRED, offs_r, in_range, T, stride_pt, RANGE)         # [R]
+    live_r = in_range & (union != 0)
+    pos = tl.cumsum(union, axis=0) - 1                                          # [R]
+    n = tl.sum(union, axis=0)
+    tl.store(LIST + pid * RANGE + pos, offs_r, mask=live_r)
+    tl.store(RCOUNT + pid, n)
+    for t in range(0, T):
+        tl.store(ACTIVE + t * stride_at + offs_r, tl.zeros([RANGE], dtype=tl.int8),
+                 mask=in_range & (union == 0))
+    offs_j = tl.arange(0, BLOCK_I)
+    for c in range(0, n, BLOCK_I):
+        chunk = c + offs_j                                                      # [BI]
+        # the neuron at local position chunk[j]: a select over the range (no register gather)
+        sel = (pos[None, :] == chunk[:, None]) & live_r[None, :]                # [BI, R]
+        neuron = tl.sum(tl.where(sel, offs_r[None, :], 0), axis=1)              # [BI]
+        _gate_up_rows(X, WG, WU, GATE, PRED, HC, ACTIVE, neuron, chunk < n,
+                      pid * RANGE + chunk, T, H, threshold, stride_xt, stride_wi, stride_gt,
+                      stride_pt, stride_ht, stride_at, ACT, GATE_GIVEN, USE_DOT, DOT_FP32,
+                      BLOCK_T, BLOCK_I, BLOCK_H)
+
+
+@triton.jit
 def _gate_pass_kernel(
     X, WG, GATE, ALIVE,
     T, H, I, threshold,
@@ -229,16 +287,22 @@ def _gate_pass_kernel(
 
 @triton.jit
 def _down_kernel(
-    HC, WD, IDX, COUNT, PARTIAL, OUT, TICKETS,
-    T, H,
+    HC, WD, IDX, COUNT, RCOUNT, PARTIAL, OUT, TICKETS,
+    T, H, NUM_RANGES,
     stride_ht, stride_wi, stride_ps, stride_pt, stride_ot,
     USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, SPLIT: tl.constexpr,
     FUSED_REDUCE: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    RANGE: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
     pid_s = tl.program_id(1)
-    count = tl.load(COUNT)
+    if RANGE > 0:   # the scan-free layout: slot s lives in range r at r*RANGE + (s - before r)
+        offs_r = tl.arange(0, BLOCK_R)
+        ends = tl.cumsum(tl.load(RCOUNT + offs_r, mask=offs_r < NUM_RANGES, other=0), axis=0)
+        count = tl.max(ends, axis=0)
+    else:
+        count = tl.load(COUNT)
     offs_t = tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -248,6 +312,10 @@ def _down_kernel(
     for k0 in range(pid_s * BLOCK_K, count, SPLIT * BLOCK_K):
         slots = k0 + offs_k
         live = slots < count
+        if RANGE > 0:
+            ended = ends[None, :] <= slots[:, None]                            # [BK, BR]
+            before = tl.max(tl.where(ended, ends[None, :], 0), axis=1)         # [BK]
+            slots = tl.sum(ended.to(tl.int32), axis=1) * RANGE + slots - before
         neuron = tl.load(IDX + slots, mask=live, other=0)                      # [BK]
         h = tl.load(HC + offs_t[:, None] * stride_ht + slots[None, :],
                     mask=mask_t[:, None] & live[None, :], other=0.0)           # [BT, BK] fp32
@@ -355,21 +423,28 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
     count = torch.empty(1, dtype=torch.int32, device=dev)
     active = torch.empty(T, I, dtype=torch.int8, device=dev)             # [T, I]
     hc = torch.empty(T, I, dtype=torch.float32, device=dev)              # [T, slot]
-    scan = min(next_pow2(I), _COMPACT_MAX_BLOCK)
-    scan_block = config.scan_block or scan
-    _compact_kernel[(triton.cdiv(I, scan_block),)](
-        pred, idx, count, active, T, I, pred.stride(0), active.stride(0),
-        BLOCK=scan_block, SCAN=scan, num_warps=16 if scan_block == scan else 8)
     gate_arg = hc if gate is None else gate   # (not read unless the gate was given)
-    _gate_up_kernel[(triton.cdiv(I, block_i),)](
-        x, w_gate, w_up, gate_arg, pred, idx, count, hc, active,
-        T, H, I, float(threshold),
-        x.stride(0), w_gate.stride(0), gate_arg.stride(0), pred.stride(0), hc.stride(0),
-        active.stride(0),
-        ACT=act_code, GATE_GIVEN=gate is not None, USE_DOT=use_dot, DOT_FP32=dot_fp32,
-        BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_H=gate_block_h,
-        num_warps=config.gate_warps, num_stages=config.gate_stages,
-    )
+    gate_up_args = (T, H, I, float(threshold), x.stride(0), w_gate.stride(0), gate_arg.stride(0),
+                    pred.stride(0), hc.stride(0), active.stride(0))
+    gate_up_meta = dict(ACT=act_code, GATE_GIVEN=gate is not None, USE_DOT=use_dot,
+                        DOT_FP32=dot_fp32, BLOCK_T=block_t, BLOCK_I=block_i,
+                        BLOCK_H=gate_block_h, num_warps=config.gate_warps,
+                        num_stages=config.gate_stages)
+    num_ranges = triton.cdiv(I, config.gate_range) if config.gate_range else 1
+    rcount = torch.empty(num_ranges, dtype=torch.int32, device=dev)      # [ranges] live ids
+    if config.gate_range:
+        _range_gate_up_kernel[(num_ranges,)](
+            x, w_gate, w_up, gate_arg, pred, idx, rcount, hc, active, *gate_up_args,
+            RANGE=config.gate_range, **gate_up_meta)
+    else:
+        scan = min(next_pow2(I), _COMPACT_MAX_BLOCK)
+        scan_block = config.scan_block or scan
+        _compact_kernel[(triton.cdiv(I, scan_block),)](
+            pred, idx, count, active, T, I, pred.stride(0), active.stride(0),
+            BLOCK=scan_block, SCAN=scan, num_warps=16 if scan_block == scan else 8)
+        _gate_up_kernel[(triton.cdiv(I, block_i),)](
+            x, w_gate, w_up, gate_arg, pred, idx, count, hc, active, *gate_up_args,
+            **gate_up_meta)
     split = config.down_split
     num_col_blocks = triton.cdiv(H, down_block_h)
     partial = torch.empty(split, T, H, dtype=torch.float32, device=dev)  # [S, T, H]
@@ -377,12 +452,13 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
     fused = config.down_fused_reduce
     tickets = _tickets(dev, num_col_blocks) if fused else count          # (unused if not fused)
     _down_kernel[(num_col_blocks, split)](
-        hc, w_down_t, idx, count, partial, out, tickets,
-        T, H,
+        hc, w_down_t, idx, count, rcount, partial, out, tickets,
+        T, H, num_ranges,
         hc.stride(0), w_down_t.stride(0), partial.stride(0), partial.stride(1), out.stride(0),
         USE_DOT=use_dot, DOT_FP32=dot_fp32, SPLIT=split,
         FUSED_REDUCE=fused, BLOCK_S=next_pow2(split),
         BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_H=down_block_h,
+        RANGE=config.gate_range, BLOCK_R=next_pow2(num_ranges),
         num_warps=config.down_warps, num_stages=config.down_stages,
     )
     if not fused:

@@ -22,7 +22,9 @@ SMALL_TILES = CompactConfig(gate_block_i=4, gate_block_h=32, down_block_k=4, dow
                             down_split=3, scan_block=16)
 # The same, with the partial sums reduced by the down kernel's last program (no reduce launch).
 SMALL_TILES_FUSED = dataclasses.replace(SMALL_TILES, down_fused_reduce=True)
-CONFIGS = [None, SMALL_TILES, SMALL_TILES_FUSED]
+# The scan-free layout: gate/up programs over ranges of 16 neurons, 4 at a time.
+SMALL_TILES_RANGES = dataclasses.replace(SMALL_TILES, gate_range=16)
+CONFIGS = [None, SMALL_TILES, SMALL_TILES_FUSED, SMALL_TILES_RANGES]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -127,3 +129,23 @@ def test_fused_reduce_is_repeatable_and_resets_its_tickets(monkeypatch, T):
         outs.append(out)
     assert all(torch.equal(o, outs[0]) for o in outs), "the fused reduction is not deterministic"
     assert all(int(t.abs().sum()) == 0 for t in ffn_triton_compact._TICKETS.values())
+
+
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("gate_range", [8, 32])
+def test_scan_free_layout(monkeypatch, gate_range, sparsity, T):
+    # Ranges of 8 neurons taken 4 at a time (up to two chunks each, the second maybe partial);
+    # ranges of 32 (with I = 150: a last, partial range). Down maps its slots through the
+    # ranges' counts.
+    gen = torch.Generator().manual_seed(gate_range + T)
+    device = triton_device()
+    x, wg, wu, wd = ffn_weights(T, 40, 150, torch.float32, gen, device)
+    pred = predicted_mask(T, 150, sparsity, gen).to(device)
+    poison_allocations(monkeypatch, ffn_triton_compact)
+    config = dataclasses.replace(SMALL_TILES_FUSED, gate_range=gate_range)
+    out, active = sparse_ffn_triton.sparse_ffn_triton(x, wg, wu, wd, "silu", 0.0, pred,
+                                                      compact_config=config)
+    ref, ref_active = sparse_ffn_ref(x, wg, wu, wd, "silu", 0.0, pred)
+    assert_close(out, ref, torch.float32)
+    assert_mask_equal(active, ref_active)
