@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.triton_utils import activate_gate, next_pow2
+from kernels.triton_utils import activate_gate, linear_tile, next_pow2
 
 
 @dataclass(frozen=True)
@@ -263,21 +263,8 @@ def _gate_pass_kernel(
     mask_t = offs_t < T
     offs_i = pid * BLOCK_I + tl.arange(0, BLOCK_I)
     mask_i = offs_i < I
-    offs_h = tl.arange(0, BLOCK_H)
-    acc = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        hh = h0 + offs_h
-        mask_h = hh < H
-        x = tl.load(X + offs_t[:, None] * stride_xt + hh[None, :],
-                    mask=mask_t[:, None] & mask_h[None, :], other=0.0)         # [BT, BH]
-        w = tl.load(WG + offs_i[:, None].to(tl.int64) * stride_wi + hh[None, :],
-                    mask=mask_i[:, None] & mask_h[None, :], other=0.0)         # [BI, BH]
-        if not USE_DOT:
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-        elif DOT_FP32:
-            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-        else:
-            acc += tl.dot(x.to(w.dtype), tl.trans(w))
+    acc = linear_tile(X, WG, offs_i, mask_i, T, H, stride_xt, 1, stride_wi, 1,
+                      USE_DOT, DOT_FP32, BLOCK_T, BLOCK_I, BLOCK_H)           # [BT, BI]
     a = activate_gate(acc, threshold, ACT)
     mask_ti = mask_t[:, None] & mask_i[None, :]
     tl.store(GATE + offs_t[:, None] * stride_gt + offs_i[None, :], a, mask=mask_ti)

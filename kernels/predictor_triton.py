@@ -16,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.ffn_triton_compact import DOT_MIN_ROWS
-from kernels.triton_utils import check_device, dot_in_fp32, next_pow2
+from kernels.triton_utils import check_device, dot_in_fp32, linear_tile, next_pow2
 
 
 @triton.jit
@@ -33,23 +33,10 @@ def _linear_epilogue_kernel(
     pid = tl.program_id(0)
     offs_t = tl.arange(0, BLOCK_T)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     mask_t = offs_t < T
     mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        mask_k = kk < K
-        x = tl.load(X + offs_t[:, None] * stride_xt + kk[None, :] * stride_xk,
-                    mask=mask_t[:, None] & mask_k[None, :], other=0.0)       # [BT, BK]
-        w = tl.load(W + offs_n[:, None] * stride_wn + kk[None, :] * stride_wk,
-                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)       # [BN, BK]
-        if not USE_DOT:
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-        elif DOT_FP32:
-            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-        else:
-            acc += tl.dot(x.to(w.dtype), tl.trans(w))
+    acc = linear_tile(X, W, offs_n, mask_n, T, K, stride_xt, stride_xk, stride_wn, stride_wk,
+                      USE_DOT, DOT_FP32, BLOCK_T, BLOCK_N, BLOCK_K)           # [BT, BN]
     out_ptrs = OUT + offs_t[:, None] * stride_ot + offs_n[None, :] * stride_on
     mask = mask_t[:, None] & mask_n[None, :]
     if EPILOGUE == 0:

@@ -47,3 +47,31 @@ def activate_gate(g, threshold, ACT: tl.constexpr):
     else:  # relu, drelu
         a = tl.maximum(g, 0.0)
     return a
+
+
+@triton.jit
+def linear_tile(X, W, offs_n, mask_n, T, K, stride_xt, stride_xk, stride_wn, stride_wk,
+                USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_T, BLOCK_N] float32: rows 0..T-1 of X [T, K] times rows offs_n of W [N, K]
+    transposed, streaming K in BLOCK_K steps (multiply-reduce in registers below the tl.dot
+    batch size, tl.dot from there; DOT_FP32 as in dot_in_fp32)."""
+    offs_t = tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    offs_k = tl.arange(0, BLOCK_K)
+    w_rows = W + offs_n[:, None].to(tl.int64) * stride_wn                      # [BN, 1]
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < K
+        x = tl.load(X + offs_t[:, None] * stride_xt + kk[None, :] * stride_xk,
+                    mask=mask_t[:, None] & mask_k[None, :], other=0.0)         # [BT, BK]
+        w = tl.load(w_rows + kk[None, :] * stride_wk,
+                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)         # [BN, BK]
+        if not USE_DOT:
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        elif DOT_FP32:
+            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        else:
+            acc += tl.dot(x.to(w.dtype), tl.trans(w))
+    return acc
