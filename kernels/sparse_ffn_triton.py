@@ -27,7 +27,8 @@ from torch import Tensor
 
 from kernels.ffn_triton_compact import CompactConfig, ffn_compact
 from kernels.sparse_ffn_ref import ACT_CODES, check_act
-from kernels.triton_utils import activate_gate, check_device, dot_in_fp32, next_pow2
+from kernels.triton_utils import (activate_gate, check_device, dot_in_fp32, linear_tile,
+                                  next_pow2)
 
 
 
@@ -44,39 +45,17 @@ def _gate_up_kernel(
     pid = tl.program_id(0)
     offs_t = tl.arange(0, BLOCK_T)
     offs_i = pid * BLOCK_I + tl.arange(0, BLOCK_I)
-    offs_h = tl.arange(0, BLOCK_H)
     mask_t = offs_t < T
     mask_i = offs_i < I
     mask_ti = mask_t[:, None] & mask_i[None, :]
-
-    acc_g = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        hh = h0 + offs_h
-        mask_h = hh < H
-        x = tl.load(X + offs_t[:, None] * stride_xt + hh[None, :] * stride_xh,
-                    mask=mask_t[:, None] & mask_h[None, :], other=0.0)       # [BT, BH]
-        w = tl.load(WG + offs_i[:, None] * stride_wi + hh[None, :] * stride_wh,
-                    mask=mask_i[:, None] & mask_h[None, :], other=0.0)       # [BI, BH]
-        if DOT_FP32:
-            acc_g += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-        else:
-            acc_g += tl.dot(x.to(w.dtype), tl.trans(w))
+    acc_g = linear_tile(X, WG, offs_i, mask_i, T, H, stride_xt, stride_xh, stride_wi, stride_wh,
+                        True, DOT_FP32, BLOCK_T, BLOCK_I, BLOCK_H)            # [BT, BI]
     a = activate_gate(acc_g, threshold, ACT)
     alive = mask_ti & (a != 0.0)                                              # [BT, BI]
     need_up = tl.max(alive.to(tl.int32), axis=0) > 0                         # [BI]
-
-    acc_u = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        hh = h0 + offs_h
-        mask_h = hh < H
-        x = tl.load(X + offs_t[:, None] * stride_xt + hh[None, :] * stride_xh,
-                    mask=mask_t[:, None] & mask_h[None, :], other=0.0)
-        w = tl.load(WU + offs_i[:, None] * stride_wi + hh[None, :] * stride_wh,
-                    mask=need_up[:, None] & mask_h[None, :], other=0.0)
-        if DOT_FP32:
-            acc_u += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-        else:
-            acc_u += tl.dot(x.to(w.dtype), tl.trans(w))
+    # masked loads of whole rows: a dead neuron's up row is never fetched
+    acc_u = linear_tile(X, WU, offs_i, need_up, T, H, stride_xt, stride_xh, stride_wi, stride_wh,
+                        True, DOT_FP32, BLOCK_T, BLOCK_I, BLOCK_H)            # [BT, BI]
     u = acc_u
     if ACT == 2:
         u = tl.maximum(u, 0.0)
