@@ -37,4 +37,7 @@ step "benchmark, exact mode (no predictor): bf16, batch 1/4/8" \
     timeout 60 "$PY" bench/kernels.py --device cuda --dtypes bf16 --mode exact --batches 1 4 8 \
     $CONFIGS --out "$OUT_DIR/kernels_gpu_exact.md"
 echo "targets (issue 5): batch 1 at 90% sparsity >= 6x cuBLAS dense and >= 60% of the copy ceiling"
+for table in kernels_gpu kernels_gpu_exact; do   # the batch-1, 90% rows, to compare at a glance
+    [ -f "$OUT_DIR/$table.md" ] && grep -E '^\| cuda \| bf16 \| 1 \| 90% ' "$OUT_DIR/$table.md" | sed "s/^/$table: /"
+done
 exit $status
