@@ -91,9 +91,9 @@ TUNED_CONFIGS: dict[int, CompactConfig] = {
                      down_block_h=256, down_split=16, down_warps=4, scan_block=1024),
     # NOTE: gate/up and down tiles swept before the parallel scan existed. scan_block=1024 (cut
     # the batch-1 scan from 9.2 to 3.1 us) is set here unmeasured, also because the one-program
-    # scan spills registers from 4 rows on (`python bench/compile_check.py`: 176 bytes of stack
-    # at 16 warps). The exact-mode gate pass takes the gate/up kernel's hidden tile (a 1024-wide
-    # tl.dot tile of float32 weights needs 128 KiB of shared memory, over an sm_89's 99 KiB).
+    # scan of the whole mask needs 128 KiB of shared memory from 4 rows on, over an sm_89's
+    # 99 KiB (`python bench/compile_check.py`). For the same reason the exact-mode gate pass
+    # takes the gate/up kernel's hidden tile (a 1024-wide tl.dot tile: 128 KiB).
     DOT_MIN_ROWS: CompactConfig(gate_block_i=32, gate_block_h=256, gate_warps=4, down_block_k=32,
                                 down_block_h=128, down_split=16, down_warps=2, scan_block=1024,
                                 gate_pass_block_h=256),

@@ -77,10 +77,16 @@ def _paged_attention_decode_kernel(
 def paged_attention_decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                                   block_tables: Tensor, context_lens: Tensor, scale: float,
                                   sliding_window: int | None = None,
-                                  block_n: int = 32) -> Tensor:
+                                  block_n: int = 16, num_warps: int = 8) -> Tensor:
     """q [S, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; block_tables
     [S, max_blocks] int32; context_lens [S] int32 (>= 1, including the current token).
-    Returns [S, Hq, D] in q.dtype."""
+    Returns [S, Hq, D] in q.dtype.
+
+    NOTE: the default tile is the one that compiles without register spills at head dim 128
+    (`python bench/compile_check.py`, bf16, sm_90 and sm_89): 16 positions, 8 warps use 166
+    registers; the former 32 positions, 4 warps spilled 548-3124 bytes per thread. Not yet
+    timed on a GPU.
+    """
     check_device(q, k_cache, v_cache, block_tables, context_lens)
     S, Hq, D = q.shape
     num_blocks, block_size, Hkv, Dk = k_cache.shape
@@ -97,5 +103,6 @@ def paged_attention_decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
         D=D, HAS_WINDOW=sliding_window is not None,
         BLOCK_G=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(D)),
+        num_warps=num_warps,
     )
     return out
