@@ -5,8 +5,8 @@
 # 1024) on the tiles the sweep chose, and exact mode (no predictor). Usage, from the repository root:
 #   bash bench/gpu_check.sh [OUT_DIR]
 # TUNE_BATCHES="1" and TUNE_SWEEP="predictor" (of: compact exact predictor) narrow the sweep.
-# Writes OUT_DIR/tuned.json, OUT_DIR/kernels_gpu.md and OUT_DIR/kernels_gpu_exact.md
-# (default docs/benchmarks).
+# Writes OUT_DIR/tuned.json, OUT_DIR/kernels_gpu.md, OUT_DIR/kernels_gpu_exact.md and
+# OUT_DIR/paged_attention_gpu.md (default docs/benchmarks).
 # Every step runs even if an earlier one fails; the exit code is the first failure's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +36,8 @@ step "benchmark: bf16, batch 1/2/4/8/16, sparsity 0/50/80/90/95%, predictor rank
 step "benchmark, exact mode (no predictor): bf16, batch 1/4/8" \
     timeout 60 "$PY" bench/kernels.py --device cuda --dtypes bf16 --mode exact --batches 1 4 8 \
     $CONFIGS --out "$OUT_DIR/kernels_gpu_exact.md"
+step "benchmark: paged-attention decode tiles (bf16, Mistral heads) vs the torch path" \
+    timeout 60 "$PY" bench/paged_attention.py --out "$OUT_DIR/paged_attention_gpu.md"
 echo "targets (issue 5): batch 1 at 90% sparsity >= 6x cuBLAS dense and >= 60% of the copy ceiling"
 for table in kernels_gpu kernels_gpu_exact; do   # the batch-1, 90% rows, to compare at a glance
     [ -f "$OUT_DIR/$table.md" ] && grep -E '^\| cuda \| bf16 \| 1 \| 90% ' "$OUT_DIR/$table.md" | sed "s/^/$table: /"
