@@ -42,9 +42,10 @@ from bench.kernels import (  # noqa: E402
     time_min,
 )
 from kernels import ffn_triton_compact, predictor_triton, sparse_ffn_triton  # noqa: E402
-from kernels.ffn_triton_compact import DOT_MIN_ROWS, CompactConfig, default_config  # noqa: E402
+from kernels.ffn_triton_compact import CompactConfig, default_config  # noqa: E402
 from kernels.predictor_triton import PredictorConfig, predict_active_triton  # noqa: E402
 from kernels.sparse_ffn_ref import sparse_ffn_ref  # noqa: E402
+from kernels.triton_utils import DOT_MIN_ROWS, tuned_for  # noqa: E402
 
 logger = logging.getLogger("bench.tune_triton_ffn")
 
@@ -168,8 +169,8 @@ def main(argv: list[str] | None = None) -> None:
                              "compact" in args.sweep, check=matches(ref_out, ref_active))
         if "exact" in args.sweep:
             ffn = sweep_exact(x, weights, args.sparsity, ffn, T, args.repeats)
-        start = predictor_triton.TUNED_CONFIGS[max(b for b in predictor_triton.TUNED_CONFIGS if b <= T)]
-        pred, pred_ms = _sweep("predictor", start, PREDICTOR_STAGES, T,
+        pred, pred_ms = _sweep("predictor", tuned_for(predictor_triton.TUNED_CONFIGS, T),
+                               PREDICTOR_STAGES, T,
                                lambda c: predict_active_triton(x, fc1, fc2, 0.0, config=c),
                                args.repeats, "predictor" in args.sweep)
         tuned["ffn"][T], tuned["predictor"][T] = dataclasses.asdict(ffn), dataclasses.asdict(pred)

@@ -45,7 +45,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.triton_utils import activate_gate, linear_tile, next_pow2
+from kernels.triton_utils import (DOT_MIN_ROWS, activate_gate, dot_k_tile, dot_pad,
+                                  linear_tile, next_pow2, tuned_for)
 
 
 @dataclass(frozen=True)
@@ -77,11 +78,6 @@ class CompactConfig:
     down_stages: int = 3
 
 
-# NOTE: below this many batch rows the kernels multiply and reduce in registers; from here on
-# they use tl.dot, which needs the row and neuron tiles padded to 16.
-DOT_MIN_ROWS = 4
-
-
 # Per batch size bucket (the largest bucket <= T applies): the winners of
 # `python bench/tune_triton_ffn.py` on an H100 (bf16, Mistral-7B FFN, 90% sparsity; 2026-11-26,
 # docs/benchmarks/kernels_gpu.md). Tiles are tuned for 16-bit weights; float32 ones halve the
@@ -101,7 +97,7 @@ TUNED_CONFIGS: dict[int, CompactConfig] = {
 
 
 def default_config(T: int) -> CompactConfig:
-    return TUNED_CONFIGS[max(b for b in TUNED_CONFIGS if b <= T)]
+    return tuned_for(TUNED_CONFIGS, T)
 
 
 @triton.jit
@@ -112,6 +108,21 @@ def _union_of_rows(PRED, offs, in_range, T, stride_pt, BLOCK: tl.constexpr):
         p = tl.load(PRED + t * stride_pt + offs, mask=in_range, other=0)
         union = tl.maximum(union, (p != 0).to(tl.int32))
     return union
+
+
+@triton.jit
+def _list_block(PRED, ACTIVE, LIST, offs, in_range, T, stride_pt, stride_at,
+                BLOCK: tl.constexpr):
+    """Compact one block of neurons: the batch's union, its ids stored in ascending order at
+    LIST[0..n), ACTIVE zeroed for the neurons outside it. Returns (union [BLOCK] int32, each
+    neuron's position in the list [BLOCK], n)."""
+    union = _union_of_rows(PRED, offs, in_range, T, stride_pt, BLOCK)
+    pos = tl.cumsum(union, axis=0) - 1
+    tl.store(LIST + pos, offs, mask=in_range & (union != 0))
+    for t in range(0, T):
+        tl.store(ACTIVE + t * stride_at + offs, tl.zeros([BLOCK], dtype=tl.int8),
+                 mask=in_range & (union == 0))
+    return union, pos, tl.sum(union, axis=0)
 
 
 @triton.jit
@@ -127,13 +138,9 @@ def _compact_kernel(PRED, IDX, COUNT, ACTIVE, T, I, stride_pt, stride_at,
         offs = i0 + tl.arange(0, SCAN)
         before += tl.sum(_union_of_rows(PRED, offs, offs < first, T, stride_pt, SCAN), axis=0)
     offs = first + tl.arange(0, BLOCK)
-    in_range = offs < I
-    union = _union_of_rows(PRED, offs, in_range, T, stride_pt, BLOCK)
-    for t in range(0, T):
-        tl.store(ACTIVE + t * stride_at + offs, tl.zeros([BLOCK], dtype=tl.int8),
-                 mask=in_range & (union == 0))
-    tl.store(IDX + before + tl.cumsum(union, axis=0) - 1, offs, mask=in_range & (union != 0))
-    tl.store(COUNT, before + tl.sum(union, axis=0), mask=pid == tl.num_programs(0) - 1)
+    _, _, n = _list_block(PRED, ACTIVE, IDX + before, offs, offs < I, T, stride_pt, stride_at,
+                          BLOCK)
+    tl.store(COUNT, before + n, mask=pid == tl.num_programs(0) - 1)
 
 
 @triton.jit
@@ -230,15 +237,10 @@ def _range_gate_up_kernel(
     pid = tl.program_id(0)
     offs_r = pid * RANGE + tl.arange(0, RANGE)
     in_range = offs_r < I
-    union = _union_of_rows(PRED, offs_r, in_range, T, stride_pt, RANGE)         # [R]
+    union, pos, n = _list_block(PRED, ACTIVE, LIST + pid * RANGE, offs_r, in_range, T,
+                                stride_pt, stride_at, RANGE)                    # [R], [R], n
     live_r = in_range & (union != 0)
-    pos = tl.cumsum(union, axis=0) - 1                                          # [R]
-    n = tl.sum(union, axis=0)
-    tl.store(LIST + pid * RANGE + pos, offs_r, mask=live_r)
     tl.store(RCOUNT + pid, n)
-    for t in range(0, T):
-        tl.store(ACTIVE + t * stride_at + offs_r, tl.zeros([RANGE], dtype=tl.int8),
-                 mask=in_range & (union == 0))
     offs_j = tl.arange(0, BLOCK_I)
     for c in range(0, n, BLOCK_I):
         chunk = c + offs_j                                                      # [BI]
@@ -278,7 +280,7 @@ def _gate_pass_kernel(
 
 @triton.jit
 def _down_kernel(
-    HC, WD, IDX, COUNT, RCOUNT, PARTIAL, OUT, TICKETS,
+    HC, WD, IDX, COUNT, PARTIAL, OUT, TICKETS,
     T, H, NUM_RANGES,
     stride_ht, stride_wi, stride_ps, stride_pt, stride_ot,
     USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, SPLIT: tl.constexpr,
@@ -289,8 +291,8 @@ def _down_kernel(
     pid_h = tl.program_id(0)
     pid_s = tl.program_id(1)
     if RANGE > 0:   # the scan-free layout: slot s lives in range r at r*RANGE + (s - before r)
-        offs_r = tl.arange(0, BLOCK_R)
-        ends = tl.cumsum(tl.load(RCOUNT + offs_r, mask=offs_r < NUM_RANGES, other=0), axis=0)
+        offs_r = tl.arange(0, BLOCK_R)      # COUNT holds one count per range
+        ends = tl.cumsum(tl.load(COUNT + offs_r, mask=offs_r < NUM_RANGES, other=0), axis=0)
         count = tl.max(ends, axis=0)
     else:
         count = tl.load(COUNT)
@@ -386,32 +388,28 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
     I = w_gate.shape[0]
     config = config or default_config(T)
     use_dot = T >= DOT_MIN_ROWS
-    block_t = max(16, next_pow2(T)) if use_dot else next_pow2(T)
-    block_i = max(16, config.gate_block_i) if use_dot else config.gate_block_i
-    block_k = max(16, config.down_block_k) if use_dot else config.down_block_k
-    gate_block_h, down_block_h = config.gate_block_h, config.down_block_h
-    if use_dot and w_gate.element_size() == 4:
-        gate_block_h, down_block_h = max(16, gate_block_h // 2), max(16, down_block_h // 2)
+    elsize = w_gate.element_size()
+    block_t = dot_pad(next_pow2(T), use_dot)
+    block_i = dot_pad(config.gate_block_i, use_dot)
+    block_k = dot_pad(config.down_block_k, use_dot)
+    gate_block_h = dot_k_tile(config.gate_block_h, use_dot, elsize)
+    down_block_h = dot_k_tile(config.down_block_h, use_dot, elsize)
     dev = x.device
     gate = None
     if predicted is None:   # exact mode
         gate = torch.empty(T, I, dtype=torch.float32, device=dev)        # [T, I] activation
         pred = torch.empty(T, I, dtype=torch.int8, device=dev)           # [T, I] alive
-        pass_block_i = max(16, config.gate_pass_block_i) if use_dot else config.gate_pass_block_i
-        pass_block_h = config.gate_pass_block_h
-        if use_dot and w_gate.element_size() == 4:
-            pass_block_h = max(16, pass_block_h // 2)
+        pass_block_i = dot_pad(config.gate_pass_block_i, use_dot)
         _gate_pass_kernel[(triton.cdiv(I, pass_block_i),)](
             x, w_gate, gate, pred, T, H, I, float(threshold),
             x.stride(0), w_gate.stride(0), gate.stride(0), pred.stride(0),
-            ACT=act_code, USE_DOT=use_dot, DOT_FP32=dot_fp32,
-            BLOCK_T=block_t, BLOCK_I=pass_block_i, BLOCK_H=pass_block_h,
+            ACT=act_code, USE_DOT=use_dot, DOT_FP32=dot_fp32, BLOCK_T=block_t,
+            BLOCK_I=pass_block_i, BLOCK_H=dot_k_tile(config.gate_pass_block_h, use_dot, elsize),
             num_warps=config.gate_pass_warps)
     else:
         pred = predicted.view(torch.int8)
 
     idx = torch.empty(I, dtype=torch.int32, device=dev)                 # [I] compact neuron ids
-    count = torch.empty(1, dtype=torch.int32, device=dev)
     active = torch.empty(T, I, dtype=torch.int8, device=dev)             # [T, I]
     hc = torch.empty(T, I, dtype=torch.float32, device=dev)              # [T, slot]
     gate_arg = hc if gate is None else gate   # (not read unless the gate was given)
@@ -422,10 +420,11 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
                         BLOCK_H=gate_block_h, num_warps=config.gate_warps,
                         num_stages=config.gate_stages)
     num_ranges = triton.cdiv(I, config.gate_range) if config.gate_range else 1
-    rcount = torch.empty(num_ranges, dtype=torch.int32, device=dev)      # [ranges] live ids
+    # the number of listed neurons: per range (scan-free layout), or in all
+    count = torch.empty(num_ranges, dtype=torch.int32, device=dev)
     if config.gate_range:
         _range_gate_up_kernel[(num_ranges,)](
-            x, w_gate, w_up, gate_arg, pred, idx, rcount, hc, active, *gate_up_args,
+            x, w_gate, w_up, gate_arg, pred, idx, count, hc, active, *gate_up_args,
             RANGE=config.gate_range, **gate_up_meta)
     else:
         scan = min(next_pow2(I), _COMPACT_MAX_BLOCK)
@@ -443,7 +442,7 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
     fused = config.down_fused_reduce
     tickets = _tickets(dev, num_col_blocks) if fused else count          # (unused if not fused)
     _down_kernel[(num_col_blocks, split)](
-        hc, w_down_t, idx, count, rcount, partial, out, tickets,
+        hc, w_down_t, idx, count, partial, out, tickets,
         T, H, num_ranges,
         hc.stride(0), w_down_t.stride(0), partial.stride(0), partial.stride(1), out.stride(0),
         USE_DOT=use_dot, DOT_FP32=dot_fp32, SPLIT=split,

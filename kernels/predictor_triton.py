@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.ffn_triton_compact import DOT_MIN_ROWS
-from kernels.triton_utils import check_device, dot_in_fp32, linear_tile, next_pow2
+from kernels.triton_utils import (DOT_MIN_ROWS, check_device, dot_in_fp32, dot_k_tile, dot_pad,
+                                  linear_tile, next_pow2, tuned_for)
 
 
 @triton.jit
@@ -75,12 +75,11 @@ def predict_active_triton(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float 
     assert 1 <= T <= 64, f"decode batch must be 1..64, got {T}"
     assert fc1.shape == (r, H) and fc2.shape == (I, r), (fc1.shape, fc2.shape)
     assert fc1.dtype == fc2.dtype and fc1.stride(1) == 1 and fc2.stride(1) == 1
-    config = config or TUNED_CONFIGS[max(b for b in TUNED_CONFIGS if b <= T)]
+    config = config or tuned_for(TUNED_CONFIGS, T)
     use_dot = T >= DOT_MIN_ROWS
-    block_t = max(16, next_pow2(T)) if use_dot else next_pow2(T)
-    block_n = max(16, config.block_n) if use_dot else config.block_n
-    # NOTE: tiles are tuned for 16-bit weights; float32 halves K on the tl.dot path (shared memory).
-    block_k = max(16, config.block_k // 2) if use_dot and fc1.element_size() == 4 else config.block_k
+    block_t = dot_pad(next_pow2(T), use_dot)
+    block_n = dot_pad(config.block_n, use_dot)
+    block_k = dot_k_tile(config.block_k, use_dot, fc1.element_size())
     dot_fp32 = dot_in_fp32(fc1.dtype)
     xw = x if dot_fp32 else x.to(fc1.dtype)
     z = torch.empty(T, r, dtype=torch.float32, device=x.device)          # [T, r]

@@ -75,7 +75,8 @@ def default_dense_fallback(device: torch.device, dtype: torch.dtype, num_rows: i
     `hidden_size` inputs on `device`."""
     if device.type == "cuda":
         return CUDA_DENSE_FALLBACK
-    rows, fraction = CPU_FP32_COMPUTE_BOUND[max(h for h in CPU_FP32_COMPUTE_BOUND if h <= hidden_size)]
+    widest = max(h for h in CPU_FP32_COMPUTE_BOUND if h <= hidden_size)
+    rows, fraction = CPU_FP32_COMPUTE_BOUND[widest]
     if dtype == torch.float32 and num_rows >= rows:
         return fraction
     return 1.0

@@ -35,6 +35,28 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+# NOTE: below this many batch rows the kernels multiply and reduce in registers; from here on
+# they use tl.dot, which needs the row and neuron tiles padded to 16.
+DOT_MIN_ROWS = 4
+
+
+def dot_pad(n: int, use_dot: bool) -> int:
+    """A tile dimension as launched: tl.dot needs at least 16."""
+    return max(16, n) if use_dot else n
+
+
+def dot_k_tile(block: int, use_dot: bool, element_size: int) -> int:
+    """The reduction tile of a tl.dot loop: tiles are tuned for 16-bit weights, and 4-byte
+    ones halve it (the same bytes per tile; the full width overflows shared memory)."""
+    return max(16, block // 2) if use_dot and element_size == 4 else block
+
+
+def tuned_for(table: dict, rows: int):
+    """The entry of a {batch-size bucket: config} table that applies to `rows` rows: the
+    largest bucket <= rows."""
+    return table[max(b for b in table if b <= rows)]
+
+
 @triton.jit
 def activate_gate(g, threshold, ACT: tl.constexpr):
     """The gate's activation, as kernels/sparse_ffn_ref.py defines it (float32 in and out;
