@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 #include <omp.h>
 #if defined(__AVX2__) && defined(__FMA__)
@@ -263,7 +264,9 @@ void sparse_ffn_row(const float* x, const typename D::T* w_gate, const typename 
   // One partial out per chunk of neurons, summed in chunk order: the result does not depend on
   // which thread ran which chunk (dynamic scheduling), so repeated calls are bitwise equal.
   const int64_t num_chunks = (I + kRowChunk - 1) / kRowChunk;
-  std::vector<float> partial(num_chunks * H);
+  // NOTE: left uninitialised (a std::vector<float> would zero all of it, ~1 MB per Mistral call):
+  // a chunk zeroes its partial when its first neuron fires, and only such chunks are summed.
+  std::unique_ptr<float[]> partial(new float[num_chunks * H]);
   std::vector<uint8_t> used(num_chunks, 0);
 #pragma omp parallel num_threads(num_threads)
   {
@@ -272,7 +275,7 @@ void sparse_ffn_row(const float* x, const typename D::T* w_gate, const typename 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t ci = 0; ci < num_chunks; ++ci) {
       const int64_t c = ci * kRowChunk, end = c + kRowChunk < I ? c + kRowChunk : I;
-      float* acc = partial.data() + ci * H;
+      float* acc = partial.get() + ci * H;
       std::memset(h + c, 0, sizeof(float) * (end - c));
       std::memset(active + c, 0, end - c);
       int64_t i = c;
