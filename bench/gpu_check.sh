@@ -2,7 +2,8 @@
 # GPU check for the kernels (issue 5), in about 5 minutes on a CUDA host: the kernel tests and
 # the CUDA engine tests with compiled Triton kernels (no interpreter), the tile sweep of the
 # Triton kernels, then the bf16 benchmark at Mistral-7B FFN shape (with the predictor at rank
-# 1024) on the tiles the sweep chose, and exact mode (no predictor). Usage, from the repository root:
+# 1024) on the tiles the sweep chose, exact mode (no predictor), and the paged-attention tiles.
+# Usage, from the repository root:
 #   bash bench/gpu_check.sh [OUT_DIR]
 # TUNE_BATCHES="1" and TUNE_SWEEP="predictor" (of: compact exact predictor) narrow the sweep.
 # Writes OUT_DIR/tuned.json, OUT_DIR/kernels_gpu.md, OUT_DIR/kernels_gpu_exact.md and

@@ -12,8 +12,8 @@ on CPUs without bf16 units). Every request has a fixed number of output tokens (
 min_new_tokens), greedy, with the same token-id prompts for every runner, and prefix caching is
 off so repeated rounds do not get cheaper prefills. Within a round the batch-1 runners take
 turns request by request and the concurrent runs follow; the table reports the median over
-rounds, which keeps the comparison usable on a shared machine. `tok/s` is output tokens / wall time (prefill included); `decode tok/s`
-counts only the engine's decode-only steps.
+rounds, which keeps the comparison usable on a shared machine. `tok/s` is output tokens / wall
+time (prefill included); `decode tok/s` counts only the engine's decode-only steps.
 
     python bench/throughput.py                                  # prints the table
     python bench/throughput.py --out docs/benchmarks/throughput.md
