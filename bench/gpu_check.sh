@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# GPU check for the kernels (issue 5), in about 5 minutes on a CUDA host: the kernel tests and
-# the CUDA engine tests with compiled Triton kernels (no interpreter), the tile sweep of the
-# Triton kernels, then the bf16 benchmark at Mistral-7B FFN shape (with the predictor at rank
-# 1024) on the tiles the sweep chose, exact mode (no predictor), and the paged-attention tiles.
+# GPU check for the kernels (issue 5), in about 5-9 minutes on a CUDA host: the tile sweep of
+# the Triton kernels, then the bf16 benchmark at Mistral-7B FFN shape (with the predictor at rank
+# 1024) on the tiles the sweep chose, exact mode (no predictor), the paged-attention tiles, and
+# last the kernel tests and the CUDA engine tests with compiled Triton kernels (no interpreter).
+# Measurements first: a run cut short by a device lease keeps them (each step has a timeout).
 # Usage, from the repository root:
 #   bash bench/gpu_check.sh [OUT_DIR]
 # TUNE_BATCHES="1" and TUNE_SWEEP="predictor" (of: compact exact predictor) narrow the sweep.
@@ -26,8 +27,6 @@ print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| 
 PYEOF
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
 
-step "kernel + CUDA engine tests (compiled Triton, CUDA tensors)" \
-    timeout 180 "$PY" -m pytest -q $XDIST -p no:cacheprovider tests/kernels tests/engine/test_engine_cuda.py
 step "tile sweep of the Triton FFN and predictor kernels (batch ${TUNE_BATCHES:-1 4}; 90%)" \
     timeout 240 "$PY" bench/tune_triton_ffn.py --batches ${TUNE_BATCHES:-1 4} --sweep ${TUNE_SWEEP:-compact exact predictor} --json "$OUT_DIR/tuned.json"
 CONFIGS=$([ -f "$OUT_DIR/tuned.json" ] && echo "--configs $OUT_DIR/tuned.json" || true)
@@ -39,6 +38,8 @@ step "benchmark, exact mode (no predictor): bf16, batch 1/4/8" \
     $CONFIGS --out "$OUT_DIR/kernels_gpu_exact.md"
 step "benchmark: paged-attention decode tiles (bf16, Mistral heads) vs the torch path" \
     timeout 60 "$PY" bench/paged_attention.py --out "$OUT_DIR/paged_attention_gpu.md"
+step "kernel + CUDA engine tests (compiled Triton, CUDA tensors)" \
+    timeout 150 "$PY" -m pytest -q $XDIST -p no:cacheprovider tests/kernels tests/engine/test_engine_cuda.py
 echo "targets (issue 5): batch 1 at 90% sparsity >= 6x cuBLAS dense and >= 60% of the copy ceiling"
 for table in kernels_gpu kernels_gpu_exact; do   # the batch-1, 90% rows, to compare at a glance
     [ -f "$OUT_DIR/$table.md" ] && grep -E '^\| cuda \| bf16 \| 1 \| 90% ' "$OUT_DIR/$table.md" | sed "s/^/$table: /"

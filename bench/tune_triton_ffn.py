@@ -51,14 +51,20 @@ logger = logging.getLogger("bench.tune_triton_ffn")
 
 FFN_STAGES = [
     dict(scan_block=[0, 512, 1024, 2048]),
-    dict(gate_block_i=[4, 8, 16, 32], gate_block_h=[256, 512, 1024, 2048, 4096]),
+    # tile and warps together: a wide tile needs the warps to hold it (a greedy sweep of one then
+    # the other never tries a wide tile with many warps); _grid drops the tiles that leave a
+    # thread too few or too many elements
+    dict(gate_block_i=[4, 8, 16, 32], gate_block_h=[256, 512, 1024, 2048, 4096],
+         gate_warps=[2, 4, 8]),
     dict(gate_range=[0, 32, 64, 128, 256], gate_block_i=[4, 8, 16, 32]),
-    dict(down_block_k=[8, 16, 32], down_block_h=[128, 256, 512], down_split=[8, 16, 32]),
-    dict(down_fused_reduce=[False, True]),
-    dict(gate_warps=[2, 4, 8], down_warps=[2, 4, 8]),
+    dict(down_block_k=[8, 16, 32], down_block_h=[128, 256, 512], down_warps=[2, 4, 8]),
+    dict(down_split=[8, 16, 32], down_fused_reduce=[False, True]),
     dict(gate_stages=[2, 3, 4]),
     dict(down_stages=[2, 3, 4]),
 ]
+# elements of a weight tile per thread that the multiply-reduce path (below DOT_MIN_ROWS rows)
+# is swept over: fewer leaves too few loads in flight, more spills registers
+PER_THREAD = (16, 256)
 # exact mode's dense gate pass (the rest of its tiles are predicted mode's winners)
 EXACT_STAGES = [dict(gate_pass_block_i=[4, 8, 16, 32], gate_pass_block_h=[512, 1024, 2048]),
                 dict(gate_pass_warps=[2, 4, 8])]
@@ -66,12 +72,28 @@ PREDICTOR_STAGES = [dict(block_n=[4, 8, 16, 32], block_k=[256, 512, 1024]), dict
 PREDICTOR_RANK = 1024
 
 
-def _grid(spec: dict, T: int) -> list[dict]:
+def _per_thread(config, keys) -> list[float]:
+    """Weight elements per thread of the gate/up tile (gate and up) and of the down tile,
+    for the kernels whose tiles `keys` change."""
+    counts = []
+    if keys & {"gate_block_i", "gate_block_h", "gate_warps"}:
+        counts.append(2 * config.gate_block_i * config.gate_block_h / (32 * config.gate_warps))
+    if keys & {"down_block_k", "down_block_h", "down_warps"}:
+        counts.append(config.down_block_k * config.down_block_h / (32 * config.down_warps))
+    return counts
+
+
+def _grid(spec: dict, T: int, base=None) -> list[dict]:
     combos = [dict(zip(spec, values)) for values in itertools.product(*spec.values())]
     if T >= DOT_MIN_ROWS:  # tl.dot pads these to 16: smaller values repeat a configuration
         combos = [c for c in combos if all(c.get(k, 16) >= 16 for k in
                                            ("gate_block_i", "down_block_k", "block_n",
                                             "gate_pass_block_i"))]
+    elif isinstance(base, CompactConfig):
+        lo, hi = PER_THREAD
+        combos = [c for c in combos
+                  if all(lo <= n <= hi
+                         for n in _per_thread(dataclasses.replace(base, **c), set(c)))]
     return combos
 
 
@@ -91,7 +113,7 @@ def _sweep(label: str, start, stages: list[dict], T: int, call, repeats: int, sw
 
     best, best_ms = start, measure(start)
     for stage in stages if sweep else []:
-        for combo in _grid(stage, T):
+        for combo in _grid(stage, T, best):
             config = dataclasses.replace(best, **combo)
             ms = measure(config)
             if ms < best_ms:
