@@ -1,7 +1,7 @@
 """Compile every Triton kernel launch for a GPU target, on a machine without a GPU.
 
-Runs each launcher (sparse FFN in both modes and its layouts, the masked exact-mode kernels,
-the predictor, paged attention) on CPU tensors of the real shapes with the kernel launches
+Runs each launcher (sparse FFN in both modes and the tuner's variants, the predictor, paged
+attention) on CPU tensors of the real shapes with the kernel launches
 recorded instead of run, then compiles each recorded launch for the target with Triton's own
 compiler and bundled ptxas (specialised as a launch would be), and reads the compiled kernel's
 resources back (ptxas -v). What it catches before any device time is spent: code the
@@ -61,9 +61,8 @@ SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 TORCH_TO_TRITON = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
                    torch.int8: "i8", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
 HIDDEN, INTERMEDIATE = 4096, 14336          # Mistral-7B FFN
-LAUNCHERS = [(ffn_triton_compact, "_compact_kernel _gate_up_kernel _range_gate_up_kernel "
-                                  "_gate_pass_kernel _down_kernel _reduce_kernel"),
-             (sparse_ffn_triton, "_gate_up_kernel _down_kernel"),
+LAUNCHERS = [(ffn_triton_compact, "_compact_kernel _gate_up_kernel _gate_pass_kernel "
+                                  "_down_kernel _reduce_kernel"),
              (predictor_triton, "_linear_epilogue_kernel"),
              (paged_attention_triton, "_paged_attention_decode_kernel")]
 
@@ -96,9 +95,13 @@ def recording(sink: list, case: list):
         for name in names.split():
             saved.append((module, name, getattr(module, name)))
             setattr(module, name, _Recorder(module, name, sink, case))
+    for module in (*(m for m, _ in LAUNCHERS), sparse_ffn_triton):
         if hasattr(module, "check_device"):   # the launchers take CPU tensors here
             saved.append((module, "check_device", module.check_device))
             module.check_device = lambda *tensors: None
+    # programmatic dependent launches as on a Hopper GPU (the tensors here are on the CPU)
+    saved.append((ffn_triton_compact, "_pdl_enabled", ffn_triton_compact._pdl_enabled))
+    ffn_triton_compact._pdl_enabled = lambda config, device: config.pdl
     try:
         yield
     finally:
@@ -123,12 +126,10 @@ def record_cases(dtypes: list[torch.dtype]) -> list[Launch]:
                 sparse_ffn_triton.sparse_ffn_triton(x, w, w, w, "silu", 0.0, mask)
                 case[0] = f"ffn exact {name} T={T}"
                 sparse_ffn_triton.sparse_ffn_triton(x, w, w, w, "fatrelu", 0.1)
-                case[0] = f"ffn exact masked {name} T={T}"
-                sparse_ffn_triton.sparse_ffn_triton(x, w, w, w, "fatrelu", 0.1,
-                                                    exact_path="masked")
                 case[0] = f"predictor {name} T={T}"
                 predictor_triton.predict_active_triton(x, fc1, fc2)
-                for variant in (dict(down_fused_reduce=True), dict(gate_range=64)):
+                for variant in (dict(down_fused_reduce=not default_config(T).down_fused_reduce),
+                                dict(prefetch=True), dict(pdl=True)):
                     case[0] = f"ffn predicted {name} T={T} {variant}"
                     config = CompactConfig(**{**default_config(T).__dict__, **variant})
                     sparse_ffn_triton.sparse_ffn_triton(x, w, w, w, "drelu", 0.0, mask,
@@ -152,7 +153,7 @@ def compile_job(launch: Launch, arch: int) -> tuple:
     """
     kernel = getattr(importlib.import_module(launch.module), launch.name)
     meta = dict(launch.meta)
-    options = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
+    options = {k: meta.pop(k) for k in ("num_warps", "num_stages", "launch_pdl") if k in meta}
     signature, constants, aligned = {}, dict(meta), []
     for i, (name, value) in enumerate(zip(kernel.arg_names, launch.args)):
         if isinstance(value, torch.Tensor):
@@ -223,7 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = [{"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[d]
               for d in args.dtypes]
     launches = record_cases(dtypes)
-    jobs = {arch: [compile_job(launch, arch) for launch in launches] for arch in args.arch}
+    # griddepcontrol (programmatic dependent launch) exists from sm_90 on: launchers use it only
+    # there, so its variant is compiled only there
+    targets = {arch: [launch for launch in launches if arch >= 90 or not launch.meta.get("PDL")]
+               for arch in args.arch}
+    jobs = {arch: [compile_job(launch, arch) for launch in targets[arch]] for arch in args.arch}
     # NOTE: compiling is single-threaded and takes ~1 s a kernel: one process per core. Spawned,
     # not forked: the workers import the kernels afresh (TRITON_INTERPRET=0, no recorders).
     unique = sorted({job for arch_jobs in jobs.values() for job in arch_jobs}, key=str)
@@ -237,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         emit(f"\n## sm_{arch} (shared memory limit {limit} bytes)\n")
         emit("| case | kernel | warps | regs | spill stores (bytes) | shared bytes |")
         emit("|---|---|---|---|---|---|")
-        for launch, job in zip(launches, jobs[arch]):
+        for launch, job in zip(targets[arch], jobs[arch]):
             r = compiled[job]
             if "error" in r:
                 failures.append(f"sm_{arch} {launch.case} {launch.name}: does not compile: "

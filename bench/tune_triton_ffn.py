@@ -1,11 +1,10 @@
 """Tile sweep for the compacted Triton sparse FFN (predicted mode) and the predictor on a GPU.
 
 For each batch bucket, at Mistral-7B shape, bf16 and 90% per-row sparsity: the compaction
-scan, then the gate/up tiles, then the scan-free layout's ranges, then the down tiles, then
-the reduction (a launch of its own, or fused into the down kernel), then the warps, then the
-pipelining depth, each stage starting from the best so far; then exact mode's gate pass (and
-exact mode's masked kernels timed against the compacted ones); then the predictor's tiles
-(rank 1024). Ends with a per-kernel profile at batch 1. `--sweep` picks what to sweep; what is
+scan, then the gate/up tiles with their warps, then the down tiles with theirs, then the split
+with the reduction (a launch of its own, or fused into the down kernel), then the loads issued a
+step ahead and the programmatic dependent launches, then both tiles again, each stage starting
+from the best so far; then exact mode's gate pass; then the predictor's tiles (rank 1024). Ends with a per-kernel profile at batch 1. `--sweep` picks what to sweep; what is
 not swept is timed once at its current tiles. Batches above 8 rows are not swept by default:
 the dispatch sends them to cuBLAS (kernels/sparse_ffn.py, CUDA_SPARSE_MAX_ROWS).
 Each configuration is timed as a CUDA-graph replay from a flushed cache (bench/kernels.py's
@@ -14,7 +13,7 @@ against the torch reference before timing) are skipped. Prints the winners, as t
 TUNED_CONFIGS in kernels/ffn_triton_compact.py and kernels/predictor_triton.py, and can save
 them as JSON for `bench/kernels.py --configs`.
 
-    python bench/tune_triton_ffn.py --json tuned.json     # batches 1 and 4: ~2 minutes
+    python bench/tune_triton_ffn.py --json tuned.json     # batches 1 and 4: ~3 minutes
     python bench/tune_triton_ffn.py --batches 1 --sweep predictor --json tuned.json
 """
 
@@ -54,13 +53,16 @@ FFN_STAGES = [
     # tile and warps together: a wide tile needs the warps to hold it (a greedy sweep of one then
     # the other never tries a wide tile with many warps); _grid drops the tiles that leave a
     # thread too few or too many elements
-    dict(gate_block_i=[4, 8, 16, 32], gate_block_h=[256, 512, 1024, 2048, 4096],
-         gate_warps=[2, 4, 8]),
-    dict(gate_range=[0, 32, 64, 128, 256], gate_block_i=[4, 8, 16, 32]),
-    dict(down_block_k=[8, 16, 32], down_block_h=[128, 256, 512], down_warps=[2, 4, 8]),
+    dict(gate_block_i=[1, 2, 4, 8, 16, 32], gate_block_h=[256, 512, 1024, 2048, 4096],
+         gate_warps=[1, 2, 4, 8]),
+    dict(down_block_k=[8, 16, 32, 64], down_block_h=[64, 128, 256, 512],
+         down_warps=[1, 2, 4, 8]),
     dict(down_split=[8, 16, 32], down_fused_reduce=[False, True]),
-    dict(gate_stages=[2, 3, 4]),
-    dict(down_stages=[2, 3, 4]),
+    dict(prefetch=[False, True], pdl=[False, True]),
+    # the tiles again, for the loops as prefetch and pdl left them
+    dict(gate_block_i=[1, 2, 4, 8], gate_block_h=[1024, 2048, 4096], gate_warps=[2, 4, 8]),
+    dict(down_block_k=[16, 32, 64], down_block_h=[64, 128, 256], down_warps=[2, 4]),
+    dict(gate_stages=[2, 3, 4], down_stages=[2, 3, 4]),   # (no effect at one row: 2026-11-26)
 ]
 # elements of a weight tile per thread that the multiply-reduce path (below DOT_MIN_ROWS rows)
 # is swept over: fewer leaves too few loads in flight, more spills registers
@@ -136,19 +138,14 @@ def matches(ref_out, ref_active):
 
 def sweep_exact(x, weights, sparsity: float, start: CompactConfig, T: int,
                 repeats: int) -> CompactConfig:
-    """Exact mode (fatrelu at the `sparsity` quantile of the gate): the masked kernels against
-    the compacted ones, whose gate-pass tiles are swept."""
+    """Exact mode (fatrelu at the `sparsity` quantile of the gate): the gate pass's tiles."""
     thr = exact_threshold(x, weights[0], sparsity)
     check = matches(*sparse_ffn_ref(x, *weights, "fatrelu", thr))
 
-    def call(config, path="compact"):
+    def call(config):
         return sparse_ffn_triton.sparse_ffn_triton(x, *weights, "fatrelu", thr,
-                                                   compact_config=config, exact_path=path)
-    masked_ok = check(call(None, "masked"))
-    (masked_ms,) = time_min([lambda: call(None, "masked")], repeats, "cuda")
-    best, best_ms = _sweep("exact", start, EXACT_STAGES, T, call, repeats, check=check)
-    print(f"EXACT T={T}: masked kernels {masked_ms:.4f} ms{'' if masked_ok else ' (WRONG)'} | "
-          f"compacted {best_ms:.4f} ms")
+                                                   compact_config=config)
+    best, _ = _sweep("exact", start, EXACT_STAGES, T, call, repeats, check=check)
     return best
 
 

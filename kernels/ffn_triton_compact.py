@@ -22,11 +22,13 @@ Launches (predicted mode: a mask is given):
       (deterministic: no atomics, fixed order). With CompactConfig.down_fused_reduce the down
       kernel does this itself instead: the last of a column block's SPLIT programs to finish
       (a ticket counter per column block) sums that block's partials, one launch fewer.
-With CompactConfig.gate_range > 0 (the scan-free layout) _compact_kernel does not run:
-_range_gate_up_kernel programs each own a fixed range of neurons, compact it in registers and
-list it in place (LIST[range*RANGE + k], RCOUNT[range]); _down_kernel maps its balanced slots
-to those places through a prefix sum of RCOUNT. One launch and one dependent wait fewer, for
-gate/up programs that read between none and RANGE rows each.
+With CompactConfig.pdl (Hopper and later) gate/up and down are launched as programmatic
+dependent launches: each starts while the kernel before it still runs and waits (griddepcontrol)
+only where it reads that kernel's output, so the gaps between launches close, and down fetches
+its first W_down_t rows (whose ids the compaction wrote) while gate/up is still streaming.
+NOTE: a scan-free layout (gate/up programs compacting their own fixed range of neurons in
+registers, no compaction launch) was measured on an H100 and lost: 40-58 us against 28 us at
+batch 1, 90% (uneven rows per program); it was deleted.
 Exact mode (no predictor) first runs _gate_pass_kernel, a dense pass over every gate row that
 writes the gate's activation and the alive mask (activation != 0); that mask is then compacted
 like a predicted one, and _gate_up_kernel reads only the alive neurons' up rows (the activation
@@ -44,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kernels.triton_utils import (DOT_MIN_ROWS, activate_gate, dot_k_tile, dot_pad,
                                   linear_tile, next_pow2, tuned_for)
@@ -67,10 +70,12 @@ class CompactConfig:
     gate_pass_block_i: int = 4
     gate_pass_block_h: int = 1024
     gate_pass_warps: int = 4
-    # > 0: no compaction launch; gate/up programs each own this many neurons and compact them
-    # in registers, gate_block_i at a time (_range_gate_up_kernel). 0: compaction, then gate/up
-    # programs over the compact list.
-    gate_range: int = 0
+    # True: the next step's rows are requested before this step's arithmetic, in both the gate/up
+    # and the down loop (software pipelining by hand; at one row those loops have no tl.dot
+    # for Triton's pipeliner, and the sweep saw no effect of num_stages there)
+    prefetch: bool = False
+    # True (CUDA, compute capability >= 9): programmatic dependent launches (see above)
+    pdl: bool = False
     # True: no reduce launch; the last down program of each column block sums the partials.
     down_fused_reduce: bool = False
     # software-pipelining depth of the gate/up and down loops (Triton's default is 3)
@@ -83,13 +88,16 @@ class CompactConfig:
 # docs/benchmarks/kernels_gpu.md). Tiles are tuned for 16-bit weights; float32 ones halve the
 # hidden-dimension tiles of the tl.dot path (same bytes per tile, or shared memory overflows).
 TUNED_CONFIGS: dict[int, CompactConfig] = {
-    1: CompactConfig(gate_block_i=4, gate_block_h=1024, gate_warps=2, down_block_k=32,
-                     down_block_h=256, down_split=16, down_warps=4, scan_block=1024),
-    # NOTE: gate/up and down tiles swept before the parallel scan existed. scan_block=1024 (cut
-    # the batch-1 scan from 9.2 to 3.1 us) is set here unmeasured, also because the one-program
-    # scan of the whole mask needs 128 KiB of shared memory from 4 rows on, over an sm_89's
-    # 99 KiB (`python bench/compile_check.py`). For the same reason the exact-mode gate pass
-    # takes the gate/up kernel's hidden tile (a 1024-wide tl.dot tile: 128 KiB).
+    # 2026-11-26 05:17 sweep (`TUNE_BATCHES=1 bash bench/gpu_check.sh`): 26.7 us at batch 1
+    1: CompactConfig(gate_block_i=4, gate_block_h=2048, gate_warps=4, down_block_k=32,
+                     down_block_h=128, down_split=16, down_warps=2, scan_block=1024,
+                     gate_pass_block_h=2048, down_fused_reduce=True),
+    # NOTE: gate/up and down tiles swept before the parallel scan and the fused reduction
+    # existed. scan_block=1024 (cut the batch-1 scan from 9.2 to 3.1 us) is set here unmeasured,
+    # also because the one-program scan of the whole mask needs 128 KiB of shared memory from 4
+    # rows on, over an sm_89's 99 KiB (`python bench/compile_check.py`). For the same reason the
+    # exact-mode gate pass takes the gate/up kernel's hidden tile (a 1024-wide tl.dot tile:
+    # 128 KiB).
     DOT_MIN_ROWS: CompactConfig(gate_block_i=32, gate_block_h=256, gate_warps=4, down_block_k=32,
                                 down_block_h=128, down_split=16, down_warps=2, scan_block=1024,
                                 gate_pass_block_h=256),
@@ -111,26 +119,13 @@ def _union_of_rows(PRED, offs, in_range, T, stride_pt, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _list_block(PRED, ACTIVE, LIST, offs, in_range, T, stride_pt, stride_at,
-                BLOCK: tl.constexpr):
-    """Compact one block of neurons: the batch's union, its ids stored in ascending order at
-    LIST[0..n), ACTIVE zeroed for the neurons outside it. Returns (union [BLOCK] int32, each
-    neuron's position in the list [BLOCK], n)."""
-    union = _union_of_rows(PRED, offs, in_range, T, stride_pt, BLOCK)
-    pos = tl.cumsum(union, axis=0) - 1
-    tl.store(LIST + pos, offs, mask=in_range & (union != 0))
-    for t in range(0, T):
-        tl.store(ACTIVE + t * stride_at + offs, tl.zeros([BLOCK], dtype=tl.int8),
-                 mask=in_range & (union == 0))
-    return union, pos, tl.sum(union, axis=0)
-
-
-@triton.jit
 def _compact_kernel(PRED, IDX, COUNT, ACTIVE, T, I, stride_pt, stride_at,
-                    BLOCK: tl.constexpr, SCAN: tl.constexpr):
+                    BLOCK: tl.constexpr, SCAN: tl.constexpr, PDL: tl.constexpr):
     # NOTE: program p counts the live neurons before its block itself (a sum over the mask, no
     # cross-program communication), so the slots stay in ascending neuron order: the
     # down-projection sums are deterministic.
+    if PDL:   # gate/up's programs may start now: they wait for this grid at their gdc_wait
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     first = pid * BLOCK
     before = tl.sum(tl.zeros([SCAN], dtype=tl.int32), axis=0)   # an int32 scalar (loop-carried)
@@ -138,9 +133,32 @@ def _compact_kernel(PRED, IDX, COUNT, ACTIVE, T, I, stride_pt, stride_at,
         offs = i0 + tl.arange(0, SCAN)
         before += tl.sum(_union_of_rows(PRED, offs, offs < first, T, stride_pt, SCAN), axis=0)
     offs = first + tl.arange(0, BLOCK)
-    _, _, n = _list_block(PRED, ACTIVE, IDX + before, offs, offs < I, T, stride_pt, stride_at,
-                          BLOCK)
-    tl.store(COUNT, before + n, mask=pid == tl.num_programs(0) - 1)
+    in_range = offs < I
+    union = _union_of_rows(PRED, offs, in_range, T, stride_pt, BLOCK)
+    pos = before + tl.cumsum(union, axis=0) - 1
+    tl.store(IDX + pos, offs, mask=in_range & (union != 0))
+    for t in range(0, T):
+        tl.store(ACTIVE + t * stride_at + offs, tl.zeros([BLOCK], dtype=tl.int8),
+                 mask=in_range & (union == 0))
+    tl.store(COUNT, before + tl.sum(union, axis=0), mask=pid == tl.num_programs(0) - 1)
+
+
+@triton.jit
+def _gate_up_step(X, WG, WU, row_ptr, live, offs_t, mask_t, offs_h, h0, H, stride_xt,
+                  GATE_GIVEN: tl.constexpr):
+    """One step's loads: x [BT, BH] and the listed neurons' up and gate rows [BI, BH] at
+    columns h0 + offs_h (all masked off at h0 >= H; the gate stands in for nothing when
+    GATE_GIVEN, and up is returned in its place)."""
+    hh = h0 + offs_h
+    mask_h = hh < H
+    x = tl.load(X + offs_t[:, None] * stride_xt + hh[None, :],
+                mask=mask_t[:, None] & mask_h[None, :], other=0.0)             # [BT, BH]
+    wmask = live[:, None] & mask_h[None, :]
+    wu = tl.load(WU + row_ptr + hh[None, :], mask=wmask, other=0.0)            # [BI, BH]
+    wg = wu
+    if not GATE_GIVEN:
+        wg = tl.load(WG + row_ptr + hh[None, :], mask=wmask, other=0.0)        # [BI, BH]
+    return x, wu, wg
 
 
 @triton.jit
@@ -149,7 +167,7 @@ def _gate_up_rows(
     T, H, threshold,
     stride_xt, stride_wi, stride_gt, stride_pt, stride_ht, stride_at,
     ACT: tl.constexpr, GATE_GIVEN: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
+    PREFETCH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """h of the [BLOCK_I] neurons `neuron` (where `live`) -> HC[:, slots], ACTIVE[:, neuron]."""
     offs_t = tl.arange(0, BLOCK_T)
@@ -158,15 +176,12 @@ def _gate_up_rows(
     row_ptr = neuron[:, None].to(tl.int64) * stride_wi                         # [BI, 1]
     acc_g = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32)
+    x, wu, wg = _gate_up_step(X, WG, WU, row_ptr, live, offs_t, mask_t, offs_h, 0, H,
+                              stride_xt, GATE_GIVEN)
     for h0 in range(0, H, BLOCK_H):
-        hh = h0 + offs_h
-        mask_h = hh < H
-        x = tl.load(X + offs_t[:, None] * stride_xt + hh[None, :],
-                    mask=mask_t[:, None] & mask_h[None, :], other=0.0)         # [BT, BH]
-        wmask = live[:, None] & mask_h[None, :]
-        wu = tl.load(WU + row_ptr + hh[None, :], mask=wmask, other=0.0)        # [BI, BH]
-        if not GATE_GIVEN:
-            wg = tl.load(WG + row_ptr + hh[None, :], mask=wmask, other=0.0)    # [BI, BH]
+        if PREFETCH:   # the next step's loads go out before this step's arithmetic
+            x_n, wu_n, wg_n = _gate_up_step(X, WG, WU, row_ptr, live, offs_t, mask_t, offs_h,
+                                            h0 + BLOCK_H, H, stride_xt, GATE_GIVEN)
         if USE_DOT:
             if DOT_FP32:
                 xf = x.to(tl.float32)
@@ -182,6 +197,10 @@ def _gate_up_rows(
             acc_u += tl.sum(xf * wu.to(tl.float32)[None, :, :], axis=2)
             if not GATE_GIVEN:
                 acc_g += tl.sum(xf * wg.to(tl.float32)[None, :, :], axis=2)
+        if not PREFETCH:
+            x_n, wu_n, wg_n = _gate_up_step(X, WG, WU, row_ptr, live, offs_t, mask_t, offs_h,
+                                            h0 + BLOCK_H, H, stride_xt, GATE_GIVEN)
+        x, wu, wg = x_n, wu_n, wg_n
     mask_ti = mask_t[:, None] & live[None, :]
     if GATE_GIVEN:
         a = tl.load(GATE + offs_t[:, None] * stride_gt + neuron[None, :], mask=mask_ti,
@@ -205,8 +224,12 @@ def _gate_up_kernel(
     T, H, I, threshold,
     stride_xt, stride_wi, stride_gt, stride_pt, stride_ht, stride_at,
     ACT: tl.constexpr, GATE_GIVEN: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+    PREFETCH: tl.constexpr, PDL: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
+    if PDL:   # launched early: wait for the compaction, then let down's programs start
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     slots = pid * BLOCK_I + tl.arange(0, BLOCK_I)
     # NOTE: the list is loaded before COUNT arrives (both loads in flight at once: one memory
@@ -219,38 +242,8 @@ def _gate_up_kernel(
     live = slots < count
     _gate_up_rows(X, WG, WU, GATE, PRED, HC, ACTIVE, tl.where(live, listed, 0), live, slots,
                   T, H, threshold, stride_xt, stride_wi, stride_gt, stride_pt, stride_ht,
-                  stride_at, ACT, GATE_GIVEN, USE_DOT, DOT_FP32, BLOCK_T, BLOCK_I, BLOCK_H)
-
-
-@triton.jit
-def _range_gate_up_kernel(
-    X, WG, WU, GATE, PRED, LIST, RCOUNT, HC, ACTIVE,
-    T, H, I, threshold,
-    stride_xt, stride_wi, stride_gt, stride_pt, stride_ht, stride_at,
-    ACT: tl.constexpr, GATE_GIVEN: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr, RANGE: tl.constexpr,
-):
-    # The scan-free layout (CompactConfig.gate_range): program p owns neurons
-    # [p*RANGE, (p+1)*RANGE), compacts its own range in registers (no compaction launch, and no
-    # wait on one), lists the live ids at LIST[p*RANGE + k] with their number at RCOUNT[p], and
-    # runs gate/up over them BLOCK_I at a time. Slot space: p*RANGE + k.
-    pid = tl.program_id(0)
-    offs_r = pid * RANGE + tl.arange(0, RANGE)
-    in_range = offs_r < I
-    union, pos, n = _list_block(PRED, ACTIVE, LIST + pid * RANGE, offs_r, in_range, T,
-                                stride_pt, stride_at, RANGE)                    # [R], [R], n
-    live_r = in_range & (union != 0)
-    tl.store(RCOUNT + pid, n)
-    offs_j = tl.arange(0, BLOCK_I)
-    for c in range(0, n, BLOCK_I):
-        chunk = c + offs_j                                                      # [BI]
-        # the neuron at local position chunk[j]: a select over the range (no register gather)
-        sel = (pos[None, :] == chunk[:, None]) & live_r[None, :]                # [BI, R]
-        neuron = tl.sum(tl.where(sel, offs_r[None, :], 0), axis=1)              # [BI]
-        _gate_up_rows(X, WG, WU, GATE, PRED, HC, ACTIVE, neuron, chunk < n,
-                      pid * RANGE + chunk, T, H, threshold, stride_xt, stride_wi, stride_gt,
-                      stride_pt, stride_ht, stride_at, ACT, GATE_GIVEN, USE_DOT, DOT_FP32,
-                      BLOCK_T, BLOCK_I, BLOCK_H)
+                  stride_at, ACT, GATE_GIVEN, USE_DOT, DOT_FP32, PREFETCH,
+                  BLOCK_T, BLOCK_I, BLOCK_H)
 
 
 @triton.jit
@@ -277,43 +270,45 @@ def _gate_pass_kernel(
     tl.store(ALIVE + offs_t[:, None] * stride_at + offs_i[None, :], (a != 0.0).to(tl.int8),
              mask=mask_ti)
 
+@triton.jit
+def _down_rows(WD, IDX, slots, live, offs_h, mask_h, stride_wi):
+    """W_down_t rows [BK, BH] of the neurons listed at `slots` (zero where not live)."""
+    neuron = tl.load(IDX + slots, mask=live, other=0)                          # [BK]
+    return tl.load(WD + neuron[:, None].to(tl.int64) * stride_wi + offs_h[None, :],
+                   mask=live[:, None] & mask_h[None, :], other=0.0)            # [BK, BH]
+
 
 @triton.jit
 def _down_kernel(
     HC, WD, IDX, COUNT, PARTIAL, OUT, TICKETS,
-    T, H, NUM_RANGES,
+    T, H,
     stride_ht, stride_wi, stride_ps, stride_pt, stride_ot,
     USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, SPLIT: tl.constexpr,
-    FUSED_REDUCE: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
-    RANGE: tl.constexpr, BLOCK_R: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
     pid_s = tl.program_id(1)
-    if RANGE > 0:   # the scan-free layout: slot s lives in range r at r*RANGE + (s - before r)
-        offs_r = tl.arange(0, BLOCK_R)      # COUNT holds one count per range
-        ends = tl.cumsum(tl.load(COUNT + offs_r, mask=offs_r < NUM_RANGES, other=0), axis=0)
-        count = tl.max(ends, axis=0)
-    else:
-        count = tl.load(COUNT)
+    # NOTE: COUNT and IDX are the compaction's, complete before any gate/up program passed its
+    # wait: with PDL this program reads them, and its first rows, while gate/up still runs.
+    count = tl.load(COUNT)
     offs_t = tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_h = offs_h < H
-    offs_k = tl.arange(0, BLOCK_K)
+    slots = pid_s * BLOCK_K + tl.arange(0, BLOCK_K)
+    live = slots < count
+    w = _down_rows(WD, IDX, slots, live, offs_h, mask_h, stride_wi)
+    if PDL:   # HC is gate/up's output
+        gdc_wait()
     acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
     for k0 in range(pid_s * BLOCK_K, count, SPLIT * BLOCK_K):
-        slots = k0 + offs_k
-        live = slots < count
-        if RANGE > 0:
-            ended = ends[None, :] <= slots[:, None]                            # [BK, BR]
-            before = tl.max(tl.where(ended, ends[None, :], 0), axis=1)         # [BK]
-            slots = tl.sum(ended.to(tl.int32), axis=1) * RANGE + slots - before
-        neuron = tl.load(IDX + slots, mask=live, other=0)                      # [BK]
         h = tl.load(HC + offs_t[:, None] * stride_ht + slots[None, :],
                     mask=mask_t[:, None] & live[None, :], other=0.0)           # [BT, BK] fp32
-        w = tl.load(WD + neuron[:, None].to(tl.int64) * stride_wi + offs_h[None, :],
-                    mask=live[:, None] & mask_h[None, :], other=0.0)           # [BK, BH]
+        next_slots = slots + SPLIT * BLOCK_K     # interleaved: the splits stay balanced
+        next_live = next_slots < count
+        if PREFETCH:   # the next step's rows go out before this step's arithmetic
+            w_n = _down_rows(WD, IDX, next_slots, next_live, offs_h, mask_h, stride_wi)
         if USE_DOT:
             if DOT_FP32:
                 acc += tl.dot(h, w.to(tl.float32), input_precision="ieee")
@@ -321,6 +316,9 @@ def _down_kernel(
                 acc += tl.dot(h.to(w.dtype), w)
         else:
             acc += tl.sum(h[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+        if not PREFETCH:
+            w_n = _down_rows(WD, IDX, next_slots, next_live, offs_h, mask_h, stride_wi)
+        slots, live, w = next_slots, next_live, w_n
     tl.store(PARTIAL + pid_s * stride_ps + offs_t[:, None] * stride_pt + offs_h[None, :], acc,
              mask=mask_t[:, None] & mask_h[None, :])
     if FUSED_REDUCE:
@@ -340,7 +338,6 @@ def _down_kernel(
                 tl.store(OUT + t * stride_ot + offs_h, tl.sum(p, axis=0).to(OUT.dtype.element_ty),
                          mask=mask_h)
             tl.store(TICKETS + pid_h, 0)
-
 
 @triton.jit
 def _reduce_kernel(PARTIAL, OUT, S, N, stride_ps, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -410,31 +407,25 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
         pred = predicted.view(torch.int8)
 
     idx = torch.empty(I, dtype=torch.int32, device=dev)                 # [I] compact neuron ids
+    count = torch.empty(1, dtype=torch.int32, device=dev)                # listed neurons
     active = torch.empty(T, I, dtype=torch.int8, device=dev)             # [T, I]
     hc = torch.empty(T, I, dtype=torch.float32, device=dev)              # [T, slot]
+    pdl = _pdl_enabled(config, dev)
+    dependent = dict(launch_pdl=True) if pdl else {}
+    scan = min(next_pow2(I), _COMPACT_MAX_BLOCK)
+    scan_block = config.scan_block or scan
+    _compact_kernel[(triton.cdiv(I, scan_block),)](
+        pred, idx, count, active, T, I, pred.stride(0), active.stride(0),
+        BLOCK=scan_block, SCAN=scan, PDL=pdl, num_warps=16 if scan_block == scan else 8)
     gate_arg = hc if gate is None else gate   # (not read unless the gate was given)
-    gate_up_args = (T, H, I, float(threshold), x.stride(0), w_gate.stride(0), gate_arg.stride(0),
-                    pred.stride(0), hc.stride(0), active.stride(0))
-    gate_up_meta = dict(ACT=act_code, GATE_GIVEN=gate is not None, USE_DOT=use_dot,
-                        DOT_FP32=dot_fp32, BLOCK_T=block_t, BLOCK_I=block_i,
-                        BLOCK_H=gate_block_h, num_warps=config.gate_warps,
-                        num_stages=config.gate_stages)
-    num_ranges = triton.cdiv(I, config.gate_range) if config.gate_range else 1
-    # the number of listed neurons: per range (scan-free layout), or in all
-    count = torch.empty(num_ranges, dtype=torch.int32, device=dev)
-    if config.gate_range:
-        _range_gate_up_kernel[(num_ranges,)](
-            x, w_gate, w_up, gate_arg, pred, idx, count, hc, active, *gate_up_args,
-            RANGE=config.gate_range, **gate_up_meta)
-    else:
-        scan = min(next_pow2(I), _COMPACT_MAX_BLOCK)
-        scan_block = config.scan_block or scan
-        _compact_kernel[(triton.cdiv(I, scan_block),)](
-            pred, idx, count, active, T, I, pred.stride(0), active.stride(0),
-            BLOCK=scan_block, SCAN=scan, num_warps=16 if scan_block == scan else 8)
-        _gate_up_kernel[(triton.cdiv(I, block_i),)](
-            x, w_gate, w_up, gate_arg, pred, idx, count, hc, active, *gate_up_args,
-            **gate_up_meta)
+    _gate_up_kernel[(triton.cdiv(I, block_i),)](
+        x, w_gate, w_up, gate_arg, pred, idx, count, hc, active,
+        T, H, I, float(threshold), x.stride(0), w_gate.stride(0), gate_arg.stride(0),
+        pred.stride(0), hc.stride(0), active.stride(0),
+        ACT=act_code, GATE_GIVEN=gate is not None, USE_DOT=use_dot, DOT_FP32=dot_fp32,
+        PREFETCH=config.prefetch, PDL=pdl, BLOCK_T=block_t, BLOCK_I=block_i,
+        BLOCK_H=gate_block_h, num_warps=config.gate_warps, num_stages=config.gate_stages,
+        **dependent)
     split = config.down_split
     num_col_blocks = triton.cdiv(H, down_block_h)
     partial = torch.empty(split, T, H, dtype=torch.float32, device=dev)  # [S, T, H]
@@ -442,18 +433,21 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
     fused = config.down_fused_reduce
     tickets = _tickets(dev, num_col_blocks) if fused else count          # (unused if not fused)
     _down_kernel[(num_col_blocks, split)](
-        hc, w_down_t, idx, count, partial, out, tickets,
-        T, H, num_ranges,
+        hc, w_down_t, idx, count, partial, out, tickets, T, H,
         hc.stride(0), w_down_t.stride(0), partial.stride(0), partial.stride(1), out.stride(0),
-        USE_DOT=use_dot, DOT_FP32=dot_fp32, SPLIT=split,
-        FUSED_REDUCE=fused, BLOCK_S=next_pow2(split),
+        USE_DOT=use_dot, DOT_FP32=dot_fp32, SPLIT=split, FUSED_REDUCE=fused,
+        PREFETCH=config.prefetch, PDL=pdl, BLOCK_S=next_pow2(split),
         BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_H=down_block_h,
-        RANGE=config.gate_range, BLOCK_R=next_pow2(num_ranges),
-        num_warps=config.down_warps, num_stages=config.down_stages,
-    )
+        num_warps=config.down_warps, num_stages=config.down_stages, **dependent)
     if not fused:
         reduce_partials(partial, out)
     return out, active.view(torch.bool)
+
+
+def _pdl_enabled(config: CompactConfig, device: torch.device) -> bool:
+    # griddepcontrol is Hopper's (sm_90); the interpreter has no launch order to relax
+    return (config.pdl and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 # Ticket counters of the fused reduction, per device: zeroed once, and every call leaves them

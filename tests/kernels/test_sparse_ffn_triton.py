@@ -22,9 +22,11 @@ SMALL_TILES = CompactConfig(gate_block_i=4, gate_block_h=32, down_block_k=4, dow
                             down_split=3, scan_block=16)
 # The same, with the partial sums reduced by the down kernel's last program (no reduce launch).
 SMALL_TILES_FUSED = dataclasses.replace(SMALL_TILES, down_fused_reduce=True)
-# The scan-free layout: gate/up programs over ranges of 16 neurons, 4 at a time.
-SMALL_TILES_RANGES = dataclasses.replace(SMALL_TILES, gate_range=16)
-CONFIGS = [None, SMALL_TILES, SMALL_TILES_FUSED, SMALL_TILES_RANGES]
+# The next step's rows loaded before this step's arithmetic, in both loops.
+SMALL_TILES_PREFETCH = dataclasses.replace(SMALL_TILES_FUSED, prefetch=True)
+# Programmatic dependent launches (on a Hopper GPU; elsewhere the option is ignored).
+SMALL_TILES_PDL = dataclasses.replace(SMALL_TILES, pdl=True)
+CONFIGS = [None, SMALL_TILES, SMALL_TILES_FUSED, SMALL_TILES_PREFETCH, SMALL_TILES_PDL]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -52,11 +54,10 @@ def test_predicted_mode(monkeypatch, shape, sparsity, dtype):
         assert out.abs().max().item() == 0.0
 
 
-@pytest.mark.parametrize("path", ["compact", "masked"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("act", ACTIVATIONS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_exact_mode(monkeypatch, shape, act, dtype, path):
+def test_exact_mode(monkeypatch, shape, act, dtype):
     T, H, I = shape
     gen = torch.Generator().manual_seed(7)
     device = triton_device()
@@ -69,7 +70,7 @@ def test_exact_mode(monkeypatch, shape, act, dtype, path):
     if config is not None:
         config = dataclasses.replace(config, gate_pass_block_i=4, gate_pass_block_h=32)
     out, active = sparse_ffn_triton.sparse_ffn_triton(x, wg, wu, wd, act, THRESHOLD[act],
-                                                      compact_config=config, exact_path=path)
+                                                      compact_config=config)
     ref, ref_active = sparse_ffn_ref(x, wg, wu, wd, act, THRESHOLD[act])
     assert_close(out, ref, dtype)
     assert_mask_equal(active, ref_active)
@@ -131,21 +132,30 @@ def test_fused_reduce_is_repeatable_and_resets_its_tickets(monkeypatch, T):
     assert all(int(t.abs().sum()) == 0 for t in ffn_triton_compact._TICKETS.values())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launches need a Hopper (sm_90+) GPU")
 @pytest.mark.parametrize("T", [1, 5])
-@pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
-@pytest.mark.parametrize("gate_range", [8, 32])
-def test_scan_free_layout(monkeypatch, gate_range, sparsity, T):
-    # Ranges of 8 neurons taken 4 at a time (up to two chunks each, the second maybe partial);
-    # ranges of 32 (with I = 150: a last, partial range). Down maps its slots through the
-    # ranges' counts.
-    gen = torch.Generator().manual_seed(gate_range + T)
-    device = triton_device()
-    x, wg, wu, wd = ffn_weights(T, 40, 150, torch.float32, gen, device)
-    pred = predicted_mask(T, 150, sparsity, gen).to(device)
-    poison_allocations(monkeypatch, ffn_triton_compact)
-    config = dataclasses.replace(SMALL_TILES_FUSED, gate_range=gate_range)
-    out, active = sparse_ffn_triton.sparse_ffn_triton(x, wg, wu, wd, "silu", 0.0, pred,
-                                                      compact_config=config)
-    ref, ref_active = sparse_ffn_ref(x, wg, wu, wd, "silu", 0.0, pred)
-    assert_close(out, ref, torch.float32)
-    assert_mask_equal(active, ref_active)
+def test_dependent_launches_replay_in_a_cuda_graph(T):
+    # The three launches overlap (each starts before the last ends); captured in a CUDA graph,
+    # as the engine runs decode, and replayed after the input changed.
+    gen = torch.Generator().manual_seed(13 + T)
+    x, wg, wu, wd = ffn_weights(T, 512, 1024, torch.bfloat16, gen, "cuda")
+    pred = predicted_mask(T, 1024, 0.9, gen).cuda()
+    config = dataclasses.replace(SMALL_TILES_PREFETCH, gate_block_h=128, down_block_h=64,
+                                 pdl=True)
+
+    def call():
+        return sparse_ffn_triton.sparse_ffn_triton(x, wg, wu, wd, "silu", 0.0, pred,
+                                                   compact_config=config)
+    call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, active = call()
+    for _ in range(3):
+        x.copy_(torch.randn(x.shape, generator=gen).to(x))
+        pred.copy_(predicted_mask(T, 1024, 0.9, gen))
+        graph.replay()
+        ref, ref_active = sparse_ffn_ref(x, wg, wu, wd, "silu", 0.0, pred)
+        assert_close(out, ref, torch.bfloat16)
+        assert_mask_equal(active, ref_active)
