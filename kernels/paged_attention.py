@@ -14,13 +14,17 @@ from kernels.paged_attention_ref import paged_attention_decode_ref
 
 def paged_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                            context_lens: Tensor, scale: float,
-                           sliding_window: int | None = None) -> Tensor:
+                           sliding_window: int | None = None,
+                           max_context_len: int | None = None) -> Tensor:
     """q [S, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; block_tables
     [S, max_blocks] int32; context_lens [S] int32 (tokens in cache including the current one).
-    Attends to positions p with ctx - sliding_window <= p < ctx. Returns [S, Hq, D]."""
+    Attends to positions p with ctx - sliding_window <= p < ctx. Returns [S, Hq, D].
+    max_context_len: optional host-side bound on context_lens (the Triton kernel's number of
+    context partitions; default the block table's capacity); the CPU path ignores it."""
     if q.is_cuda:
         from kernels import paged_attention_triton  # NOTE: lazy, see the module docstring
         return paged_attention_triton.paged_attention_decode_triton(
-            q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window)
+            q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window,
+            max_context_len)
     return paged_attention_decode_ref(q, k_cache, v_cache, block_tables, context_lens, scale,
                                       sliding_window)
