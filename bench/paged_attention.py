@@ -1,12 +1,15 @@
-"""Paged-attention decode on a GPU: the Triton kernel's tiles against each other and the torch path.
+"""Paged-attention decode on a GPU: the Triton kernel's configurations against each other and
+the torch path.
 
 Mistral-7B attention (32 query heads over 8 KV heads of 128, KV blocks of 16 positions,
-bf16), for each number of sequences and context length: every tile (positions per step x
-warps) is checked against kernels/paged_attention_ref.py, then timed as a CUDA-graph replay
-from a flushed L2 (bench/kernels.py's timer), next to the torch reference (what the engine
-would run without the kernel). GB/s counts the K/V bytes the kernel must read. The default tile
-of kernels/paged_attention_triton.py was chosen by compiling (no spills,
-`bench/compile_check.py`), not by timing: this is where a device decides.
+bf16), for each number of sequences and context length: every configuration (positions per
+program (the split-KV partition) / positions per step x warps) is checked against
+kernels/paged_attention_ref.py, then timed as a CUDA-graph replay from a flushed L2
+(bench/kernels.py's timer; the split kernel and its reduce together), next to the torch
+reference (what the engine would run without the kernel). GB/s counts the K/V bytes the kernel
+must read. The defaults of kernels/paged_attention_triton.py were chosen without a GPU (one
+program per SM for a 4096-token sequence, no register spills in `bench/compile_check.py`): this
+is where a device decides.
 
     python bench/paged_attention.py --out docs/benchmarks/paged_attention_gpu.md
 """
@@ -28,7 +31,12 @@ from kernels.paged_attention_ref import paged_attention_decode_ref  # noqa: E402
 from kernels.paged_attention_triton import paged_attention_decode_triton  # noqa: E402
 
 HQ, HKV, HEAD_DIM, BLOCK = 32, 8, 128, 16     # Mistral-7B
-TILES = [(16, 8), (16, 4), (32, 4), (32, 8), (64, 8)]   # (positions per step, warps)
+# (partition, positions per step, warps); the first is the launcher's default.
+CONFIGS = [(256, 32, 4),
+           (128, 16, 4), (128, 32, 4), (128, 64, 4),
+           (256, 16, 4), (256, 64, 4), (256, 32, 8), (256, 64, 8),
+           (512, 32, 4), (512, 64, 4), (512, 64, 8),
+           (1024, 64, 4)]
 
 
 def make_case(S: int, context: int, gen: torch.Generator, device: str):
@@ -46,14 +54,15 @@ def make_case(S: int, context: int, gen: torch.Generator, device: str):
 
 def bench_case(S: int, context: int, gen: torch.Generator, repeats: int,
                device: str = "cuda") -> str:
-    """One table row: the torch reference's time, then each tile's (or WRONG)."""
+    """One table row: the torch reference's time, then each configuration's (or WRONG)."""
     args = (*make_case(S, context, gen, device), HEAD_DIM ** -0.5)
     ref = paged_attention_decode_ref(*args)
     kv_bytes = 2 * S * context * HKV * HEAD_DIM * 2
     calls, wrong = [], []
-    for n, w in TILES:
-        def call(n=n, w=w):
-            return paged_attention_decode_triton(*args, block_n=n, num_warps=w)
+    for p, n, w in CONFIGS:
+        def call(p=p, n=n, w=w):
+            return paged_attention_decode_triton(*args, max_context_len=context, partition=p,
+                                                 block_n=n, num_warps=w)
         wrong.append((call().float() - ref.float()).abs().max().item() > 2e-2)
         calls.append(call)
     times = time_min(calls, repeats, device)
@@ -78,8 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     gen = torch.Generator().manual_seed(0)
     flush_cache("cuda")
     rows = ["| seqs | context | torch ref us | "
-            + " | ".join(f"{n}x{w} us (GB/s)" for n, w in TILES) + " |",
-            "|---|---|---|" + "---|" * len(TILES)]
+            + " | ".join(f"{p}/{n}x{w} us (GB/s)" for p, n, w in CONFIGS) + " |",
+            "|---|---|---|" + "---|" * len(CONFIGS)]
     for S in args.seqs:
         for context in args.contexts:
             rows.append(bench_case(S, context, gen, args.repeats))
@@ -89,8 +98,8 @@ def main(argv: list[str] | None = None) -> None:
              f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
              f"- Command: `python bench/paged_attention.py {' '.join(sys.argv[1:])}`",
              f"- {HQ} query heads over {HKV} KV heads of {HEAD_DIM}, KV blocks of {BLOCK}, bf16; "
-             "CUDA-graph replays from a flushed L2, minimum over repeats; tiles are positions per "
-             "step x warps; GB/s on the K/V bytes read.", ""] + rows
+             "CUDA-graph replays from a flushed L2, minimum over repeats; columns are positions per "
+             "program / positions per step x warps; GB/s on the K/V bytes read.", ""] + rows
     print("\n".join(lines))
     if args.out is not None:
         args.out.write_text("\n".join(lines) + "\n")
