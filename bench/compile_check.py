@@ -1,8 +1,8 @@
 """Compile every Triton kernel launch for a GPU target, on a machine without a GPU.
 
-Runs each launcher (sparse FFN in both modes and the tuner's variants, the predictor, paged
-attention) on CPU tensors of the real shapes with the kernel launches
-recorded instead of run, then compiles each recorded launch for the target with Triton's own
+Runs each launcher (sparse FFN in both modes, with the reduction fused and not, the predictor,
+paged attention) on CPU tensors of the real shapes with the kernel launches recorded instead of
+run, then compiles each recorded launch for the target with Triton's own
 compiler and bundled ptxas (specialised as a launch would be), and reads the compiled kernel's
 resources back (ptxas -v). What it catches before any device time is spent: code the
 interpreter accepts but the compiler does not, shared memory over the SM's limit (a launch
@@ -99,9 +99,6 @@ def recording(sink: list, case: list):
         if hasattr(module, "check_device"):   # the launchers take CPU tensors here
             saved.append((module, "check_device", module.check_device))
             module.check_device = lambda *tensors: None
-    # programmatic dependent launches as on a Hopper GPU (the tensors here are on the CPU)
-    saved.append((ffn_triton_compact, "_pdl_enabled", ffn_triton_compact._pdl_enabled))
-    ffn_triton_compact._pdl_enabled = lambda config, device: config.pdl
     try:
         yield
     finally:
@@ -128,12 +125,12 @@ def record_cases(dtypes: list[torch.dtype]) -> list[Launch]:
                 sparse_ffn_triton.sparse_ffn_triton(x, w, w, w, "fatrelu", 0.1)
                 case[0] = f"predictor {name} T={T}"
                 predictor_triton.predict_active_triton(x, fc1, fc2)
-                for variant in (dict(down_fused_reduce=not default_config(T).down_fused_reduce),
-                                dict(prefetch=True), dict(pdl=True)):
-                    case[0] = f"ffn predicted {name} T={T} {variant}"
-                    config = CompactConfig(**{**default_config(T).__dict__, **variant})
-                    sparse_ffn_triton.sparse_ffn_triton(x, w, w, w, "drelu", 0.0, mask,
-                                                        compact_config=config)
+                # the reduction the tuned tiles do not use (fused or a launch of its own)
+                variant = dict(down_fused_reduce=not default_config(T).down_fused_reduce)
+                case[0] = f"ffn predicted {name} T={T} {variant}"
+                config = CompactConfig(**{**default_config(T).__dict__, **variant})
+                sparse_ffn_triton.sparse_ffn_triton(x, w, w, w, "drelu", 0.0, mask,
+                                                    compact_config=config)
             for S in (1, 8):   # Mistral attention: 32 query heads over 8 KV heads, head dim 128
                 case[0] = f"paged attention {name} S={S}"
                 cache = zeros(64, 16, 8, 128, dtype=dtype)
@@ -153,7 +150,7 @@ def compile_job(launch: Launch, arch: int) -> tuple:
     """
     kernel = getattr(importlib.import_module(launch.module), launch.name)
     meta = dict(launch.meta)
-    options = {k: meta.pop(k) for k in ("num_warps", "num_stages", "launch_pdl") if k in meta}
+    options = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
     signature, constants, aligned = {}, dict(meta), []
     for i, (name, value) in enumerate(zip(kernel.arg_names, launch.args)):
         if isinstance(value, torch.Tensor):
@@ -224,11 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = [{"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[d]
               for d in args.dtypes]
     launches = record_cases(dtypes)
-    # griddepcontrol (programmatic dependent launch) exists from sm_90 on: launchers use it only
-    # there, so its variant is compiled only there
-    targets = {arch: [launch for launch in launches if arch >= 90 or not launch.meta.get("PDL")]
-               for arch in args.arch}
-    jobs = {arch: [compile_job(launch, arch) for launch in targets[arch]] for arch in args.arch}
+    jobs = {arch: [compile_job(launch, arch) for launch in launches] for arch in args.arch}
     # NOTE: compiling is single-threaded and takes ~1 s a kernel: one process per core. Spawned,
     # not forked: the workers import the kernels afresh (TRITON_INTERPRET=0, no recorders).
     unique = sorted({job for arch_jobs in jobs.values() for job in arch_jobs}, key=str)
@@ -242,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         emit(f"\n## sm_{arch} (shared memory limit {limit} bytes)\n")
         emit("| case | kernel | warps | regs | spill stores (bytes) | shared bytes |")
         emit("|---|---|---|---|---|---|")
-        for launch, job in zip(targets[arch], jobs[arch]):
+        for launch, job in zip(launches, jobs[arch]):
             r = compiled[job]
             if "error" in r:
                 failures.append(f"sm_{arch} {launch.case} {launch.name}: does not compile: "

@@ -2,11 +2,12 @@
 
 For each batch bucket, at Mistral-7B shape, bf16 and 90% per-row sparsity: the compaction
 scan, then the gate/up tiles with their warps, then the down tiles with theirs, then the split
-with the reduction (a launch of its own, or fused into the down kernel), then the loads issued a
-step ahead and the programmatic dependent launches, then both tiles again, each stage starting
-from the best so far; then exact mode's gate pass; then the predictor's tiles (rank 1024). Ends with a per-kernel profile at batch 1. `--sweep` picks what to sweep; what is
-not swept is timed once at its current tiles. Batches above 8 rows are not swept by default:
-the dispatch sends them to cuBLAS (kernels/sparse_ffn.py, CUDA_SPARSE_MAX_ROWS).
+with the reduction (a launch of its own, or fused into the down kernel), then the pipelining
+depths, each stage starting from the best so far; then exact mode's gate pass; then the
+predictor's tiles (rank 1024). Ends with a per-kernel profile at batch 1. `--sweep` picks what
+to sweep; what is not swept is timed once at its current tiles. Batches above 8 rows are not
+swept by default: the dispatch sends them to cuBLAS (kernels/sparse_ffn.py,
+CUDA_SPARSE_MAX_ROWS).
 Each configuration is timed as a CUDA-graph replay from a flushed cache (bench/kernels.py's
 timer); configurations the GPU cannot run (shared memory) or that give a wrong result (checked
 against the torch reference before timing) are skipped. Prints the winners, as the entries of
@@ -58,10 +59,6 @@ FFN_STAGES = [
     dict(down_block_k=[8, 16, 32, 64], down_block_h=[64, 128, 256, 512],
          down_warps=[1, 2, 4, 8]),
     dict(down_split=[8, 16, 32], down_fused_reduce=[False, True]),
-    dict(prefetch=[False, True], pdl=[False, True]),
-    # the tiles again, for the loops as prefetch and pdl left them
-    dict(gate_block_i=[1, 2, 4, 8], gate_block_h=[1024, 2048, 4096], gate_warps=[2, 4, 8]),
-    dict(down_block_k=[16, 32, 64], down_block_h=[64, 128, 256], down_warps=[2, 4]),
     dict(gate_stages=[2, 3, 4], down_stages=[2, 3, 4]),   # (no effect at one row: 2026-11-26)
 ]
 # elements of a weight tile per thread that the multiply-reduce path (below DOT_MIN_ROWS rows)

@@ -22,20 +22,20 @@ Launches (predicted mode: a mask is given):
       (deterministic: no atomics, fixed order). With CompactConfig.down_fused_reduce the down
       kernel does this itself instead: the last of a column block's SPLIT programs to finish
       (a ticket counter per column block) sums that block's partials, one launch fewer.
-With CompactConfig.pdl (Hopper and later) gate/up and down are launched as programmatic
-dependent launches: each starts while the kernel before it still runs and waits (griddepcontrol)
-only where it reads that kernel's output, so the gaps between launches close, and down fetches
-its first W_down_t rows (whose ids the compaction wrote) while gate/up is still streaming.
 NOTE: a scan-free layout (gate/up programs compacting their own fixed range of neurons in
 registers, no compaction launch) was measured on an H100 and lost: 40-58 us against 28 us at
-batch 1, 90% (uneven rows per program); it was deleted.
+batch 1, 90% (uneven rows per program); it was deleted. So were two options measured on an H100
+on 2026-11-26 that did not pay: programmatic dependent launches (gate/up and down started early,
+waiting with griddepcontrol: 33.1 us against 27.6 us at the same tiles), and loads issued a step
+ahead by hand in both loops (within 0.4 us at batch 1; the loops restructured for it were 3-7 us
+slower at 2-8 rows).
 Exact mode (no predictor) first runs _gate_pass_kernel, a dense pass over every gate row that
 writes the gate's activation and the alive mask (activation != 0); that mask is then compacted
 like a predicted one, and _gate_up_kernel reads only the alive neurons' up rows (the activation
 is loaded, not recomputed), then down and reduce as above.
-Semantics are kernels/sparse_ffn_ref.py's; unlike the masked exact-mode kernels, the up row of a
-predicted neuron is read even where its gate comes out zero (one pass over H keeps both rows'
-loads in flight together; the result is the same).
+Semantics are kernels/sparse_ffn_ref.py's; the up row of a predicted neuron is read even where
+its gate comes out zero (one pass over H keeps both rows' loads in flight together; the result
+is the same).
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kernels.triton_utils import (DOT_MIN_ROWS, activate_gate, dot_k_tile, dot_pad,
                                   linear_tile, next_pow2, tuned_for)
@@ -70,12 +69,6 @@ class CompactConfig:
     gate_pass_block_i: int = 4
     gate_pass_block_h: int = 1024
     gate_pass_warps: int = 4
-    # True: the next step's rows are requested before this step's arithmetic, in both the gate/up
-    # and the down loop (software pipelining by hand; at one row those loops have no tl.dot
-    # for Triton's pipeliner, and the sweep saw no effect of num_stages there)
-    prefetch: bool = False
-    # True (CUDA, compute capability >= 9): programmatic dependent launches (see above)
-    pdl: bool = False
     # True: no reduce launch; the last down program of each column block sums the partials.
     down_fused_reduce: bool = False
     # software-pipelining depth of the gate/up and down loops (Triton's default is 3)
@@ -120,12 +113,10 @@ def _union_of_rows(PRED, offs, in_range, T, stride_pt, BLOCK: tl.constexpr):
 
 @triton.jit
 def _compact_kernel(PRED, IDX, COUNT, ACTIVE, T, I, stride_pt, stride_at,
-                    BLOCK: tl.constexpr, SCAN: tl.constexpr, PDL: tl.constexpr):
+                    BLOCK: tl.constexpr, SCAN: tl.constexpr):
     # NOTE: program p counts the live neurons before its block itself (a sum over the mask, no
     # cross-program communication), so the slots stay in ascending neuron order: the
     # down-projection sums are deterministic.
-    if PDL:   # gate/up's programs may start now: they wait for this grid at their gdc_wait
-        gdc_launch_dependents()
     pid = tl.program_id(0)
     first = pid * BLOCK
     before = tl.sum(tl.zeros([SCAN], dtype=tl.int32), axis=0)   # an int32 scalar (loop-carried)
@@ -144,30 +135,12 @@ def _compact_kernel(PRED, IDX, COUNT, ACTIVE, T, I, stride_pt, stride_at,
 
 
 @triton.jit
-def _gate_up_step(X, WG, WU, row_ptr, live, offs_t, mask_t, offs_h, h0, H, stride_xt,
-                  GATE_GIVEN: tl.constexpr):
-    """One step's loads: x [BT, BH] and the listed neurons' up and gate rows [BI, BH] at
-    columns h0 + offs_h (all masked off at h0 >= H; the gate stands in for nothing when
-    GATE_GIVEN, and up is returned in its place)."""
-    hh = h0 + offs_h
-    mask_h = hh < H
-    x = tl.load(X + offs_t[:, None] * stride_xt + hh[None, :],
-                mask=mask_t[:, None] & mask_h[None, :], other=0.0)             # [BT, BH]
-    wmask = live[:, None] & mask_h[None, :]
-    wu = tl.load(WU + row_ptr + hh[None, :], mask=wmask, other=0.0)            # [BI, BH]
-    wg = wu
-    if not GATE_GIVEN:
-        wg = tl.load(WG + row_ptr + hh[None, :], mask=wmask, other=0.0)        # [BI, BH]
-    return x, wu, wg
-
-
-@triton.jit
 def _gate_up_rows(
     X, WG, WU, GATE, PRED, HC, ACTIVE, neuron, live, slots,
     T, H, threshold,
     stride_xt, stride_wi, stride_gt, stride_pt, stride_ht, stride_at,
     ACT: tl.constexpr, GATE_GIVEN: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
-    PREFETCH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """h of the [BLOCK_I] neurons `neuron` (where `live`) -> HC[:, slots], ACTIVE[:, neuron]."""
     offs_t = tl.arange(0, BLOCK_T)
@@ -176,12 +149,15 @@ def _gate_up_rows(
     row_ptr = neuron[:, None].to(tl.int64) * stride_wi                         # [BI, 1]
     acc_g = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32)
-    x, wu, wg = _gate_up_step(X, WG, WU, row_ptr, live, offs_t, mask_t, offs_h, 0, H,
-                              stride_xt, GATE_GIVEN)
     for h0 in range(0, H, BLOCK_H):
-        if PREFETCH:   # the next step's loads go out before this step's arithmetic
-            x_n, wu_n, wg_n = _gate_up_step(X, WG, WU, row_ptr, live, offs_t, mask_t, offs_h,
-                                            h0 + BLOCK_H, H, stride_xt, GATE_GIVEN)
+        hh = h0 + offs_h
+        mask_h = hh < H
+        x = tl.load(X + offs_t[:, None] * stride_xt + hh[None, :],
+                    mask=mask_t[:, None] & mask_h[None, :], other=0.0)         # [BT, BH]
+        wmask = live[:, None] & mask_h[None, :]
+        wu = tl.load(WU + row_ptr + hh[None, :], mask=wmask, other=0.0)        # [BI, BH]
+        if not GATE_GIVEN:
+            wg = tl.load(WG + row_ptr + hh[None, :], mask=wmask, other=0.0)    # [BI, BH]
         if USE_DOT:
             if DOT_FP32:
                 xf = x.to(tl.float32)
@@ -197,10 +173,6 @@ def _gate_up_rows(
             acc_u += tl.sum(xf * wu.to(tl.float32)[None, :, :], axis=2)
             if not GATE_GIVEN:
                 acc_g += tl.sum(xf * wg.to(tl.float32)[None, :, :], axis=2)
-        if not PREFETCH:
-            x_n, wu_n, wg_n = _gate_up_step(X, WG, WU, row_ptr, live, offs_t, mask_t, offs_h,
-                                            h0 + BLOCK_H, H, stride_xt, GATE_GIVEN)
-        x, wu, wg = x_n, wu_n, wg_n
     mask_ti = mask_t[:, None] & live[None, :]
     if GATE_GIVEN:
         a = tl.load(GATE + offs_t[:, None] * stride_gt + neuron[None, :], mask=mask_ti,
@@ -224,12 +196,8 @@ def _gate_up_kernel(
     T, H, I, threshold,
     stride_xt, stride_wi, stride_gt, stride_pt, stride_ht, stride_at,
     ACT: tl.constexpr, GATE_GIVEN: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
-    PREFETCH: tl.constexpr, PDL: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    if PDL:   # launched early: wait for the compaction, then let down's programs start
-        gdc_wait()
-        gdc_launch_dependents()
     pid = tl.program_id(0)
     slots = pid * BLOCK_I + tl.arange(0, BLOCK_I)
     # NOTE: the list is loaded before COUNT arrives (both loads in flight at once: one memory
@@ -242,8 +210,7 @@ def _gate_up_kernel(
     live = slots < count
     _gate_up_rows(X, WG, WU, GATE, PRED, HC, ACTIVE, tl.where(live, listed, 0), live, slots,
                   T, H, threshold, stride_xt, stride_wi, stride_gt, stride_pt, stride_ht,
-                  stride_at, ACT, GATE_GIVEN, USE_DOT, DOT_FP32, PREFETCH,
-                  BLOCK_T, BLOCK_I, BLOCK_H)
+                  stride_at, ACT, GATE_GIVEN, USE_DOT, DOT_FP32, BLOCK_T, BLOCK_I, BLOCK_H)
 
 
 @triton.jit
@@ -271,44 +238,31 @@ def _gate_pass_kernel(
              mask=mask_ti)
 
 @triton.jit
-def _down_rows(WD, IDX, slots, live, offs_h, mask_h, stride_wi):
-    """W_down_t rows [BK, BH] of the neurons listed at `slots` (zero where not live)."""
-    neuron = tl.load(IDX + slots, mask=live, other=0)                          # [BK]
-    return tl.load(WD + neuron[:, None].to(tl.int64) * stride_wi + offs_h[None, :],
-                   mask=live[:, None] & mask_h[None, :], other=0.0)            # [BK, BH]
-
-
-@triton.jit
 def _down_kernel(
     HC, WD, IDX, COUNT, PARTIAL, OUT, TICKETS,
     T, H,
     stride_ht, stride_wi, stride_ps, stride_pt, stride_ot,
     USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, SPLIT: tl.constexpr,
-    FUSED_REDUCE: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
     pid_s = tl.program_id(1)
-    # NOTE: COUNT and IDX are the compaction's, complete before any gate/up program passed its
-    # wait: with PDL this program reads them, and its first rows, while gate/up still runs.
     count = tl.load(COUNT)
     offs_t = tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_h = offs_h < H
-    slots = pid_s * BLOCK_K + tl.arange(0, BLOCK_K)
-    live = slots < count
-    w = _down_rows(WD, IDX, slots, live, offs_h, mask_h, stride_wi)
-    if PDL:   # HC is gate/up's output
-        gdc_wait()
+    offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
     for k0 in range(pid_s * BLOCK_K, count, SPLIT * BLOCK_K):
+        slots = k0 + offs_k
+        live = slots < count
+        neuron = tl.load(IDX + slots, mask=live, other=0)                      # [BK]
         h = tl.load(HC + offs_t[:, None] * stride_ht + slots[None, :],
                     mask=mask_t[:, None] & live[None, :], other=0.0)           # [BT, BK] fp32
-        next_slots = slots + SPLIT * BLOCK_K     # interleaved: the splits stay balanced
-        next_live = next_slots < count
-        if PREFETCH:   # the next step's rows go out before this step's arithmetic
-            w_n = _down_rows(WD, IDX, next_slots, next_live, offs_h, mask_h, stride_wi)
+        w = tl.load(WD + neuron[:, None].to(tl.int64) * stride_wi + offs_h[None, :],
+                    mask=live[:, None] & mask_h[None, :], other=0.0)           # [BK, BH]
         if USE_DOT:
             if DOT_FP32:
                 acc += tl.dot(h, w.to(tl.float32), input_precision="ieee")
@@ -316,9 +270,6 @@ def _down_kernel(
                 acc += tl.dot(h.to(w.dtype), w)
         else:
             acc += tl.sum(h[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
-        if not PREFETCH:
-            w_n = _down_rows(WD, IDX, next_slots, next_live, offs_h, mask_h, stride_wi)
-        slots, live, w = next_slots, next_live, w_n
     tl.store(PARTIAL + pid_s * stride_ps + offs_t[:, None] * stride_pt + offs_h[None, :], acc,
              mask=mask_t[:, None] & mask_h[None, :])
     if FUSED_REDUCE:
@@ -410,22 +361,19 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
     count = torch.empty(1, dtype=torch.int32, device=dev)                # listed neurons
     active = torch.empty(T, I, dtype=torch.int8, device=dev)             # [T, I]
     hc = torch.empty(T, I, dtype=torch.float32, device=dev)              # [T, slot]
-    pdl = _pdl_enabled(config, dev)
-    dependent = dict(launch_pdl=True) if pdl else {}
     scan = min(next_pow2(I), _COMPACT_MAX_BLOCK)
     scan_block = config.scan_block or scan
     _compact_kernel[(triton.cdiv(I, scan_block),)](
         pred, idx, count, active, T, I, pred.stride(0), active.stride(0),
-        BLOCK=scan_block, SCAN=scan, PDL=pdl, num_warps=16 if scan_block == scan else 8)
+        BLOCK=scan_block, SCAN=scan, num_warps=16 if scan_block == scan else 8)
     gate_arg = hc if gate is None else gate   # (not read unless the gate was given)
     _gate_up_kernel[(triton.cdiv(I, block_i),)](
         x, w_gate, w_up, gate_arg, pred, idx, count, hc, active,
         T, H, I, float(threshold), x.stride(0), w_gate.stride(0), gate_arg.stride(0),
         pred.stride(0), hc.stride(0), active.stride(0),
         ACT=act_code, GATE_GIVEN=gate is not None, USE_DOT=use_dot, DOT_FP32=dot_fp32,
-        PREFETCH=config.prefetch, PDL=pdl, BLOCK_T=block_t, BLOCK_I=block_i,
-        BLOCK_H=gate_block_h, num_warps=config.gate_warps, num_stages=config.gate_stages,
-        **dependent)
+        BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_H=gate_block_h,
+        num_warps=config.gate_warps, num_stages=config.gate_stages)
     split = config.down_split
     num_col_blocks = triton.cdiv(H, down_block_h)
     partial = torch.empty(split, T, H, dtype=torch.float32, device=dev)  # [S, T, H]
@@ -436,18 +384,12 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
         hc, w_down_t, idx, count, partial, out, tickets, T, H,
         hc.stride(0), w_down_t.stride(0), partial.stride(0), partial.stride(1), out.stride(0),
         USE_DOT=use_dot, DOT_FP32=dot_fp32, SPLIT=split, FUSED_REDUCE=fused,
-        PREFETCH=config.prefetch, PDL=pdl, BLOCK_S=next_pow2(split),
+        BLOCK_S=next_pow2(split),
         BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_H=down_block_h,
-        num_warps=config.down_warps, num_stages=config.down_stages, **dependent)
+        num_warps=config.down_warps, num_stages=config.down_stages)
     if not fused:
         reduce_partials(partial, out)
     return out, active.view(torch.bool)
-
-
-def _pdl_enabled(config: CompactConfig, device: torch.device) -> bool:
-    # griddepcontrol is Hopper's (sm_90); the interpreter has no launch order to relax
-    return (config.pdl and device.type == "cuda"
-            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 # Ticket counters of the fused reduction, per device: zeroed once, and every call leaves them

@@ -22,11 +22,7 @@ SMALL_TILES = CompactConfig(gate_block_i=4, gate_block_h=32, down_block_k=4, dow
                             down_split=3, scan_block=16)
 # The same, with the partial sums reduced by the down kernel's last program (no reduce launch).
 SMALL_TILES_FUSED = dataclasses.replace(SMALL_TILES, down_fused_reduce=True)
-# The next step's rows loaded before this step's arithmetic, in both loops.
-SMALL_TILES_PREFETCH = dataclasses.replace(SMALL_TILES_FUSED, prefetch=True)
-# Programmatic dependent launches (on a Hopper GPU; elsewhere the option is ignored).
-SMALL_TILES_PDL = dataclasses.replace(SMALL_TILES, pdl=True)
-CONFIGS = [None, SMALL_TILES, SMALL_TILES_FUSED, SMALL_TILES_PREFETCH, SMALL_TILES_PDL]
+CONFIGS = [None, SMALL_TILES, SMALL_TILES_FUSED]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -132,17 +128,15 @@ def test_fused_reduce_is_repeatable_and_resets_its_tickets(monkeypatch, T):
     assert all(int(t.abs().sum()) == 0 for t in ffn_triton_compact._TICKETS.values())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
-                    reason="programmatic dependent launches need a Hopper (sm_90+) GPU")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("T", [1, 5])
-def test_dependent_launches_replay_in_a_cuda_graph(T):
-    # The three launches overlap (each starts before the last ends); captured in a CUDA graph,
-    # as the engine runs decode, and replayed after the input changed.
+def test_replays_in_a_cuda_graph(T):
+    # Captured in a CUDA graph, as the engine runs decode, and replayed after the input changed:
+    # the fused reduction's tickets must come back to zero inside the graph too.
     gen = torch.Generator().manual_seed(13 + T)
     x, wg, wu, wd = ffn_weights(T, 512, 1024, torch.bfloat16, gen, "cuda")
     pred = predicted_mask(T, 1024, 0.9, gen).cuda()
-    config = dataclasses.replace(SMALL_TILES_PREFETCH, gate_block_h=128, down_block_h=64,
-                                 pdl=True)
+    config = dataclasses.replace(SMALL_TILES_FUSED, gate_block_h=128, down_block_h=64)
 
     def call():
         return sparse_ffn_triton.sparse_ffn_triton(x, wg, wu, wd, "silu", 0.0, pred,
