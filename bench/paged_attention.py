@@ -7,9 +7,7 @@ program (the split-KV partition) / positions per step x warps) is checked agains
 kernels/paged_attention_ref.py, then timed as a CUDA-graph replay from a flushed L2
 (bench/kernels.py's timer; the split kernel and its reduce together), next to the torch
 reference (what the engine would run without the kernel). GB/s counts the K/V bytes the kernel
-must read. The defaults of kernels/paged_attention_triton.py were chosen without a GPU (one
-program per SM for a 4096-token sequence, no register spills in `bench/compile_check.py`): this
-is where a device decides.
+must read. The defaults of kernels/paged_attention_triton.py come from this table (H100).
 
     python bench/paged_attention.py --out docs/benchmarks/paged_attention_gpu.md
 """
@@ -32,9 +30,9 @@ from kernels.paged_attention_triton import paged_attention_decode_triton  # noqa
 
 HQ, HKV, HEAD_DIM, BLOCK = 32, 8, 128, 16     # Mistral-7B
 # (partition, positions per step, warps); the first is the launcher's default.
-CONFIGS = [(256, 32, 4),
-           (128, 16, 4), (128, 32, 4), (128, 64, 4),
-           (256, 16, 4), (256, 64, 4), (256, 32, 8), (256, 64, 8),
+CONFIGS = [(128, 32, 4),
+           (128, 16, 4), (128, 64, 4),
+           (256, 16, 4), (256, 32, 4), (256, 64, 4), (256, 32, 8), (256, 64, 8),
            (512, 32, 4), (512, 64, 4), (512, 64, 8),
            (1024, 64, 4)]
 

@@ -78,7 +78,7 @@ def _ref(q, k, v, tables, lens, window):
 
 # (partition, block_n) besides the 16 x 16 of test_triton_matches_reference: two steps per
 # partition, and the default (one partition for these short tables: the single-kernel path).
-TILES = [(32, 16), (256, 32)]
+TILES = [(32, 16), (128, 32)]
 
 
 # NOTE: the interpreter runs a program in ~10 ms: the float32 runs sweep every window, the
