@@ -55,6 +55,7 @@ from kernels import (  # noqa: E402
     sparse_ffn_triton,
 )
 from kernels.ffn_triton_compact import CompactConfig, default_config  # noqa: E402
+from kernels.triton_utils import DOT_MIN_ROWS  # noqa: E402
 
 # Shared memory one block may use, per target (opt-in maximum).
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -63,8 +64,10 @@ TORCH_TO_TRITON = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16:
 HIDDEN, INTERMEDIATE = 4096, 14336          # Mistral-7B FFN
 LAUNCHERS = [(ffn_triton_compact, "_compact_kernel _gate_up_kernel _gate_pass_kernel "
                                   "_down_kernel _reduce_kernel"),
+             (sparse_ffn_triton, "_gate_up_kernel _down_kernel"),
              (predictor_triton, "_linear_epilogue_kernel"),
-             (paged_attention_triton, "_paged_attention_decode_kernel")]
+             (paged_attention_triton,
+              "_paged_attention_decode_kernel _paged_attention_reduce_kernel")]
 
 
 @dataclass
@@ -95,7 +98,7 @@ def recording(sink: list, case: list):
         for name in names.split():
             saved.append((module, name, getattr(module, name)))
             setattr(module, name, _Recorder(module, name, sink, case))
-    for module in (*(m for m, _ in LAUNCHERS), sparse_ffn_triton):
+    for module, _ in LAUNCHERS:
         if hasattr(module, "check_device"):   # the launchers take CPU tensors here
             saved.append((module, "check_device", module.check_device))
             module.check_device = lambda *tensors: None
@@ -121,7 +124,8 @@ def record_cases(dtypes: list[torch.dtype]) -> list[Launch]:
                 mask = zeros(T, INTERMEDIATE, dtype=torch.bool)
                 case[0] = f"ffn predicted {name} T={T}"
                 sparse_ffn_triton.sparse_ffn_triton(x, w, w, w, "silu", 0.0, mask)
-                case[0] = f"ffn exact {name} T={T}"
+                masked = " (masked kernels)" if T >= DOT_MIN_ROWS else ""
+                case[0] = f"ffn exact {name} T={T}{masked}"
                 sparse_ffn_triton.sparse_ffn_triton(x, w, w, w, "fatrelu", 0.1)
                 case[0] = f"predictor {name} T={T}"
                 predictor_triton.predict_active_triton(x, fc1, fc2)
@@ -131,13 +135,15 @@ def record_cases(dtypes: list[torch.dtype]) -> list[Launch]:
                 config = CompactConfig(**{**default_config(T).__dict__, **variant})
                 sparse_ffn_triton.sparse_ffn_triton(x, w, w, w, "drelu", 0.0, mask,
                                                     compact_config=config)
-            for S in (1, 8):   # Mistral attention: 32 query heads over 8 KV heads, head dim 128
-                case[0] = f"paged attention {name} S={S}"
+            # Mistral attention: 32 query heads over 8 KV heads, head dim 128; a context that
+            # fits one partition (one kernel) and one split over several (partials + reduce)
+            for S, context in ((1, 128), (8, 128), (8, 4096)):
+                case[0] = f"paged attention {name} S={S} context {context}"
                 cache = zeros(64, 16, 8, 128, dtype=dtype)
                 paged_attention_triton.paged_attention_decode_triton(
                     zeros(S, 32, 128, dtype=dtype), cache, cache,
-                    zeros(S, 8, dtype=torch.int32), torch.ones(S, dtype=torch.int32), 0.088,
-                    sliding_window=4096)
+                    zeros(S, context // 16, dtype=torch.int32), torch.ones(S, dtype=torch.int32),
+                    0.088, sliding_window=4096)
     return launches
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check for the kernels (issue 5), in about 5-9 minutes on a CUDA host: the tile sweep of
+# GPU check for the kernels (issue 5), in about 4-8 minutes on a CUDA host: the tile sweep of
 # the Triton kernels, then the bf16 benchmark at Mistral-7B FFN shape (with the predictor at rank
 # 1024) on the tiles the sweep chose, exact mode (no predictor), the paged-attention tiles, and
 # last the kernel tests and the CUDA engine tests with compiled Triton kernels (no interpreter).

@@ -30,6 +30,7 @@ def test_every_kernel_launch_compiles_within_shared_memory():
     assert "FAILED" not in report
     # Every kernel family was compiled, for both targets.
     for kernel in ("_compact_kernel", "_gate_up_kernel", "_gate_pass_kernel", "_down_kernel",
-                   "_reduce_kernel", "_linear_epilogue_kernel", "_paged_attention_decode_kernel"):
+                   "_reduce_kernel", "_linear_epilogue_kernel", "_paged_attention_decode_kernel",
+                   "_paged_attention_reduce_kernel"):
         assert report.count(f"| {kernel} |") >= 2, kernel
     assert "## sm_90" in report and "## sm_89" in report

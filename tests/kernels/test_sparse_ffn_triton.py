@@ -1,6 +1,7 @@
 """Triton sparse FFN vs the torch reference (interpreter on CPU, compiled on CUDA)."""
 
 import dataclasses
+import importlib
 
 import pytest
 import torch
@@ -153,3 +154,24 @@ def test_replays_in_a_cuda_graph(T):
         ref, ref_active = sparse_ffn_ref(x, wg, wu, wd, "silu", 0.0, pred)
         assert_close(out, ref, torch.bfloat16)
         assert_mask_equal(active, ref_active)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA dispatch needs a CUDA device")
+@pytest.mark.parametrize("T, exact, route", [
+    (1, True, "triton"), (4, True, "triton"), (8, True, "triton"), (9, True, "dense"),
+    (8, False, "triton"), (9, False, "dense"),       # cuBLAS from 9 rows (CUDA_SPARSE_MAX_ROWS)
+])
+def test_cuda_dispatch_rule(monkeypatch, T, exact, route):
+    dispatch = importlib.import_module("kernels.sparse_ffn")
+    calls = []
+    real_dense, real_triton = dispatch.dense_ffn, sparse_ffn_triton.sparse_ffn_triton
+    monkeypatch.setattr(dispatch, "dense_ffn",
+                        lambda *a, **k: calls.append("dense") or real_dense(*a, **k))
+    monkeypatch.setattr(sparse_ffn_triton, "sparse_ffn_triton",
+                        lambda *a, **k: calls.append("triton") or real_triton(*a, **k))
+    gen = torch.Generator().manual_seed(T)
+    x, wg, wu, wd = ffn_weights(T, 64, 96, torch.float32, gen, "cuda")
+    pred = None if exact else predicted_mask(T, 96, 0.5, gen).cuda()
+    out, _ = dispatch.sparse_ffn(x, wg, wu, wd, "relu", 0.0, predicted=pred)
+    assert calls == [route]
+    assert_close(out, sparse_ffn_ref(x, wg, wu, wd, "relu", 0.0, pred)[0], torch.float32)
