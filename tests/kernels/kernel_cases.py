@@ -73,3 +73,15 @@ def poison_allocations(monkeypatch, module) -> None:
     proxy.empty = lambda *a, **kw: _poison(real.empty(*a, **kw))
     proxy.empty_like = lambda *a, **kw: _poison(real.empty_like(*a, **kw))
     monkeypatch.setattr(module, "torch", proxy)
+
+
+def record_routes(monkeypatch, **routes) -> list[str]:
+    """Wrap each route's function (label=(module, name)) so that a call appends its label to
+    the returned list before running it: which path a dispatcher took."""
+    calls: list[str] = []
+    for label, (module, name) in routes.items():
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name,
+                            lambda *a, _real=real, _label=label, **k: calls.append(_label)
+                            or _real(*a, **k))
+    return calls

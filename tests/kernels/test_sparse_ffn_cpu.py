@@ -9,7 +9,8 @@ from kernels import cpu_native, sparse_ffn_cpu
 from kernels.sparse_ffn import default_dense_fallback, sparse_ffn
 from kernels.sparse_ffn_ref import ACTIVATIONS, sparse_ffn_ref
 from tests.kernels.kernel_cases import (DTYPES, SPARSITIES, THRESHOLD, assert_close, assert_mask_equal,
-                                        ffn_weights, poison_allocations, predicted_mask)
+                                        ffn_weights, poison_allocations, predicted_mask,
+                                        record_routes)
 
 # NOTE: the module, not the `kernels.sparse_ffn` attribute (the package re-exports the function
 # under the module's name).
@@ -189,12 +190,8 @@ def test_default_fallbacks(hidden):
 ])
 def test_dispatch_rule(monkeypatch, T, dtype, sparsity, route, hidden):
     """Default dispatch on the CPU: which path runs, and it still gives the reference result."""
-    calls = []
-    real_dense, real_native = dispatch.dense_ffn, sparse_ffn_cpu.sparse_ffn_native
-    monkeypatch.setattr(dispatch, "dense_ffn",
-                        lambda *a, **k: calls.append("dense") or real_dense(*a, **k))
-    monkeypatch.setattr(sparse_ffn_cpu, "sparse_ffn_native",
-                        lambda *a, **k: calls.append("native") or real_native(*a, **k))
+    calls = record_routes(monkeypatch, dense=(dispatch, "dense_ffn"),
+                          native=(sparse_ffn_cpu, "sparse_ffn_native"))
     gen = torch.Generator().manual_seed(T)
     x, wg, wu, wd = ffn_weights(T, hidden, 100, dtype, gen)
     pred = None if sparsity is None else predicted_mask(T, 100, sparsity, gen)

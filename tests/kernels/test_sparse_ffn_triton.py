@@ -10,7 +10,7 @@ pytest.importorskip("triton")
 
 from tests.kernels.kernel_cases import (DTYPES, SPARSITIES, THRESHOLD, assert_close,
                                         assert_mask_equal, ffn_weights, poison_allocations,
-                                        predicted_mask, triton_device)
+                                        predicted_mask, record_routes, triton_device)
 from kernels import ffn_triton_compact, sparse_ffn_triton
 from kernels.ffn_triton_compact import CompactConfig
 from kernels.sparse_ffn_ref import ACTIVATIONS, sparse_ffn_ref
@@ -163,12 +163,8 @@ def test_replays_in_a_cuda_graph(T):
 ])
 def test_cuda_dispatch_rule(monkeypatch, T, exact, route):
     dispatch = importlib.import_module("kernels.sparse_ffn")
-    calls = []
-    real_dense, real_triton = dispatch.dense_ffn, sparse_ffn_triton.sparse_ffn_triton
-    monkeypatch.setattr(dispatch, "dense_ffn",
-                        lambda *a, **k: calls.append("dense") or real_dense(*a, **k))
-    monkeypatch.setattr(sparse_ffn_triton, "sparse_ffn_triton",
-                        lambda *a, **k: calls.append("triton") or real_triton(*a, **k))
+    calls = record_routes(monkeypatch, dense=(dispatch, "dense_ffn"),
+                          triton=(sparse_ffn_triton, "sparse_ffn_triton"))
     gen = torch.Generator().manual_seed(T)
     x, wg, wu, wd = ffn_weights(T, 64, 96, torch.float32, gen, "cuda")
     pred = None if exact else predicted_mask(T, 96, 0.5, gen).cuda()
