@@ -7,8 +7,9 @@
 # Usage, from the repository root:
 #   bash bench/gpu_check.sh [OUT_DIR]
 # TUNE_BATCHES="1" and TUNE_SWEEP="predictor" (of: compact exact predictor) narrow the sweep.
-# Writes OUT_DIR/tuned.json, OUT_DIR/kernels_gpu.md, OUT_DIR/kernels_gpu_exact.md and
-# OUT_DIR/paged_attention_gpu.md (default docs/benchmarks).
+# Writes OUT_DIR/tuned.json, OUT_DIR/kernels_gpu.md, OUT_DIR/kernels_gpu_exact.md,
+# OUT_DIR/paged_attention_gpu.md (default docs/benchmarks) and, where Nsight Compute is
+# installed, OUT_DIR/ncu_ffn.csv.
 # Every step runs even if an earlier one fails; the exit code is the first failure's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +41,16 @@ step "benchmark: paged-attention decode tiles (bf16, Mistral heads) vs the torch
     timeout 60 "$PY" bench/paged_attention.py --out "$OUT_DIR/paged_attention_gpu.md"
 step "kernel + CUDA engine tests (compiled Triton, CUDA tensors)" \
     timeout 150 "$PY" -m pytest -q $XDIST -p no:cacheprovider tests/kernels tests/engine/test_engine_cuda.py
+# Nsight Compute on the FFN's three kernels at batch 1 (two calls after a compiling one): DRAM
+# throughput, occupancy and warp stalls per kernel, what the next change should aim at.
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+if [ -n "$NCU" ]; then
+    step "ncu: the FFN kernels at batch 1, 90% (-> $OUT_DIR/ncu_ffn.csv)" \
+        timeout 120 "$NCU" --clock-control none --csv --log-file "$OUT_DIR/ncu_ffn.csv" \
+        --kernel-name regex:'_compact_kernel|_gate_up_kernel|_down_kernel' \
+        --launch-skip 3 --launch-count 6 --section SpeedOfLight --section Occupancy \
+        --section WarpStateStats --section LaunchStats "$PY" bench/ffn_kernel_calls.py
+fi
 echo "targets (issue 5): batch 1 at 90% sparsity >= 6x cuBLAS dense and >= 60% of the copy ceiling"
 for table in kernels_gpu kernels_gpu_exact; do   # the batch-1, 90% rows, to compare at a glance
     [ -f "$OUT_DIR/$table.md" ] && grep -E '^\| cuda \| bf16 \| 1 \| 90% ' "$OUT_DIR/$table.md" | sed "s/^/$table: /"

@@ -141,10 +141,11 @@ def copy_bandwidth(device: str, num_bytes: int, repeats: int) -> float:
     return 2 * num_bytes / ms / 1e6
 
 
-def random_masks(T: int, sparsity: float, gen: torch.Generator, device: str) -> torch.Tensor:
-    num_active = round((1.0 - sparsity) * INTERMEDIATE)
-    scores = torch.rand(T, INTERMEDIATE, generator=gen)
-    mask = torch.zeros(T, INTERMEDIATE, dtype=torch.bool)
+def random_masks(T: int, sparsity: float, gen: torch.Generator, device: str,
+                 I: int = INTERMEDIATE) -> torch.Tensor:
+    num_active = round((1.0 - sparsity) * I)
+    scores = torch.rand(T, I, generator=gen)
+    mask = torch.zeros(T, I, dtype=torch.bool)
     mask.scatter_(1, scores.topk(num_active, dim=1).indices, True) if num_active else None
     return mask.to(device)
 

@@ -1,0 +1,56 @@
+"""The sparse FFN called a few times at Mistral-7B shape (bf16, predicted mode), for a profiler.
+
+bench/gpu_check.sh runs it under Nsight Compute when `ncu` is there, to read what the timings
+alone cannot say: each kernel's DRAM throughput, occupancy and where its warps stall.
+
+    ncu --clock-control none --kernel-name regex:'_compact_kernel|_gate_up_kernel|_down_kernel' \
+        --launch-skip 3 --launch-count 6 --section SpeedOfLight --section Occupancy \
+        --section WarpStateStats --csv python bench/ffn_kernel_calls.py
+
+The first call compiles (skip its launches); the L2 is flushed before every call, as in the
+timings of bench/kernels.py. `--hidden/--intermediate` shrink the layer (a CPU check under
+TRITON_INTERPRET=1 uses that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from bench.kernels import HIDDEN, INTERMEDIATE, flush_cache, random_masks  # noqa: E402
+from kernels.sparse_ffn_triton import sparse_ffn_triton  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--calls", type=int, default=3)
+    parser.add_argument("--hidden", type=int, default=HIDDEN)
+    parser.add_argument("--intermediate", type=int, default=INTERMEDIATE)
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    H, I = args.hidden, args.intermediate
+    weights = [(torch.randn(I, H, generator=gen) * H ** -0.5).to(dtype=dtype, device=device)
+               for _ in range(3)]
+    x = torch.randn(args.batch, H, generator=gen).to(dtype=dtype, device=device)
+    mask = random_masks(args.batch, args.sparsity, gen, device, I)
+    for _ in range(args.calls):
+        flush_cache(device)
+        out, _ = sparse_ffn_triton(x, *weights, "silu", 0.0, mask)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    print(f"{args.calls} calls, batch {args.batch}, {H} x {I}, {args.sparsity:.0%} sparsity: "
+          f"out {tuple(out.shape)} finite={bool(torch.isfinite(out).all())}")
+
+
+if __name__ == "__main__":
+    main()
