@@ -86,8 +86,7 @@ def _grid(spec: dict, T: int, base=None) -> list[dict]:
     combos = [dict(zip(spec, values)) for values in itertools.product(*spec.values())]
     if T >= DOT_MIN_ROWS:  # tl.dot pads these to 16: smaller values repeat a configuration
         combos = [c for c in combos if all(c.get(k, 16) >= 16 for k in
-                                           ("gate_block_i", "down_block_k", "block_n",
-                                            "gate_pass_block_i"))]
+                                           ("gate_block_i", "down_block_k", "block_n"))]
     elif isinstance(base, CompactConfig):
         lo, hi = PER_THREAD
         combos = [c for c in combos

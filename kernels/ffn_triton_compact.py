@@ -88,12 +88,10 @@ TUNED_CONFIGS: dict[int, CompactConfig] = {
     # NOTE: gate/up and down tiles swept before the parallel scan and the fused reduction
     # existed. scan_block=1024 (cut the batch-1 scan from 9.2 to 3.1 us) is set here unmeasured,
     # also because the one-program scan of the whole mask needs 128 KiB of shared memory from 4
-    # rows on, over an sm_89's 99 KiB (`python bench/compile_check.py`). For the same reason the
-    # exact-mode gate pass takes the gate/up kernel's hidden tile (a 1024-wide tl.dot tile:
-    # 128 KiB).
+    # rows on, over an sm_89's 99 KiB (`python bench/compile_check.py`). (Exact mode from these
+    # rows runs the masked kernels of kernels/sparse_ffn_triton.py: no gate pass here.)
     DOT_MIN_ROWS: CompactConfig(gate_block_i=32, gate_block_h=256, gate_warps=4, down_block_k=32,
-                                down_block_h=128, down_split=16, down_warps=2, scan_block=1024,
-                                gate_pass_block_h=256),
+                                down_block_h=128, down_split=16, down_warps=2, scan_block=1024),
 }
 
 
@@ -218,24 +216,25 @@ def _gate_pass_kernel(
     X, WG, GATE, ALIVE,
     T, H, I, threshold,
     stride_xt, stride_wi, stride_gt, stride_at,
-    ACT: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
+    ACT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     # Exact mode's first pass: every gate row, streamed like a dense GEMV; writes the gate's
     # activation GATE [T, I] float32 and ALIVE [T, I] (activation != 0), which then plays the
-    # predicted mask's part: only the alive neurons' up and down rows are read.
+    # predicted mask's part: only the alive neurons' up and down rows are read. Below
+    # DOT_MIN_ROWS rows only (multiply-reduce in registers, no tl.dot).
     pid = tl.program_id(0)
     offs_t = tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
     offs_i = pid * BLOCK_I + tl.arange(0, BLOCK_I)
     mask_i = offs_i < I
     acc = linear_tile(X, WG, offs_i, mask_i, T, H, stride_xt, 1, stride_wi, 1,
-                      USE_DOT, DOT_FP32, BLOCK_T, BLOCK_I, BLOCK_H)           # [BT, BI]
+                      False, False, BLOCK_T, BLOCK_I, BLOCK_H)                # [BT, BI]
     a = activate_gate(acc, threshold, ACT)
     mask_ti = mask_t[:, None] & mask_i[None, :]
     tl.store(GATE + offs_t[:, None] * stride_gt + offs_i[None, :], a, mask=mask_ti)
     tl.store(ALIVE + offs_t[:, None] * stride_at + offs_i[None, :], (a != 0.0).to(tl.int8),
              mask=mask_ti)
+
 
 @triton.jit
 def _down_kernel(
@@ -317,8 +316,6 @@ def reduce_partials(partial: Tensor, out: Tensor) -> None:
                                               BLOCK_S=block_s, BLOCK_N=block_n)
 
 
-
-
 # The widest block one compaction program loads at once (scan_block 0 means this, or I).
 _COMPACT_MAX_BLOCK = 16384
 
@@ -327,7 +324,8 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
                 threshold: float, predicted: Tensor | None, dot_fp32: bool,
                 config: CompactConfig | None = None) -> tuple[Tensor, Tensor]:
     """x [T, H] contiguous; w_* [I, H] contiguous, one dtype; predicted [T, I] bool contiguous,
-    or None for exact mode (a dense pass over the gate rows finds the alive neurons first).
+    or None for exact mode below DOT_MIN_ROWS rows (a dense pass over the gate rows finds the
+    alive neurons first; more rows run the masked kernels, kernels/sparse_ffn_triton.py).
 
     Returns (out [T, H] in x.dtype, active [T, I] bool). Validation is the caller's
     (kernels/sparse_ffn_triton.py).
@@ -345,15 +343,14 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
     dev = x.device
     gate = None
     if predicted is None:   # exact mode
+        assert not use_dot, "exact mode from DOT_MIN_ROWS rows runs the masked kernels"
         gate = torch.empty(T, I, dtype=torch.float32, device=dev)        # [T, I] activation
         pred = torch.empty(T, I, dtype=torch.int8, device=dev)           # [T, I] alive
-        pass_block_i = dot_pad(config.gate_pass_block_i, use_dot)
-        _gate_pass_kernel[(triton.cdiv(I, pass_block_i),)](
+        _gate_pass_kernel[(triton.cdiv(I, config.gate_pass_block_i),)](
             x, w_gate, gate, pred, T, H, I, float(threshold),
             x.stride(0), w_gate.stride(0), gate.stride(0), pred.stride(0),
-            ACT=act_code, USE_DOT=use_dot, DOT_FP32=dot_fp32, BLOCK_T=block_t,
-            BLOCK_I=pass_block_i, BLOCK_H=dot_k_tile(config.gate_pass_block_h, use_dot, elsize),
-            num_warps=config.gate_pass_warps)
+            ACT=act_code, BLOCK_T=block_t, BLOCK_I=config.gate_pass_block_i,
+            BLOCK_H=config.gate_pass_block_h, num_warps=config.gate_pass_warps)
     else:
         pred = predicted.view(torch.int8)
 
