@@ -55,6 +55,7 @@ from kernels import (  # noqa: E402
     sparse_ffn_triton,
 )
 from kernels.ffn_triton_compact import CompactConfig, default_config  # noqa: E402
+from kernels.sparse_ffn_ref import prediction_groups  # noqa: E402
 from kernels.triton_utils import DOT_MIN_ROWS  # noqa: E402
 
 # Shared memory one block may use, per target (opt-in maximum).
@@ -127,8 +128,14 @@ def record_cases(dtypes: list[torch.dtype]) -> list[Launch]:
                 masked = " (masked kernels)" if T >= DOT_MIN_ROWS else ""
                 case[0] = f"ffn exact {name} T={T}{masked}"
                 sparse_ffn_triton.sparse_ffn_triton(x, w, w, w, "fatrelu", 0.1)
+                case[0] = f"ffn predicted {name} T={T}, the predictor's group counts"
+                counts = zeros(prediction_groups(INTERMEDIATE)[1], dtype=torch.int32)
+                sparse_ffn_triton.sparse_ffn_triton(x, w, w, w, "silu", 0.0, mask,
+                                                    predicted_group_counts=counts)
                 case[0] = f"predictor {name} T={T}"
                 predictor_triton.predict_active_triton(x, fc1, fc2)
+                case[0] = f"predictor {name} T={T}, counting groups"
+                predictor_triton.predict_active_triton(x, fc1, fc2, group_counts=counts)
                 # the reduction the tuned tiles do not use (fused or a launch of its own)
                 variant = dict(down_fused_reduce=not default_config(T).down_fused_reduce)
                 case[0] = f"ffn predicted {name} T={T} {variant}"

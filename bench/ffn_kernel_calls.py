@@ -4,10 +4,12 @@ bench/gpu_check.sh runs it under Nsight Compute when `ncu` is there, to read wha
 alone cannot say: each kernel's DRAM throughput, occupancy and where its warps stall.
 
     ncu --clock-control none --kernel-name regex:'_compact_kernel|_gate_up_kernel|_down_kernel' \
-        --launch-skip 3 --launch-count 6 --section SpeedOfLight --section Occupancy \
+        --launch-skip 5 --section SpeedOfLight --section Occupancy \
         --section WarpStateStats --csv python bench/ffn_kernel_calls.py
 
-The first call compiles (skip its launches); the L2 is flushed before every call, as in the
+Each round calls it from the mask alone (3 launches: compaction, gate/up, down) and then from
+the mask and the predictor's per-group counts (2 launches, as the CUDA engine runs it). The
+first round compiles (skip its 5 launches); the L2 is flushed before every call, as in the
 timings of bench/kernels.py. `--hidden/--intermediate` shrink the layer (a CPU check under
 TRITON_INTERPRET=1 uses that).
 """
@@ -24,6 +26,7 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from bench.kernels import HIDDEN, INTERMEDIATE, flush_cache, random_masks  # noqa: E402
+from kernels.sparse_ffn_ref import group_counts_ref  # noqa: E402
 from kernels.sparse_ffn_triton import sparse_ffn_triton  # noqa: E402
 
 
@@ -31,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--sparsity", type=float, default=0.9)
-    parser.add_argument("--calls", type=int, default=3)
+    parser.add_argument("--calls", type=int, default=3, help="rounds (two calls each)")
     parser.add_argument("--hidden", type=int, default=HIDDEN)
     parser.add_argument("--intermediate", type=int, default=INTERMEDIATE)
     args = parser.parse_args(argv)
@@ -43,12 +46,15 @@ def main(argv: list[str] | None = None) -> None:
                for _ in range(3)]
     x = torch.randn(args.batch, H, generator=gen).to(dtype=dtype, device=device)
     mask = random_masks(args.batch, args.sparsity, gen, device, I)
+    counts = group_counts_ref(mask)
     for _ in range(args.calls):
-        flush_cache(device)
-        out, _ = sparse_ffn_triton(x, *weights, "silu", 0.0, mask)
+        for group_counts in (None, counts):
+            flush_cache(device)
+            out, _ = sparse_ffn_triton(x, *weights, "silu", 0.0, mask,
+                                       predicted_group_counts=group_counts)
     if device == "cuda":
         torch.cuda.synchronize()
-    print(f"{args.calls} calls, batch {args.batch}, {H} x {I}, {args.sparsity:.0%} sparsity: "
+    print(f"{args.calls} rounds of 2 calls, batch {args.batch}, {H} x {I}, {args.sparsity:.0%} sparsity: "
           f"out {tuple(out.shape)} finite={bool(torch.isfinite(out).all())}")
 
 

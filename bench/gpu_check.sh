@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# GPU check for the kernels (issue 5), in about 4-8 minutes on a CUDA host: the tile sweep of
-# the Triton kernels, then the bf16 benchmark at Mistral-7B FFN shape (with the predictor at rank
+# GPU check for the kernels (issue 5), in about 4-5 minutes on a CUDA host: the tile sweep of
+# the Triton kernels at batch 1, then the bf16 benchmark at Mistral-7B FFN shape (with the predictor at rank
 # 1024) on the tiles the sweep chose, exact mode (no predictor), the paged-attention tiles, and
 # last the kernel tests and the CUDA engine tests with compiled Triton kernels (no interpreter).
 # Measurements first: a run cut short by a device lease keeps them (each step has a timeout).
 # Usage, from the repository root:
 #   bash bench/gpu_check.sh [OUT_DIR]
-# TUNE_BATCHES="1" and TUNE_SWEEP="predictor" (of: compact exact predictor) narrow the sweep.
+# TUNE_BATCHES="1 4" also sweeps the tl.dot tiles of 4-8 rows (a few minutes more);
+# TUNE_SWEEP="predictor" (of: compact exact predictor) narrows the sweep.
 # Writes OUT_DIR/tuned.json, OUT_DIR/kernels_gpu.md, OUT_DIR/kernels_gpu_exact.md,
 # OUT_DIR/paged_attention_gpu.md (default docs/benchmarks) and, where Nsight Compute is
 # installed, OUT_DIR/ncu_ffn.csv.
@@ -28,8 +29,8 @@ print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| 
 PYEOF
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
 
-step "tile sweep of the Triton FFN and predictor kernels (batch ${TUNE_BATCHES:-1 4}; 90%)" \
-    timeout 240 "$PY" bench/tune_triton_ffn.py --batches ${TUNE_BATCHES:-1 4} --sweep ${TUNE_SWEEP:-compact exact predictor} --json "$OUT_DIR/tuned.json"
+step "tile sweep of the Triton FFN and predictor kernels (batch ${TUNE_BATCHES:-1}; 90%)" \
+    timeout 240 "$PY" bench/tune_triton_ffn.py --batches ${TUNE_BATCHES:-1} --sweep ${TUNE_SWEEP:-compact exact predictor} --json "$OUT_DIR/tuned.json"
 CONFIGS=$([ -f "$OUT_DIR/tuned.json" ] && echo "--configs $OUT_DIR/tuned.json" || true)
 step "benchmark: bf16, batch 1/2/4/8/16, sparsity 0/50/80/90/95%, predictor rank 1024 $CONFIGS" \
     timeout 120 "$PY" bench/kernels.py --device cuda --dtypes bf16 --predictor-rank 1024 --batches 1 2 4 8 16 \
@@ -41,14 +42,15 @@ step "benchmark: paged-attention decode tiles (bf16, Mistral heads) vs the torch
     timeout 60 "$PY" bench/paged_attention.py --out "$OUT_DIR/paged_attention_gpu.md"
 step "kernel + CUDA engine tests (compiled Triton, CUDA tensors)" \
     timeout 150 "$PY" -m pytest -q $XDIST -p no:cacheprovider tests/kernels tests/engine/test_engine_cuda.py
-# Nsight Compute on the FFN's three kernels at batch 1 (two calls after a compiling one): DRAM
-# throughput, occupancy and warp stalls per kernel, what the next change should aim at.
+# Nsight Compute on the FFN's kernels at batch 1 (two rounds after a compiling one, each from the
+# mask alone and from the mask and the group counts): DRAM throughput, occupancy and warp stalls
+# per kernel, what the next change should aim at.
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 if [ -n "$NCU" ]; then
     step "ncu: the FFN kernels at batch 1, 90% (-> $OUT_DIR/ncu_ffn.csv)" \
         timeout 120 "$NCU" --clock-control none --csv --log-file "$OUT_DIR/ncu_ffn.csv" \
         --kernel-name regex:'_compact_kernel|_gate_up_kernel|_down_kernel' \
-        --launch-skip 3 --launch-count 6 --section SpeedOfLight --section Occupancy \
+        --launch-skip 5 --launch-count 10 --section SpeedOfLight --section Occupancy \
         --section WarpStateStats --section LaunchStats "$PY" bench/ffn_kernel_calls.py
 fi
 echo "targets (issue 5): batch 1 at 90% sparsity >= 6x cuBLAS dense and >= 60% of the copy ceiling"

@@ -36,8 +36,8 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from engine.huge_pages import copy_to_huge_pages  # noqa: E402
-from kernels.sparse_ffn import predict_active, sparse_ffn  # noqa: E402
-from kernels.sparse_ffn_ref import dense_ffn  # noqa: E402
+from kernels.sparse_ffn import new_group_counts, predict_active, sparse_ffn  # noqa: E402
+from kernels.sparse_ffn_ref import dense_ffn, group_counts_ref  # noqa: E402
 
 # NOTE: the module itself (kernels/__init__.py re-exports a function of the same name).
 sparse_ffn_module = importlib.import_module("kernels.sparse_ffn")
@@ -207,25 +207,42 @@ def run(args: argparse.Namespace) -> list[dict]:
                     mask = random_masks(T, sparsity, gen, device)
                     union = mask.any(0).float().mean().item()
                     read = union * 3 * INTERMEDIATE * HIDDEN * elsize
+                # On CUDA the engine hands the FFN the predictor's per-group counts along with
+                # the mask (the kernels then skip their compaction launch): counted here outside
+                # the timed call, as the predictor's epilogue does (its cost: run_predictor).
+                counts = (group_counts_ref(mask)
+                          if mask is not None and device == "cuda" else None)
                 path = dispatch_path(lambda: sparse_ffn(x, *weights, act, threshold,
-                                                        predicted=mask))
-                # The sparse kernel itself (fallback off) and, where it differs, the dispatcher.
+                                                        predicted=mask,
+                                                        predicted_group_counts=counts))
+                # The sparse kernel from the mask alone (fallback off), from the mask and the
+                # counts, and where it differs, the dispatcher.
                 calls = [lambda: sparse_ffn(x, *weights, act, threshold, predicted=mask,
                                             dense_fallback_fraction=1.0)]
+                if counts is not None:
+                    calls.append(lambda: sparse_ffn(x, *weights, act, threshold, predicted=mask,
+                                                    dense_fallback_fraction=1.0,
+                                                    predicted_group_counts=counts))
                 if path == "dense":
-                    calls.append(lambda: sparse_ffn(x, *weights, act, threshold, predicted=mask))
+                    calls.append(lambda: sparse_ffn(x, *weights, act, threshold, predicted=mask,
+                                                    predicted_group_counts=counts))
                 times = time_min(calls, args.repeats, device)
                 kernel_ms, sparse_ms = times[0], times[-1]
+                counted_ms = times[1] if counts is not None else None
                 row = dict(device=device, dtype=name, batch=T, sparsity=sparsity, union=union,
-                           dense_ms=dense_ms, kernel_ms=kernel_ms, sparse_ms=sparse_ms,
-                           speedup=dense_ms / sparse_ms, dense_gbs=dense_gbs,
-                           sparse_gbs=read / kernel_ms / 1e6, ceiling=ceiling, path=path)
+                           dense_ms=dense_ms, kernel_ms=kernel_ms, counted_ms=counted_ms,
+                           sparse_ms=sparse_ms, speedup=dense_ms / sparse_ms, dense_gbs=dense_gbs,
+                           sparse_gbs=read / kernel_ms / 1e6, ceiling=ceiling, path=path,
+                           counted_gbs=read / counted_ms / 1e6 if counted_ms else None)
                 rows.append(row)
+                counted = (f"  from counts {counted_ms:8.3f} ms {row['counted_gbs']:5.1f} GB/s "
+                           f"({100 * row['counted_gbs'] / ceiling:3.0f}%)" if counted_ms else "")
                 logger.info("%s %s T=%-2d sparsity=%3.0f%% union=%5.1f%% dense %8.3f ms "
-                            "kernel %8.3f ms  dispatch (%s) %8.3f ms  %5.2fx  kernel %5.1f GB/s "
-                            "(%3.0f%% of ceiling)", device, name, T, sparsity * 100, union * 100,
-                            dense_ms, kernel_ms, path, sparse_ms, row["speedup"],
-                            row["sparse_gbs"], 100 * row["sparse_gbs"] / ceiling)
+                            "kernel %8.3f ms (%5.1f GB/s, %3.0f%% of ceiling)%s  dispatch (%s) "
+                            "%8.3f ms  %5.2fx", device, name, T, sparsity * 100, union * 100,
+                            dense_ms, kernel_ms, row["sparse_gbs"],
+                            100 * row["sparse_gbs"] / ceiling, counted, path, sparse_ms,
+                            row["speedup"])
     return rows
 
 
@@ -239,13 +256,20 @@ def run_predictor(args: argparse.Namespace) -> list[dict]:
         dtype = DTYPES[name]
         fc1 = place((torch.randn(rank, HIDDEN, generator=gen) * HIDDEN ** -0.5).to(dtype), device)
         fc2 = place((torch.randn(INTERMEDIATE, rank, generator=gen) * rank ** -0.5).to(dtype), device)
+        counts = new_group_counts(INTERMEDIATE, device)
         for T in args.batches:
             x = torch.randn(T, HIDDEN, generator=gen).to(dtype).to(device)
-            (ms,) = time_min([lambda: predict_active(x, fc1, fc2)], args.repeats, device)
+            calls = [lambda: predict_active(x, fc1, fc2)]
+            if device == "cuda":   # (only the CUDA engine asks for the counts)
+                calls.append(lambda: predict_active(x, fc1, fc2, group_counts=counts))
+            times = time_min(calls, args.repeats, device)
+            ms, counting_ms = times[0], times[1] if len(times) > 1 else None
             read = (fc1.numel() + fc2.numel()) * fc1.element_size()
-            rows.append(dict(dtype=name, batch=T, rank=rank, ms=ms, gbs=read / ms / 1e6))
-            logger.info("predictor %s T=%-2d rank %d: %.3f ms, %.1f GB/s", name, T, rank, ms,
-                        read / ms / 1e6)
+            rows.append(dict(dtype=name, batch=T, rank=rank, ms=ms, gbs=read / ms / 1e6,
+                             counting_ms=counting_ms))
+            logger.info("predictor %s T=%-2d rank %d: %.3f ms, %.1f GB/s%s", name, T, rank, ms,
+                        read / ms / 1e6,
+                        f"; counting groups {counting_ms:.3f} ms" if counting_ms else "")
     return rows
 
 
@@ -270,31 +294,37 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
            "the batch's gate values")
         + "; `union` = fraction of neurons the batch reads.",
         f"- Bandwidth ceiling (large copy, read + write): {rows[0]['ceiling']:.1f} GB/s. "
-        "`kernel` = the sparse kernel with the dense fallback off; `kernel GB/s` = bytes it "
-        "reads (" + ("union x 3 rows" if args.mode == "predicted" else
-                     "every gate row + union x (up, down) rows") + ") / time. `dispatch` = "
-        "`sparse_ffn` with its default fallback (what the engine runs); `speed-up` = dense / "
-        "dispatch.",
+        "`kernel` = the sparse kernel from the mask alone, dense fallback off; `kernel GB/s` = "
+        "bytes it reads (" + ("union x 3 rows" if args.mode == "predicted" else
+                              "every gate row + union x (up, down) rows") + ") / time. "
+        "`from counts` = the same from the mask and the predictor's per-group counts (CUDA, "
+        "predicted mode: no compaction launch). `dispatch` = `sparse_ffn` with its default "
+        "fallback, and on CUDA the counts (what the engine runs); `speed-up` = dense / dispatch.",
         "- Times are the minimum over repeats (dense and sparse interleaved), each call after "
         "evicting the last-level cache" + ("; GPU times are CUDA-event times of a CUDA-graph replay "
         "of the call (as a server runs decode; Python's launch overhead excluded)."
         if args.device == "cuda" else "."),
         "",
         "| device | dtype | batch | sparsity | union | dense ms | kernel ms | kernel GB/s | "
-        "% ceiling | dispatch path | dispatch ms | speed-up vs dense |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "% ceiling | from counts ms | from counts % ceiling | dispatch path | dispatch ms | "
+        "speed-up vs dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        counted = (f"{r['counted_ms']:.4f} | {100 * r['counted_gbs'] / r['ceiling']:.0f}%"
+                   if r["counted_ms"] else "- | -")
         lines.append(
             f"| {r['device']} | {r['dtype']} | {r['batch']} | {r['sparsity']:.0%} | "
-            f"{r['union']:.1%} | {r['dense_ms']:.3f} | {r['kernel_ms']:.3f} | "
-            f"{r['sparse_gbs']:.1f} | {100 * r['sparse_gbs'] / r['ceiling']:.0f}% | "
-            f"{r['path']} | {r['sparse_ms']:.3f} | {r['speedup']:.2f}x |")
+            f"{r['union']:.1%} | {r['dense_ms']:.3f} | {r['kernel_ms']:.4f} | "
+            f"{r['sparse_gbs']:.1f} | {100 * r['sparse_gbs'] / r['ceiling']:.0f}% | {counted} | "
+            f"{r['path']} | {r['sparse_ms']:.4f} | {r['speedup']:.2f}x |")
     if args.predictor_rows:
         lines += ["", f"Predictor (`predict_active`, fc1 [{args.predictor_rank}, {HIDDEN}], fc2 "
-                  f"[{INTERMEDIATE}, {args.predictor_rank}], every weight read):", "",
-                  "| dtype | batch | ms | GB/s |", "|---|---|---|---|"]
-        lines += [f"| {r['dtype']} | {r['batch']} | {r['ms']:.3f} | {r['gbs']:.1f} |"
+                  f"[{INTERMEDIATE}, {args.predictor_rank}], every weight read), and the same "
+                  "counting its neurons per group for the FFN (`group_counts=`):", "",
+                  "| dtype | batch | ms | GB/s | ms, counting groups |", "|---|---|---|---|---|"]
+        lines += [f"| {r['dtype']} | {r['batch']} | {r['ms']:.4f} | {r['gbs']:.1f} | "
+                  + (f"{r['counting_ms']:.4f} |" if r["counting_ms"] else "- |")
                   for r in args.predictor_rows]
     return "\n".join(lines) + "\n"
 

@@ -1,7 +1,8 @@
 """Tile sweep for the compacted Triton sparse FFN (predicted mode) and the predictor on a GPU.
 
-For each batch bucket, at Mistral-7B shape, bf16 and 90% per-row sparsity: the compaction
-scan, then the gate/up tiles with their warps, then the down tiles with theirs, then the split
+For each batch bucket, at Mistral-7B shape, bf16 and 90% per-row sparsity, on the path the CUDA
+engine runs (the mask and the predictor's per-group counts; `--from-mask`: the mask alone, with
+the compaction launch, whose scan is then swept first): the gate/up tiles with their warps, then the down tiles with theirs, then the split
 with the reduction (a launch of its own, or fused into the down kernel), then the pipelining
 depths, each stage starting from the best so far; then exact mode's gate pass; then the
 predictor's tiles (rank 1024). Ends with a per-kernel profile at batch 1. `--sweep` picks what
@@ -44,13 +45,13 @@ from bench.kernels import (  # noqa: E402
 from kernels import ffn_triton_compact, predictor_triton, sparse_ffn_triton  # noqa: E402
 from kernels.ffn_triton_compact import CompactConfig, default_config  # noqa: E402
 from kernels.predictor_triton import PredictorConfig, predict_active_triton  # noqa: E402
-from kernels.sparse_ffn_ref import sparse_ffn_ref  # noqa: E402
+from kernels.sparse_ffn_ref import group_counts_ref, sparse_ffn_ref  # noqa: E402
 from kernels.triton_utils import DOT_MIN_ROWS, tuned_for  # noqa: E402
 
 logger = logging.getLogger("bench.tune_triton_ffn")
 
+COMPACTION_STAGE = dict(scan_block=[0, 512, 1024, 2048])   # (--from-mask only)
 FFN_STAGES = [
-    dict(scan_block=[0, 512, 1024, 2048]),
     # tile and warps together: a wide tile needs the warps to hold it (a greedy sweep of one then
     # the other never tries a wide tile with many warps); _grid drops the tiles that leave a
     # thread too few or too many elements
@@ -162,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep", nargs="+", choices=["compact", "exact", "predictor"],
                         default=["compact", "exact", "predictor"])
     parser.add_argument("--json", type=Path, default=None, help="save the winners here")
+    parser.add_argument("--from-mask", action="store_true",
+                        help="sweep the FFN given the mask alone (compaction launch), not the "
+                             "mask and the predictor's group counts")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     assert torch.cuda.is_available(), "the sweep times compiled Triton kernels: it needs a GPU"
@@ -177,10 +181,13 @@ def main(argv: list[str] | None = None) -> None:
         x = torch.randn(T, HIDDEN, generator=gen).to(**bf16)
         mask = random_masks(T, args.sparsity, gen, "cuda")
         ref_out, ref_active = sparse_ffn_ref(x, *weights, "silu", 0.0, mask)
+        counts = None if args.from_mask else group_counts_ref(mask)
+        stages = [COMPACTION_STAGE, *FFN_STAGES] if args.from_mask else FFN_STAGES
 
-        ffn, ffn_ms = _sweep("compact", default_config(T), FFN_STAGES, T,
+        ffn, ffn_ms = _sweep("compact", default_config(T), stages, T,
                              lambda c: sparse_ffn_triton.sparse_ffn_triton(
-                                 x, *weights, "silu", 0.0, mask, compact_config=c), args.repeats,
+                                 x, *weights, "silu", 0.0, mask, compact_config=c,
+                                 predicted_group_counts=counts), args.repeats,
                              "compact" in args.sweep, check=matches(ref_out, ref_active))
         if "exact" in args.sweep and T < DOT_MIN_ROWS:   # more rows: the masked kernels
             ffn = sweep_exact(x, weights, args.sparsity, ffn, T, args.repeats)
@@ -201,9 +208,13 @@ def profile_kernels(weights, fc1, fc2, sparsity: float, gen) -> None:
     """Per-kernel CUDA time at batch 1 on the tuned tiles (torch profiler, eager calls)."""
     x = torch.randn(1, HIDDEN, generator=gen).to(dtype=torch.bfloat16, device="cuda")
     mask = random_masks(1, sparsity, gen, "cuda")
-    calls = {"sparse FFN": lambda: sparse_ffn_triton.sparse_ffn_triton(x, *weights, "silu", 0.0,
-                                                                        mask)}
-    calls["predictor"] = lambda: predict_active_triton(x, fc1, fc2)
+    counts = group_counts_ref(mask)
+    calls = {"sparse FFN from the mask": lambda: sparse_ffn_triton.sparse_ffn_triton(
+                 x, *weights, "silu", 0.0, mask),
+             "sparse FFN from the mask and group counts": lambda: sparse_ffn_triton.sparse_ffn_triton(
+                 x, *weights, "silu", 0.0, mask, predicted_group_counts=counts),
+             "predictor counting groups": lambda: predict_active_triton(x, fc1, fc2,
+                                                                         group_counts=counts)}
     for name, fn in calls.items():
         fn()
         torch.cuda.synchronize()

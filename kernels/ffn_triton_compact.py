@@ -22,6 +22,12 @@ Launches (predicted mode: a mask is given):
       (deterministic: no atomics, fixed order). With CompactConfig.down_fused_reduce the down
       kernel does this itself instead: the last of a column block's SPLIT programs to finish
       (a ticket counter per column block) sums that block's partials, one launch fewer.
+With the predictor's per-group counts (kernels/predictor_triton.py counts the predicted neurons
+of each group of 128 as it writes the mask) there is no compaction launch: each gate/up program
+finds the neurons of its own slots from the counts and the mask (_neurons_of_slots), in
+the same ascending order, and writes IDX, COUNT and the zeroes of ACTIVE itself. It costs each
+program one more dependent load at its head (the counts, then the mask of the slots' groups)
+and saves the compaction kernel (3.1 us at batch 1 on an H100) and one launch gap.
 NOTE: a scan-free layout (gate/up programs compacting their own fixed range of neurons in
 registers, no compaction launch) was measured on an H100 and lost: 40-58 us against 28 us at
 batch 1, 90% (uneven rows per program); it was deleted. So were two options measured on an H100
@@ -47,6 +53,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels.sparse_ffn_ref import prediction_groups
 from kernels.triton_utils import (DOT_MIN_ROWS, activate_gate, dot_k_tile, dot_pad,
                                   linear_tile, next_pow2, tuned_for)
 
@@ -100,9 +107,9 @@ def default_config(T: int) -> CompactConfig:
 
 
 @triton.jit
-def _union_of_rows(PRED, offs, in_range, T, stride_pt, BLOCK: tl.constexpr):
-    """[BLOCK] int32: 1 where some batch row predicts neuron offs, 0 elsewhere."""
-    union = tl.zeros([BLOCK], dtype=tl.int32)
+def _union_of_rows(PRED, offs, in_range, T, stride_pt):
+    """int32, offs' shape: 1 where some batch row predicts neuron offs, 0 elsewhere."""
+    union = tl.zeros(offs.shape, dtype=tl.int32)
     for t in range(0, T):
         p = tl.load(PRED + t * stride_pt + offs, mask=in_range, other=0)
         union = tl.maximum(union, (p != 0).to(tl.int32))
@@ -120,10 +127,10 @@ def _compact_kernel(PRED, IDX, COUNT, ACTIVE, T, I, stride_pt, stride_at,
     before = tl.sum(tl.zeros([SCAN], dtype=tl.int32), axis=0)   # an int32 scalar (loop-carried)
     for i0 in range(0, first, SCAN):
         offs = i0 + tl.arange(0, SCAN)
-        before += tl.sum(_union_of_rows(PRED, offs, offs < first, T, stride_pt, SCAN), axis=0)
+        before += tl.sum(_union_of_rows(PRED, offs, offs < first, T, stride_pt), axis=0)
     offs = first + tl.arange(0, BLOCK)
     in_range = offs < I
-    union = _union_of_rows(PRED, offs, in_range, T, stride_pt, BLOCK)
+    union = _union_of_rows(PRED, offs, in_range, T, stride_pt)
     pos = before + tl.cumsum(union, axis=0) - 1
     tl.store(IDX + pos, offs, mask=in_range & (union != 0))
     for t in range(0, T):
@@ -189,23 +196,73 @@ def _gate_up_rows(
 
 
 @triton.jit
+def _count_from_group_counts(PRED, GROUP_COUNTS, COUNT, ACTIVE, pid, T, I, num_groups,
+                             stride_pt, stride_at, GROUPS_POW2: tl.constexpr,
+                             BLOCK_I: tl.constexpr):
+    """The compaction's share of program pid of the gate/up grid, when the predictor counted
+    per group: zeroes ACTIVE for the unpredicted neurons of the program's own neuron range
+    [pid*BLOCK_I, +BLOCK_I) (the grid covers I), program 0 writes COUNT for the down kernel.
+    Returns (the listed count, per-group counts [GROUPS_POW2], their running sums)."""
+    own = pid * BLOCK_I + tl.arange(0, BLOCK_I)
+    own_in_range = own < I
+    unpredicted = _union_of_rows(PRED, own, own_in_range, T, stride_pt) == 0
+    for t in range(0, T):
+        tl.store(ACTIVE + t * stride_at + own, tl.zeros([BLOCK_I], dtype=tl.int8),
+                 mask=own_in_range & unpredicted)
+    offs_g = tl.arange(0, GROUPS_POW2)
+    per_group = tl.load(GROUP_COUNTS + offs_g, mask=offs_g < num_groups, other=0)   # [G]
+    count = tl.sum(per_group, axis=0)
+    tl.store(COUNT, count, mask=pid == 0)
+    return count, per_group, tl.cumsum(per_group, axis=0)
+
+
+@triton.jit
+def _neurons_of_slots(PRED, IDX, slots, live, per_group, ends, T, I, stride_pt,
+                      GROUP: tl.constexpr, GROUPS_POW2: tl.constexpr):
+    """The neurons [BI] of compact slots `slots` (where `live`), written to IDX for the down
+    kernel: in ascending neuron order, as _compact_kernel lists them. Slot s lies in the first
+    group whose running count exceeds s, at rank s - (the count before that group) among the
+    group's predicted neurons, found in the group's mask (L2-resident: just written)."""
+    offs_g = tl.arange(0, GROUPS_POW2)
+    group = tl.sum((ends[None, :] <= slots[:, None]).to(tl.int32), axis=1)   # [BI]
+    start = tl.sum(tl.where(offs_g[None, :] == group[:, None], (ends - per_group)[None, :], 0),
+                   axis=1)                                                    # [BI]
+    members = group[:, None] * GROUP + tl.arange(0, GROUP)[None, :]           # [BI, GROUP]
+    predicted = _union_of_rows(PRED, members, live[:, None] & (members < I), T, stride_pt)
+    ranks = tl.cumsum(predicted, axis=1)                                      # [BI, GROUP]
+    neuron = group * GROUP + tl.sum((ranks <= (slots - start)[:, None]).to(tl.int32), axis=1)
+    tl.store(IDX + slots, neuron, mask=live)
+    return neuron
+
+
+@triton.jit
 def _gate_up_kernel(
-    X, WG, WU, GATE, PRED, IDX, COUNT, HC, ACTIVE,
-    T, H, I, threshold,
+    X, WG, WU, GATE, PRED, IDX, COUNT, GROUP_COUNTS, HC, ACTIVE,
+    T, H, I, threshold, num_groups,
     stride_xt, stride_wi, stride_gt, stride_pt, stride_ht, stride_at,
-    ACT: tl.constexpr, GATE_GIVEN: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+    ACT: tl.constexpr, GATE_GIVEN: tl.constexpr, COUNTED: tl.constexpr,
+    GROUP: tl.constexpr, GROUPS_POW2: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
     slots = pid * BLOCK_I + tl.arange(0, BLOCK_I)
-    # NOTE: the list is loaded before COUNT arrives (both loads in flight at once: one memory
-    # round trip at the head instead of two); the slots past COUNT hold stale ids, so an id is
-    # used only where its slot is live.
-    listed = tl.load(IDX + slots, mask=slots < I, other=0)                     # [BI]
-    count = tl.load(COUNT)
+    if COUNTED:   # the predictor counted per group: this program finds its own neurons
+        count, per_group, ends = _count_from_group_counts(
+            PRED, GROUP_COUNTS, COUNT, ACTIVE, pid, T, I, num_groups, stride_pt, stride_at,
+            GROUPS_POW2, BLOCK_I)
+    else:         # _compact_kernel listed them
+        # NOTE: the list is loaded before COUNT arrives (both loads in flight at once: one
+        # memory round trip at the head instead of two); the slots past COUNT hold stale ids,
+        # so an id is used only where its slot is live.
+        listed = tl.load(IDX + slots, mask=slots < I, other=0)                 # [BI]
+        count = tl.load(COUNT)
     if pid * BLOCK_I >= count:
         return
     live = slots < count
+    if COUNTED:
+        listed = _neurons_of_slots(PRED, IDX, slots, live, per_group, ends, T, I, stride_pt,
+                                   GROUP, GROUPS_POW2)
     _gate_up_rows(X, WG, WU, GATE, PRED, HC, ACTIVE, tl.where(live, listed, 0), live, slots,
                   T, H, threshold, stride_xt, stride_wi, stride_gt, stride_pt, stride_ht,
                   stride_at, ACT, GATE_GIVEN, USE_DOT, DOT_FP32, BLOCK_T, BLOCK_I, BLOCK_H)
@@ -322,10 +379,14 @@ _COMPACT_MAX_BLOCK = 16384
 
 def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_code: int,
                 threshold: float, predicted: Tensor | None, dot_fp32: bool,
-                config: CompactConfig | None = None) -> tuple[Tensor, Tensor]:
+                config: CompactConfig | None = None,
+                group_counts: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """x [T, H] contiguous; w_* [I, H] contiguous, one dtype; predicted [T, I] bool contiguous,
     or None for exact mode below DOT_MIN_ROWS rows (a dense pass over the gate rows finds the
     alive neurons first; more rows run the masked kernels, kernels/sparse_ffn_triton.py).
+    group_counts: the predictor's per-group counts of `predicted` (int32 [groups of
+    sparse_ffn_ref.prediction_groups(I)]); given, the gate/up programs find their neurons from
+    them and the compaction launch is skipped.
 
     Returns (out [T, H] in x.dtype, active [T, I] bool). Validation is the caller's
     (kernels/sparse_ffn_triton.py).
@@ -358,17 +419,26 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
     count = torch.empty(1, dtype=torch.int32, device=dev)                # listed neurons
     active = torch.empty(T, I, dtype=torch.int8, device=dev)             # [T, I]
     hc = torch.empty(T, I, dtype=torch.float32, device=dev)              # [T, slot]
-    scan = min(next_pow2(I), _COMPACT_MAX_BLOCK)
-    scan_block = config.scan_block or scan
-    _compact_kernel[(triton.cdiv(I, scan_block),)](
-        pred, idx, count, active, T, I, pred.stride(0), active.stride(0),
-        BLOCK=scan_block, SCAN=scan, num_warps=16 if scan_block == scan else 8)
+    group, num_groups = prediction_groups(I)
+    counted = group_counts is not None
+    if counted:
+        assert predicted is not None, "group counts come with a predicted mask"
+        assert group_counts.shape == (num_groups,) and group_counts.dtype == torch.int32 \
+            and group_counts.is_contiguous(), (group_counts.dtype, group_counts.shape)
+    else:
+        scan = min(next_pow2(I), _COMPACT_MAX_BLOCK)
+        scan_block = config.scan_block or scan
+        _compact_kernel[(triton.cdiv(I, scan_block),)](
+            pred, idx, count, active, T, I, pred.stride(0), active.stride(0),
+            BLOCK=scan_block, SCAN=scan, num_warps=16 if scan_block == scan else 8)
     gate_arg = hc if gate is None else gate   # (not read unless the gate was given)
+    counts_arg = group_counts if counted else count   # (not read unless counted)
     _gate_up_kernel[(triton.cdiv(I, block_i),)](
-        x, w_gate, w_up, gate_arg, pred, idx, count, hc, active,
-        T, H, I, float(threshold), x.stride(0), w_gate.stride(0), gate_arg.stride(0),
+        x, w_gate, w_up, gate_arg, pred, idx, count, counts_arg, hc, active,
+        T, H, I, float(threshold), num_groups, x.stride(0), w_gate.stride(0), gate_arg.stride(0),
         pred.stride(0), hc.stride(0), active.stride(0),
-        ACT=act_code, GATE_GIVEN=gate is not None, USE_DOT=use_dot, DOT_FP32=dot_fp32,
+        ACT=act_code, GATE_GIVEN=gate is not None, COUNTED=counted, GROUP=group,
+        GROUPS_POW2=next_pow2(num_groups), USE_DOT=use_dot, DOT_FP32=dot_fp32,
         BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_H=gate_block_h,
         num_warps=config.gate_warps, num_stages=config.gate_stages)
     split = config.down_split

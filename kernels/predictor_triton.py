@@ -4,6 +4,12 @@ One kernel, launched twice with different epilogues: (1) z = relu(x @ fc1.T) int
 scratch [T, r]; (2) pred = (z @ fc2.T) > threshold written straight as a [T, I] mask. The
 float32 logits [T, I] are never materialised. Grid (cdiv(N, BLOCK_N),): each program owns
 BLOCK_N output features and streams their weight rows once.
+
+Optionally the second launch also counts, per group of consecutive neurons
+(sparse_ffn_ref.prediction_groups), the neurons that some batch row predicts: each program adds
+its own union's size to its group's counter (integer atomics: the result does not depend on the
+order). The first launch zeroes the counters (it runs to completion before the second starts).
+The CUDA FFN finds its neurons from these counts, so it needs no compaction launch.
 """
 
 from __future__ import annotations
@@ -15,18 +21,21 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels.sparse_ffn_ref import prediction_groups
 from kernels.triton_utils import (DOT_MIN_ROWS, check_device, dot_in_fp32, dot_k_tile, dot_pad,
                                   linear_tile, next_pow2, tuned_for)
 
 
 @triton.jit
 def _linear_epilogue_kernel(
-    X, W, OUT,
-    T, N, K, threshold,
+    X, W, OUT, GROUP_COUNTS,
+    T, N, K, threshold, num_groups,
     stride_xt, stride_xk,
     stride_wn, stride_wk,
     stride_ot, stride_on,
     EPILOGUE: tl.constexpr,  # 0: relu -> float32, 1: > threshold -> int8 mask
+    COUNT_GROUPS: tl.constexpr,  # 0: zero GROUP_COUNTS, 1: add to them
+    GROUP: tl.constexpr, GROUPS_POW2: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -41,8 +50,20 @@ def _linear_epilogue_kernel(
     mask = mask_t[:, None] & mask_n[None, :]
     if EPILOGUE == 0:
         tl.store(out_ptrs, tl.maximum(acc, 0.0), mask=mask)
+        if COUNT_GROUPS:
+            if pid == 0:
+                offs_g = tl.arange(0, GROUPS_POW2)
+                tl.store(GROUP_COUNTS + offs_g, tl.zeros([GROUPS_POW2], dtype=tl.int32),
+                         mask=offs_g < num_groups)
     else:
-        tl.store(out_ptrs, (acc > threshold).to(tl.int8), mask=mask)
+        fired = mask & (acc > threshold)                                     # [BT, BN]
+        tl.store(out_ptrs, fired.to(tl.int8), mask=mask)
+        if COUNT_GROUPS:
+            # NOTE: BLOCK_N divides GROUP (both powers of two; asserted by the launcher), so a
+            # program's neurons lie in one group: one atomic per program.
+            union = tl.max(fired.to(tl.int32), axis=0)                        # [BN]
+            tl.atomic_add(GROUP_COUNTS + (pid * BLOCK_N) // GROUP, tl.sum(union, axis=0),
+                          sem="relaxed")
 
 
 @dataclass(frozen=True)
@@ -64,10 +85,13 @@ TUNED_CONFIGS: dict[int, PredictorConfig] = {
 
 
 def predict_active_triton(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float = 0.0,
-                          config: PredictorConfig | None = None) -> Tensor:
+                          config: PredictorConfig | None = None,
+                          group_counts: Tensor | None = None) -> Tensor:
     """x [T, H] (T <= 64), fc1 [r, H], fc2 [I, r] (one dtype, unit stride along the last dim).
 
-    Returns [T, I] bool. The hidden layer z [T, r] is kept in float32.
+    Returns [T, I] bool. The hidden layer z [T, r] is kept in float32. group_counts, if given
+    (int32 [groups of sparse_ffn_ref.prediction_groups(I)], contiguous), is filled with the
+    number of predicted neurons per group (sparse_ffn_ref.group_counts_ref).
     """
     check_device(x, fc1, fc2)
     T, H = x.shape
@@ -81,19 +105,29 @@ def predict_active_triton(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float 
     block_n = dot_pad(config.block_n, use_dot)
     block_k = dot_k_tile(config.block_k, use_dot, fc1.element_size())
     dot_fp32 = dot_in_fp32(fc1.dtype)
+    group, num_groups = prediction_groups(I)
+    count_groups = group_counts is not None
+    if count_groups:
+        check_device(group_counts)
+        assert group_counts.shape == (num_groups,) and group_counts.dtype == torch.int32, (
+            f"group_counts must be int32 [{num_groups}], got {group_counts.dtype} "
+            f"{tuple(group_counts.shape)}")
+        assert group_counts.is_contiguous() and group % block_n == 0, (group, block_n)
+    counts_arg = group_counts if count_groups else x   # (not touched unless counting)
+    counting = dict(COUNT_GROUPS=count_groups, GROUP=group, GROUPS_POW2=next_pow2(num_groups))
     xw = x if dot_fp32 else x.to(fc1.dtype)
     z = torch.empty(T, r, dtype=torch.float32, device=x.device)          # [T, r]
     _linear_epilogue_kernel[(triton.cdiv(r, block_n),)](
-        xw, fc1, z, T, r, H, 0.0,
+        xw, fc1, z, counts_arg, T, r, H, 0.0, num_groups,
         xw.stride(0), xw.stride(1), fc1.stride(0), fc1.stride(1), z.stride(0), z.stride(1),
-        EPILOGUE=0, USE_DOT=use_dot, DOT_FP32=dot_fp32, BLOCK_T=block_t, BLOCK_N=block_n,
+        EPILOGUE=0, **counting, USE_DOT=use_dot, DOT_FP32=dot_fp32, BLOCK_T=block_t, BLOCK_N=block_n,
         BLOCK_K=block_k, num_warps=config.warps)
     pred = torch.empty(T, I, dtype=torch.int8, device=x.device)          # [T, I]
     # NOTE: for a 16-bit fc2 the float32 z is rounded to fc2's dtype inside the dot (the
     # tensor-core path); the reference keeps float32, hence the tolerance near the threshold.
     _linear_epilogue_kernel[(triton.cdiv(I, block_n),)](
-        z, fc2, pred, T, I, r, float(threshold),
+        z, fc2, pred, counts_arg, T, I, r, float(threshold), num_groups,
         z.stride(0), z.stride(1), fc2.stride(0), fc2.stride(1), pred.stride(0), pred.stride(1),
-        EPILOGUE=1, USE_DOT=use_dot, DOT_FP32=dot_fp32, BLOCK_T=block_t, BLOCK_N=block_n,
+        EPILOGUE=1, **counting, USE_DOT=use_dot, DOT_FP32=dot_fp32, BLOCK_T=block_t, BLOCK_N=block_n,
         BLOCK_K=block_k, num_warps=config.warps)
     return pred.view(torch.bool)

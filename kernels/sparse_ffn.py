@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from kernels import cpu_native, sparse_ffn_cpu
-from kernels.sparse_ffn_ref import check_act, dense_ffn, predict_active_ref
+from kernels.sparse_ffn_ref import (check_act, dense_ffn, group_counts_ref, predict_active_ref,
+                                    prediction_groups)
 
 logger = logging.getLogger(__name__)
 
@@ -105,11 +106,14 @@ def _check_inputs(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
 
 def sparse_ffn(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act: str,
                threshold: float = 0.0, predicted: Tensor | None = None,
-               dense_fallback_fraction: float | None = None) -> tuple[Tensor, Tensor]:
+               dense_fallback_fraction: float | None = None,
+               predicted_group_counts: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Gated FFN that reads only the active neurons' weights.
 
     x [T, H] normed FFN input; w_gate, w_up [I, H] and w_down_t [I, H] (down_proj.weight
     transposed at load time), contiguous; predicted [T, I] bool or None (exact mode).
+    predicted_group_counts: what predict_active(group_counts=...) filled for `predicted`; the
+    CUDA kernels then skip their compaction launch (the other paths have no use for it).
     Returns (out [T, H] in x.dtype, active [T, I] bool). The batch reads the union of its rows'
     active neurons; each row's own `active` is returned.
     """
@@ -123,7 +127,8 @@ def sparse_ffn(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act: s
             return dense_ffn(x, w_gate, w_up, w_down_t, act, threshold, predicted)
         from kernels import sparse_ffn_triton  # NOTE: lazy, see the module docstring
         return sparse_ffn_triton.sparse_ffn_triton(
-            x, w_gate, w_up, w_down_t, act, threshold, predicted, dense_fallback_fraction=fallback)
+            x, w_gate, w_up, w_down_t, act, threshold, predicted, dense_fallback_fraction=fallback,
+            predicted_group_counts=predicted_group_counts)
     return _sparse_ffn_cpu(x, w_gate, w_up, w_down_t, act, threshold, predicted, fallback)
 
 
@@ -148,19 +153,45 @@ def _sparse_ffn_cpu(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, a
     return sparse_ffn_cpu.sparse_ffn_torch(x, w_gate, w_up, w_down_t, act, threshold, predicted)
 
 
-def predict_active(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float = 0.0) -> Tensor:
+def new_group_counts(num_neurons: int, device: torch.device) -> Tensor:
+    """An (uninitialised) buffer for predict_active(group_counts=...) of a layer's neurons."""
+    return torch.empty(prediction_groups(num_neurons)[1], dtype=torch.int32, device=device)
+
+
+def group_counts_for(x: Tensor, num_neurons: int) -> Tensor | None:
+    """A buffer for the predictor's group counts where sparse_ffn uses them (the Triton kernels:
+    CUDA, up to CUDA_SPARSE_MAX_ROWS rows of x [T, H]), else None (nothing to count)."""
+    if x.is_cuda and x.shape[0] <= CUDA_SPARSE_MAX_ROWS:
+        return new_group_counts(num_neurons, x.device)
+    return None
+
+
+def predict_active(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float = 0.0,
+                   group_counts: Tensor | None = None) -> Tensor:
     """TurboSparse predictor: [T, I] bool, fc2(relu(fc1 x)) > threshold.
 
     x [T, H] is the residual stream before the post-attention norm; fc1 [r, H]; fc2 [I, r].
+    group_counts (new_group_counts(I, x.device)), if given, is filled with the number of
+    neurons some row predicts in each group of prediction_groups(I) (group_counts_ref): the
+    CUDA kernel counts them as it writes the mask, and sparse_ffn(predicted_group_counts=...)
+    then skips a launch.
     """
     assert x.dim() == 2 and fc1.dim() == 2 and fc2.dim() == 2, (x.shape, fc1.shape, fc2.shape)
     assert fc1.shape[1] == x.shape[1] and fc2.shape[1] == fc1.shape[0], (
         f"fc1 must be [r, H={x.shape[1]}] and fc2 [I, r]; got {tuple(fc1.shape)}, {tuple(fc2.shape)}")
-    if x.is_cuda:
-        if x.shape[0] > MAX_SPARSE_BATCH:   # prefill: compute-bound, cuBLAS
-            return predict_active_ref(x, fc1, fc2, threshold)
+    if x.is_cuda and x.shape[0] <= MAX_SPARSE_BATCH:
         from kernels import predictor_triton
-        return predictor_triton.predict_active_triton(x, fc1, fc2, threshold)
+        return predictor_triton.predict_active_triton(x, fc1, fc2, threshold,
+                                                      group_counts=group_counts)
+    predicted = _predict_active_no_triton(x, fc1, fc2, threshold)
+    if group_counts is not None:
+        group_counts.copy_(group_counts_ref(predicted))
+    return predicted
+
+
+def _predict_active_no_triton(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float) -> Tensor:
+    if x.is_cuda:   # prefill: compute-bound, cuBLAS
+        return predict_active_ref(x, fc1, fc2, threshold)
     # NOTE: on the CPU the native kernel reads the weights once at full speed for any decode
     # batch, where torch's bf16/fp16 CPU GEMM is over 10x slower and its small-M float32 GEMM
     # 2-4x slower (see DENSE_FALLBACK notes above); the reference is the fallback.

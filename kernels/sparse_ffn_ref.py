@@ -68,6 +68,30 @@ def dense_ffn(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act: st
     return out.to(x.dtype), active
 
 
+# Predicted neurons counted per group of consecutive neurons: the CUDA predictor does it in the
+# epilogue of its second launch, and the CUDA FFN then finds the listed neurons from these counts
+# (kernels/ffn_triton_compact.py) instead of compacting the mask in a launch of its own.
+PREDICTION_GROUP = 128          # neurons per group; doubled until there are at most ...
+MAX_PREDICTION_GROUPS = 256     # ... this many groups (each FFN program scans all the counts)
+
+
+def prediction_groups(I: int) -> tuple[int, int]:
+    """(neurons per group, number of groups) of a layer of I neurons."""
+    group = PREDICTION_GROUP
+    while -(-I // group) > MAX_PREDICTION_GROUPS:
+        group *= 2
+    return group, -(-I // group)
+
+
+def group_counts_ref(predicted: Tensor) -> Tensor:
+    """[groups] int32: per group of prediction_groups(I), the neurons that some row of
+    predicted [T, I] bool selects (the batch's union)."""
+    I = predicted.shape[1]
+    group, groups = prediction_groups(I)
+    union = F.pad(predicted.any(0).to(torch.int32), (0, group * groups - I))   # [groups * group]
+    return union.view(groups, group).sum(1, dtype=torch.int32)
+
+
 def predict_active_ref(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float = 0.0) -> Tensor:
     """[T, I] bool: fc2(relu(fc1 x)) > threshold, computed in float32."""
     z = torch.relu(x.float() @ fc1.float().t())      # [T, r]

@@ -109,7 +109,8 @@ def _down_kernel(
 def sparse_ffn_triton(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act: str,
                       threshold: float = 0.0, predicted: Tensor | None = None,
                       dense_fallback_fraction: float = 1.0,
-                      compact_config: CompactConfig | None = None) -> tuple[Tensor, Tensor]:
+                      compact_config: CompactConfig | None = None,
+                      predicted_group_counts: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Sparse FFN launcher.
 
     x [T, H] (T <= 64); w_gate, w_up, w_down_t [I, H] with unit stride along H and one dtype
@@ -120,6 +121,8 @@ def sparse_ffn_triton(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
     compacted kernels read the same bytes as dense and cost only their fixed overhead (H100,
     bf16: 0.97-1.05x cuBLAS up to 8 rows; kernels/sparse_ffn.py sends more rows to cuBLAS).
     compact_config tunes the compacted kernels (default: TUNED_CONFIGS).
+    predicted_group_counts: the predictor's per-group counts of `predicted`
+    (kernels/predictor_triton.py, group_counts=); given, the compaction launch is skipped.
     """
     check_act(act)
     check_device(x, w_gate, w_up, w_down_t)
@@ -139,10 +142,15 @@ def sparse_ffn_triton(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
                 from kernels.sparse_ffn_ref import dense_ffn
                 return dense_ffn(x, w_gate, w_up, w_down_t, act, threshold, predicted)
         predicted = predicted.contiguous()
+    elif predicted_group_counts is not None:
+        raise ValueError("predicted_group_counts needs the predicted mask it counts")
     elif T >= DOT_MIN_ROWS:
         return _exact_masked(x.contiguous(), w_gate, w_up, w_down_t, ACT_CODES[act], threshold)
+    if predicted_group_counts is not None:
+        check_device(predicted_group_counts)
     return ffn_compact(x.contiguous(), w_gate, w_up, w_down_t, ACT_CODES[act], threshold,
-                       predicted, dot_in_fp32(w_gate.dtype), compact_config)
+                       predicted, dot_in_fp32(w_gate.dtype), compact_config,
+                       predicted_group_counts)
 
 
 def _exact_masked(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_code: int,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.sparse_ffn import predict_active, sparse_ffn
+from kernels.sparse_ffn import group_counts_for, predict_active, sparse_ffn
 from kernels.sparse_ffn_ref import dense_ffn, predict_active_ref
 
 
@@ -24,10 +24,13 @@ class Predictor(nn.Module):
         self.fc1 = nn.Linear(hidden_size, rank, bias=False)
         self.fc2 = nn.Linear(rank, intermediate_size, bias=False)
 
-    def forward(self, x: torch.Tensor, threshold: float, use_kernel: bool = True) -> torch.Tensor:
-        """x: [T, H] residual stream before the post-attention norm -> [T, I] bool."""
+    def forward(self, x: torch.Tensor, threshold: float, use_kernel: bool = True,
+                group_counts: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [T, H] residual stream before the post-attention norm -> [T, I] bool.
+        group_counts (kernel path only): filled as kernels.sparse_ffn.predict_active does."""
         if use_kernel:
-            return predict_active(x, self.fc1.weight, self.fc2.weight, threshold)
+            return predict_active(x, self.fc1.weight, self.fc2.weight, threshold, group_counts)
+        assert group_counts is None, "the reference path does not count groups"
         return predict_active_ref(x, self.fc1.weight, self.fc2.weight, threshold)
 
 
@@ -67,15 +70,21 @@ class SparseMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, FFNActivity]:
         """x: [T, H] normed input; residual: [T, H] stream before the norm (predictor input)."""
-        predicted = None
+        predicted = group_counts = None
         if self.predictor is not None and self.use_predictor:
+            if self.use_sparse_kernels:
+                # the CUDA predictor counts its neurons per group, and the FFN kernels skip their
+                # compaction launch (kernels/ffn_triton_compact.py); None where nothing uses them
+                group_counts = group_counts_for(x, self.gate_proj.out_features)
             predicted = self.predictor(residual, self.predictor_threshold,
-                                       use_kernel=self.use_sparse_kernels)           # [T, I] bool
+                                       use_kernel=self.use_sparse_kernels,
+                                       group_counts=group_counts)                    # [T, I] bool
         w_down_t = self.w_down_t if self.w_down_t is not None else self.down_proj.weight.t()
         args = (x, self.gate_proj.weight, self.up_proj.weight, w_down_t, self.act, self.act_threshold)
         if self.use_sparse_kernels:
             out, active = sparse_ffn(*args, predicted=predicted,
-                                     dense_fallback_fraction=self.dense_fallback_fraction)
+                                     dense_fallback_fraction=self.dense_fallback_fraction,
+                                     predicted_group_counts=group_counts)
         else:   # the plain eager path: every weight read, same math
             out, active = dense_ffn(*args, predicted=predicted)
         activity = FFNActivity(active_counts=active.sum(dim=-1, dtype=torch.int32),

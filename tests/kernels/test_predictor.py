@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from kernels.sparse_ffn import predict_active
+from kernels import sparse_ffn_ref
+from kernels.sparse_ffn import group_counts_for, new_group_counts, predict_active
 from kernels.sparse_ffn_ref import predict_active_ref
-from tests.kernels.kernel_cases import DTYPES, poison_allocations, triton_device
+from tests.kernels.kernel_cases import POISON_INT, DTYPES, poison_allocations, triton_device
 
 
 def _case(T, H, r, I, dtype, seed, device="cpu"):
@@ -45,6 +46,31 @@ def test_triton_predictor(monkeypatch, shape, dtype):
         _assert_mask_matches(pred, x, fc1, fc2, threshold, dtype)
 
 
+@pytest.mark.parametrize("shape, max_groups", [((1, 40, 16, 300), 256), ((3, 32, 8, 700), 2),
+                                               ((6, 24, 8, 130), 256)], ids=str)
+def test_triton_predictor_counts_groups(monkeypatch, shape, max_groups):
+    # Counts of the mask it wrote, per group of 128 neurons (256 where max_groups 2 widens them),
+    # into a poisoned buffer: the first launch must zero it. Twice, as a layer is called again.
+    pytest.importorskip("triton")
+    from kernels import predictor_triton
+
+    monkeypatch.setattr(sparse_ffn_ref, "MAX_PREDICTION_GROUPS", max_groups)
+    T, H, r, I = shape
+    x, fc1, fc2 = _case(T, H, r, I, torch.float32, seed=I, device=triton_device())
+    counts = new_group_counts(I, x.device).fill_(POISON_INT)
+    for threshold in (0.2, 0.0):
+        pred = predictor_triton.predict_active_triton(x, fc1, fc2, threshold, group_counts=counts)
+        _assert_mask_matches(pred, x, fc1, fc2, threshold, torch.float32)
+        assert torch.equal(counts.cpu(), sparse_ffn_ref.group_counts_ref(pred.cpu()))
+
+
+def test_cpu_predictor_counts_groups():
+    x, fc1, fc2 = _case(2, 48, 8, 300, torch.float32, seed=4)
+    counts = new_group_counts(300, x.device).fill_(POISON_INT)
+    pred = predict_active(x, fc1, fc2, 0.1, group_counts=counts)
+    assert counts.tolist() == [int(pred[:, i:i + 128].any(0).sum()) for i in (0, 128, 256)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_predictor(dtype):
     x, fc1, fc2 = _case(3, 80, 16, 50, dtype, seed=1)
@@ -67,3 +93,7 @@ def test_native_cpu_predictor(monkeypatch, dtype):
     poison_allocations(monkeypatch, sparse_ffn_cpu)
     _assert_mask_matches(sparse_ffn_cpu.predict_active_native(x, fc1, fc2, 0.1), x, fc1, fc2,
                          0.1, dtype)
+
+
+def test_group_counts_are_asked_for_only_where_the_kernels_use_them():
+    assert group_counts_for(torch.zeros(1, 8), 300) is None   # CPU: the native kernel lists its own

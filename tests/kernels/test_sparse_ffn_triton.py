@@ -12,8 +12,9 @@ from tests.kernels.kernel_cases import (DTYPES, SPARSITIES, THRESHOLD, assert_cl
                                         assert_mask_equal, ffn_weights, poison_allocations,
                                         predicted_mask, record_routes, triton_device)
 from kernels import ffn_triton_compact, sparse_ffn_triton
+from kernels import sparse_ffn_ref as sparse_ffn_ref_module
 from kernels.ffn_triton_compact import CompactConfig
-from kernels.sparse_ffn_ref import ACTIVATIONS, sparse_ffn_ref
+from kernels.sparse_ffn_ref import ACTIVATIONS, group_counts_ref, sparse_ffn_ref
 
 # (T, H, I): batch 1, 3 (both multiply-reduce in registers) and 5 (tl.dot); H and I off the
 # block sizes.
@@ -41,8 +42,13 @@ def test_predicted_mode(monkeypatch, shape, sparsity, dtype):
     poison_allocations(monkeypatch, sparse_ffn_triton)
     poison_allocations(monkeypatch, ffn_triton_compact)
     config = CONFIGS[(SPARSITIES.index(sparsity) + SHAPES.index(shape)) % len(CONFIGS)]
+    # Half the cases hand over the predictor's per-group counts (no compaction launch): every
+    # shape x sparsity runs both ways across the dtypes.
+    counts = (group_counts_ref(pred)
+              if (SPARSITIES.index(sparsity) + DTYPES.index(dtype)) % 2 else None)
     out, active = sparse_ffn_triton.sparse_ffn_triton(
-        x, wg, wu, wd, act, THRESHOLD[act], pred, compact_config=config)
+        x, wg, wu, wd, act, THRESHOLD[act], pred, compact_config=config,
+        predicted_group_counts=counts)
     ref, ref_active = sparse_ffn_ref(x, wg, wu, wd, act, THRESHOLD[act], pred)
     assert_close(out, ref, dtype)
     assert_mask_equal(active, ref_active)
@@ -110,6 +116,38 @@ def test_compaction_scans_in_several_chunks(monkeypatch, scan_block):
     assert_mask_equal(active, ref_active)
 
 
+@pytest.mark.parametrize("T, max_groups", [(1, 256), (3, 2), (5, 3)])
+def test_group_counts_list_the_neurons_as_the_compaction_does(monkeypatch, T, max_groups):
+    # The gate/up programs that find their own neurons from the group counts must list them in
+    # the compaction's order: the same slots, so the same output bit for bit. max_groups 2-3
+    # widens the groups (256 or 512 neurons) on this small layer.
+    monkeypatch.setattr(sparse_ffn_ref_module, "MAX_PREDICTION_GROUPS", max_groups)
+    gen = torch.Generator().manual_seed(17 + T)
+    device = triton_device()
+    x, wg, wu, wd = ffn_weights(T, 48, 700, torch.float32, gen, device)
+    pred = predicted_mask(T, 700, 0.8, gen).to(device)
+    counts = group_counts_ref(pred)
+    assert counts.numel() <= max_groups
+    poison_allocations(monkeypatch, ffn_triton_compact)
+    compacted = sparse_ffn_triton.sparse_ffn_triton(x, wg, wu, wd, "fatrelu", 0.1, pred,
+                                                    compact_config=SMALL_TILES_FUSED)
+    counted = sparse_ffn_triton.sparse_ffn_triton(x, wg, wu, wd, "fatrelu", 0.1, pred,
+                                                  compact_config=SMALL_TILES_FUSED,
+                                                  predicted_group_counts=counts)
+    assert torch.equal(counted[0], compacted[0])
+    assert_mask_equal(counted[1], compacted[1])
+    assert_close(counted[0], sparse_ffn_ref(x, wg, wu, wd, "fatrelu", 0.1, pred)[0], torch.float32)
+
+
+def test_group_counts_need_a_mask():
+    device = triton_device()
+    x, wg, wu, wd = ffn_weights(1, 32, 40, torch.float32, torch.Generator().manual_seed(0), device)
+    with pytest.raises(ValueError, match="needs the predicted mask"):
+        sparse_ffn_triton.sparse_ffn_triton(x, wg, wu, wd, "relu", 0.0, None,
+                                            predicted_group_counts=torch.zeros(1, dtype=torch.int32,
+                                                                               device=device))
+
+
 @pytest.mark.parametrize("T", [1, 5])
 def test_fused_reduce_is_repeatable_and_resets_its_tickets(monkeypatch, T):
     gen = torch.Generator().manual_seed(11 + T)
@@ -130,18 +168,20 @@ def test_fused_reduce_is_repeatable_and_resets_its_tickets(monkeypatch, T):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-@pytest.mark.parametrize("T", [1, 5])
-def test_replays_in_a_cuda_graph(T):
+@pytest.mark.parametrize("T, counted", [(1, False), (5, False), (1, True), (5, True)])
+def test_replays_in_a_cuda_graph(T, counted):
     # Captured in a CUDA graph, as the engine runs decode, and replayed after the input changed:
     # the fused reduction's tickets must come back to zero inside the graph too.
     gen = torch.Generator().manual_seed(13 + T)
     x, wg, wu, wd = ffn_weights(T, 512, 1024, torch.bfloat16, gen, "cuda")
     pred = predicted_mask(T, 1024, 0.9, gen).cuda()
+    counts = group_counts_ref(pred) if counted else None
     config = dataclasses.replace(SMALL_TILES_FUSED, gate_block_h=128, down_block_h=64)
 
     def call():
         return sparse_ffn_triton.sparse_ffn_triton(x, wg, wu, wd, "silu", 0.0, pred,
-                                                   compact_config=config)
+                                                   compact_config=config,
+                                                   predicted_group_counts=counts)
     call()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -150,6 +190,8 @@ def test_replays_in_a_cuda_graph(T):
     for _ in range(3):
         x.copy_(torch.randn(x.shape, generator=gen).to(x))
         pred.copy_(predicted_mask(T, 1024, 0.9, gen))
+        if counted:   # (the predictor's launch writes them in the engine)
+            counts.copy_(group_counts_ref(pred))
         graph.replay()
         ref, ref_active = sparse_ffn_ref(x, wg, wu, wd, "silu", 0.0, pred)
         assert_close(out, ref, torch.bfloat16)

@@ -3,6 +3,7 @@
 import dataclasses
 
 from bench.tune_triton_ffn import (
+    COMPACTION_STAGE,
     EXACT_STAGES,
     FFN_STAGES,
     PER_THREAD,
@@ -15,7 +16,7 @@ from kernels.triton_utils import DOT_MIN_ROWS
 
 def test_multiply_reduce_tiles_stay_within_the_per_thread_range():
     base = default_config(1)
-    joint = FFN_STAGES[1]                    # gate tile and warps together
+    joint = FFN_STAGES[0]                    # gate tile and warps together
     kept = _grid(joint, 1, base)
     lo, hi = PER_THREAD
     assert 0 < len(kept) < len(_grid(joint, 1))            # some dropped, some left
@@ -30,10 +31,10 @@ def test_multiply_reduce_tiles_stay_within_the_per_thread_range():
 def test_stages_that_change_no_tile_are_not_filtered():
     base = dataclasses.replace(default_config(1), down_block_k=32, down_block_h=1024,
                                down_warps=2)   # a down tile outside the range
-    for stage in (FFN_STAGES[0], FFN_STAGES[1], *EXACT_STAGES):
+    for stage in (COMPACTION_STAGE, FFN_STAGES[0], *EXACT_STAGES):
         assert _grid(stage, 1, base) == _grid(stage, 1, default_config(1))
 
 
 def test_dot_batches_drop_tiles_below_the_padding():
-    for combo in _grid(FFN_STAGES[1], DOT_MIN_ROWS, default_config(DOT_MIN_ROWS)):
+    for combo in _grid(FFN_STAGES[0], DOT_MIN_ROWS, default_config(DOT_MIN_ROWS)):
         assert combo["gate_block_i"] >= 16
