@@ -63,7 +63,8 @@ SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 TORCH_TO_TRITON = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
                    torch.int8: "i8", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
 HIDDEN, INTERMEDIATE = 4096, 14336          # Mistral-7B FFN
-LAUNCHERS = [(ffn_triton_compact, "_compact_kernel _gate_up_kernel _gate_pass_kernel "
+LAUNCHERS = [(ffn_triton_compact, "_compact_kernel _gate_up_kernel _gate_up_counted_kernel "
+                                  "_gate_pass_kernel "
                                   "_down_kernel _reduce_kernel"),
              (sparse_ffn_triton, "_gate_up_kernel _down_kernel"),
              (predictor_triton, "_linear_epilogue_kernel"),

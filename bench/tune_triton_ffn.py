@@ -2,7 +2,8 @@
 
 For each batch bucket, at Mistral-7B shape, bf16 and 90% per-row sparsity, on the path the CUDA
 engine runs (the mask and the predictor's per-group counts; `--from-mask`: the mask alone, with
-the compaction launch, whose scan is then swept first): the gate/up tiles with their warps, then the down tiles with theirs, then the split
+the compaction launch, whose scan is then swept first): the gate/up tiles with their warps (then,
+given the counts, the gate/up programs per SM), then the down tiles with theirs, then the split
 with the reduction (a launch of its own, or fused into the down kernel), then the pipelining
 depths, each stage starting from the best so far; then exact mode's gate pass; then the
 predictor's tiles (rank 1024). Ends with a per-kernel profile at batch 1. `--sweep` picks what
@@ -51,6 +52,8 @@ from kernels.triton_utils import DOT_MIN_ROWS, tuned_for  # noqa: E402
 logger = logging.getLogger("bench.tune_triton_ffn")
 
 COMPACTION_STAGE = dict(scan_block=[0, 512, 1024, 2048])   # (--from-mask only)
+# the gate/up grid given the group counts (not --from-mask), after the gate/up tiles
+COUNTED_GRID_STAGE = dict(gate_programs_per_sm=[0, 2, 3, 4, 6, 8])
 FFN_STAGES = [
     # tile and warps together: a wide tile needs the warps to hold it (a greedy sweep of one then
     # the other never tries a wide tile with many warps); _grid drops the tiles that leave a
@@ -182,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         mask = random_masks(T, args.sparsity, gen, "cuda")
         ref_out, ref_active = sparse_ffn_ref(x, *weights, "silu", 0.0, mask)
         counts = None if args.from_mask else group_counts_ref(mask)
-        stages = [COMPACTION_STAGE, *FFN_STAGES] if args.from_mask else FFN_STAGES
+        stages = ([COMPACTION_STAGE, *FFN_STAGES] if args.from_mask
+                  else [FFN_STAGES[0], COUNTED_GRID_STAGE, *FFN_STAGES[1:]])
 
         ffn, ffn_ms = _sweep("compact", default_config(T), stages, T,
                              lambda c: sparse_ffn_triton.sparse_ffn_triton(

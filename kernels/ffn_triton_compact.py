@@ -23,11 +23,14 @@ Launches (predicted mode: a mask is given):
       kernel does this itself instead: the last of a column block's SPLIT programs to finish
       (a ticket counter per column block) sums that block's partials, one launch fewer.
 With the predictor's per-group counts (kernels/predictor_triton.py counts the predicted neurons
-of each group of 128 as it writes the mask) there is no compaction launch: each gate/up program
-finds the neurons of its own slots from the counts and the mask (_neurons_of_slots), in
-the same ascending order, and writes IDX, COUNT and the zeroes of ACTIVE itself. It costs each
-program one more dependent load at its head (the counts, then the mask of the slots' groups)
-and saves the compaction kernel (3.1 us at batch 1 on an H100) and one launch gap.
+of each group of 128 as it writes the mask; the engine's CUDA path) there is no compaction
+launch: _gate_up_counted_kernel, a fixed grid of a few programs per SM taking slot blocks in
+turn, finds each block's neurons from the counts and the groups' mask (_neurons_of_slots; the
+same ascending order, so the output is bit for bit the same), writes IDX and COUNT for the down
+kernel, and zeroes ACTIVE for the unpredicted neurons of its share of the layer. It costs each
+program one more dependent load at its head (the counts, then the mask of the block's groups)
+and saves the compaction kernel (3.1 us at batch 1 on an H100) and one launch gap. (Not yet
+timed on a GPU: the task that built it had no device.)
 NOTE: a scan-free layout (gate/up programs compacting their own fixed range of neurons in
 registers, no compaction launch) was measured on an H100 and lost: 40-58 us against 28 us at
 batch 1, 90% (uneven rows per program); it was deleted. So were two options measured on an H100
@@ -81,6 +84,11 @@ class CompactConfig:
     # software-pipelining depth of the gate/up and down loops (Triton's default is 3)
     gate_stages: int = 3
     down_stages: int = 3
+    # gate/up programs per SM when the predictor's group counts are given: each takes slot
+    # blocks in turn (unmeasured: 4 is what fits an SM at the batch-1 tile's 128 registers a
+    # thread, ptxas of Triton 3.6 for sm_90); 0: one program per slot block of the whole layer,
+    # most of them with none to do
+    gate_programs_per_sm: int = 4
 
 
 # Per batch size bucket (the largest bucket <= T applies): the winners of
@@ -196,33 +204,35 @@ def _gate_up_rows(
 
 
 @triton.jit
-def _count_from_group_counts(PRED, GROUP_COUNTS, COUNT, ACTIVE, pid, T, I, num_groups,
-                             stride_pt, stride_at, GROUPS_POW2: tl.constexpr,
-                             BLOCK_I: tl.constexpr):
-    """The compaction's share of program pid of the gate/up grid, when the predictor counted
-    per group: zeroes ACTIVE for the unpredicted neurons of the program's own neuron range
-    [pid*BLOCK_I, +BLOCK_I) (the grid covers I), program 0 writes COUNT for the down kernel.
-    Returns (the listed count, per-group counts [GROUPS_POW2], their running sums)."""
-    own = pid * BLOCK_I + tl.arange(0, BLOCK_I)
-    own_in_range = own < I
-    unpredicted = _union_of_rows(PRED, own, own_in_range, T, stride_pt) == 0
-    for t in range(0, T):
-        tl.store(ACTIVE + t * stride_at + own, tl.zeros([BLOCK_I], dtype=tl.int8),
-                 mask=own_in_range & unpredicted)
-    offs_g = tl.arange(0, GROUPS_POW2)
-    per_group = tl.load(GROUP_COUNTS + offs_g, mask=offs_g < num_groups, other=0)   # [G]
-    count = tl.sum(per_group, axis=0)
-    tl.store(COUNT, count, mask=pid == 0)
-    return count, per_group, tl.cumsum(per_group, axis=0)
+def _gate_up_kernel(
+    X, WG, WU, GATE, PRED, IDX, COUNT, HC, ACTIVE,
+    T, H, I, threshold,
+    stride_xt, stride_wi, stride_gt, stride_pt, stride_ht, stride_at,
+    ACT: tl.constexpr, GATE_GIVEN: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    slots = pid * BLOCK_I + tl.arange(0, BLOCK_I)
+    # NOTE: the list is loaded before COUNT arrives (both loads in flight at once: one memory
+    # round trip at the head instead of two); the slots past COUNT hold stale ids, so an id is
+    # used only where its slot is live.
+    listed = tl.load(IDX + slots, mask=slots < I, other=0)                     # [BI]
+    count = tl.load(COUNT)
+    if pid * BLOCK_I >= count:
+        return
+    live = slots < count
+    _gate_up_rows(X, WG, WU, GATE, PRED, HC, ACTIVE, tl.where(live, listed, 0), live, slots,
+                  T, H, threshold, stride_xt, stride_wi, stride_gt, stride_pt, stride_ht,
+                  stride_at, ACT, GATE_GIVEN, USE_DOT, DOT_FP32, BLOCK_T, BLOCK_I, BLOCK_H)
 
 
 @triton.jit
-def _neurons_of_slots(PRED, IDX, slots, live, per_group, ends, T, I, stride_pt,
+def _neurons_of_slots(PRED, slots, live, per_group, ends, T, I, stride_pt,
                       GROUP: tl.constexpr, GROUPS_POW2: tl.constexpr):
-    """The neurons [BI] of compact slots `slots` (where `live`), written to IDX for the down
-    kernel: in ascending neuron order, as _compact_kernel lists them. Slot s lies in the first
-    group whose running count exceeds s, at rank s - (the count before that group) among the
-    group's predicted neurons, found in the group's mask (L2-resident: just written)."""
+    """The neurons [BI] of compact slots `slots` (where `live`), in ascending neuron order as
+    _compact_kernel lists them: slot s lies in the first group whose running count `ends`
+    exceeds s, at rank s - (the count before that group) among the group's predicted neurons,
+    found in the group's mask (L2-resident: just written by the predictor)."""
     offs_g = tl.arange(0, GROUPS_POW2)
     group = tl.sum((ends[None, :] <= slots[:, None]).to(tl.int32), axis=1)   # [BI]
     start = tl.sum(tl.where(offs_g[None, :] == group[:, None], (ends - per_group)[None, :], 0),
@@ -230,42 +240,47 @@ def _neurons_of_slots(PRED, IDX, slots, live, per_group, ends, T, I, stride_pt,
     members = group[:, None] * GROUP + tl.arange(0, GROUP)[None, :]           # [BI, GROUP]
     predicted = _union_of_rows(PRED, members, live[:, None] & (members < I), T, stride_pt)
     ranks = tl.cumsum(predicted, axis=1)                                      # [BI, GROUP]
-    neuron = group * GROUP + tl.sum((ranks <= (slots - start)[:, None]).to(tl.int32), axis=1)
-    tl.store(IDX + slots, neuron, mask=live)
-    return neuron
+    return group * GROUP + tl.sum((ranks <= (slots - start)[:, None]).to(tl.int32), axis=1)
 
 
 @triton.jit
-def _gate_up_kernel(
-    X, WG, WU, GATE, PRED, IDX, COUNT, GROUP_COUNTS, HC, ACTIVE,
+def _gate_up_counted_kernel(
+    X, WG, WU, PRED, GROUP_COUNTS, IDX, COUNT, HC, ACTIVE,
     T, H, I, threshold, num_groups,
-    stride_xt, stride_wi, stride_gt, stride_pt, stride_ht, stride_at,
-    ACT: tl.constexpr, GATE_GIVEN: tl.constexpr, COUNTED: tl.constexpr,
-    GROUP: tl.constexpr, GROUPS_POW2: tl.constexpr,
+    stride_xt, stride_wi, stride_pt, stride_ht, stride_at,
+    ACT: tl.constexpr, GROUP: tl.constexpr, GROUPS_POW2: tl.constexpr, CLEAR: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
+    # Predicted mode given the predictor's per-group counts: _gate_up_kernel's work plus the
+    # compaction's, with no compaction launch. A fixed grid of programs (a few per SM, all
+    # resident) takes slot blocks pid, pid + num_programs, ... up to COUNT: no program is
+    # launched only to find it has nothing to do. Each program also zeroes ACTIVE for the
+    # unpredicted neurons of its share [pid*CLEAR, +CLEAR) of the layer (the grid covers I).
     pid = tl.program_id(0)
-    slots = pid * BLOCK_I + tl.arange(0, BLOCK_I)
-    if COUNTED:   # the predictor counted per group: this program finds its own neurons
-        count, per_group, ends = _count_from_group_counts(
-            PRED, GROUP_COUNTS, COUNT, ACTIVE, pid, T, I, num_groups, stride_pt, stride_at,
-            GROUPS_POW2, BLOCK_I)
-    else:         # _compact_kernel listed them
-        # NOTE: the list is loaded before COUNT arrives (both loads in flight at once: one
-        # memory round trip at the head instead of two); the slots past COUNT hold stale ids,
-        # so an id is used only where its slot is live.
-        listed = tl.load(IDX + slots, mask=slots < I, other=0)                 # [BI]
-        count = tl.load(COUNT)
-    if pid * BLOCK_I >= count:
-        return
-    live = slots < count
-    if COUNTED:
-        listed = _neurons_of_slots(PRED, IDX, slots, live, per_group, ends, T, I, stride_pt,
-                                   GROUP, GROUPS_POW2)
-    _gate_up_rows(X, WG, WU, GATE, PRED, HC, ACTIVE, tl.where(live, listed, 0), live, slots,
-                  T, H, threshold, stride_xt, stride_wi, stride_gt, stride_pt, stride_ht,
-                  stride_at, ACT, GATE_GIVEN, USE_DOT, DOT_FP32, BLOCK_T, BLOCK_I, BLOCK_H)
+    step = tl.num_programs(0) * BLOCK_I
+    offs_g = tl.arange(0, GROUPS_POW2)
+    per_group = tl.load(GROUP_COUNTS + offs_g, mask=offs_g < num_groups, other=0)   # [G]
+    # NOTE: the stores wait for the mask's loads, which are in flight with the counts' (one
+    # memory round trip for both); here, not after the loop, nothing stays live across it.
+    share = pid * CLEAR + tl.arange(0, CLEAR)
+    in_share = share < I
+    unpredicted = _union_of_rows(PRED, share, in_share, T, stride_pt) == 0     # [CLEAR]
+    for t in range(0, T):
+        tl.store(ACTIVE + t * stride_at + share, tl.zeros([CLEAR], dtype=tl.int8),
+                 mask=in_share & unpredicted)
+    ends = tl.cumsum(per_group, axis=0)                                       # [G]
+    count = tl.sum(per_group, axis=0)
+    tl.store(COUNT, count, mask=pid == 0)   # for the down kernel
+    for s0 in range(pid * BLOCK_I, count, step):
+        slots = s0 + tl.arange(0, BLOCK_I)
+        live = slots < count
+        neuron = tl.where(live, _neurons_of_slots(PRED, slots, live, per_group, ends, T, I,
+                                                  stride_pt, GROUP, GROUPS_POW2), 0)
+        tl.store(IDX + slots, neuron, mask=live)   # for the down kernel
+        _gate_up_rows(X, WG, WU, HC, PRED, HC, ACTIVE, neuron, live, slots,
+                      T, H, threshold, stride_xt, stride_wi, 0, stride_pt, stride_ht,
+                      stride_at, ACT, False, USE_DOT, DOT_FP32, BLOCK_T, BLOCK_I, BLOCK_H)
 
 
 @triton.jit
@@ -419,28 +434,25 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
     count = torch.empty(1, dtype=torch.int32, device=dev)                # listed neurons
     active = torch.empty(T, I, dtype=torch.int8, device=dev)             # [T, I]
     hc = torch.empty(T, I, dtype=torch.float32, device=dev)              # [T, slot]
-    group, num_groups = prediction_groups(I)
-    counted = group_counts is not None
-    if counted:
+    if group_counts is not None:
         assert predicted is not None, "group counts come with a predicted mask"
-        assert group_counts.shape == (num_groups,) and group_counts.dtype == torch.int32 \
-            and group_counts.is_contiguous(), (group_counts.dtype, group_counts.shape)
+        _launch_gate_up_counted(x, w_gate, w_up, pred, group_counts, idx, count, hc, active,
+                                act_code, threshold, use_dot, dot_fp32, block_t, block_i,
+                                gate_block_h, config)
     else:
         scan = min(next_pow2(I), _COMPACT_MAX_BLOCK)
         scan_block = config.scan_block or scan
         _compact_kernel[(triton.cdiv(I, scan_block),)](
             pred, idx, count, active, T, I, pred.stride(0), active.stride(0),
             BLOCK=scan_block, SCAN=scan, num_warps=16 if scan_block == scan else 8)
-    gate_arg = hc if gate is None else gate   # (not read unless the gate was given)
-    counts_arg = group_counts if counted else count   # (not read unless counted)
-    _gate_up_kernel[(triton.cdiv(I, block_i),)](
-        x, w_gate, w_up, gate_arg, pred, idx, count, counts_arg, hc, active,
-        T, H, I, float(threshold), num_groups, x.stride(0), w_gate.stride(0), gate_arg.stride(0),
-        pred.stride(0), hc.stride(0), active.stride(0),
-        ACT=act_code, GATE_GIVEN=gate is not None, COUNTED=counted, GROUP=group,
-        GROUPS_POW2=next_pow2(num_groups), USE_DOT=use_dot, DOT_FP32=dot_fp32,
-        BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_H=gate_block_h,
-        num_warps=config.gate_warps, num_stages=config.gate_stages)
+        gate_arg = hc if gate is None else gate   # (not read unless the gate was given)
+        _gate_up_kernel[(triton.cdiv(I, block_i),)](
+            x, w_gate, w_up, gate_arg, pred, idx, count, hc, active,
+            T, H, I, float(threshold), x.stride(0), w_gate.stride(0), gate_arg.stride(0),
+            pred.stride(0), hc.stride(0), active.stride(0),
+            ACT=act_code, GATE_GIVEN=gate is not None, USE_DOT=use_dot, DOT_FP32=dot_fp32,
+            BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_H=gate_block_h,
+            num_warps=config.gate_warps, num_stages=config.gate_stages)
     split = config.down_split
     num_col_blocks = triton.cdiv(H, down_block_h)
     partial = torch.empty(split, T, H, dtype=torch.float32, device=dev)  # [S, T, H]
@@ -457,6 +469,39 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
     if not fused:
         reduce_partials(partial, out)
     return out, active.view(torch.bool)
+
+
+def _launch_gate_up_counted(x: Tensor, w_gate: Tensor, w_up: Tensor, pred: Tensor,
+                            group_counts: Tensor, idx: Tensor, count: Tensor, hc: Tensor,
+                            active: Tensor, act_code: int, threshold: float, use_dot: bool,
+                            dot_fp32: bool, block_t: int, block_i: int, block_h: int,
+                            config: CompactConfig) -> None:
+    """_gate_up_counted_kernel over ffn_compact's buffers (shapes as there)."""
+    T, H = x.shape
+    I = w_gate.shape[0]
+    group, num_groups = prediction_groups(I)
+    assert group_counts.shape == (num_groups,) and group_counts.dtype == torch.int32 \
+        and group_counts.is_contiguous(), (group_counts.dtype, group_counts.shape)
+    blocks = triton.cdiv(I, block_i)
+    programs = blocks
+    if config.gate_programs_per_sm:
+        programs = min(blocks, config.gate_programs_per_sm * _num_sms(x.device))
+    _gate_up_counted_kernel[(programs,)](
+        x, w_gate, w_up, pred, group_counts, idx, count, hc, active,
+        T, H, I, float(threshold), num_groups,
+        x.stride(0), w_gate.stride(0), pred.stride(0), hc.stride(0), active.stride(0),
+        ACT=act_code, GROUP=group, GROUPS_POW2=next_pow2(num_groups),
+        CLEAR=next_pow2(triton.cdiv(I, programs)), USE_DOT=use_dot, DOT_FP32=dot_fp32,
+        BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_H=block_h,
+        num_warps=config.gate_warps, num_stages=config.gate_stages)
+
+
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter: a small grid,
+    so that tests run several slot blocks per program)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # Ticket counters of the fused reduction, per device: zeroed once, and every call leaves them

@@ -116,11 +116,14 @@ def test_compaction_scans_in_several_chunks(monkeypatch, scan_block):
     assert_mask_equal(active, ref_active)
 
 
-@pytest.mark.parametrize("T, max_groups", [(1, 256), (3, 2), (5, 3)])
-def test_group_counts_list_the_neurons_as_the_compaction_does(monkeypatch, T, max_groups):
+@pytest.mark.parametrize("T, max_groups, programs_per_sm", [(1, 256, 4), (3, 2, 0), (5, 3, 1)])
+def test_group_counts_list_the_neurons_as_the_compaction_does(monkeypatch, T, max_groups,
+                                                              programs_per_sm):
     # The gate/up programs that find their own neurons from the group counts must list them in
     # the compaction's order: the same slots, so the same output bit for bit. max_groups 2-3
-    # widens the groups (256 or 512 neurons) on this small layer.
+    # widens the groups (256 or 512 neurons) on this small layer. Under the interpreter a
+    # "device" has one SM: 1 or 4 programs take several slot blocks each; 0 launches one
+    # program per slot block.
     monkeypatch.setattr(sparse_ffn_ref_module, "MAX_PREDICTION_GROUPS", max_groups)
     gen = torch.Generator().manual_seed(17 + T)
     device = triton_device()
@@ -131,8 +134,9 @@ def test_group_counts_list_the_neurons_as_the_compaction_does(monkeypatch, T, ma
     poison_allocations(monkeypatch, ffn_triton_compact)
     compacted = sparse_ffn_triton.sparse_ffn_triton(x, wg, wu, wd, "fatrelu", 0.1, pred,
                                                     compact_config=SMALL_TILES_FUSED)
+    config = dataclasses.replace(SMALL_TILES_FUSED, gate_programs_per_sm=programs_per_sm)
     counted = sparse_ffn_triton.sparse_ffn_triton(x, wg, wu, wd, "fatrelu", 0.1, pred,
-                                                  compact_config=SMALL_TILES_FUSED,
+                                                  compact_config=config,
                                                   predicted_group_counts=counts)
     assert torch.equal(counted[0], compacted[0])
     assert_mask_equal(counted[1], compacted[1])
