@@ -104,6 +104,10 @@ def recording(sink: list, case: list):
         if hasattr(module, "check_device"):   # the launchers take CPU tensors here
             saved.append((module, "check_device", module.check_device))
             module.check_device = lambda *tensors: None
+    # programmatic dependent launches as on a Hopper GPU (the tensors here are on the CPU)
+    saved.append((ffn_triton_compact, "_has_griddepcontrol",
+                  ffn_triton_compact._has_griddepcontrol))
+    ffn_triton_compact._has_griddepcontrol = lambda device: True
     try:
         yield
     finally:
@@ -129,10 +133,14 @@ def record_cases(dtypes: list[torch.dtype]) -> list[Launch]:
                 masked = " (masked kernels)" if T >= DOT_MIN_ROWS else ""
                 case[0] = f"ffn exact {name} T={T}{masked}"
                 sparse_ffn_triton.sparse_ffn_triton(x, w, w, w, "fatrelu", 0.1)
-                case[0] = f"ffn predicted {name} T={T}, the predictor's group counts"
                 counts = zeros(prediction_groups(INTERMEDIATE)[1], dtype=torch.int32)
-                sparse_ffn_triton.sparse_ffn_triton(x, w, w, w, "silu", 0.0, mask,
-                                                    predicted_group_counts=counts)
+                for early in (False, True):
+                    case[0] = (f"ffn predicted {name} T={T}, the predictor's group counts"
+                               + (", down early (griddepcontrol)" if early else ""))
+                    config = CompactConfig(**{**default_config(T).__dict__, "down_early": early})
+                    sparse_ffn_triton.sparse_ffn_triton(x, w, w, w, "silu", 0.0, mask,
+                                                        compact_config=config,
+                                                        predicted_group_counts=counts)
                 case[0] = f"predictor {name} T={T}"
                 predictor_triton.predict_active_triton(x, fc1, fc2)
                 case[0] = f"predictor {name} T={T}, counting groups"
@@ -164,7 +172,7 @@ def compile_job(launch: Launch, arch: int) -> tuple:
     """
     kernel = getattr(importlib.import_module(launch.module), launch.name)
     meta = dict(launch.meta)
-    options = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
+    options = {k: meta.pop(k) for k in ("num_warps", "num_stages", "launch_pdl") if k in meta}
     signature, constants, aligned = {}, dict(meta), []
     for i, (name, value) in enumerate(zip(kernel.arg_names, launch.args)):
         if isinstance(value, torch.Tensor):
@@ -235,7 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = [{"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[d]
               for d in args.dtypes]
     launches = record_cases(dtypes)
-    jobs = {arch: [compile_job(launch, arch) for launch in launches] for arch in args.arch}
+    # griddepcontrol (programmatic dependent launch) exists from sm_90 on: the launchers use it
+    # only there, so its variant is compiled only there
+    targets = {arch: [launch for launch in launches if arch >= 90 or not launch.meta.get("GDC")]
+               for arch in args.arch}
+    jobs = {arch: [compile_job(launch, arch) for launch in targets[arch]] for arch in args.arch}
     # NOTE: compiling is single-threaded and takes ~1 s a kernel: one process per core. Spawned,
     # not forked: the workers import the kernels afresh (TRITON_INTERPRET=0, no recorders).
     unique = sorted({job for arch_jobs in jobs.values() for job in arch_jobs}, key=str)
@@ -249,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         emit(f"\n## sm_{arch} (shared memory limit {limit} bytes)\n")
         emit("| case | kernel | warps | regs | spill stores (bytes) | shared bytes |")
         emit("|---|---|---|---|---|---|")
-        for launch, job in zip(launches, jobs[arch]):
+        for launch, job in zip(targets[arch], jobs[arch]):
             r = compiled[job]
             if "error" in r:
                 failures.append(f"sm_{arch} {launch.case} {launch.name}: does not compile: "

@@ -3,8 +3,8 @@
 bench/gpu_check.sh runs it under Nsight Compute when `ncu` is there, to read what the timings
 alone cannot say: each kernel's DRAM throughput, occupancy and where its warps stall.
 
-    ncu --clock-control none --kernel-name regex:'_compact_kernel|_gate_up_kernel|_down_kernel' \
-        --launch-skip 5 --section SpeedOfLight --section Occupancy \
+    ncu --clock-control none --kernel-name regex:'_compact_kernel|_gate_up_kernel|_gate_up_counted_kernel|_down_kernel' \
+        --launch-skip 5 --launch-count 10 --section SpeedOfLight --section Occupancy \
         --section WarpStateStats --csv python bench/ffn_kernel_calls.py
 
 Each round calls it from the mask alone (3 launches: compaction, gate/up, down) and then from

@@ -49,7 +49,7 @@ NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -
 if [ -n "$NCU" ]; then
     step "ncu: the FFN kernels at batch 1, 90% (-> $OUT_DIR/ncu_ffn.csv)" \
         timeout 120 "$NCU" --clock-control none --csv --log-file "$OUT_DIR/ncu_ffn.csv" \
-        --kernel-name regex:'_compact_kernel|_gate_up_kernel|_down_kernel' \
+        --kernel-name regex:'_compact_kernel|_gate_up_kernel|_gate_up_counted_kernel|_down_kernel' \
         --launch-skip 5 --launch-count 10 --section SpeedOfLight --section Occupancy \
         --section WarpStateStats --section LaunchStats "$PY" bench/ffn_kernel_calls.py
 fi

@@ -210,8 +210,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                 # On CUDA the engine hands the FFN the predictor's per-group counts along with
                 # the mask (the kernels then skip their compaction launch): counted here outside
                 # the timed call, as the predictor's epilogue does (its cost: run_predictor).
-                counts = (group_counts_ref(mask)
-                          if mask is not None and device == "cuda" else None)
+                counts = (group_counts_ref(mask) if mask is not None and device == "cuda"
+                          and T <= sparse_ffn_module.CUDA_SPARSE_MAX_ROWS else None)
                 path = dispatch_path(lambda: sparse_ffn(x, *weights, act, threshold,
                                                         predicted=mask,
                                                         predicted_group_counts=counts))

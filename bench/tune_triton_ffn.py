@@ -5,11 +5,11 @@ engine runs (the mask and the predictor's per-group counts; `--from-mask`: the m
 the compaction launch, whose scan is then swept first): the gate/up tiles with their warps (then,
 given the counts, the gate/up programs per SM), then the down tiles with theirs, then the split
 with the reduction (a launch of its own, or fused into the down kernel), then the pipelining
-depths, each stage starting from the best so far; then exact mode's gate pass; then the
-predictor's tiles (rank 1024). Ends with a per-kernel profile at batch 1. `--sweep` picks what
-to sweep; what is not swept is timed once at its current tiles. Batches above 8 rows are not
-swept by default: the dispatch sends them to cuBLAS (kernels/sparse_ffn.py,
-CUDA_SPARSE_MAX_ROWS).
+depths (then, given the counts, down starting early), each stage starting from the best so
+far; then exact mode's gate pass; then the predictor's tiles (rank 1024, counting groups unless
+--from-mask). Ends with a per-kernel profile at batch 1. `--sweep` picks what to sweep; what is
+not swept is timed once at its current tiles. Batches above 8 rows are not swept by default:
+the dispatch sends them to cuBLAS (kernels/sparse_ffn.py, CUDA_SPARSE_MAX_ROWS).
 Each configuration is timed as a CUDA-graph replay from a flushed cache (bench/kernels.py's
 timer); configurations the GPU cannot run (shared memory) or that give a wrong result (checked
 against the torch reference before timing) are skipped. Prints the winners, as the entries of
@@ -52,8 +52,11 @@ from kernels.triton_utils import DOT_MIN_ROWS, tuned_for  # noqa: E402
 logger = logging.getLogger("bench.tune_triton_ffn")
 
 COMPACTION_STAGE = dict(scan_block=[0, 512, 1024, 2048])   # (--from-mask only)
-# the gate/up grid given the group counts (not --from-mask), after the gate/up tiles
+# given the group counts (not --from-mask): the gate/up grid, after the gate/up tiles; and
+# last, down starting early (griddepcontrol), with the grid again (down's programs start in
+# the room gate/up's leave)
 COUNTED_GRID_STAGE = dict(gate_programs_per_sm=[0, 2, 3, 4, 6, 8])
+EARLY_DOWN_STAGE = dict(down_early=[False, True], gate_programs_per_sm=[2, 3, 4])
 FFN_STAGES = [
     # tile and warps together: a wide tile needs the warps to hold it (a greedy sweep of one then
     # the other never tries a wide tile with many warps); _grid drops the tiles that leave a
@@ -185,8 +188,10 @@ def main(argv: list[str] | None = None) -> None:
         mask = random_masks(T, args.sparsity, gen, "cuda")
         ref_out, ref_active = sparse_ffn_ref(x, *weights, "silu", 0.0, mask)
         counts = None if args.from_mask else group_counts_ref(mask)
+        # the predictor counting its neurons per group, as the engine runs it (own buffer)
+        pred_counts = None if args.from_mask else torch.empty_like(group_counts_ref(mask))
         stages = ([COMPACTION_STAGE, *FFN_STAGES] if args.from_mask
-                  else [FFN_STAGES[0], COUNTED_GRID_STAGE, *FFN_STAGES[1:]])
+                  else [FFN_STAGES[0], COUNTED_GRID_STAGE, *FFN_STAGES[1:], EARLY_DOWN_STAGE])
 
         ffn, ffn_ms = _sweep("compact", default_config(T), stages, T,
                              lambda c: sparse_ffn_triton.sparse_ffn_triton(
@@ -197,7 +202,8 @@ def main(argv: list[str] | None = None) -> None:
             ffn = sweep_exact(x, weights, args.sparsity, ffn, T, args.repeats)
         pred, pred_ms = _sweep("predictor", tuned_for(predictor_triton.TUNED_CONFIGS, T),
                                PREDICTOR_STAGES, T,
-                               lambda c: predict_active_triton(x, fc1, fc2, 0.0, config=c),
+                               lambda c: predict_active_triton(x, fc1, fc2, 0.0, config=c,
+                                                               group_counts=pred_counts),
                                args.repeats, "predictor" in args.sweep)
         tuned["ffn"][T], tuned["predictor"][T] = dataclasses.asdict(ffn), dataclasses.asdict(pred)
         print(f"TUNED T={T}: {ffn} {ffn_ms:.4f} ms | {pred} {pred_ms:.4f} ms")
@@ -217,8 +223,8 @@ def profile_kernels(weights, fc1, fc2, sparsity: float, gen) -> None:
                  x, *weights, "silu", 0.0, mask),
              "sparse FFN from the mask and group counts": lambda: sparse_ffn_triton.sparse_ffn_triton(
                  x, *weights, "silu", 0.0, mask, predicted_group_counts=counts),
-             "predictor counting groups": lambda: predict_active_triton(x, fc1, fc2,
-                                                                         group_counts=counts)}
+             "predictor counting groups": lambda: predict_active_triton(
+                 x, fc1, fc2, group_counts=torch.empty_like(counts))}
     for name, fn in calls.items():
         fn()
         torch.cuda.synchronize()

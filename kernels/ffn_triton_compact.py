@@ -29,8 +29,12 @@ turn, finds each block's neurons from the counts and the groups' mask (_neurons_
 same ascending order, so the output is bit for bit the same), writes IDX and COUNT for the down
 kernel, and zeroes ACTIVE for the unpredicted neurons of its share of the layer. It costs each
 program one more dependent load at its head (the counts, then the mask of the block's groups)
-and saves the compaction kernel (3.1 us at batch 1 on an H100) and one launch gap. (Not yet
-timed on a GPU: the task that built it had no device.)
+and saves the compaction kernel (3.1 us at batch 1 on an H100) and one launch gap. With
+CompactConfig.down_early the down kernel also finds its first slots' neurons from the counts and
+fetches their rows before it waits for gate/up's output; on Hopper it is a programmatic
+dependent launch (griddepcontrol), so its programs start in the room gate/up's leave (an earlier
+attempt at such launches, on the mask path and without this, lost: see the NOTE below). (Neither
+is timed on a GPU yet: the task that built them had no device.)
 NOTE: a scan-free layout (gate/up programs compacting their own fixed range of neurons in
 registers, no compaction launch) was measured on an H100 and lost: 40-58 us against 28 us at
 batch 1, 90% (uneven rows per program); it was deleted. So were two options measured on an H100
@@ -55,6 +59,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kernels.sparse_ffn_ref import prediction_groups
 from kernels.triton_utils import (DOT_MIN_ROWS, activate_gate, dot_k_tile, dot_pad,
@@ -89,6 +94,10 @@ class CompactConfig:
     # thread, ptxas of Triton 3.6 for sm_90); 0: one program per slot block of the whole layer,
     # most of them with none to do
     gate_programs_per_sm: int = 4
+    # with the group counts only: the down kernel finds its first slots' neurons from the counts
+    # and fetches their rows before it needs gate/up's output; on Hopper it is a programmatic
+    # dependent launch (griddepcontrol), started while gate/up runs (unmeasured)
+    down_early: bool = False
 
 
 # Per batch size bucket (the largest bucket <= T applies): the winners of
@@ -105,8 +114,11 @@ TUNED_CONFIGS: dict[int, CompactConfig] = {
     # also because the one-program scan of the whole mask needs 128 KiB of shared memory from 4
     # rows on, over an sm_89's 99 KiB (`python bench/compile_check.py`). (Exact mode from these
     # rows runs the masked kernels of kernels/sparse_ffn_triton.py: no gate pass here.)
+    # gate_programs_per_sm=2: what fits an SM at the counted kernel's 196 registers a thread
+    # and 80 KiB of shared memory (Triton 3.6, sm_90; unmeasured)
     DOT_MIN_ROWS: CompactConfig(gate_block_i=32, gate_block_h=256, gate_warps=4, down_block_k=32,
-                                down_block_h=128, down_split=16, down_warps=2, scan_block=1024),
+                                down_block_h=128, down_split=16, down_warps=2, scan_block=1024,
+                                gate_programs_per_sm=2),
 }
 
 
@@ -249,7 +261,7 @@ def _gate_up_counted_kernel(
     T, H, I, threshold, num_groups,
     stride_xt, stride_wi, stride_pt, stride_ht, stride_at,
     ACT: tl.constexpr, GROUP: tl.constexpr, GROUPS_POW2: tl.constexpr, CLEAR: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+    GDC: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     # Predicted mode given the predictor's per-group counts: _gate_up_kernel's work plus the
@@ -257,6 +269,8 @@ def _gate_up_counted_kernel(
     # resident) takes slot blocks pid, pid + num_programs, ... up to COUNT: no program is
     # launched only to find it has nothing to do. Each program also zeroes ACTIVE for the
     # unpredicted neurons of its share [pid*CLEAR, +CLEAR) of the layer (the grid covers I).
+    if GDC:   # the down kernel's programs may launch (CompactConfig.down_early)
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     step = tl.num_programs(0) * BLOCK_I
     offs_g = tl.arange(0, GROUPS_POW2)
@@ -274,9 +288,11 @@ def _gate_up_counted_kernel(
     tl.store(COUNT, count, mask=pid == 0)   # for the down kernel
     for s0 in range(pid * BLOCK_I, count, step):
         slots = s0 + tl.arange(0, BLOCK_I)
-        live = slots < count
-        neuron = tl.where(live, _neurons_of_slots(PRED, slots, live, per_group, ends, T, I,
-                                                  stride_pt, GROUP, GROUPS_POW2), 0)
+        neuron = _neurons_of_slots(PRED, slots, slots < count, per_group, ends, T, I,
+                                   stride_pt, GROUP, GROUPS_POW2)
+        # (counts that are not the mask's would give ids past I: read nothing there)
+        live = (slots < count) & (neuron < I)
+        neuron = tl.where(live, neuron, 0)
         tl.store(IDX + slots, neuron, mask=live)   # for the down kernel
         _gate_up_rows(X, WG, WU, HC, PRED, HC, ACTIVE, neuron, live, slots,
                       T, H, threshold, stride_xt, stride_wi, 0, stride_pt, stride_ht,
@@ -309,38 +325,77 @@ def _gate_pass_kernel(
 
 
 @triton.jit
+def _down_rows(WD, neuron, live, offs_h, mask_h, stride_wi):
+    """[BK, BH]: columns offs_h of W_down_t's rows `neuron` (where `live`)."""
+    return tl.load(WD + neuron[:, None].to(tl.int64) * stride_wi + offs_h[None, :],
+                   mask=live[:, None] & mask_h[None, :], other=0.0)
+
+
+@triton.jit
+def _down_accumulate(acc, HC, w, slots, live, offs_t, mask_t, stride_ht,
+                     USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
+    """acc [BT, BH] + HC[:, slots] [BT, BK] @ w [BK, BH]."""
+    h = tl.load(HC + offs_t[:, None] * stride_ht + slots[None, :],
+                mask=mask_t[:, None] & live[None, :], other=0.0)               # [BT, BK] fp32
+    if USE_DOT:
+        if DOT_FP32:
+            acc += tl.dot(h, w.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(h.to(w.dtype), w)
+    else:
+        acc += tl.sum(h[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+    return acc
+
+
+@triton.jit
 def _down_kernel(
-    HC, WD, IDX, COUNT, PARTIAL, OUT, TICKETS,
-    T, H,
-    stride_ht, stride_wi, stride_ps, stride_pt, stride_ot,
+    HC, WD, IDX, COUNT, PRED, GROUP_COUNTS, PARTIAL, OUT, TICKETS,
+    T, H, I, num_groups,
+    stride_ht, stride_wi, stride_mt, stride_ps, stride_pt, stride_ot,
     USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, SPLIT: tl.constexpr,
-    FUSED_REDUCE: tl.constexpr, BLOCK_S: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr, EARLY: tl.constexpr, GDC: tl.constexpr,
+    GROUP: tl.constexpr, GROUPS_POW2: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
     pid_s = tl.program_id(1)
-    count = tl.load(COUNT)
     offs_t = tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_h = offs_h < H
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
-    for k0 in range(pid_s * BLOCK_K, count, SPLIT * BLOCK_K):
+    first = pid_s * BLOCK_K
+    if EARLY:
+        # Given the predictor's group counts (PRED [T, I] its mask): with GDC this program is a
+        # programmatic dependent launch that may start while gate/up still runs, so it reads
+        # none of gate/up's outputs (IDX, COUNT, HC) before gdc_wait. It finds its first slots'
+        # neurons from the counts, as gate/up does, and fetches their rows before waiting. (The
+        # counts and the mask are the predictor's, complete before gate/up, an ordinary launch,
+        # started.)
+        offs_g = tl.arange(0, GROUPS_POW2)
+        per_group = tl.load(GROUP_COUNTS + offs_g, mask=offs_g < num_groups, other=0)
+        count = tl.sum(per_group, axis=0)
+        slots = first + offs_k
+        live = slots < count
+        neuron = _neurons_of_slots(PRED, slots, live, per_group, tl.cumsum(per_group, axis=0),
+                                   T, I, stride_mt, GROUP, GROUPS_POW2)
+        w = _down_rows(WD, tl.where(live & (neuron < I), neuron, 0), live & (neuron < I), offs_h,
+                       mask_h, stride_wi)
+        if GDC:
+            gdc_wait()   # gate/up has finished and its writes are visible
+        acc = _down_accumulate(acc, HC, w, slots, live, offs_t, mask_t, stride_ht, USE_DOT,
+                               DOT_FP32)
+        first += SPLIT * BLOCK_K
+    else:
+        count = tl.load(COUNT)
+    for k0 in range(first, count, SPLIT * BLOCK_K):
         slots = k0 + offs_k
         live = slots < count
         neuron = tl.load(IDX + slots, mask=live, other=0)                      # [BK]
-        h = tl.load(HC + offs_t[:, None] * stride_ht + slots[None, :],
-                    mask=mask_t[:, None] & live[None, :], other=0.0)           # [BT, BK] fp32
-        w = tl.load(WD + neuron[:, None].to(tl.int64) * stride_wi + offs_h[None, :],
-                    mask=live[:, None] & mask_h[None, :], other=0.0)           # [BK, BH]
-        if USE_DOT:
-            if DOT_FP32:
-                acc += tl.dot(h, w.to(tl.float32), input_precision="ieee")
-            else:
-                acc += tl.dot(h.to(w.dtype), w)
-        else:
-            acc += tl.sum(h[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+        w = _down_rows(WD, neuron, live, offs_h, mask_h, stride_wi)            # [BK, BH]
+        acc = _down_accumulate(acc, HC, w, slots, live, offs_t, mask_t, stride_ht, USE_DOT,
+                               DOT_FP32)
     tl.store(PARTIAL + pid_s * stride_ps + offs_t[:, None] * stride_pt + offs_h[None, :], acc,
              mask=mask_t[:, None] & mask_h[None, :])
     if FUSED_REDUCE:
@@ -434,11 +489,14 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
     count = torch.empty(1, dtype=torch.int32, device=dev)                # listed neurons
     active = torch.empty(T, I, dtype=torch.int8, device=dev)             # [T, I]
     hc = torch.empty(T, I, dtype=torch.float32, device=dev)              # [T, slot]
-    if group_counts is not None:
+    counted = group_counts is not None
+    early = counted and config.down_early
+    gdc = early and _has_griddepcontrol(dev)
+    if counted:
         assert predicted is not None, "group counts come with a predicted mask"
         _launch_gate_up_counted(x, w_gate, w_up, pred, group_counts, idx, count, hc, active,
                                 act_code, threshold, use_dot, dot_fp32, block_t, block_i,
-                                gate_block_h, config)
+                                gate_block_h, gdc, config)
     else:
         scan = min(next_pow2(I), _COMPACT_MAX_BLOCK)
         scan_block = config.scan_block or scan
@@ -459,13 +517,16 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
     out = torch.empty(T, H, dtype=x.dtype, device=dev)                   # [T, H]
     fused = config.down_fused_reduce
     tickets = _tickets(dev, num_col_blocks) if fused else count          # (unused if not fused)
+    group, num_groups = prediction_groups(I)
     _down_kernel[(num_col_blocks, split)](
-        hc, w_down_t, idx, count, partial, out, tickets, T, H,
-        hc.stride(0), w_down_t.stride(0), partial.stride(0), partial.stride(1), out.stride(0),
-        USE_DOT=use_dot, DOT_FP32=dot_fp32, SPLIT=split, FUSED_REDUCE=fused,
-        BLOCK_S=next_pow2(split),
+        hc, w_down_t, idx, count, pred, group_counts if counted else count, partial, out, tickets,
+        T, H, I, num_groups, hc.stride(0), w_down_t.stride(0), pred.stride(0), partial.stride(0),
+        partial.stride(1), out.stride(0),
+        USE_DOT=use_dot, DOT_FP32=dot_fp32, SPLIT=split, FUSED_REDUCE=fused, EARLY=early,
+        GDC=gdc, GROUP=group, GROUPS_POW2=next_pow2(num_groups), BLOCK_S=next_pow2(split),
         BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_H=down_block_h,
-        num_warps=config.down_warps, num_stages=config.down_stages)
+        num_warps=config.down_warps, num_stages=config.down_stages,
+        **(dict(launch_pdl=True) if gdc else {}))
     if not fused:
         reduce_partials(partial, out)
     return out, active.view(torch.bool)
@@ -475,7 +536,7 @@ def _launch_gate_up_counted(x: Tensor, w_gate: Tensor, w_up: Tensor, pred: Tenso
                             group_counts: Tensor, idx: Tensor, count: Tensor, hc: Tensor,
                             active: Tensor, act_code: int, threshold: float, use_dot: bool,
                             dot_fp32: bool, block_t: int, block_i: int, block_h: int,
-                            config: CompactConfig) -> None:
+                            gdc: bool, config: CompactConfig) -> None:
     """_gate_up_counted_kernel over ffn_compact's buffers (shapes as there)."""
     T, H = x.shape
     I = w_gate.shape[0]
@@ -491,9 +552,15 @@ def _launch_gate_up_counted(x: Tensor, w_gate: Tensor, w_up: Tensor, pred: Tenso
         T, H, I, float(threshold), num_groups,
         x.stride(0), w_gate.stride(0), pred.stride(0), hc.stride(0), active.stride(0),
         ACT=act_code, GROUP=group, GROUPS_POW2=next_pow2(num_groups),
-        CLEAR=next_pow2(triton.cdiv(I, programs)), USE_DOT=use_dot, DOT_FP32=dot_fp32,
+        CLEAR=next_pow2(triton.cdiv(I, programs)), GDC=gdc, USE_DOT=use_dot, DOT_FP32=dot_fp32,
         BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_H=block_h,
         num_warps=config.gate_warps, num_stages=config.gate_stages)
+
+
+def _has_griddepcontrol(device: torch.device) -> bool:
+    """Programmatic dependent launches (griddepcontrol): Hopper (sm_90) and later. Elsewhere,
+    and under the interpreter, down_early keeps its order of work but waits in stream order."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _num_sms(device: torch.device) -> int:

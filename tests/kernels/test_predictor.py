@@ -58,7 +58,8 @@ def test_triton_predictor_counts_groups(monkeypatch, shape, max_groups):
     T, H, r, I = shape
     x, fc1, fc2 = _case(T, H, r, I, torch.float32, seed=I, device=triton_device())
     counts = new_group_counts(I, x.device).fill_(POISON_INT)
-    for threshold in (0.2, 0.0):
+    # (a negative threshold: the padded rows and columns, whose logits are 0, must not count)
+    for threshold in (0.2, -0.3, 0.0):
         pred = predictor_triton.predict_active_triton(x, fc1, fc2, threshold, group_counts=counts)
         _assert_mask_matches(pred, x, fc1, fc2, threshold, torch.float32)
         assert torch.equal(counts.cpu(), sparse_ffn_ref.group_counts_ref(pred.cpu()))

@@ -24,7 +24,9 @@ SMALL_TILES = CompactConfig(gate_block_i=4, gate_block_h=32, down_block_k=4, dow
                             down_split=3, scan_block=16)
 # The same, with the partial sums reduced by the down kernel's last program (no reduce launch).
 SMALL_TILES_FUSED = dataclasses.replace(SMALL_TILES, down_fused_reduce=True)
-CONFIGS = [None, SMALL_TILES, SMALL_TILES_FUSED]
+# And given the group counts, the down kernel finding its first neurons itself (down_early).
+SMALL_TILES_EARLY = dataclasses.replace(SMALL_TILES_FUSED, down_early=True)
+CONFIGS = [None, SMALL_TILES, SMALL_TILES_FUSED, SMALL_TILES_EARLY]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -116,14 +118,15 @@ def test_compaction_scans_in_several_chunks(monkeypatch, scan_block):
     assert_mask_equal(active, ref_active)
 
 
-@pytest.mark.parametrize("T, max_groups, programs_per_sm", [(1, 256, 4), (3, 2, 0), (5, 3, 1)])
+@pytest.mark.parametrize("T, max_groups, programs_per_sm, early",
+                         [(1, 256, 4, False), (3, 2, 0, True), (5, 3, 1, True), (2, 256, 4, True)])
 def test_group_counts_list_the_neurons_as_the_compaction_does(monkeypatch, T, max_groups,
-                                                              programs_per_sm):
+                                                              programs_per_sm, early):
     # The gate/up programs that find their own neurons from the group counts must list them in
     # the compaction's order: the same slots, so the same output bit for bit. max_groups 2-3
     # widens the groups (256 or 512 neurons) on this small layer. Under the interpreter a
     # "device" has one SM: 1 or 4 programs take several slot blocks each; 0 launches one
-    # program per slot block.
+    # program per slot block. `early`: the down kernel finds its first slots' neurons itself.
     monkeypatch.setattr(sparse_ffn_ref_module, "MAX_PREDICTION_GROUPS", max_groups)
     gen = torch.Generator().manual_seed(17 + T)
     device = triton_device()
@@ -134,7 +137,8 @@ def test_group_counts_list_the_neurons_as_the_compaction_does(monkeypatch, T, ma
     poison_allocations(monkeypatch, ffn_triton_compact)
     compacted = sparse_ffn_triton.sparse_ffn_triton(x, wg, wu, wd, "fatrelu", 0.1, pred,
                                                     compact_config=SMALL_TILES_FUSED)
-    config = dataclasses.replace(SMALL_TILES_FUSED, gate_programs_per_sm=programs_per_sm)
+    config = dataclasses.replace(SMALL_TILES_FUSED, gate_programs_per_sm=programs_per_sm,
+                                 down_early=early)
     counted = sparse_ffn_triton.sparse_ffn_triton(x, wg, wu, wd, "fatrelu", 0.1, pred,
                                                   compact_config=config,
                                                   predicted_group_counts=counts)
@@ -143,13 +147,18 @@ def test_group_counts_list_the_neurons_as_the_compaction_does(monkeypatch, T, ma
     assert_close(counted[0], sparse_ffn_ref(x, wg, wu, wd, "fatrelu", 0.1, pred)[0], torch.float32)
 
 
-def test_group_counts_need_a_mask():
+def test_group_counts_need_their_mask():
     device = triton_device()
-    x, wg, wu, wd = ffn_weights(1, 32, 40, torch.float32, torch.Generator().manual_seed(0), device)
+    x, wg, wu, wd = ffn_weights(1, 32, 300, torch.float32, torch.Generator().manual_seed(0), device)
+    pred = predicted_mask(1, 300, 0.5, torch.Generator().manual_seed(1)).to(device)
+    counts = group_counts_ref(pred)
     with pytest.raises(ValueError, match="needs the predicted mask"):
         sparse_ffn_triton.sparse_ffn_triton(x, wg, wu, wd, "relu", 0.0, None,
-                                            predicted_group_counts=torch.zeros(1, dtype=torch.int32,
-                                                                               device=device))
+                                            predicted_group_counts=counts)
+    for bad in (counts[:2], counts.long(), counts.repeat(2)[::2]):   # shape, dtype, layout
+        with pytest.raises(ValueError, match="contiguous int32"):
+            sparse_ffn_triton.sparse_ffn_triton(x, wg, wu, wd, "relu", 0.0, pred,
+                                                predicted_group_counts=bad)
 
 
 @pytest.mark.parametrize("T", [1, 5])
@@ -172,15 +181,18 @@ def test_fused_reduce_is_repeatable_and_resets_its_tickets(monkeypatch, T):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-@pytest.mark.parametrize("T, counted", [(1, False), (5, False), (1, True), (5, True)])
-def test_replays_in_a_cuda_graph(T, counted):
+@pytest.mark.parametrize("T, counted, early", [(1, False, False), (5, False, False),
+                                               (1, True, False), (5, True, False),
+                                               (1, True, True), (5, True, True)])
+def test_replays_in_a_cuda_graph(T, counted, early):
     # Captured in a CUDA graph, as the engine runs decode, and replayed after the input changed:
     # the fused reduction's tickets must come back to zero inside the graph too.
     gen = torch.Generator().manual_seed(13 + T)
     x, wg, wu, wd = ffn_weights(T, 512, 1024, torch.bfloat16, gen, "cuda")
     pred = predicted_mask(T, 1024, 0.9, gen).cuda()
     counts = group_counts_ref(pred) if counted else None
-    config = dataclasses.replace(SMALL_TILES_FUSED, gate_block_h=128, down_block_h=64)
+    config = dataclasses.replace(SMALL_TILES_FUSED, gate_block_h=128, down_block_h=64,
+                                 down_early=early)
 
     def call():
         return sparse_ffn_triton.sparse_ffn_triton(x, wg, wu, wd, "silu", 0.0, pred,
