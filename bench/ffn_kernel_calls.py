@@ -37,7 +37,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calls", type=int, default=3, help="rounds (two calls each)")
     parser.add_argument("--hidden", type=int, default=HIDDEN)
     parser.add_argument("--intermediate", type=int, default=INTERMEDIATE)
+    parser.add_argument("--configs", type=Path, default=None,
+                        help="JSON of tuned Triton tiles (bench/tune_triton_ffn.py --json)")
     args = parser.parse_args(argv)
+    if args.configs is not None:
+        from bench.tune_triton_ffn import load_tuned
+        load_tuned(args.configs)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     gen = torch.Generator().manual_seed(0)

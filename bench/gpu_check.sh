@@ -51,7 +51,7 @@ if [ -n "$NCU" ]; then
         timeout 120 "$NCU" --clock-control none --csv --log-file "$OUT_DIR/ncu_ffn.csv" \
         --kernel-name regex:'_compact_kernel|_gate_up_kernel|_gate_up_counted_kernel|_down_kernel' \
         --launch-skip 5 --launch-count 10 --section SpeedOfLight --section Occupancy \
-        --section WarpStateStats --section LaunchStats "$PY" bench/ffn_kernel_calls.py
+        --section WarpStateStats --section LaunchStats "$PY" bench/ffn_kernel_calls.py $CONFIGS
 fi
 echo "targets (issue 5): batch 1 at 90% sparsity >= 6x cuBLAS dense and >= 60% of the copy ceiling"
 for table in kernels_gpu kernels_gpu_exact; do   # the batch-1, 90% rows, to compare at a glance
