@@ -74,7 +74,10 @@ PER_THREAD = (16, 256)
 # exact mode's dense gate pass (the rest of its tiles are predicted mode's winners)
 EXACT_STAGES = [dict(gate_pass_block_i=[4, 8, 16, 32], gate_pass_block_h=[512, 1024, 2048]),
                 dict(gate_pass_warps=[2, 4, 8])]
-PREDICTOR_STAGES = [dict(block_n=[4, 8, 16, 32], block_k=[256, 512, 1024]), dict(warps=[2, 4, 8])]
+# fc2's tiles, then fc1's (r ~ 1000 outputs: narrower tiles give it more programs)
+PREDICTOR_STAGES = [dict(block_n=[4, 8, 16, 32], block_k=[256, 512, 1024]), dict(warps=[2, 4, 8]),
+                    dict(fc1_block_n=[1, 2, 4, 8, 16], fc1_block_k=[256, 512, 1024, 2048]),
+                    dict(fc1_warps=[1, 2, 4, 8])]
 PREDICTOR_RANK = 1024
 
 
@@ -93,7 +96,8 @@ def _grid(spec: dict, T: int, base=None) -> list[dict]:
     combos = [dict(zip(spec, values)) for values in itertools.product(*spec.values())]
     if T >= DOT_MIN_ROWS:  # tl.dot pads these to 16: smaller values repeat a configuration
         combos = [c for c in combos if all(c.get(k, 16) >= 16 for k in
-                                           ("gate_block_i", "down_block_k", "block_n"))]
+                                           ("gate_block_i", "down_block_k", "block_n",
+                                            "fc1_block_n"))]
     elif isinstance(base, CompactConfig):
         lo, hi = PER_THREAD
         combos = [c for c in combos

@@ -68,19 +68,27 @@ def _linear_epilogue_kernel(
 
 @dataclass(frozen=True)
 class PredictorConfig:
-    """Tiles of both launches (tuned by bench/tune_triton_ffn.py on a GPU)."""
-    block_n: int = 8
+    """Tiles of the two launches (tuned by bench/tune_triton_ffn.py on a GPU): fc2 [I, r], the
+    wide one, and fc1 [r, H], whose r (~1000) outputs are spread over far fewer programs."""
+    block_n: int = 8          # fc2
     block_k: int = 512
     warps: int = 4
+    fc1_block_n: int = 8
+    fc1_block_k: int = 512
+    fc1_warps: int = 4
 
 
 # NOTE: as in kernels/ffn_triton_compact.py: under DOT_MIN_ROWS batch rows, multiply and reduce
 # in registers (tl.dot would pad the rows to 16), and few output features per program, so that
 # the narrow fc1 stage (r ~ 1000 outputs) still spreads over every SM.
 # Winners of bench/tune_triton_ffn.py on an H100 (bf16, rank 1024, 2026-11-26).
+# (Both launches shared one tile when these were measured; fc1's own tiles are swept from the
+# next GPU run on.)
 TUNED_CONFIGS: dict[int, PredictorConfig] = {
-    1: PredictorConfig(block_n=4, block_k=1024, warps=4),
-    DOT_MIN_ROWS: PredictorConfig(block_n=32, block_k=256, warps=4),
+    1: PredictorConfig(block_n=4, block_k=1024, warps=4,
+                       fc1_block_n=4, fc1_block_k=1024, fc1_warps=4),
+    DOT_MIN_ROWS: PredictorConfig(block_n=32, block_k=256, warps=4,
+                                  fc1_block_n=32, fc1_block_k=256, fc1_warps=4),
 }
 
 
@@ -104,6 +112,8 @@ def predict_active_triton(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float 
     block_t = dot_pad(next_pow2(T), use_dot)
     block_n = dot_pad(config.block_n, use_dot)
     block_k = dot_k_tile(config.block_k, use_dot, fc1.element_size())
+    fc1_block_n = dot_pad(config.fc1_block_n, use_dot)
+    fc1_block_k = dot_k_tile(config.fc1_block_k, use_dot, fc1.element_size())
     dot_fp32 = dot_in_fp32(fc1.dtype)
     group, num_groups = prediction_groups(I)
     count_groups = group_counts is not None
@@ -117,17 +127,17 @@ def predict_active_triton(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float 
     counting = dict(COUNT_GROUPS=count_groups, GROUP=group, GROUPS_POW2=next_pow2(num_groups))
     xw = x if dot_fp32 else x.to(fc1.dtype)
     z = torch.empty(T, r, dtype=torch.float32, device=x.device)          # [T, r]
-    _linear_epilogue_kernel[(triton.cdiv(r, block_n),)](
+    _linear_epilogue_kernel[(triton.cdiv(r, fc1_block_n),)](
         xw, fc1, z, counts_arg, T, r, H, 0.0, num_groups,
         xw.stride(0), xw.stride(1), fc1.stride(0), fc1.stride(1), z.stride(0), z.stride(1),
-        EPILOGUE=0, **counting, USE_DOT=use_dot, DOT_FP32=dot_fp32, BLOCK_T=block_t, BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=config.warps)
+        EPILOGUE=0, **counting, USE_DOT=use_dot, DOT_FP32=dot_fp32, BLOCK_T=block_t,
+        BLOCK_N=fc1_block_n, BLOCK_K=fc1_block_k, num_warps=config.fc1_warps)
     pred = torch.empty(T, I, dtype=torch.int8, device=x.device)          # [T, I]
     # NOTE: for a 16-bit fc2 the float32 z is rounded to fc2's dtype inside the dot (the
     # tensor-core path); the reference keeps float32, hence the tolerance near the threshold.
     _linear_epilogue_kernel[(triton.cdiv(I, block_n),)](
         z, fc2, pred, counts_arg, T, I, r, float(threshold), num_groups,
         z.stride(0), z.stride(1), fc2.stride(0), fc2.stride(1), pred.stride(0), pred.stride(1),
-        EPILOGUE=1, **counting, USE_DOT=use_dot, DOT_FP32=dot_fp32, BLOCK_T=block_t, BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=config.warps)
+        EPILOGUE=1, **counting, USE_DOT=use_dot, DOT_FP32=dot_fp32, BLOCK_T=block_t,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=config.warps)
     return pred.view(torch.bool)

@@ -46,6 +46,25 @@ def test_triton_predictor(monkeypatch, shape, dtype):
         _assert_mask_matches(pred, x, fc1, fc2, threshold, dtype)
 
 
+@pytest.mark.parametrize("shape", [(1, 100, 24, 70), (5, 64, 40, 130)], ids=str)
+def test_triton_predictor_with_own_fc1_tiles(monkeypatch, shape):
+    # fc1 and fc2 tiled differently (narrow fc1 tiles: more programs over its few outputs),
+    # several programs and loop steps in each.
+    pytest.importorskip("triton")
+    from kernels import predictor_triton
+
+    T, H, r, I = shape
+    x, fc1, fc2 = _case(T, H, r, I, torch.float32, seed=r, device=triton_device())
+    config = predictor_triton.PredictorConfig(block_n=16, block_k=16, warps=4, fc1_block_n=2,
+                                              fc1_block_k=32, fc1_warps=2)
+    poison_allocations(monkeypatch, predictor_triton)
+    counts = new_group_counts(I, x.device).fill_(POISON_INT)
+    pred = predictor_triton.predict_active_triton(x, fc1, fc2, 0.1, config=config,
+                                                  group_counts=counts)
+    _assert_mask_matches(pred, x, fc1, fc2, 0.1, torch.float32)
+    assert torch.equal(counts.cpu(), sparse_ffn_ref.group_counts_ref(pred.cpu()))
+
+
 @pytest.mark.parametrize("shape, max_groups", [((1, 40, 16, 300), 256), ((3, 32, 8, 700), 2),
                                                ((6, 24, 8, 130), 256)], ids=str)
 def test_triton_predictor_counts_groups(monkeypatch, shape, max_groups):
