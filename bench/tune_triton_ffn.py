@@ -239,6 +239,21 @@ def profile_kernels(weights, fc1, fc2, sparsity: float, gen) -> None:
             torch.cuda.synchronize()
         print(f"== per-kernel CUDA time, T=1, {name} (20 calls, flush kernel included)")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
+        if name.startswith("predictor"):
+            print_launches_apart(prof, "_linear_epilogue_kernel", ("fc1", "fc2"))
+
+
+def print_launches_apart(prof, kernel: str, labels: tuple[str, ...]) -> None:
+    """Mean time of each of a call's launches of one kernel (the profiler's table averages them
+    together under the one name): the i-th of every len(labels) consecutive launches is
+    labels[i]."""
+    launches = sorted((e for e in prof.events() if e.name == kernel
+                       and e.device_type == torch.autograd.DeviceType.CUDA),
+                      key=lambda e: e.time_range.start)
+    for i, label in enumerate(labels):
+        times = [e.time_range.elapsed_us() for e in launches[i::len(labels)]]
+        if times:
+            print(f"   {kernel} {label}: {sum(times) / len(times):.1f} us mean of {len(times)}")
 
 
 if __name__ == "__main__":
