@@ -326,7 +326,29 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         lines += [f"| {r['dtype']} | {r['batch']} | {r['ms']:.4f} | {r['gbs']:.1f} | "
                   + (f"{r['counting_ms']:.4f} |" if r["counting_ms"] else "- |")
                   for r in args.predictor_rows]
+        lines += end_to_end(rows, args.predictor_rows)
     return "\n".join(lines) + "\n"
+
+
+def end_to_end(rows: list[dict], predictor_rows: list[dict]) -> list[str]:
+    """Markdown: the predicted-mode layer as the engine runs it, predictor (counting groups
+    where it does) + FFN (dispatch), against the dense FFN (no predictor), per batch and
+    sparsity."""
+    counts = sparse_ffn_module.CUDA_SPARSE_MAX_ROWS   # (the rows the engine counts groups at)
+    predictor = {(r["dtype"], r["batch"]): (r["counting_ms"] if r["counting_ms"]
+                                            and r["batch"] <= counts else r["ms"])
+                 for r in predictor_rows}
+    lines = ["", "Predictor + FFN, as the engine runs a predicted layer, against the dense FFN:",
+             "", "| dtype | batch | sparsity | predictor ms | FFN ms | total ms | dense ms | "
+             "speed-up |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pred_ms = predictor.get((r["dtype"], r["batch"]))
+        if pred_ms is not None:
+            total = pred_ms + r["sparse_ms"]
+            lines.append(f"| {r['dtype']} | {r['batch']} | {r['sparsity']:.0%} | {pred_ms:.4f} | "
+                         f"{r['sparse_ms']:.4f} | {total:.4f} | {r['dense_ms']:.3f} | "
+                         f"{r['dense_ms'] / total:.2f}x |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
