@@ -4,7 +4,9 @@ For each dtype, batch and sparsity: the time of torch's dense FFN (cuBLAS / CPU 
 weights' dtype) and of `kernels.sparse_ffn` in predicted mode with its default dense fallback
 (the path the engine takes), the speed-up, and the achieved bandwidth on the bytes the sparse
 path actually reads (3 rows of H per neuron in the batch's union) against a measured ceiling
-(a large device copy, read + write bytes).
+(a large device copy, read + write bytes). On CUDA also the FFN from the mask and the
+predictor's group counts (the engine's path). With --predictor-rank, the predictor's time, and
+predictor + FFN (a predicted layer end to end) against the dense FFN.
 
 Masks are drawn independently per batch row at the given sparsity, so the union a batch reads
 grows with the batch (the `union` column); the activation is SwiGLU with threshold 0, so every
