@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.sparse_ffn_ref import prediction_groups
+from kernels.sparse_ffn_ref import check_group_counts, prediction_groups
 from kernels.triton_utils import (DOT_MIN_ROWS, check_device, dot_in_fp32, dot_k_tile, dot_pad,
                                   linear_tile, next_pow2, tuned_for)
 
@@ -119,10 +119,8 @@ def predict_active_triton(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float 
     count_groups = group_counts is not None
     if count_groups:
         check_device(group_counts)
-        assert group_counts.shape == (num_groups,) and group_counts.dtype == torch.int32, (
-            f"group_counts must be int32 [{num_groups}], got {group_counts.dtype} "
-            f"{tuple(group_counts.shape)}")
-        assert group_counts.is_contiguous() and group % block_n == 0, (group, block_n)
+        check_group_counts(group_counts, I)
+        assert group % block_n == 0, (group, block_n)   # a program's neurons in one group
     counts_arg = group_counts if count_groups else x   # (not touched unless counting)
     counting = dict(COUNT_GROUPS=count_groups, GROUP=group, GROUPS_POW2=next_pow2(num_groups))
     xw = x if dot_fp32 else x.to(fc1.dtype)

@@ -83,6 +83,16 @@ def prediction_groups(I: int) -> tuple[int, int]:
     return group, -(-I // group)
 
 
+def check_group_counts(group_counts: Tensor, I: int) -> None:
+    """ValueError unless group_counts is a buffer for the counts of a layer of I neurons:
+    contiguous int32 [groups of prediction_groups(I)]."""
+    groups = prediction_groups(I)[1]
+    if (group_counts.shape != (groups,) or group_counts.dtype != torch.int32
+            or not group_counts.is_contiguous()):
+        raise ValueError(f"group counts must be contiguous int32 [{groups}], got "
+                         f"{group_counts.dtype} {tuple(group_counts.shape)}")
+
+
 def group_counts_ref(predicted: Tensor) -> Tensor:
     """[groups] int32: per group of prediction_groups(I), the neurons that some row of
     predicted [T, I] bool selects (the batch's union)."""

@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.ffn_triton_compact import CompactConfig, ffn_compact
-from kernels.sparse_ffn_ref import ACT_CODES, check_act, prediction_groups
+from kernels.sparse_ffn_ref import ACT_CODES, check_act, check_group_counts
 from kernels.triton_utils import (DOT_MIN_ROWS, activate_gate, check_device, dot_in_fp32,
                                   linear_tile, next_pow2)
 
@@ -148,12 +148,7 @@ def sparse_ffn_triton(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
         return _exact_masked(x.contiguous(), w_gate, w_up, w_down_t, ACT_CODES[act], threshold)
     if predicted_group_counts is not None:
         check_device(predicted_group_counts)
-        groups = prediction_groups(I)[1]
-        if (predicted_group_counts.shape != (groups,)
-                or predicted_group_counts.dtype != torch.int32
-                or not predicted_group_counts.is_contiguous()):
-            raise ValueError(f"predicted_group_counts must be contiguous int32 [{groups}], got "
-                             f"{predicted_group_counts.dtype} {tuple(predicted_group_counts.shape)}")
+        check_group_counts(predicted_group_counts, I)
     return ffn_compact(x.contiguous(), w_gate, w_up, w_down_t, ACT_CODES[act], threshold,
                        predicted, dot_in_fp32(w_gate.dtype), compact_config,
                        predicted_group_counts)

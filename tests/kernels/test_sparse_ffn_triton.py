@@ -156,7 +156,7 @@ def test_group_counts_need_their_mask():
         sparse_ffn_triton.sparse_ffn_triton(x, wg, wu, wd, "relu", 0.0, None,
                                             predicted_group_counts=counts)
     for bad in (counts[:2], counts.long(), counts.repeat(2)[::2]):   # shape, dtype, layout
-        with pytest.raises(ValueError, match="contiguous int32"):
+        with pytest.raises(ValueError, match="group counts must be contiguous int32"):
             sparse_ffn_triton.sparse_ffn_triton(x, wg, wu, wd, "relu", 0.0, pred,
                                                 predicted_group_counts=bad)
 
