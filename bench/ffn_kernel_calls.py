@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> None:
                                        predicted_group_counts=group_counts)
     if device == "cuda":
         torch.cuda.synchronize()
-    print(f"{args.calls} rounds of 2 calls, batch {args.batch}, {H} x {I}, {args.sparsity:.0%} sparsity: "
-          f"out {tuple(out.shape)} finite={bool(torch.isfinite(out).all())}")
+    print(f"{args.calls} rounds of 2 calls, batch {args.batch}, {H} x {I}, "
+          f"{args.sparsity:.0%} sparsity: out {tuple(out.shape)} finite={bool(torch.isfinite(out).all())}")
 
 
 if __name__ == "__main__":

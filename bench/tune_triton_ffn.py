@@ -223,9 +223,9 @@ def profile_kernels(weights, fc1, fc2, sparsity: float, gen) -> None:
     x = torch.randn(1, HIDDEN, generator=gen).to(dtype=torch.bfloat16, device="cuda")
     mask = random_masks(1, sparsity, gen, "cuda")
     counts = group_counts_ref(mask)
-    calls = {"sparse FFN from the mask": lambda: sparse_ffn_triton.sparse_ffn_triton(
-                 x, *weights, "silu", 0.0, mask),
-             "sparse FFN from the mask and group counts": lambda: sparse_ffn_triton.sparse_ffn_triton(
+    ffn = sparse_ffn_triton.sparse_ffn_triton
+    calls = {"sparse FFN from the mask": lambda: ffn(x, *weights, "silu", 0.0, mask),
+             "sparse FFN from the mask and group counts": lambda: ffn(
                  x, *weights, "silu", 0.0, mask, predicted_group_counts=counts),
              "predictor counting groups": lambda: predict_active_triton(
                  x, fc1, fc2, group_counts=torch.empty_like(counts))}

@@ -239,12 +239,23 @@ def _gate_up_kernel(
 
 
 @triton.jit
-def _neurons_of_slots(PRED, slots, live, per_group, ends, T, I, stride_pt,
+def _group_ends(GROUP_COUNTS, num_groups, GROUPS_POW2: tl.constexpr):
+    """The predictor's per-group counts [GROUPS_POW2] (0 past num_groups), their running sums
+    (the slot after each group's last) and the listed count."""
+    offs_g = tl.arange(0, GROUPS_POW2)
+    per_group = tl.load(GROUP_COUNTS + offs_g, mask=offs_g < num_groups, other=0)
+    return per_group, tl.cumsum(per_group, axis=0), tl.sum(per_group, axis=0)
+
+
+@triton.jit
+def _neurons_of_slots(PRED, slots, count, per_group, ends, T, I, stride_pt,
                       GROUP: tl.constexpr, GROUPS_POW2: tl.constexpr):
-    """The neurons [BI] of compact slots `slots` (where `live`), in ascending neuron order as
-    _compact_kernel lists them: slot s lies in the first group whose running count `ends`
-    exceeds s, at rank s - (the count before that group) among the group's predicted neurons,
-    found in the group's mask (L2-resident: just written by the predictor)."""
+    """(neurons [BI], live [BI]) of compact slots `slots`: live where slot < count, neuron 0
+    elsewhere; in ascending neuron order as _compact_kernel lists them. Slot s lies in the
+    first group whose running count `ends` exceeds s, at rank s - (the count before that group)
+    among the group's predicted neurons, found in the group's mask (L2-resident: just written
+    by the predictor)."""
+    live = slots < count
     offs_g = tl.arange(0, GROUPS_POW2)
     group = tl.sum((ends[None, :] <= slots[:, None]).to(tl.int32), axis=1)   # [BI]
     start = tl.sum(tl.where(offs_g[None, :] == group[:, None], (ends - per_group)[None, :], 0),
@@ -252,7 +263,11 @@ def _neurons_of_slots(PRED, slots, live, per_group, ends, T, I, stride_pt,
     members = group[:, None] * GROUP + tl.arange(0, GROUP)[None, :]           # [BI, GROUP]
     predicted = _union_of_rows(PRED, members, live[:, None] & (members < I), T, stride_pt)
     ranks = tl.cumsum(predicted, axis=1)                                      # [BI, GROUP]
-    return group * GROUP + tl.sum((ranks <= (slots - start)[:, None]).to(tl.int32), axis=1)
+    neuron = group * GROUP + tl.sum((ranks <= (slots - start)[:, None]).to(tl.int32), axis=1)
+    # NOTE: counts that are not the mask's would give ids past I; clamped, they read a wrong
+    # row, never past the weights (a mask on `neuron < I` cost 13 registers a thread, and an
+    # SM one program, under Triton 3.6)
+    return tl.where(live, tl.minimum(neuron, I - 1), 0), live
 
 
 @triton.jit
@@ -273,8 +288,7 @@ def _gate_up_counted_kernel(
         gdc_launch_dependents()
     pid = tl.program_id(0)
     step = tl.num_programs(0) * BLOCK_I
-    offs_g = tl.arange(0, GROUPS_POW2)
-    per_group = tl.load(GROUP_COUNTS + offs_g, mask=offs_g < num_groups, other=0)   # [G]
+    per_group, ends, count = _group_ends(GROUP_COUNTS, num_groups, GROUPS_POW2)
     # NOTE: the stores wait for the mask's loads, which are in flight with the counts' (one
     # memory round trip for both); here, not after the loop, nothing stays live across it.
     share = pid * CLEAR + tl.arange(0, CLEAR)
@@ -283,16 +297,11 @@ def _gate_up_counted_kernel(
     for t in range(0, T):
         tl.store(ACTIVE + t * stride_at + share, tl.zeros([CLEAR], dtype=tl.int8),
                  mask=in_share & unpredicted)
-    ends = tl.cumsum(per_group, axis=0)                                       # [G]
-    count = tl.sum(per_group, axis=0)
     tl.store(COUNT, count, mask=pid == 0)   # for the down kernel
     for s0 in range(pid * BLOCK_I, count, step):
         slots = s0 + tl.arange(0, BLOCK_I)
-        neuron = _neurons_of_slots(PRED, slots, slots < count, per_group, ends, T, I,
-                                   stride_pt, GROUP, GROUPS_POW2)
-        # (counts that are not the mask's would give ids past I: read nothing there)
-        live = (slots < count) & (neuron < I)
-        neuron = tl.where(live, neuron, 0)
+        neuron, live = _neurons_of_slots(PRED, slots, count, per_group, ends, T, I, stride_pt,
+                                         GROUP, GROUPS_POW2)
         tl.store(IDX + slots, neuron, mask=live)   # for the down kernel
         _gate_up_rows(X, WG, WU, HC, PRED, HC, ACTIVE, neuron, live, slots,
                       T, H, threshold, stride_xt, stride_wi, 0, stride_pt, stride_ht,
@@ -373,15 +382,11 @@ def _down_kernel(
         # neurons from the counts, as gate/up does, and fetches their rows before waiting. (The
         # counts and the mask are the predictor's, complete before gate/up, an ordinary launch,
         # started.)
-        offs_g = tl.arange(0, GROUPS_POW2)
-        per_group = tl.load(GROUP_COUNTS + offs_g, mask=offs_g < num_groups, other=0)
-        count = tl.sum(per_group, axis=0)
+        per_group, ends, count = _group_ends(GROUP_COUNTS, num_groups, GROUPS_POW2)
         slots = first + offs_k
-        live = slots < count
-        neuron = _neurons_of_slots(PRED, slots, live, per_group, tl.cumsum(per_group, axis=0),
-                                   T, I, stride_mt, GROUP, GROUPS_POW2)
-        w = _down_rows(WD, tl.where(live & (neuron < I), neuron, 0), live & (neuron < I), offs_h,
-                       mask_h, stride_wi)
+        neuron, live = _neurons_of_slots(PRED, slots, count, per_group, ends, T, I, stride_mt,
+                                         GROUP, GROUPS_POW2)
+        w = _down_rows(WD, neuron, live, offs_h, mask_h, stride_wi)
         if GDC:
             gdc_wait()   # gate/up has finished and its writes are visible
         acc = _down_accumulate(acc, HC, w, slots, live, offs_t, mask_t, stride_ht, USE_DOT,
@@ -454,9 +459,9 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
     """x [T, H] contiguous; w_* [I, H] contiguous, one dtype; predicted [T, I] bool contiguous,
     or None for exact mode below DOT_MIN_ROWS rows (a dense pass over the gate rows finds the
     alive neurons first; more rows run the masked kernels, kernels/sparse_ffn_triton.py).
-    group_counts: the predictor's per-group counts of `predicted` (int32 [groups of
-    sparse_ffn_ref.prediction_groups(I)]); given, the gate/up programs find their neurons from
-    them and the compaction launch is skipped.
+    group_counts: the predictor's per-group counts of `predicted` (sparse_ffn_ref.
+    check_group_counts); given, the gate/up programs find their neurons from them and the
+    compaction launch is skipped.
 
     Returns (out [T, H] in x.dtype, active [T, I] bool). Validation is the caller's
     (kernels/sparse_ffn_triton.py).
@@ -493,7 +498,6 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
     early = counted and config.down_early
     gdc = early and _has_griddepcontrol(dev)
     if counted:
-        assert predicted is not None, "group counts come with a predicted mask"
         _launch_gate_up_counted(x, w_gate, w_up, pred, group_counts, idx, count, hc, active,
                                 act_code, threshold, use_dot, dot_fp32, block_t, block_i,
                                 gate_block_h, gdc, config)
@@ -541,8 +545,6 @@ def _launch_gate_up_counted(x: Tensor, w_gate: Tensor, w_up: Tensor, pred: Tenso
     T, H = x.shape
     I = w_gate.shape[0]
     group, num_groups = prediction_groups(I)
-    assert group_counts.shape == (num_groups,) and group_counts.dtype == torch.int32 \
-        and group_counts.is_contiguous(), (group_counts.dtype, group_counts.shape)
     blocks = triton.cdiv(I, block_i)
     programs = blocks
     if config.gate_programs_per_sm:
