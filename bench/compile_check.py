@@ -6,8 +6,8 @@ run, then compiles each recorded launch for the target with Triton's own
 compiler and bundled ptxas (specialised as a launch would be), and reads the compiled kernel's
 resources back (ptxas -v). What it catches before any device time is spent: code the
 interpreter accepts but the compiler does not, shared memory over the SM's limit (a launch
-would fail with OutOfResources), and register spills (local-memory traffic in a
-bandwidth-bound kernel).
+would fail with OutOfResources), register spills (local-memory traffic in a
+bandwidth-bound kernel), and an L2 prefetch (inline PTX) that the compiler dropped.
 
     python bench/compile_check.py                 # sm_90 (H100/H200): table, exit 1 on a failure
     python bench/compile_check.py --arch 90 89    # and sm_89 (L4, L40S, RTX 4090: 99 KiB)
@@ -53,6 +53,7 @@ from kernels import (  # noqa: E402
     paged_attention_triton,
     predictor_triton,
     sparse_ffn_triton,
+    triton_utils,
 )
 from kernels.ffn_triton_compact import CompactConfig, default_config  # noqa: E402
 from kernels.sparse_ffn_ref import prediction_groups  # noqa: E402
@@ -108,6 +109,9 @@ def recording(sink: list, case: list):
     saved.append((ffn_triton_compact, "_has_griddepcontrol",
                   ffn_triton_compact._has_griddepcontrol))
     ffn_triton_compact._has_griddepcontrol = lambda device: True
+    # and the L2 prefetch of CompactConfig.prefetch_down, as compiled on an NVIDIA GPU
+    saved.append((triton_utils, "can_prefetch_l2", triton_utils.can_prefetch_l2))
+    triton_utils.can_prefetch_l2 = lambda device: True
     try:
         yield
     finally:
@@ -134,10 +138,12 @@ def record_cases(dtypes: list[torch.dtype]) -> list[Launch]:
                 case[0] = f"ffn exact {name} T={T}{masked}"
                 sparse_ffn_triton.sparse_ffn_triton(x, w, w, w, "fatrelu", 0.1)
                 counts = zeros(prediction_groups(INTERMEDIATE)[1], dtype=torch.int32)
-                for early in (False, True):
+                for early, prefetch in ((False, False), (True, False), (False, True)):
                     case[0] = (f"ffn predicted {name} T={T}, the predictor's group counts"
-                               + (", down early (griddepcontrol)" if early else ""))
-                    config = CompactConfig(**{**default_config(T).__dict__, "down_early": early})
+                               + (", down early (griddepcontrol)" if early else "")
+                               + (", down rows prefetched to L2" if prefetch else ""))
+                    config = CompactConfig(**{**default_config(T).__dict__, "down_early": early,
+                                              "prefetch_down": prefetch})
                     sparse_ffn_triton.sparse_ffn_triton(x, w, w, w, "silu", 0.0, mask,
                                                         compact_config=config,
                                                         predicted_group_counts=counts)
@@ -145,8 +151,10 @@ def record_cases(dtypes: list[torch.dtype]) -> list[Launch]:
                 predictor_triton.predict_active_triton(x, fc1, fc2)
                 case[0] = f"predictor {name} T={T}, counting groups"
                 predictor_triton.predict_active_triton(x, fc1, fc2, group_counts=counts)
-                # the reduction the tuned tiles do not use (fused or a launch of its own)
-                variant = dict(down_fused_reduce=not default_config(T).down_fused_reduce)
+                # the reduction the tuned tiles do not use (fused or a launch of its own), and
+                # the gate/up kernel of the mask path prefetching the down rows
+                variant = dict(down_fused_reduce=not default_config(T).down_fused_reduce,
+                               prefetch_down=True)
                 case[0] = f"ffn predicted {name} T={T} {variant}"
                 config = CompactConfig(**{**default_config(T).__dict__, **variant})
                 sparse_ffn_triton.sparse_ffn_triton(x, w, w, w, "drelu", 0.0, mask,
@@ -224,7 +232,9 @@ def compile_kernel(job: tuple) -> dict:
                                   target=GPUTarget("cuda", arch, 32), options=dict(options))
     except Exception as exc:  # noqa: BLE001 - reported by the caller as a failure
         return dict(error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-    return dict(_resources(compiled.asm["ptx"], arch), shared=compiled.metadata.shared)
+    ptx = compiled.asm["ptx"]
+    return dict(_resources(ptx, arch), shared=compiled.metadata.shared,
+                prefetches=ptx.count("prefetch.global.L2"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             emit(f"| {launch.case} | {launch.name} | {dict(job[5]).get('num_warps', 4)} "
                   f"| {r['regs']} | {r['spill']} | {r['shared']} |")
+            if launch.meta.get("PREFETCH_LINES") and not r["prefetches"]:
+                failures.append(f"sm_{arch} {launch.case} {launch.name}: the L2 prefetch was "
+                                "compiled out")
             if r["shared"] > limit:
                 failures.append(f"sm_{arch} {launch.case} {launch.name}: "
                                 f"{r['shared']} bytes of shared memory > {limit}")

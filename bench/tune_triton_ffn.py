@@ -3,10 +3,10 @@
 For each batch bucket, at Mistral-7B shape, bf16 and 90% per-row sparsity, on the path the CUDA
 engine runs (the mask and the predictor's per-group counts; `--from-mask`: the mask alone, with
 the compaction launch, whose scan is then swept first): the gate/up tiles with their warps (then,
-given the counts, the gate/up programs per SM), then the down tiles with theirs, then the split
-with the reduction (a launch of its own, or fused into the down kernel), then the pipelining
-depths (then, given the counts, down starting early), each stage starting from the best so
-far; then exact mode's gate pass; then the predictor's tiles (rank 1024, counting groups unless
+given the counts, the gate/up programs per SM), then the down rows prefetched to L2 by gate/up
+or not, then the down tiles with theirs, then the split with the reduction (a launch of its
+own, or fused into the down kernel), then the pipelining depths (then, given the counts, down
+starting early), each stage starting from the best so far; then exact mode's gate pass; then the predictor's tiles (rank 1024, counting groups unless
 --from-mask). Ends with a per-kernel profile at batch 1. `--sweep` picks what to sweep; what is
 not swept is timed once at its current tiles. Batches above 8 rows are not swept by default:
 the dispatch sends them to cuBLAS (kernels/sparse_ffn.py, CUDA_SPARSE_MAX_ROWS).
@@ -56,6 +56,10 @@ COMPACTION_STAGE = dict(scan_block=[0, 512, 1024, 2048])   # (--from-mask only)
 # last, down starting early (griddepcontrol), with the grid again (down's programs start in
 # the room gate/up's leave)
 COUNTED_GRID_STAGE = dict(gate_programs_per_sm=[0, 2, 3, 4, 6, 8])
+# the down rows prefetched to L2 by gate/up, before the down tiles are swept (rows in L2 may
+# want other down tiles); given the counts, with the grid again (registers move with it)
+PREFETCH_STAGE = dict(prefetch_down=[False, True])
+PREFETCH_GRID_STAGE = dict(prefetch_down=[False, True], gate_programs_per_sm=[2, 3, 4])
 EARLY_DOWN_STAGE = dict(down_early=[False, True], gate_programs_per_sm=[2, 3, 4])
 FFN_STAGES = [
     # tile and warps together: a wide tile needs the warps to hold it (a greedy sweep of one then
@@ -194,8 +198,10 @@ def main(argv: list[str] | None = None) -> None:
         counts = None if args.from_mask else group_counts_ref(mask)
         # the predictor counting its neurons per group, as the engine runs it (own buffer)
         pred_counts = None if args.from_mask else torch.empty_like(group_counts_ref(mask))
-        stages = ([COMPACTION_STAGE, *FFN_STAGES] if args.from_mask
-                  else [FFN_STAGES[0], COUNTED_GRID_STAGE, *FFN_STAGES[1:], EARLY_DOWN_STAGE])
+        stages = ([COMPACTION_STAGE, FFN_STAGES[0], PREFETCH_STAGE, *FFN_STAGES[1:]]
+                  if args.from_mask
+                  else [FFN_STAGES[0], COUNTED_GRID_STAGE, PREFETCH_GRID_STAGE, *FFN_STAGES[1:],
+                        EARLY_DOWN_STAGE])
 
         ffn, ffn_ms = _sweep("compact", default_config(T), stages, T,
                              lambda c: sparse_ffn_triton.sparse_ffn_triton(

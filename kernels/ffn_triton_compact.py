@@ -33,8 +33,12 @@ and saves the compaction kernel (3.1 us at batch 1 on an H100) and one launch ga
 CompactConfig.down_early the down kernel also finds its first slots' neurons from the counts and
 fetches their rows before it waits for gate/up's output; on Hopper it is a programmatic
 dependent launch (griddepcontrol), so its programs start in the room gate/up's leave (an earlier
-attempt at such launches, on the mask path and without this, lost: see the NOTE below). (Neither
-is timed on a GPU yet: the task that built them had no device.)
+attempt at such launches, on the mask path and without this, lost: see the NOTE below). With
+CompactConfig.prefetch_down (either path) the gate/up programs ask L2 for their neurons' W_down_t
+rows as they stream the gate/up rows: the down rows' HBM reads then overlap gate/up's instead of
+following them, and the down kernel, whose short dependent loop (list, then rows) is the
+furthest from the bandwidth (8.3 us for 11.7 MB at batch 1, 90%, on an H100), reads L2. (None of
+the three is timed on a GPU yet: the tasks that built them had no device.)
 NOTE: a scan-free layout (gate/up programs compacting their own fixed range of neurons in
 registers, no compaction launch) was measured on an H100 and lost: 40-58 us against 28 us at
 batch 1, 90% (uneven rows per program); it was deleted. So were two options measured on an H100
@@ -63,7 +67,8 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kernels.sparse_ffn_ref import prediction_groups
 from kernels.triton_utils import (DOT_MIN_ROWS, activate_gate, dot_k_tile, dot_pad,
-                                  linear_tile, next_pow2, tuned_for)
+                                  l2_prefetch_lines, linear_tile, next_pow2,
+                                  prefetch_to_l2, tuned_for)
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,12 @@ class CompactConfig:
     # and fetches their rows before it needs gate/up's output; on Hopper it is a programmatic
     # dependent launch (griddepcontrol), started while gate/up runs (unmeasured)
     down_early: bool = False
+    # the gate/up programs ask L2 for their neurons' W_down_t rows as they stream the gate/up
+    # rows, the same columns each step (a prefetch per 128-byte line; PTX, compiled NVIDIA
+    # kernels only), and mark the gate/up rows evict-first: the down rows come from HBM while
+    # gate/up runs, and the down kernel reads them from L2 (11.7 MB at batch 1, 90%, of an
+    # H100's 50 MB). Unmeasured
+    prefetch_down: bool = False
 
 
 # Per batch size bucket (the largest bucket <= T applies): the winners of
@@ -160,14 +171,27 @@ def _compact_kernel(PRED, IDX, COUNT, ACTIVE, T, I, stride_pt, stride_at,
 
 
 @triton.jit
+def _weight_rows(ptrs, mask, STREAM: tl.constexpr):
+    """A tile of weight rows; STREAM: marked first to leave L2 (read once, and what was
+    prefetched for the down kernel stays)."""
+    if STREAM:
+        return tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
 def _gate_up_rows(
-    X, WG, WU, GATE, PRED, HC, ACTIVE, neuron, live, slots,
+    X, WG, WU, WD, GATE, PRED, HC, ACTIVE, neuron, live, slots,
     T, H, threshold,
-    stride_xt, stride_wi, stride_gt, stride_pt, stride_ht, stride_at,
+    stride_xt, stride_wi, stride_wd, stride_gt, stride_pt, stride_ht, stride_at,
     ACT: tl.constexpr, GATE_GIVEN: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+    PREFETCH_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """h of the [BLOCK_I] neurons `neuron` (where `live`) -> HC[:, slots], ACTIVE[:, neuron]."""
+    """h of the [BLOCK_I] neurons `neuron` (where `live`) -> HC[:, slots], ACTIVE[:, neuron].
+    PREFETCH_LINES > 0 (CompactConfig.prefetch_down): each step also asks L2 for the same
+    columns of the neurons' W_down_t rows (WD [I, H], row stride stride_wd), PREFETCH_LINES
+    lines of LINE_ELEMS elements, which the down kernel then reads from L2."""
     offs_t = tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
     offs_h = tl.arange(0, BLOCK_H)
@@ -180,9 +204,16 @@ def _gate_up_rows(
         x = tl.load(X + offs_t[:, None] * stride_xt + hh[None, :],
                     mask=mask_t[:, None] & mask_h[None, :], other=0.0)         # [BT, BH]
         wmask = live[:, None] & mask_h[None, :]
-        wu = tl.load(WU + row_ptr + hh[None, :], mask=wmask, other=0.0)        # [BI, BH]
+        wu = _weight_rows(WU + row_ptr + hh[None, :], wmask, PREFETCH_LINES > 0)  # [BI, BH]
         if not GATE_GIVEN:
-            wg = tl.load(WG + row_ptr + hh[None, :], mask=wmask, other=0.0)    # [BI, BH]
+            wg = _weight_rows(WG + row_ptr + hh[None, :], wmask, PREFETCH_LINES > 0)
+        # NOTE: after this step's own loads, which go first; issued before them, the prefetch
+        # cost the batch-1 counted kernel 8 registers a thread (136, Triton 3.6), after them
+        # 3 spilled (12 bytes, L1); a line per thread or two a step.
+        if PREFETCH_LINES > 0:
+            lines = h0 + tl.arange(0, PREFETCH_LINES) * LINE_ELEMS
+            prefetch_to_l2(WD + neuron[:, None].to(tl.int64) * stride_wd + lines[None, :],
+                           live[:, None] & (lines < H)[None, :])
         if USE_DOT:
             if DOT_FP32:
                 xf = x.to(tl.float32)
@@ -217,10 +248,11 @@ def _gate_up_rows(
 
 @triton.jit
 def _gate_up_kernel(
-    X, WG, WU, GATE, PRED, IDX, COUNT, HC, ACTIVE,
+    X, WG, WU, WD, GATE, PRED, IDX, COUNT, HC, ACTIVE,
     T, H, I, threshold,
-    stride_xt, stride_wi, stride_gt, stride_pt, stride_ht, stride_at,
+    stride_xt, stride_wi, stride_wd, stride_gt, stride_pt, stride_ht, stride_at,
     ACT: tl.constexpr, GATE_GIVEN: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+    PREFETCH_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -233,9 +265,10 @@ def _gate_up_kernel(
     if pid * BLOCK_I >= count:
         return
     live = slots < count
-    _gate_up_rows(X, WG, WU, GATE, PRED, HC, ACTIVE, tl.where(live, listed, 0), live, slots,
-                  T, H, threshold, stride_xt, stride_wi, stride_gt, stride_pt, stride_ht,
-                  stride_at, ACT, GATE_GIVEN, USE_DOT, DOT_FP32, BLOCK_T, BLOCK_I, BLOCK_H)
+    _gate_up_rows(X, WG, WU, WD, GATE, PRED, HC, ACTIVE, tl.where(live, listed, 0), live,
+                  slots, T, H, threshold, stride_xt, stride_wi, stride_wd, stride_gt, stride_pt,
+                  stride_ht, stride_at, ACT, GATE_GIVEN, USE_DOT, DOT_FP32, PREFETCH_LINES,
+                  LINE_ELEMS, BLOCK_T, BLOCK_I, BLOCK_H)
 
 
 @triton.jit
@@ -272,11 +305,12 @@ def _neurons_of_slots(PRED, slots, count, per_group, ends, T, I, stride_pt,
 
 @triton.jit
 def _gate_up_counted_kernel(
-    X, WG, WU, PRED, GROUP_COUNTS, IDX, COUNT, HC, ACTIVE,
+    X, WG, WU, WD, PRED, GROUP_COUNTS, IDX, COUNT, HC, ACTIVE,
     T, H, I, threshold, num_groups,
-    stride_xt, stride_wi, stride_pt, stride_ht, stride_at,
+    stride_xt, stride_wi, stride_wd, stride_pt, stride_ht, stride_at,
     ACT: tl.constexpr, GROUP: tl.constexpr, GROUPS_POW2: tl.constexpr, CLEAR: tl.constexpr,
     GDC: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+    PREFETCH_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     # Predicted mode given the predictor's per-group counts: _gate_up_kernel's work plus the
@@ -303,9 +337,10 @@ def _gate_up_counted_kernel(
         neuron, live = _neurons_of_slots(PRED, slots, count, per_group, ends, T, I, stride_pt,
                                          GROUP, GROUPS_POW2)
         tl.store(IDX + slots, neuron, mask=live)   # for the down kernel
-        _gate_up_rows(X, WG, WU, HC, PRED, HC, ACTIVE, neuron, live, slots,
-                      T, H, threshold, stride_xt, stride_wi, 0, stride_pt, stride_ht,
-                      stride_at, ACT, False, USE_DOT, DOT_FP32, BLOCK_T, BLOCK_I, BLOCK_H)
+        _gate_up_rows(X, WG, WU, WD, HC, PRED, HC, ACTIVE, neuron, live, slots,
+                      T, H, threshold, stride_xt, stride_wi, stride_wd, 0, stride_pt, stride_ht,
+                      stride_at, ACT, False, USE_DOT, DOT_FP32, PREFETCH_LINES, LINE_ELEMS,
+                      BLOCK_T, BLOCK_I, BLOCK_H)
 
 
 @triton.jit
@@ -497,10 +532,12 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
     counted = group_counts is not None
     early = counted and config.down_early
     gdc = early and _has_griddepcontrol(dev)
+    prefetch = l2_prefetch_lines(gate_block_h, w_down_t.element_size(), config.prefetch_down,
+                                 dev)
     if counted:
-        _launch_gate_up_counted(x, w_gate, w_up, pred, group_counts, idx, count, hc, active,
-                                act_code, threshold, use_dot, dot_fp32, block_t, block_i,
-                                gate_block_h, gdc, config)
+        _launch_gate_up_counted(x, w_gate, w_up, w_down_t, pred, group_counts, idx, count, hc,
+                                active, act_code, threshold, use_dot, dot_fp32, block_t, block_i,
+                                gate_block_h, gdc, prefetch, config)
     else:
         scan = min(next_pow2(I), _COMPACT_MAX_BLOCK)
         scan_block = config.scan_block or scan
@@ -509,11 +546,11 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
             BLOCK=scan_block, SCAN=scan, num_warps=16 if scan_block == scan else 8)
         gate_arg = hc if gate is None else gate   # (not read unless the gate was given)
         _gate_up_kernel[(triton.cdiv(I, block_i),)](
-            x, w_gate, w_up, gate_arg, pred, idx, count, hc, active,
-            T, H, I, float(threshold), x.stride(0), w_gate.stride(0), gate_arg.stride(0),
-            pred.stride(0), hc.stride(0), active.stride(0),
+            x, w_gate, w_up, w_down_t, gate_arg, pred, idx, count, hc, active,
+            T, H, I, float(threshold), x.stride(0), w_gate.stride(0), w_down_t.stride(0),
+            gate_arg.stride(0), pred.stride(0), hc.stride(0), active.stride(0),
             ACT=act_code, GATE_GIVEN=gate is not None, USE_DOT=use_dot, DOT_FP32=dot_fp32,
-            BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_H=gate_block_h,
+            PREFETCH_LINES=prefetch[0], LINE_ELEMS=prefetch[1], BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_H=gate_block_h,
             num_warps=config.gate_warps, num_stages=config.gate_stages)
     split = config.down_split
     num_col_blocks = triton.cdiv(H, down_block_h)
@@ -536,11 +573,12 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
     return out, active.view(torch.bool)
 
 
-def _launch_gate_up_counted(x: Tensor, w_gate: Tensor, w_up: Tensor, pred: Tensor,
-                            group_counts: Tensor, idx: Tensor, count: Tensor, hc: Tensor,
-                            active: Tensor, act_code: int, threshold: float, use_dot: bool,
-                            dot_fp32: bool, block_t: int, block_i: int, block_h: int,
-                            gdc: bool, config: CompactConfig) -> None:
+def _launch_gate_up_counted(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
+                            pred: Tensor, group_counts: Tensor, idx: Tensor, count: Tensor,
+                            hc: Tensor, active: Tensor, act_code: int, threshold: float,
+                            use_dot: bool, dot_fp32: bool, block_t: int, block_i: int,
+                            block_h: int, gdc: bool, prefetch: tuple[int, int],
+                            config: CompactConfig) -> None:
     """_gate_up_counted_kernel over ffn_compact's buffers (shapes as there)."""
     T, H = x.shape
     I = w_gate.shape[0]
@@ -550,12 +588,13 @@ def _launch_gate_up_counted(x: Tensor, w_gate: Tensor, w_up: Tensor, pred: Tenso
     if config.gate_programs_per_sm:
         programs = min(blocks, config.gate_programs_per_sm * _num_sms(x.device))
     _gate_up_counted_kernel[(programs,)](
-        x, w_gate, w_up, pred, group_counts, idx, count, hc, active,
+        x, w_gate, w_up, w_down_t, pred, group_counts, idx, count, hc, active,
         T, H, I, float(threshold), num_groups,
-        x.stride(0), w_gate.stride(0), pred.stride(0), hc.stride(0), active.stride(0),
+        x.stride(0), w_gate.stride(0), w_down_t.stride(0), pred.stride(0), hc.stride(0),
+        active.stride(0),
         ACT=act_code, GROUP=group, GROUPS_POW2=next_pow2(num_groups),
         CLEAR=next_pow2(triton.cdiv(I, programs)), GDC=gdc, USE_DOT=use_dot, DOT_FP32=dot_fp32,
-        BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_H=block_h,
+        PREFETCH_LINES=prefetch[0], LINE_ELEMS=prefetch[1], BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_H=block_h,
         num_warps=config.gate_warps, num_stages=config.gate_stages)
 
 

@@ -7,6 +7,7 @@ from bench.tune_triton_ffn import (
     EXACT_STAGES,
     FFN_STAGES,
     PER_THREAD,
+    PREFETCH_GRID_STAGE,
     _grid,
     _per_thread,
 )
@@ -31,7 +32,7 @@ def test_multiply_reduce_tiles_stay_within_the_per_thread_range():
 def test_stages_that_change_no_tile_are_not_filtered():
     base = dataclasses.replace(default_config(1), down_block_k=32, down_block_h=1024,
                                down_warps=2)   # a down tile outside the range
-    for stage in (COMPACTION_STAGE, FFN_STAGES[0], *EXACT_STAGES):
+    for stage in (COMPACTION_STAGE, FFN_STAGES[0], PREFETCH_GRID_STAGE, *EXACT_STAGES):
         assert _grid(stage, 1, base) == _grid(stage, 1, default_config(1))
 
 
