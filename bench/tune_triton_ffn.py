@@ -210,14 +210,17 @@ def main(argv: list[str] | None = None) -> None:
                              "compact" in args.sweep, check=matches(ref_out, ref_active))
         if "exact" in args.sweep and T < DOT_MIN_ROWS:   # more rows: the masked kernels
             ffn = sweep_exact(x, weights, args.sparsity, ffn, T, args.repeats)
+        tuned["ffn"][T] = dataclasses.asdict(ffn)
+        if args.json is not None:  # after each sweep: one cut short keeps what came before
+            args.json.write_text(json.dumps(tuned, indent=1) + "\n")
         pred, pred_ms = _sweep("predictor", tuned_for(predictor_triton.TUNED_CONFIGS, T),
                                PREDICTOR_STAGES, T,
                                lambda c: predict_active_triton(x, fc1, fc2, 0.0, config=c,
                                                                group_counts=pred_counts),
                                args.repeats, "predictor" in args.sweep)
-        tuned["ffn"][T], tuned["predictor"][T] = dataclasses.asdict(ffn), dataclasses.asdict(pred)
+        tuned["predictor"][T] = dataclasses.asdict(pred)
         print(f"TUNED T={T}: {ffn} {ffn_ms:.4f} ms | {pred} {pred_ms:.4f} ms")
-        if args.json is not None:  # after every batch: a sweep cut short keeps what it found
+        if args.json is not None:
             args.json.write_text(json.dumps(tuned, indent=1) + "\n")
     if args.json is not None:
         load_tuned(args.json)
