@@ -42,9 +42,13 @@ class AsyncEngine:
         """Loads the model: slow and blocking (call it in a thread from async code)."""
         path = config.model.path
         if path is None:
-            from engine.default_model import default_model_path
+            from engine.default_model import DEFAULT_MODEL_NAME, default_model_path
             path = config.model.path = str(default_model_path())
-            logger.info("no model path given; serving the embedded default model at %s", path)
+            # NOTE: served as "SmolLM2-135M-Instruct" (what the README's examples send), not
+            # as its cache folder's name, which carries a key that changes with the conversion
+            config.model.served_model_name = config.model.served_model_name or DEFAULT_MODEL_NAME
+            logger.info("no model path given; serving the embedded default model at %s as %s",
+                        path, config.model.served_model_name)
         return cls(LLMEngine(config, path))
 
     # ---- lifecycle ------------------------------------------------------------------------

@@ -95,3 +95,19 @@ def test_real_package_is_found_without_importing_it():
     path = dm.find_default_gguf()
     assert path.is_file() and path.stat().st_size > 50_000_000
     assert dm.DEFAULT_MODEL_PACKAGE not in sys.modules
+
+
+def test_served_under_its_own_name_not_its_cache_folders(fake_package, tmp_path, monkeypatch):
+    # The README's requests name "SmolLM2-135M-Instruct": with no --model, that is the served
+    # name (the cache folder's carries a conversion key), unless --served-model-name says other.
+    from engine.async_engine import AsyncEngine
+    from engine.config import EngineConfig
+
+    monkeypatch.setenv(dm.CACHE_ENV, str(tmp_path / "cache"))
+    for name, expected in ((None, dm.DEFAULT_MODEL_NAME), ("mine", "mine")):
+        config = EngineConfig.load(overrides={"model.served_model_name": name,
+                                              "model.device": "cpu",
+                                              "cache.kv_cache_bytes": 1 << 20})
+        engine = AsyncEngine.from_config(config)
+        assert Path(config.model.path).name != expected
+        assert engine.model_name == expected
