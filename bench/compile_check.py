@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import importlib
 import multiprocessing
@@ -57,7 +58,7 @@ from kernels import (  # noqa: E402
 )
 from kernels.ffn_triton_compact import CompactConfig, default_config  # noqa: E402
 from kernels.sparse_ffn_ref import prediction_groups  # noqa: E402
-from kernels.triton_utils import DOT_MIN_ROWS  # noqa: E402
+from kernels.triton_utils import DOT_MIN_ROWS, tuned_for  # noqa: E402
 
 # Shared memory one block may use, per target (opt-in maximum).
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -151,6 +152,11 @@ def record_cases(dtypes: list[torch.dtype]) -> list[Launch]:
                 predictor_triton.predict_active_triton(x, fc1, fc2)
                 case[0] = f"predictor {name} T={T}, counting groups"
                 predictor_triton.predict_active_triton(x, fc1, fc2, group_counts=counts)
+                case[0] = f"predictor {name} T={T}, counting groups, FFN rows prefetched to L2"
+                config = dataclasses.replace(tuned_for(predictor_triton.TUNED_CONFIGS, T),
+                                             prefetch_ffn=True)
+                predictor_triton.predict_active_triton(x, fc1, fc2, group_counts=counts,
+                                                       config=config, ffn_rows=(w, w, w))
                 # the reduction the tuned tiles do not use (fused or a launch of its own), and
                 # the gate/up kernel of the mask path prefetching the down rows
                 variant = dict(down_fused_reduce=not default_config(T).down_fused_reduce,

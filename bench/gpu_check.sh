@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# GPU check for the kernels (issue 5), in about 4-5 minutes on a CUDA host: the tile sweep of
-# the Triton kernels at batch 1, then the bf16 benchmark at Mistral-7B FFN shape (with the predictor at rank
-# 1024) on the tiles the sweep chose, exact mode (no predictor), the paged-attention tiles, and
-# last the kernel tests and the CUDA engine tests with compiled Triton kernels (no interpreter).
+# GPU check for the kernels (issue 5), in about 5 minutes on a CUDA host: the tile sweep of
+# the Triton kernels at batch 1, then the bf16 benchmark at Mistral-7B FFN shape (with the
+# predictor at rank 1024) on the tiles the sweep chose, predictor + FFN timed as one call (the
+# FFN rows prefetched by the predictor or not), exact mode (no predictor), the paged-attention
+# tiles, and last the kernel tests and the CUDA engine tests with compiled Triton kernels (no
+# interpreter).
 # Measurements first: a run cut short by a device lease keeps them (each step has a timeout).
 # Usage, from the repository root:
 #   bash bench/gpu_check.sh [OUT_DIR]
 # TUNE_BATCHES="1 4" also sweeps the tl.dot tiles of 4-8 rows (a few minutes more);
 # TUNE_SWEEP="predictor" (of: compact exact predictor) narrows the sweep.
-# Writes OUT_DIR/tuned.json, OUT_DIR/kernels_gpu.md, OUT_DIR/kernels_gpu_exact.md,
-# OUT_DIR/paged_attention_gpu.md (default docs/benchmarks) and, where Nsight Compute is
-# installed, OUT_DIR/ncu_ffn.csv.
+# Writes OUT_DIR/tuned.json, OUT_DIR/kernels_gpu.md, OUT_DIR/predicted_layer_gpu.md,
+# OUT_DIR/kernels_gpu_exact.md, OUT_DIR/paged_attention_gpu.md (default docs/benchmarks) and,
+# where Nsight Compute is installed, OUT_DIR/ncu_ffn.csv.
 # Every step runs even if an earlier one fails; the exit code is the first failure's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +37,8 @@ CONFIGS=$([ -f "$OUT_DIR/tuned.json" ] && echo "--configs $OUT_DIR/tuned.json" |
 step "benchmark: bf16, batch 1/2/4/8/16, sparsity 0/50/80/90/95%, predictor rank 1024 $CONFIGS" \
     timeout 120 "$PY" bench/kernels.py --device cuda --dtypes bf16 --predictor-rank 1024 --batches 1 2 4 8 16 \
     $CONFIGS --out "$OUT_DIR/kernels_gpu.md"
+step "predictor + FFN as one call, the FFN rows prefetched by the predictor and not" \
+    timeout 60 "$PY" bench/predicted_layer.py $CONFIGS --out "$OUT_DIR/predicted_layer_gpu.md"
 step "benchmark, exact mode (no predictor): bf16, batch 1/4/8" \
     timeout 60 "$PY" bench/kernels.py --device cuda --dtypes bf16 --mode exact --batches 1 4 8 \
     $CONFIGS --out "$OUT_DIR/kernels_gpu_exact.md"

@@ -353,6 +353,13 @@ def end_to_end(rows: list[dict], predictor_rows: list[dict]) -> list[str]:
     return lines
 
 
+def write_report(path: Path, text: str) -> None:
+    """A markdown report to `path` (its folder made if missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    logger.info("wrote %s", path)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -388,9 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = run(args)
     args.predictor_rows = run_predictor(args) if args.predictor_rank else []
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(markdown(rows, args))
-        logger.info("wrote %s", args.out)
+        write_report(args.out, markdown(rows, args))
 
 
 if __name__ == "__main__":

@@ -69,13 +69,13 @@ def can_prefetch_l2(device: torch.device) -> bool:
 
 def l2_prefetch_lines(block_elems: int, element_size: int, wanted: bool,
                       device: torch.device) -> tuple[int, int]:
-    """(LINES, LINE_ELEMS): the L2 lines that cover a block of `block_elems` contiguous
-    elements of a row (at least one) and the elements per line; LINES 0 (no prefetch) unless
+    """(LINES, LINE_ELEMS): the L2 lines that cover `block_elems` contiguous elements of a row
+    starting on a line (at least one) and the elements per line; LINES 0 (no prefetch) unless
     wanted where it can run (it changes no result: elsewhere the kernels just do without)."""
     line_elems = L2_LINE_BYTES // element_size
     if not (wanted and can_prefetch_l2(device)):
         return 0, line_elems
-    return max(1, block_elems // line_elems), line_elems
+    return triton.cdiv(block_elems, line_elems), line_elems
 
 
 @triton.jit

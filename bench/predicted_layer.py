@@ -1,0 +1,143 @@
+"""A predicted FFN layer as the CUDA engine runs it, timed as one call: predictor, then FFN.
+
+bench/kernels.py times the predictor and the FFN apart (each from a flushed cache) and adds them
+up. Timed apart, the predictor's prefetch of the FFN's rows (PredictorConfig.prefetch_ffn) can
+only show its cost; timed together, it also shows what it saves the FFN. For each batch and
+sparsity, at Mistral-7B shape with a rank-r predictor (random weights, its threshold set at the
+sparsity's quantile of the batch's logits): the dense FFN (cuBLAS), and predictor + FFN with
+the FFN rows prefetched by the predictor and without, each one CUDA-graph replay from a flushed
+cache. The FFN runs the engine's path (the mask and the predictor's group counts) on the
+tuned tiles, or those of --configs.
+
+    python bench/predicted_layer.py --configs tuned.json --out docs/benchmarks/predicted_layer.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from bench.kernels import (HIDDEN, INTERMEDIATE, flush_cache, time_min,  # noqa: E402
+                           write_report)
+from kernels import predictor_triton  # noqa: E402
+from kernels.sparse_ffn import new_group_counts, sparse_ffn  # noqa: E402
+from kernels.sparse_ffn_ref import dense_ffn  # noqa: E402
+from kernels.triton_utils import tuned_for  # noqa: E402
+
+logger = logging.getLogger("bench.predicted_layer")
+
+
+def logit_threshold(x: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor,
+                    sparsity: float) -> float:
+    """The predictor threshold that leaves `sparsity` of the batch's (row, neuron) logits
+    below it: each row then predicts about 1 - sparsity of the neurons."""
+    logits = torch.relu(x.float() @ fc1.float().t()) @ fc2.float().t()          # [T, I]
+    return torch.quantile(logits.flatten(), sparsity).item()
+
+
+def layer_call(x, fc1, fc2, ffn_rows, counts, threshold: float, config):
+    """The predicted layer as SparseMLP runs it on CUDA: predictor (counting groups, given the
+    FFN's rows), then the FFN from the mask and the counts."""
+    def call():
+        pred = predictor_triton.predict_active_triton(x, fc1, fc2, threshold, config=config,
+                                                      group_counts=counts, ffn_rows=ffn_rows)
+        return sparse_ffn(x, *ffn_rows, "silu", 0.0, predicted=pred,
+                          predicted_group_counts=counts)
+    return call
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device = args.device
+    gen = torch.Generator().manual_seed(2)
+    dtype = dict(dtype=torch.bfloat16 if device == "cuda" else torch.float32, device=device)
+    H, I = args.hidden, args.intermediate
+    ffn_rows = tuple((torch.randn(I, H, generator=gen) * H ** -0.5).to(**dtype)
+                     for _ in range(3))                              # w_gate, w_up, w_down_t
+    fc1 = (torch.randn(args.rank, H, generator=gen) * H ** -0.5).to(**dtype)
+    fc2 = (torch.randn(I, args.rank, generator=gen) * args.rank ** -0.5).to(**dtype)
+    counts = new_group_counts(I, torch.device(device))
+    flush_cache(device)
+    rows = []
+    for T in args.batches:
+        x = torch.randn(T, H, generator=gen).to(**dtype)
+        tuned = tuned_for(predictor_triton.TUNED_CONFIGS, T)
+        (dense_ms,) = time_min([lambda: dense_ffn(x, *ffn_rows, "silu")], args.repeats, device)
+        for sparsity in args.sparsities:
+            threshold = logit_threshold(x, fc1, fc2, sparsity)
+            union = predictor_triton.predict_active_triton(
+                x, fc1, fc2, threshold, config=tuned).any(0).float().mean().item()
+            plain_ms, prefetch_ms = time_min(
+                [layer_call(x, fc1, fc2, ffn_rows, counts, threshold,
+                            dataclasses.replace(tuned, prefetch_ffn=prefetch))
+                 for prefetch in (False, True)], args.repeats, device)
+            row = dict(batch=T, sparsity=sparsity, union=union, dense_ms=dense_ms,
+                       plain_ms=plain_ms, prefetch_ms=prefetch_ms, tuned=tuned.prefetch_ffn)
+            rows.append(row)
+            logger.info("T=%-2d sparsity %3.0f%% union %5.1f%%: dense %.4f ms, predictor + FFN "
+                        "%.4f ms (%.2fx), with the FFN rows prefetched %.4f ms (%.2fx)", T,
+                        100 * sparsity, 100 * union, dense_ms, plain_ms, dense_ms / plain_ms,
+                        prefetch_ms, dense_ms / prefetch_ms)
+    return rows
+
+
+def markdown(rows: list[dict], args: argparse.Namespace) -> str:
+    lines = [
+        "# Predicted FFN layer: predictor + FFN as one call",
+        "",
+        f"- Device: {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, "
+        f"torch {torch.__version__}",
+        f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- Command: `python bench/predicted_layer.py {' '.join(sys.argv[1:])}`",
+        f"- FFN {args.hidden} x {args.intermediate}, bf16 (fp32 on the CPU), predictor rank {args.rank} with "
+        "its threshold at the sparsity's quantile of the batch's logits; `union` = neurons the "
+        "batch reads. Each time is the minimum over repeats of a CUDA-graph replay from a "
+        "flushed cache. `prefetched`: the predictor asks L2 for the FFN rows of the neurons it "
+        "predicts (PredictorConfig.prefetch_ffn); the tuned default is marked *.",
+        "",
+        "| batch | sparsity | union | dense FFN ms | predictor + FFN ms | speed-up | "
+        "prefetched ms | speed-up |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        plain, fetched = ("", "*") if not r["tuned"] else ("*", "")
+        lines.append(f"| {r['batch']} | {r['sparsity']:.0%} | {r['union']:.1%} | "
+                     f"{r['dense_ms']:.4f} | {r['plain_ms']:.4f}{plain} | "
+                     f"{r['dense_ms'] / r['plain_ms']:.2f}x | {r['prefetch_ms']:.4f}{fetched} | "
+                     f"{r['dense_ms'] / r['prefetch_ms']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8])
+    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.8, 0.9, 0.95])
+    parser.add_argument("--rank", type=int, default=1024)
+    parser.add_argument("--hidden", type=int, default=HIDDEN)                # Mistral-7B
+    parser.add_argument("--intermediate", type=int, default=INTERMEDIATE)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--configs", type=Path, default=None,
+                        help="JSON of tuned Triton tiles (bench/tune_triton_ffn.py --json)")
+    parser.add_argument("--out", type=Path, default=None, help="write a markdown table here")
+    # (cpu: the Triton interpreter, where no prefetch runs: for the tests, not for timing)
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.configs is not None:
+        from bench.tune_triton_ffn import load_tuned
+        load_tuned(args.configs)
+    rows = run(args)
+    if args.out is not None:
+        write_report(args.out, markdown(rows, args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""bench/predicted_layer.py (predictor + FFN as one call; gpu_check.sh runs it) on a small layer,
+under the Triton interpreter."""
+
+import pytest
+
+pytest.importorskip("triton")
+
+from bench import predicted_layer  # noqa: E402
+
+
+def test_times_the_layer_both_ways_and_writes_its_table(tmp_path):
+    out = tmp_path / "layer.md"
+    predicted_layer.main(["--device", "cpu", "--hidden", "64", "--intermediate", "384",
+                          "--rank", "16", "--batches", "1", "2", "--sparsities", "0.9",
+                          "--repeats", "1", "--out", str(out)])
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 1 ")
+            or line.startswith("| 2 ")]
+    assert len(rows) == 2
+    # the predictor's threshold gives the sparsity asked for: one row reads ~10% of the neurons
+    union = float(rows[0].split("|")[3].strip().rstrip("%"))
+    assert 5 <= union <= 15, rows[0]
