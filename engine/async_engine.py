@@ -29,7 +29,9 @@ class AsyncEngine:
         self.total_params = core.accounting.total_params
         self.num_layers = core.arch.num_layers
         self.step_listeners: list[Callable[[StepStats], None]] = []
-        self.request_listeners: list[Callable[[RequestOutput], None]] = []  # final outputs
+        # every request's final output (stats set), aborted ones included: their consumer may
+        # be gone (a client that disconnected), so this is where finished requests are counted
+        self.request_listeners: list[Callable[[RequestOutput], None]] = []
         self._queues: dict[str, asyncio.Queue] = {}
         self._pending_adds: list[tuple] = []
         self._pending_aborts: list[str] = []
@@ -125,6 +127,9 @@ class AsyncEngine:
         for request_id in aborts:
             out = self.core.abort_request(request_id)
             queue = self._queues.pop(request_id, None)
+            if out is not None:
+                for listener in self.request_listeners:
+                    _call_safely(listener, out)
             if queue is not None and out is not None:
                 out.finished = True
                 queue.put_nowait(out)

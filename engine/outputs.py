@@ -51,6 +51,7 @@ class RequestStats:
     mean_computed_fraction: float = 0.0        # neurons the batch computed (union) / all
     num_preemptions: int = 0
     token_times: list[float] = field(default_factory=list)  # time each new token was emitted
+    finish_reasons: list[str] = field(default_factory=list)  # per choice, by index (when finished)
 
     @property
     def queue_time(self) -> float | None:

@@ -78,11 +78,11 @@ def engine_request_ids(base_id: str, num_prompts: int) -> list[str]:
 
 
 class GenerationRunner:
-    """One per app: starts generations, merges them, reports finished ones to metrics."""
+    """One per app: starts generations and merges them (the engine reports finished ones to
+    the metrics itself: AsyncEngine.request_listeners)."""
 
-    def __init__(self, engine: Any, on_finished: Callable[[RequestOutput, list[str]], None] | None = None):
+    def __init__(self, engine: Any):
         self.engine = engine
-        self.on_finished = on_finished
 
     async def open(self, receive: Receive, prompts: list[str | list[int]], params: SamplingParams,
                    base_id: str) -> "MergedStream":
@@ -163,26 +163,11 @@ class GenerationRunner:
 
     async def _pump_inline(self, stream: AsyncIterator[RequestOutput], index: int,
                            finished_ids: set[str], request_id: str) -> AsyncIterator[Indexed]:
-        # NOTE: with n > 1 a choice that finishes early sends its finish_reason in an earlier
-        # delta than the request's last one, so the reasons are gathered over the whole stream.
-        finish_reasons: dict[int, str] = {}
         async with aclosing(stream):  # type: ignore[type-var]
             async for out in stream:
-                for delta in out.outputs:
-                    if delta.finish_reason:
-                        finish_reasons[delta.index] = delta.finish_reason
                 if out.finished:
                     finished_ids.add(request_id)
-                    self._report(out, [finish_reasons[i] for i in sorted(finish_reasons)])
                 yield index, out
-
-    def _report(self, out: RequestOutput, reasons: list[str]) -> None:
-        if self.on_finished is None:
-            return
-        try:
-            self.on_finished(out, reasons)
-        except Exception:  # metrics must never break a response
-            logger.exception("metrics hook failed for %s", out.request_id)
 
 
 class MergedStream:

@@ -44,12 +44,15 @@ class ServerState:
         metrics = ServerMetrics(engine.model_name, engine.num_layers)
         engine.step_listeners.append(metrics.observe_step)
 
-        def on_finished(out: RequestOutput, finish_reasons: list[str]) -> None:
+        def on_finished(out: RequestOutput) -> None:
+            # NOTE: from the engine, not from the response streams: a request whose client went
+            # away is aborted with no one reading its stream, and still counts (as "abort")
             if out.stats is not None:
-                metrics.observe_request_finished(out.stats, finish_reasons)
+                metrics.observe_request_finished(out.stats, out.stats.finish_reasons)
 
+        engine.request_listeners.append(on_finished)
         self.metrics = metrics
-        self.runner = GenerationRunner(engine, on_finished=on_finished)
+        self.runner = GenerationRunner(engine)
         self.engine = engine   # NOTE: set last: /health turns 200 on this assignment
         logger.info("serving model %s (max_model_len %d, %d params)", engine.model_name,
                     engine.max_model_len, engine.total_params)

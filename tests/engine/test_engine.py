@@ -171,6 +171,35 @@ def test_async_abort_frees_blocks_and_overload(relu_checkpoint):
     assert stats.num_free_blocks == total and stats.num_running == 0
 
 
+def test_every_final_output_reaches_the_request_listeners_aborts_included(relu_checkpoint):
+    # The server counts finished requests from these listeners: one whose consumer went away
+    # is aborted with no one reading its stream, and must reach them too, once, with its
+    # choices' reasons ("abort", or how a choice that ended before the abort ended).
+    async def scenario():
+        engine = async_engine(relu_checkpoint)
+        finals = []
+        engine.request_listeners.append(finals.append)
+        await engine.start()
+        done = await _drain(engine.generate([5, 6, 7], SamplingParams(max_tokens=3, **GREEDY),
+                                            "done"))
+        gen = engine.generate([5, 6, 7, 8], SamplingParams(max_tokens=200, n=2, **GREEDY), "left")
+        await gen.__anext__()
+        await gen.aclose()                       # the consumer goes away mid-generation
+        for _ in range(100):
+            if len(finals) == 2:
+                break
+            await asyncio.sleep(0.01)
+        await engine.shutdown()
+        return done, finals
+
+    done, finals = asyncio.run(scenario())
+    assert [out.request_id for out in finals] == ["done", "left"]
+    assert all(out.finished and out.stats is not None for out in finals)
+    assert finals[0].stats.finish_reasons == ["length"] == done.stats.finish_reasons
+    assert finals[1].stats.finish_reasons == ["abort", "abort"]
+    assert finals[1].stats.num_prompt_tokens == 4
+
+
 async def _drain(gen):
     last = None
     async for out in gen:

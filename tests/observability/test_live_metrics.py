@@ -159,6 +159,42 @@ def settled_metrics(client: Client, timeout_s: float = 10.0) -> bytes:
         time.sleep(0.05)
 
 
+def test_a_stream_its_client_left_counts_as_aborted(live):
+    # The client reads the first chunk of a long stream (n=2) and goes away: the server aborts
+    # the request with no one reading it, and it still counts, once, as two "abort" choices,
+    # with its prompt tokens and its latency observed like any finished request's.
+    client = Client(live, Traffic())
+    before = client.metrics()
+    body = {"model": MODEL, "prompt": "Neurons that are silent", "max_tokens": 200, "n": 2,
+            "ignore_eos": True, "stream": True}
+    with client.http.stream("POST", COMPLETIONS, json=body) as response:
+        assert response.status_code == 200
+        next(line for line in response.iter_lines() if line.startswith("data: "))
+
+    def metric(scrape: bytes, name: str, **labels: str) -> float:
+        return value(scrape, f"sparseserve_{name}", model_name=MODEL, **labels)
+
+    def aborted(scrape: bytes) -> float:
+        return (metric(scrape, "request_success_total", finished_reason="abort")
+                - metric(before, "request_success_total", finished_reason="abort"))
+
+    deadline = time.monotonic() + 10
+    after = client.metrics()
+    while (aborted(after) < 2 or metric(after, "num_requests_running") > 0) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+        after = client.metrics()
+    assert aborted(after) == 2
+    assert metric(after, "num_requests_running") == 0
+    for reason in ("stop", "length"):
+        assert metric(after, "request_success_total", finished_reason=reason) == metric(
+            before, "request_success_total", finished_reason=reason)
+    prompt_tokens = metric(after, "prompt_tokens_total") - metric(before, "prompt_tokens_total")
+    assert prompt_tokens > 0
+    for histogram in ("e2e_request_latency_seconds_count", "request_prompt_tokens_count"):
+        assert metric(after, histogram) - metric(before, histogram) == 1, histogram
+
+
 def per_layer(body: bytes, name: str) -> dict[str, float]:
     return {dict(labels)["layer"]: v for (sample, labels), v in samples(body).items() if sample == name}
 
