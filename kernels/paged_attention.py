@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from kernels import dispatch
 from kernels.paged_attention_ref import paged_attention_decode_ref
 
 
@@ -21,7 +22,7 @@ def paged_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     Attends to positions p with ctx - sliding_window <= p < ctx. Returns [S, Hq, D].
     max_context_len: optional host-side bound on context_lens (the Triton kernel's number of
     context partitions; default the block table's capacity); the CPU path ignores it."""
-    if q.is_cuda:
+    if dispatch.runs_triton(q):
         from kernels import paged_attention_triton  # NOTE: lazy, see the module docstring
         return paged_attention_triton.paged_attention_decode_triton(
             q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window,

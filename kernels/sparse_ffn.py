@@ -23,7 +23,7 @@ import logging
 import torch
 from torch import Tensor
 
-from kernels import cpu_native, sparse_ffn_cpu
+from kernels import cpu_native, dispatch, sparse_ffn_cpu
 from kernels.sparse_ffn_ref import (check_act, dense_ffn, group_counts_ref, predict_active_ref,
                                     prediction_groups)
 
@@ -122,7 +122,7 @@ def sparse_ffn(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act: s
     T, H = x.shape
     fallback = (default_dense_fallback(x.device, w_gate.dtype, T, H)
                 if dense_fallback_fraction is None else dense_fallback_fraction)
-    if x.is_cuda:
+    if dispatch.runs_triton(x):
         if T > CUDA_SPARSE_MAX_ROWS:
             return dense_ffn(x, w_gate, w_up, w_down_t, act, threshold, predicted)
         from kernels import sparse_ffn_triton  # NOTE: lazy, see the module docstring
@@ -161,7 +161,7 @@ def new_group_counts(num_neurons: int, device: torch.device) -> Tensor:
 def group_counts_for(x: Tensor, num_neurons: int) -> Tensor | None:
     """A buffer for the predictor's group counts where sparse_ffn uses them (the Triton kernels:
     CUDA, up to CUDA_SPARSE_MAX_ROWS rows of x [T, H]), else None (nothing to count)."""
-    if x.is_cuda and x.shape[0] <= CUDA_SPARSE_MAX_ROWS:
+    if dispatch.runs_triton(x) and x.shape[0] <= CUDA_SPARSE_MAX_ROWS:
         return new_group_counts(num_neurons, x.device)
     return None
 
@@ -182,7 +182,7 @@ def predict_active(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float = 0.0,
     assert x.dim() == 2 and fc1.dim() == 2 and fc2.dim() == 2, (x.shape, fc1.shape, fc2.shape)
     assert fc1.shape[1] == x.shape[1] and fc2.shape[1] == fc1.shape[0], (
         f"fc1 must be [r, H={x.shape[1]}] and fc2 [I, r]; got {tuple(fc1.shape)}, {tuple(fc2.shape)}")
-    if x.is_cuda and x.shape[0] <= MAX_SPARSE_BATCH:
+    if dispatch.runs_triton(x) and x.shape[0] <= MAX_SPARSE_BATCH:
         from kernels import predictor_triton
         return predictor_triton.predict_active_triton(x, fc1, fc2, threshold,
                                                       group_counts=group_counts,

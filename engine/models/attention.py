@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.models.layers import RotaryEmbedding
+from kernels import dispatch
 
 
 @dataclass
@@ -203,7 +204,7 @@ class Attention(nn.Module):
 
     def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         """One query per sequence: gather every sequence's context at once, one SDPA call."""
-        if q.is_cuda:
+        if dispatch.runs_triton(q):
             from kernels.paged_attention import paged_attention_decode
             return paged_attention_decode(q, k_cache, v_cache, meta.block_tables,
                                           meta.seq_lens_tensor, self.scale, self.sliding_window)
