@@ -1,16 +1,17 @@
-"""bench/predicted_layer.py (predictor + FFN as one call; gpu_check.sh runs it) on a small layer,
-under the Triton interpreter."""
+"""bench/predicted_layer.py (predictor + FFN as one call; gpu_check.sh runs it) on a small layer
+(under the Triton interpreter on the CPU, compiled on a GPU)."""
 
 import pytest
 
 pytest.importorskip("triton")
 
 from bench import predicted_layer  # noqa: E402
+from tests.kernels.kernel_cases import triton_device  # noqa: E402
 
 
 def test_times_the_layer_both_ways_and_writes_its_table(tmp_path):
     out = tmp_path / "layer.md"
-    predicted_layer.main(["--device", "cpu", "--hidden", "64", "--intermediate", "384",
+    predicted_layer.main(["--device", triton_device(), "--hidden", "64", "--intermediate", "384",
                           "--rank", "16", "--batches", "1", "2", "--sparsities", "0.9",
                           "--repeats", "1", "--out", str(out)])
     rows = [line for line in out.read_text().splitlines() if line.startswith("| 1 ")
