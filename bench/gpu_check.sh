@@ -61,4 +61,6 @@ echo "targets (issue 5): batch 1 at 90% sparsity >= 6x cuBLAS dense and >= 60% o
 for table in kernels_gpu kernels_gpu_exact; do   # the batch-1, 90% rows, to compare at a glance
     [ -f "$OUT_DIR/$table.md" ] && grep -E '^\| cuda \| bf16 \| 1 \| 90% ' "$OUT_DIR/$table.md" | sed "s/^/$table: /"
 done
+[ -f "$OUT_DIR/predicted_layer_gpu.md" ] && grep -E '^\| 1 \| 90% ' "$OUT_DIR/predicted_layer_gpu.md" \
+    | sed "s/^/predictor + FFN (dense, plain, prefetched): /"
 exit $status
