@@ -63,4 +63,5 @@ for table in kernels_gpu kernels_gpu_exact; do   # the batch-1, 90% rows, to com
 done
 [ -f "$OUT_DIR/predicted_layer_gpu.md" ] && grep -E '^\| 1 \| 90% ' "$OUT_DIR/predicted_layer_gpu.md" \
     | sed "s/^/predictor + FFN (dense, plain, prefetched): /"
+echo "gpu_check took ${SECONDS} s (first failure's exit code: $status)"
 exit $status
