@@ -15,7 +15,8 @@ With PredictorConfig.prefetch_ffn and the FFN's weights given (`ffn_rows`), the 
 also asks L2 for the rows of the neurons it predicts (a PTX prefetch per 128-byte line, compiled
 NVIDIA kernels only): the FFN's rows then come from HBM while the predictor still streams its
 own weights, and the FFN kernels that follow read L2. The predictor's own time grows by what it
-fetches for the FFN; what counts is the two together (bench/kernels.py's predictor + FFN table).
+fetches for the FFN; what counts is the two together (bench/predicted_layer.py times them as one
+call).
 """
 
 from __future__ import annotations
@@ -159,8 +160,9 @@ def predict_active_triton(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float 
     _linear_epilogue_kernel[(triton.cdiv(r, fc1_block_n),)](
         xw, fc1, z, counts_arg, x, x, x, T, r, H, 0.0, num_groups, 0,
         xw.stride(0), xw.stride(1), fc1.stride(0), fc1.stride(1), z.stride(0), z.stride(1), 0,
-        EPILOGUE=0, **counting, PREFETCH_WEIGHTS=0, PREFETCH_LINES=0, LINE_ELEMS=1, USE_DOT=use_dot, DOT_FP32=dot_fp32, BLOCK_T=block_t,
-        BLOCK_N=fc1_block_n, BLOCK_K=fc1_block_k, num_warps=config.fc1_warps)
+        EPILOGUE=0, **counting, PREFETCH_WEIGHTS=0, PREFETCH_LINES=0, LINE_ELEMS=1,
+        USE_DOT=use_dot, DOT_FP32=dot_fp32, BLOCK_T=block_t, BLOCK_N=fc1_block_n,
+        BLOCK_K=fc1_block_k, num_warps=config.fc1_warps)
     pred = torch.empty(T, I, dtype=torch.int8, device=x.device)          # [T, I]
     # NOTE: for a 16-bit fc2 the float32 z is rounded to fc2's dtype inside the dot (the
     # tensor-core path); the reference keeps float32, hence the tolerance near the threshold.
@@ -168,10 +170,9 @@ def predict_active_triton(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float 
     _linear_epilogue_kernel[(triton.cdiv(I, block_n),)](
         z, fc2, pred, counts_arg, *weights, T, I, r, float(threshold), num_groups, row_elems,
         z.stride(0), z.stride(1), fc2.stride(0), fc2.stride(1), pred.stride(0), pred.stride(1),
-        row_stride, EPILOGUE=1, **counting,
-        PREFETCH_WEIGHTS=len(ffn_rows) if lines[0] else 0,
-        PREFETCH_LINES=lines[0], LINE_ELEMS=lines[1], USE_DOT=use_dot, DOT_FP32=dot_fp32, BLOCK_T=block_t,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=config.warps)
+        row_stride, EPILOGUE=1, **counting, PREFETCH_WEIGHTS=len(ffn_rows) if lines[0] else 0,
+        PREFETCH_LINES=lines[0], LINE_ELEMS=lines[1], USE_DOT=use_dot, DOT_FP32=dot_fp32,
+        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=config.warps)
     return pred.view(torch.bool)
 
 
