@@ -82,8 +82,8 @@ class SparseMLP(nn.Module):
                 # compaction launch (kernels/ffn_triton_compact.py); None where nothing uses them.
                 # There it may also prefetch the predicted rows the FFN reads next.
                 group_counts = group_counts_for(x, self.gate_proj.out_features)
-                if group_counts is not None:
-                    ffn_rows = (self.gate_proj.weight, self.up_proj.weight, w_down_t)
+                if group_counts is not None and self.w_down_t is not None:
+                    ffn_rows = (self.gate_proj.weight, self.up_proj.weight, self.w_down_t)
             predicted = self.predictor(residual, self.predictor_threshold,
                                        use_kernel=self.use_sparse_kernels,
                                        group_counts=group_counts, ffn_rows=ffn_rows)  # [T, I]
