@@ -47,14 +47,15 @@ step "benchmark: paged-attention decode tiles (bf16, Mistral heads) vs the torch
 step "kernel + CUDA engine tests (compiled Triton, CUDA tensors)" \
     timeout 210 "$PY" -m pytest -q $XDIST -p no:cacheprovider tests/kernels tests/engine/test_engine_cuda.py
 # Nsight Compute on the FFN's kernels at batch 1 (two rounds after a compiling one, each from the
-# mask alone and from the mask and the group counts): DRAM throughput, occupancy and warp stalls
-# per kernel, what the next change should aim at.
+# mask alone, from the mask and the group counts, and the same with the down rows' L2 prefetch
+# the other way round): DRAM throughput, occupancy and warp stalls per kernel, what the next
+# change should aim at.
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 if [ -n "$NCU" ]; then
     step "ncu: the FFN kernels at batch 1, 90% (-> $OUT_DIR/ncu_ffn.csv)" \
         timeout 120 "$NCU" --clock-control none --csv --log-file "$OUT_DIR/ncu_ffn.csv" \
         --kernel-name regex:'_compact_kernel|_gate_up_kernel|_gate_up_counted_kernel|_down_kernel' \
-        --launch-skip 5 --launch-count 10 --section SpeedOfLight --section Occupancy \
+        --launch-skip 7 --launch-count 14 --section SpeedOfLight --section Occupancy \
         --section WarpStateStats --section LaunchStats "$PY" bench/ffn_kernel_calls.py $CONFIGS
 fi
 echo "targets (issue 5): batch 1 at 90% sparsity >= 6x cuBLAS dense and >= 60% of the copy ceiling"
