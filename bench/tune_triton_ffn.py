@@ -6,9 +6,10 @@ the compaction launch, whose scan is then swept first): the gate/up tiles with t
 given the counts, the gate/up programs per SM), then the down rows prefetched to L2 by gate/up
 or not, then the down tiles with theirs, then the split with the reduction (a launch of its
 own, or fused into the down kernel), then the pipelining depths (then, given the counts, down
-starting early), each stage starting from the best so far; then exact mode's gate pass; then the predictor's tiles (rank 1024, counting groups unless
---from-mask). Ends with a per-kernel profile at batch 1. `--sweep` picks what to sweep; what is
-not swept is timed once at its current tiles. Batches above 8 rows are not swept by default:
+starting early), each stage starting from the best so far; then exact mode's gate pass; then
+the predictor's tiles (rank 1024, counting groups unless --from-mask). Ends with a per-kernel
+profile at batch 1. `--sweep` picks what to sweep; what is not swept is timed once at its
+current tiles. Batches above 8 rows are not swept by default:
 the dispatch sends them to cuBLAS (kernels/sparse_ffn.py, CUDA_SPARSE_MAX_ROWS).
 Each configuration is timed as a CUDA-graph replay from a flushed cache (bench/kernels.py's
 timer); configurations the GPU cannot run (shared memory) or that give a wrong result (checked
@@ -191,13 +192,17 @@ def main(argv: list[str] | None = None) -> None:
     fc2 = (torch.randn(INTERMEDIATE, PREDICTOR_RANK, generator=gen) * PREDICTOR_RANK ** -0.5).to(**bf16)
     flush_cache("cuda")
     tuned: dict = {"ffn": {}, "predictor": {}}
+
+    def save(winners: dict) -> None:
+        if args.json is not None:
+            args.json.write_text(json.dumps(winners, indent=1) + "\n")
     for T in args.batches:
         x = torch.randn(T, HIDDEN, generator=gen).to(**bf16)
         mask = random_masks(T, args.sparsity, gen, "cuda")
         ref_out, ref_active = sparse_ffn_ref(x, *weights, "silu", 0.0, mask)
         counts = None if args.from_mask else group_counts_ref(mask)
         # the predictor counting its neurons per group, as the engine runs it (own buffer)
-        pred_counts = None if args.from_mask else torch.empty_like(group_counts_ref(mask))
+        pred_counts = None if counts is None else torch.empty_like(counts)
         stages = ([COMPACTION_STAGE, FFN_STAGES[0], PREFETCH_STAGE, *FFN_STAGES[1:]]
                   if args.from_mask
                   else [FFN_STAGES[0], COUNTED_GRID_STAGE, PREFETCH_GRID_STAGE, *FFN_STAGES[1:],
@@ -211,8 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         if "exact" in args.sweep and T < DOT_MIN_ROWS:   # more rows: the masked kernels
             ffn = sweep_exact(x, weights, args.sparsity, ffn, T, args.repeats)
         tuned["ffn"][T] = dataclasses.asdict(ffn)
-        if args.json is not None:  # after each sweep: one cut short keeps what came before
-            args.json.write_text(json.dumps(tuned, indent=1) + "\n")
+        save(tuned)   # after each sweep: one cut short keeps what came before
         pred, pred_ms = _sweep("predictor", tuned_for(predictor_triton.TUNED_CONFIGS, T),
                                PREDICTOR_STAGES, T,
                                lambda c: predict_active_triton(x, fc1, fc2, 0.0, config=c,
@@ -220,8 +224,7 @@ def main(argv: list[str] | None = None) -> None:
                                args.repeats, "predictor" in args.sweep)
         tuned["predictor"][T] = dataclasses.asdict(pred)
         print(f"TUNED T={T}: {ffn} {ffn_ms:.4f} ms | {pred} {pred_ms:.4f} ms")
-        if args.json is not None:
-            args.json.write_text(json.dumps(tuned, indent=1) + "\n")
+        save(tuned)
     if args.json is not None:
         load_tuned(args.json)
         profile_kernels(weights, fc1, fc2, args.sparsity, gen)

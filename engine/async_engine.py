@@ -127,11 +127,12 @@ class AsyncEngine:
         for request_id in aborts:
             out = self.core.abort_request(request_id)
             queue = self._queues.pop(request_id, None)
-            if out is not None:
-                for listener in self.request_listeners:
-                    _call_safely(listener, out)
-            if queue is not None and out is not None:
-                out.finished = True
+            if out is None:
+                continue
+            out.finished = True
+            for listener in self.request_listeners:
+                _call_safely(listener, out)
+            if queue is not None:
                 queue.put_nowait(out)
 
     def _deliver(self, request_id: str, item) -> None:

@@ -62,7 +62,7 @@ class RequestState:
             stats.total_params = accounting.total_params
             stats.num_preemptions = sum(seq.num_preemptions for seq in self.seqs)
             stats.num_cached_tokens = max(seq.num_cached_tokens for seq in self.seqs)
-            stats.finish_reasons = [seq.finish_reason or "abort"
+            stats.finish_reasons = [seq.finish_reason
                                     for seq in sorted(self.seqs, key=lambda seq: seq.index)]
             if self.num_counted:
                 stats.mean_activated_params = self.sum_activated / self.num_counted

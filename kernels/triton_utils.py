@@ -62,7 +62,7 @@ L2_LINE_BYTES = 128
 
 
 def can_prefetch_l2(device: torch.device) -> bool:
-    """prefetch_rows_to_l2 is PTX: compiled kernels on an NVIDIA GPU (not the interpreter, not
+    """prefetch_to_l2 is PTX: compiled kernels on an NVIDIA GPU (not the interpreter, not
     ROCm)."""
     return device.type == "cuda" and not interpreting() and not torch.version.hip
 

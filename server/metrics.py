@@ -2,7 +2,7 @@
 
 Every metric is prefixed `sparseserve_` and labelled with `model_name`. The server calls:
 `observe_http` per HTTP response, `observe_request_finished` once per finished request (its
-`RequestStats` and the finish reasons of its choices), `observe_step` from the engine's step
+`RequestStats`, with the finish reasons of its choices), `observe_step` from the engine's step
 listener, `update_engine_stats` before rendering, and `render` to serve /metrics.
 
 Sparsity accounting (per generated token, means over the request, engine.sparsity's definition):
@@ -198,9 +198,9 @@ class ServerMetrics:
         # or a scanner hitting random URLs would create unbounded series.
         self.http_requests.labels(model_name=self.model_name, route=route, status=str(int(status))).inc()
 
-    def observe_request_finished(self, stats: RequestStats, finish_reasons: list[str]) -> None:
+    def observe_request_finished(self, stats: RequestStats) -> None:
         name = self.model_name
-        for reason in finish_reasons:
+        for reason in stats.finish_reasons:
             self.request_success.labels(model_name=name, finished_reason=reason).inc()
         self.prompt_tokens.labels(model_name=name).inc(stats.num_prompt_tokens)
         self.request_prompt_tokens.labels(model_name=name).observe(stats.num_prompt_tokens)

@@ -48,7 +48,7 @@ class ServerState:
             # NOTE: from the engine, not from the response streams: a request whose client went
             # away is aborted with no one reading its stream, and still counts (as "abort")
             if out.stats is not None:
-                metrics.observe_request_finished(out.stats, out.stats.finish_reasons)
+                metrics.observe_request_finished(out.stats)
 
         engine.request_listeners.append(on_finished)
         self.metrics = metrics

@@ -19,8 +19,7 @@ def feed_everything(metrics: ServerMetrics, num_requests: int = 3) -> None:
                          finished_time=arrival + 0.6, num_prompt_tokens=12, num_cached_tokens=4,
                          num_generated_tokens=5, total_params=2_000_000, mean_activated_params=800_000.0 + i,
                          mean_ffn_sparsity=0.8, mean_computed_fraction=0.35,
-                         token_times=[arrival + 0.2 + 0.1 * k for k in range(5)]),
-            ["stop"])
+                         token_times=[arrival + 0.2 + 0.1 * k for k in range(5)], finish_reasons=["stop"]))
         metrics.observe_http("/v1/completions", 200)
     metrics.observe_http("/v1/completions", 400)
     for k, (prefill, decode) in enumerate([(12, 0), (0, 3), (5, 2)]):

@@ -33,10 +33,11 @@ def render(metrics: ServerMetrics) -> bytes:
 
 def test_finished_requests_counts_and_sums():
     metrics = ServerMetrics(MODEL, num_layers=2)
-    fed = [make_request(arrival=10.0 * i, num_generated=3 + i, sparsity=0.6 + 0.1 * i, computed=0.5 + 0.1 * i)
+    fed = [make_request(arrival=10.0 * i, num_generated=3 + i, sparsity=0.6 + 0.1 * i, computed=0.5 + 0.1 * i,
+                        finish_reasons=["stop"] if i < 2 else ["length", "stop"])
            for i in range(3)]
-    for i, stats in enumerate(fed):
-        metrics.observe_request_finished(stats, ["stop"] if i < 2 else ["length", "stop"])
+    for stats in fed:
+        metrics.observe_request_finished(stats)
     text = render(metrics)
     m = {"model_name": MODEL}
     assert value(text, "sparseserve_request_success_total", finished_reason="stop", **m) == 3
@@ -69,7 +70,8 @@ def test_finished_requests_counts_and_sums():
 
 def test_histogram_buckets_place_observations():
     metrics = ServerMetrics(MODEL, num_layers=1)
-    metrics.observe_request_finished(make_request(sparsity=0.9, computed=0.3, total=2_000_000, ffn=1_500_000), ["stop"])
+    metrics.observe_request_finished(make_request(sparsity=0.9, computed=0.3, total=2_000_000, ffn=1_500_000,
+                                                  finish_reasons=["stop"]))
     text = render(metrics)
     m = {"model_name": MODEL}
     # 0.9 and 0.3 sit exactly on bucket bounds (le is inclusive); 650k params are in (5e5, 1e6].
@@ -85,8 +87,8 @@ def test_histogram_buckets_place_observations():
 def test_request_without_tokens_reports_no_sparsity():
     metrics = ServerMetrics(MODEL, num_layers=1)
     aborted = RequestStats(arrival_time=5.0, scheduled_time=5.5, finished_time=6.0, num_prompt_tokens=9,
-                           total_params=10_000)
-    metrics.observe_request_finished(aborted, ["abort"])
+                           total_params=10_000, finish_reasons=["abort"])
+    metrics.observe_request_finished(aborted)
     text = render(metrics)
     m = {"model_name": MODEL}
     assert value(text, "sparseserve_request_success_total", finished_reason="abort", **m) == 1
