@@ -1,7 +1,8 @@
 """Sparse-activation kernels: sparse FFN, activation predictor, paged-attention decode.
 
 Each entry point dispatches CUDA tensors to a Triton kernel and CPU tensors to the best CPU
-path; a pure-torch reference sits beside each kernel (`*_ref.py`). Triton modules are
+path (the one switch: kernels/dispatch.py); a pure-torch reference sits beside each kernel
+(`*_ref.py`). Triton modules are
 imported lazily, so importing this package never imports Triton.
 """
 
