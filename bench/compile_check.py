@@ -1,13 +1,13 @@
 """Compile every Triton kernel launch for a GPU target, on a machine without a GPU.
 
-Runs each launcher (sparse FFN in both modes, with the reduction fused and not, the predictor,
-paged attention) on CPU tensors of the real shapes with the kernel launches recorded instead of
-run, then compiles each recorded launch for the target with Triton's own
-compiler and bundled ptxas (specialised as a launch would be), and reads the compiled kernel's
-resources back (ptxas -v). What it catches before any device time is spent: code the
-interpreter accepts but the compiler does not, shared memory over the SM's limit (a launch
-would fail with OutOfResources), register spills (local-memory traffic in a
-bandwidth-bound kernel), and an L2 prefetch (inline PTX) that the compiler dropped.
+Runs each launcher (sparse FFN in both modes, from the mask alone and from the predictor's
+group counts, with the reduction fused and not; the predictor, counting groups and not; paged
+attention) on CPU tensors of the real shapes with the kernel launches recorded instead of run,
+then compiles each recorded launch for the target with Triton's own compiler and bundled ptxas
+(specialised as a launch would be), and reads the compiled kernel's resources back (ptxas -v).
+What it catches before any device time is spent: code the interpreter accepts but the compiler
+does not, shared memory over the SM's limit (a launch would fail with OutOfResources), and
+register spills (local-memory traffic in a bandwidth-bound kernel).
 
     python bench/compile_check.py                 # sm_90 (H100/H200): table, exit 1 on a failure
     python bench/compile_check.py --arch 90 89    # and sm_89 (L4, L40S, RTX 4090: 99 KiB)
@@ -54,11 +54,10 @@ from kernels import (  # noqa: E402
     paged_attention_triton,
     predictor_triton,
     sparse_ffn_triton,
-    triton_utils,
 )
-from kernels.ffn_triton_compact import CompactConfig, default_config  # noqa: E402
+from kernels.ffn_triton_compact import default_config  # noqa: E402
 from kernels.sparse_ffn_ref import prediction_groups  # noqa: E402
-from kernels.triton_utils import DOT_MIN_ROWS, tuned_for  # noqa: E402
+from kernels.triton_utils import DOT_MIN_ROWS  # noqa: E402
 
 # Shared memory one block may use, per target (opt-in maximum).
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -106,13 +105,6 @@ def recording(sink: list, case: list):
         if hasattr(module, "check_device"):   # the launchers take CPU tensors here
             saved.append((module, "check_device", module.check_device))
             module.check_device = lambda *tensors: None
-    # programmatic dependent launches as on a Hopper GPU (the tensors here are on the CPU)
-    saved.append((ffn_triton_compact, "_has_griddepcontrol",
-                  ffn_triton_compact._has_griddepcontrol))
-    ffn_triton_compact._has_griddepcontrol = lambda device: True
-    # and the L2 prefetch of CompactConfig.prefetch_down, as compiled on an NVIDIA GPU
-    saved.append((triton_utils, "can_prefetch_l2", triton_utils.can_prefetch_l2))
-    triton_utils.can_prefetch_l2 = lambda device: True
     try:
         yield
     finally:
@@ -139,30 +131,17 @@ def record_cases(dtypes: list[torch.dtype]) -> list[Launch]:
                 case[0] = f"ffn exact {name} T={T}{masked}"
                 sparse_ffn_triton.sparse_ffn_triton(x, w, w, w, "fatrelu", 0.1)
                 counts = zeros(prediction_groups(INTERMEDIATE)[1], dtype=torch.int32)
-                for early, prefetch in ((False, False), (True, False), (False, True)):
-                    case[0] = (f"ffn predicted {name} T={T}, the predictor's group counts"
-                               + (", down early (griddepcontrol)" if early else "")
-                               + (", down rows prefetched to L2" if prefetch else ""))
-                    config = CompactConfig(**{**default_config(T).__dict__, "down_early": early,
-                                              "prefetch_down": prefetch})
-                    sparse_ffn_triton.sparse_ffn_triton(x, w, w, w, "silu", 0.0, mask,
-                                                        compact_config=config,
-                                                        predicted_group_counts=counts)
+                case[0] = f"ffn predicted {name} T={T}, the predictor's group counts"
+                sparse_ffn_triton.sparse_ffn_triton(x, w, w, w, "silu", 0.0, mask,
+                                                    predicted_group_counts=counts)
                 case[0] = f"predictor {name} T={T}"
                 predictor_triton.predict_active_triton(x, fc1, fc2)
                 case[0] = f"predictor {name} T={T}, counting groups"
                 predictor_triton.predict_active_triton(x, fc1, fc2, group_counts=counts)
-                case[0] = f"predictor {name} T={T}, counting groups, FFN rows prefetched to L2"
-                config = dataclasses.replace(tuned_for(predictor_triton.TUNED_CONFIGS, T),
-                                             prefetch_ffn=True)
-                predictor_triton.predict_active_triton(x, fc1, fc2, group_counts=counts,
-                                                       config=config, ffn_rows=(w, w, w))
-                # the reduction the tuned tiles do not use (fused or a launch of its own), and
-                # the gate/up kernel of the mask path prefetching the down rows
-                variant = dict(down_fused_reduce=not default_config(T).down_fused_reduce,
-                               prefetch_down=True)
+                # the reduction the tuned tiles do not use (fused or a launch of its own)
+                variant = dict(down_fused_reduce=not default_config(T).down_fused_reduce)
                 case[0] = f"ffn predicted {name} T={T} {variant}"
-                config = CompactConfig(**{**default_config(T).__dict__, **variant})
+                config = dataclasses.replace(default_config(T), **variant)
                 sparse_ffn_triton.sparse_ffn_triton(x, w, w, w, "drelu", 0.0, mask,
                                                     compact_config=config)
             # Mistral attention: 32 query heads over 8 KV heads, head dim 128; a context that
@@ -186,7 +165,7 @@ def compile_job(launch: Launch, arch: int) -> tuple:
     """
     kernel = getattr(importlib.import_module(launch.module), launch.name)
     meta = dict(launch.meta)
-    options = {k: meta.pop(k) for k in ("num_warps", "num_stages", "launch_pdl") if k in meta}
+    options = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
     signature, constants, aligned = {}, dict(meta), []
     for i, (name, value) in enumerate(zip(kernel.arg_names, launch.args)):
         if isinstance(value, torch.Tensor):
@@ -238,9 +217,7 @@ def compile_kernel(job: tuple) -> dict:
                                   target=GPUTarget("cuda", arch, 32), options=dict(options))
     except Exception as exc:  # noqa: BLE001 - reported by the caller as a failure
         return dict(error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-    ptx = compiled.asm["ptx"]
-    return dict(_resources(ptx, arch), shared=compiled.metadata.shared,
-                prefetches=ptx.count("prefetch.global.L2"))
+    return dict(_resources(compiled.asm["ptx"], arch), shared=compiled.metadata.shared)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,11 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = [{"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[d]
               for d in args.dtypes]
     launches = record_cases(dtypes)
-    # griddepcontrol (programmatic dependent launch) exists from sm_90 on: the launchers use it
-    # only there, so its variant is compiled only there
-    targets = {arch: [launch for launch in launches if arch >= 90 or not launch.meta.get("GDC")]
-               for arch in args.arch}
-    jobs = {arch: [compile_job(launch, arch) for launch in targets[arch]] for arch in args.arch}
+    jobs = {arch: [compile_job(launch, arch) for launch in launches] for arch in args.arch}
     # NOTE: compiling is single-threaded and takes ~1 s a kernel: one process per core. Spawned,
     # not forked: the workers import the kernels afresh (TRITON_INTERPRET=0, no recorders).
     unique = sorted({job for arch_jobs in jobs.values() for job in arch_jobs}, key=str)
@@ -277,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         emit(f"\n## sm_{arch} (shared memory limit {limit} bytes)\n")
         emit("| case | kernel | warps | regs | spill stores (bytes) | shared bytes |")
         emit("|---|---|---|---|---|---|")
-        for launch, job in zip(targets[arch], jobs[arch]):
+        for launch, job in zip(launches, jobs[arch]):
             r = compiled[job]
             if "error" in r:
                 failures.append(f"sm_{arch} {launch.case} {launch.name}: does not compile: "
@@ -285,9 +258,6 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             emit(f"| {launch.case} | {launch.name} | {dict(job[5]).get('num_warps', 4)} "
                   f"| {r['regs']} | {r['spill']} | {r['shared']} |")
-            if launch.meta.get("PREFETCH_LINES") and not r["prefetches"]:
-                failures.append(f"sm_{arch} {launch.case} {launch.name}: the L2 prefetch was "
-                                "compiled out")
             if r["shared"] > limit:
                 failures.append(f"sm_{arch} {launch.case} {launch.name}: "
                                 f"{r['shared']} bytes of shared memory > {limit}")

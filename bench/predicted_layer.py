@@ -1,12 +1,12 @@
 """A predicted FFN layer as the CUDA engine runs it, timed as one call: predictor, then FFN.
 
 bench/kernels.py times the predictor and the FFN apart (each from a flushed cache) and adds them
-up. Timed apart, the predictor's prefetch of the FFN's rows (PredictorConfig.prefetch_ffn) can
-only show its cost; timed together, it also shows what it saves the FFN. For each batch and
-sparsity, at Mistral-7B shape with a rank-r predictor (random weights, its threshold set at the
-sparsity's quantile of the batch's logits): the dense FFN (cuBLAS), and predictor + FFN with
-the FFN rows prefetched by the predictor and without, each one CUDA-graph replay from a flushed
-cache. The FFN runs the engine's path (the mask and the predictor's group counts) on the
+up; here the two run as one replay, as a decode step runs them, so the time also holds what
+neither shows alone (the gaps between their launches, the FFN waiting for the predictor's mask,
+and whatever one leaves in L2 for the other). For each batch and sparsity, at Mistral-7B shape
+with a rank-r predictor (random weights, its threshold set at the sparsity's quantile of the
+batch's logits): the dense FFN (cuBLAS), and predictor + FFN, each one CUDA-graph replay from a
+flushed cache. The FFN runs the engine's path (the mask and the predictor's group counts) on the
 tuned tiles, or those of --configs.
 
     python bench/predicted_layer.py --configs tuned.json --out docs/benchmarks/predicted_layer.md
@@ -15,7 +15,6 @@ tuned tiles, or those of --configs.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import logging
 import sys
@@ -44,13 +43,13 @@ def logit_threshold(x: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor,
     return torch.quantile(logits.flatten(), sparsity).item()
 
 
-def layer_call(x, fc1, fc2, ffn_rows, counts, threshold: float, config):
-    """The predicted layer as SparseMLP runs it on CUDA: predictor (counting groups, given the
-    FFN's rows), then the FFN from the mask and the counts."""
+def layer_call(x, fc1, fc2, ffn_weights, counts, threshold: float, config):
+    """The predicted layer as SparseMLP runs it on CUDA: predictor (counting groups), then the
+    FFN from the mask and the counts."""
     def call():
         pred = predictor_triton.predict_active_triton(x, fc1, fc2, threshold, config=config,
-                                                      group_counts=counts, ffn_rows=ffn_rows)
-        return sparse_ffn(x, *ffn_rows, "silu", 0.0, predicted=pred,
+                                                      group_counts=counts)
+        return sparse_ffn(x, *ffn_weights, "silu", 0.0, predicted=pred,
                           predicted_group_counts=counts)
     return call
 
@@ -60,8 +59,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     gen = torch.Generator().manual_seed(2)
     dtype = dict(dtype=torch.bfloat16 if device == "cuda" else torch.float32, device=device)
     H, I = args.hidden, args.intermediate
-    ffn_rows = tuple((torch.randn(I, H, generator=gen) * H ** -0.5).to(**dtype)
-                     for _ in range(3))                              # w_gate, w_up, w_down_t
+    ffn_weights = tuple((torch.randn(I, H, generator=gen) * H ** -0.5).to(**dtype)
+                        for _ in range(3))                           # w_gate, w_up, w_down_t
     fc1 = (torch.randn(args.rank, H, generator=gen) * H ** -0.5).to(**dtype)
     fc2 = (torch.randn(I, args.rank, generator=gen) * args.rank ** -0.5).to(**dtype)
     counts = new_group_counts(I, torch.device(device))
@@ -70,22 +69,19 @@ def run(args: argparse.Namespace) -> list[dict]:
     for T in args.batches:
         x = torch.randn(T, H, generator=gen).to(**dtype)
         tuned = tuned_for(predictor_triton.TUNED_CONFIGS, T)
-        (dense_ms,) = time_min([lambda: dense_ffn(x, *ffn_rows, "silu")], args.repeats, device)
+        (dense_ms,) = time_min([lambda: dense_ffn(x, *ffn_weights, "silu")], args.repeats, device)
         for sparsity in args.sparsities:
             threshold = logit_threshold(x, fc1, fc2, sparsity)
             union = predictor_triton.predict_active_triton(
                 x, fc1, fc2, threshold, config=tuned).any(0).float().mean().item()
-            plain_ms, prefetch_ms = time_min(
-                [layer_call(x, fc1, fc2, ffn_rows, counts, threshold,
-                            dataclasses.replace(tuned, prefetch_ffn=prefetch))
-                 for prefetch in (False, True)], args.repeats, device)
-            row = dict(batch=T, sparsity=sparsity, union=union, dense_ms=dense_ms,
-                       plain_ms=plain_ms, prefetch_ms=prefetch_ms, tuned=tuned.prefetch_ffn)
-            rows.append(row)
+            (layer_ms,) = time_min(
+                [layer_call(x, fc1, fc2, ffn_weights, counts, threshold, tuned)],
+                args.repeats, device)
+            rows.append(dict(batch=T, sparsity=sparsity, union=union, dense_ms=dense_ms,
+                             layer_ms=layer_ms))
             logger.info("T=%-2d sparsity %3.0f%% union %5.1f%%: dense %.4f ms, predictor + FFN "
-                        "%.4f ms (%.2fx), with the FFN rows prefetched %.4f ms (%.2fx)", T,
-                        100 * sparsity, 100 * union, dense_ms, plain_ms, dense_ms / plain_ms,
-                        prefetch_ms, dense_ms / prefetch_ms)
+                        "%.4f ms (%.2fx)", T, 100 * sparsity, 100 * union, dense_ms, layer_ms,
+                        dense_ms / layer_ms)
     return rows
 
 
@@ -97,22 +93,18 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         f"torch {torch.__version__}",
         f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- Command: `python bench/predicted_layer.py {' '.join(sys.argv[1:])}`",
-        f"- FFN {args.hidden} x {args.intermediate}, bf16 (fp32 on the CPU), predictor rank {args.rank} with "
-        "its threshold at the sparsity's quantile of the batch's logits; `union` = neurons the "
-        "batch reads. Each time is the minimum over repeats of a CUDA-graph replay from a "
-        "flushed cache. `prefetched`: the predictor asks L2 for the FFN rows of the neurons it "
-        "predicts (PredictorConfig.prefetch_ffn); the tuned default is marked *.",
+        f"- FFN {args.hidden} x {args.intermediate}, bf16 (fp32 on the CPU), predictor rank "
+        f"{args.rank} with its threshold at the sparsity's quantile of the batch's logits; "
+        "`union` = neurons the batch reads. Each time is the minimum over repeats of a "
+        "CUDA-graph replay from a flushed cache; `speed-up` = dense / predictor + FFN.",
         "",
-        "| batch | sparsity | union | dense FFN ms | predictor + FFN ms | speed-up | "
-        "prefetched ms | speed-up |",
-        "|---|---|---|---|---|---|---|---|",
+        "| batch | sparsity | union | dense ms | predictor + FFN ms | speed-up |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        plain, fetched = ("", "*") if not r["tuned"] else ("*", "")
         lines.append(f"| {r['batch']} | {r['sparsity']:.0%} | {r['union']:.1%} | "
-                     f"{r['dense_ms']:.4f} | {r['plain_ms']:.4f}{plain} | "
-                     f"{r['dense_ms'] / r['plain_ms']:.2f}x | {r['prefetch_ms']:.4f}{fetched} | "
-                     f"{r['dense_ms'] / r['prefetch_ms']:.2f}x |")
+                     f"{r['dense_ms']:.4f} | {r['layer_ms']:.4f} | "
+                     f"{r['dense_ms'] / r['layer_ms']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -127,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--configs", type=Path, default=None,
                         help="JSON of tuned Triton tiles (bench/tune_triton_ffn.py --json)")
     parser.add_argument("--out", type=Path, default=None, help="write a markdown table here")
-    # (cpu: the Triton interpreter, where no prefetch runs: for the tests, not for timing)
+    # (cpu: the Triton interpreter, for the tests, not for timing)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

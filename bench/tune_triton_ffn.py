@@ -3,10 +3,10 @@
 For each batch bucket, at Mistral-7B shape, bf16 and 90% per-row sparsity, on the path the CUDA
 engine runs (the mask and the predictor's per-group counts; `--from-mask`: the mask alone, with
 the compaction launch, whose scan is then swept first): the gate/up tiles with their warps (then,
-given the counts, the gate/up programs per SM), then the down rows prefetched to L2 by gate/up
-or not, then the down tiles with theirs, then the split with the reduction (a launch of its
-own, or fused into the down kernel), then the pipelining depths (then, given the counts, down
-starting early), each stage starting from the best so far; then exact mode's gate pass; then
+given the counts, the gate/up programs per SM with the rows and warps of a tile), then the down
+tiles with their warps and the split, then the reduction (a launch of its own, or fused into
+the down kernel), then the pipelining depths, each stage starting from the best so far; then
+exact mode's gate pass; then
 the predictor's tiles (rank 1024, counting groups unless --from-mask). Ends with a per-kernel
 profile at batch 1. `--sweep` picks what to sweep; what is not swept is timed once at its
 current tiles. Batches above 8 rows are not swept by default:
@@ -53,25 +53,26 @@ from kernels.triton_utils import DOT_MIN_ROWS, tuned_for  # noqa: E402
 logger = logging.getLogger("bench.tune_triton_ffn")
 
 COMPACTION_STAGE = dict(scan_block=[0, 512, 1024, 2048])   # (--from-mask only)
-# given the group counts (not --from-mask): the gate/up grid, after the gate/up tiles; and
-# last, down starting early (griddepcontrol), with the grid again (down's programs start in
-# the room gate/up's leave)
-COUNTED_GRID_STAGE = dict(gate_programs_per_sm=[0, 2, 3, 4, 6, 8])
-# the down rows prefetched to L2 by gate/up, before the down tiles are swept (rows in L2 may
-# want other down tiles); given the counts, with the grid again (registers move with it)
-PREFETCH_STAGE = dict(prefetch_down=[False, True])
-PREFETCH_GRID_STAGE = dict(prefetch_down=[False, True], gate_programs_per_sm=[2, 3, 4])
-EARLY_DOWN_STAGE = dict(down_early=[False, True], gate_programs_per_sm=[2, 3, 4])
+# given the group counts (not --from-mask): the gate/up grid, after the gate/up tiles, swept with
+# the rows and warps of a tile (a grid of more programs per SM needs fewer registers a program,
+# and balances the slot blocks over the SMs differently)
+COUNTED_GRID_STAGE = dict(gate_block_i=[1, 2, 4, 8], gate_warps=[1, 2, 4, 8],
+                          gate_programs_per_sm=[2, 3, 4, 6, 8])
 FFN_STAGES = [
     # tile and warps together: a wide tile needs the warps to hold it (a greedy sweep of one then
     # the other never tries a wide tile with many warps); _grid drops the tiles that leave a
     # thread too few or too many elements
     dict(gate_block_i=[1, 2, 4, 8, 16, 32], gate_block_h=[256, 512, 1024, 2048, 4096],
          gate_warps=[1, 2, 4, 8]),
-    dict(down_block_k=[8, 16, 32, 64], down_block_h=[64, 128, 256, 512],
-         down_warps=[1, 2, 4, 8]),
-    dict(down_split=[8, 16, 32], down_fused_reduce=[False, True]),
-    dict(gate_stages=[2, 3, 4], down_stages=[2, 3, 4]),   # (no effect at one row: 2026-11-26)
+    # the down tile, its warps and the split together: at batch 1, 90% the list is ~1430 slots
+    # long, and block_k x split decides how many steps a program takes (one step: every load of
+    # a program in flight at once) and how many programs there are
+    dict(down_block_k=[16, 32, 64, 128], down_block_h=[64, 128, 256], down_warps=[1, 2, 4, 8],
+         down_split=[8, 16, 32]),
+    dict(down_fused_reduce=[False, True]),
+    # (2-4 made no difference at one row on 2026-11-26; 1 leaves a loop unpipelined, which may
+    # suit the down kernel now that a one-step tile does its work before its loop)
+    dict(gate_stages=[1, 2, 3], down_stages=[1, 2, 3]),
 ]
 # elements of a weight tile per thread that the multiply-reduce path (below DOT_MIN_ROWS rows)
 # is swept over: fewer leaves too few loads in flight, more spills registers
@@ -203,10 +204,8 @@ def main(argv: list[str] | None = None) -> None:
         counts = None if args.from_mask else group_counts_ref(mask)
         # the predictor counting its neurons per group, as the engine runs it (own buffer)
         pred_counts = None if counts is None else torch.empty_like(counts)
-        stages = ([COMPACTION_STAGE, FFN_STAGES[0], PREFETCH_STAGE, *FFN_STAGES[1:]]
-                  if args.from_mask
-                  else [FFN_STAGES[0], COUNTED_GRID_STAGE, PREFETCH_GRID_STAGE, *FFN_STAGES[1:],
-                        EARLY_DOWN_STAGE])
+        stages = ([COMPACTION_STAGE, *FFN_STAGES] if args.from_mask
+                  else [FFN_STAGES[0], COUNTED_GRID_STAGE, *FFN_STAGES[1:]])
 
         ffn, ffn_ms = _sweep("compact", default_config(T), stages, T,
                              lambda c: sparse_ffn_triton.sparse_ffn_triton(

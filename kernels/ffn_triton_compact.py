@@ -29,23 +29,19 @@ turn, finds each block's neurons from the counts and the groups' mask (_neurons_
 same ascending order, so the output is bit for bit the same), writes IDX and COUNT for the down
 kernel, and zeroes ACTIVE for the unpredicted neurons of its share of the layer. It costs each
 program one more dependent load at its head (the counts, then the mask of the block's groups)
-and saves the compaction kernel (3.1 us at batch 1 on an H100) and one launch gap. With
-CompactConfig.down_early the down kernel also finds its first slots' neurons from the counts and
-fetches their rows before it waits for gate/up's output; on Hopper it is a programmatic
-dependent launch (griddepcontrol), so its programs start in the room gate/up's leave (an earlier
-attempt at such launches, on the mask path and without this, lost: see the NOTE below). With
-CompactConfig.prefetch_down (either path) the gate/up programs ask L2 for their neurons' W_down_t
-rows as they stream the gate/up rows: the down rows' HBM reads then overlap gate/up's instead of
-following them, and the down kernel, whose short dependent loop (list, then rows) is the
-furthest from the bandwidth (8.3 us for 11.7 MB at batch 1, 90%, on an H100), reads L2. (None of
-the three is timed on a GPU yet: the tasks that built them had no device.)
+and saves the compaction kernel (3.1 us at batch 1 on an H100) and one launch gap.
 NOTE: a scan-free layout (gate/up programs compacting their own fixed range of neurons in
 registers, no compaction launch) was measured on an H100 and lost: 40-58 us against 28 us at
 batch 1, 90% (uneven rows per program); it was deleted. So were two options measured on an H100
 on 2026-11-26 that did not pay: programmatic dependent launches (gate/up and down started early,
 waiting with griddepcontrol: 33.1 us against 27.6 us at the same tiles), and loads issued a step
 ahead by hand in both loops (within 0.4 us at batch 1; the loops restructured for it were 3-7 us
-slower at 2-8 rows).
+slower at 2-8 rows). Three more lost in the H100 sweep of 2026-11-26 09:09 (counted path, batch 1,
+90%, best of each against 23.6 us without) and were deleted: the down kernel finding its first
+slots from the counts and starting early as a programmatic dependent launch (23.7 us), the
+gate/up programs asking L2 for their neurons' W_down_t rows (prefetch.global.L2) with their own
+rows loaded evict-first (25.5 us), and the predictor asking L2 for the FFN rows it predicts
+(predictor + FFN 46.2 against 42.3 us).
 Exact mode (no predictor) first runs _gate_pass_kernel, a dense pass over every gate row that
 writes the gate's activation and the alive mask (activation != 0); that mask is then compacted
 like a predicted one, and _gate_up_kernel reads only the alive neurons' up rows (the activation
@@ -63,12 +59,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kernels.sparse_ffn_ref import prediction_groups
 from kernels.triton_utils import (DOT_MIN_ROWS, activate_gate, dot_k_tile, dot_pad,
-                                  l2_prefetch_lines, linear_tile, next_pow2,
-                                  prefetch_to_l2, tuned_for)
+                                  linear_tile, next_pow2, tuned_for)
 
 
 @dataclass(frozen=True)
@@ -99,16 +93,6 @@ class CompactConfig:
     # thread, ptxas of Triton 3.6 for sm_90); 0: one program per slot block of the whole layer,
     # most of them with none to do
     gate_programs_per_sm: int = 4
-    # with the group counts only: the down kernel finds its first slots' neurons from the counts
-    # and fetches their rows before it needs gate/up's output; on Hopper it is a programmatic
-    # dependent launch (griddepcontrol), started while gate/up runs (unmeasured)
-    down_early: bool = False
-    # the gate/up programs ask L2 for their neurons' W_down_t rows as they stream the gate/up
-    # rows, the same columns each step (a prefetch per 128-byte line; PTX, compiled NVIDIA
-    # kernels only), and mark the gate/up rows evict-first: the down rows come from HBM while
-    # gate/up runs, and the down kernel reads them from L2 (11.7 MB at batch 1, 90%, of an
-    # H100's 50 MB). Unmeasured
-    prefetch_down: bool = False
 
 
 # Per batch size bucket (the largest bucket <= T applies): the winners of
@@ -171,27 +155,14 @@ def _compact_kernel(PRED, IDX, COUNT, ACTIVE, T, I, stride_pt, stride_at,
 
 
 @triton.jit
-def _weight_rows(ptrs, mask, STREAM: tl.constexpr):
-    """A tile of weight rows; STREAM: marked first to leave L2 (read once, and what was
-    prefetched for the down kernel stays)."""
-    if STREAM:
-        return tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
-    return tl.load(ptrs, mask=mask, other=0.0)
-
-
-@triton.jit
 def _gate_up_rows(
-    X, WG, WU, WD, GATE, PRED, HC, ACTIVE, neuron, live, slots,
+    X, WG, WU, GATE, PRED, HC, ACTIVE, neuron, live, slots,
     T, H, threshold,
-    stride_xt, stride_wi, stride_wd, stride_gt, stride_pt, stride_ht, stride_at,
+    stride_xt, stride_wi, stride_gt, stride_pt, stride_ht, stride_at,
     ACT: tl.constexpr, GATE_GIVEN: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
-    PREFETCH_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """h of the [BLOCK_I] neurons `neuron` (where `live`) -> HC[:, slots], ACTIVE[:, neuron].
-    PREFETCH_LINES > 0 (CompactConfig.prefetch_down): each step also asks L2 for the same
-    columns of the neurons' W_down_t rows (WD [I, H], row stride stride_wd), PREFETCH_LINES
-    lines of LINE_ELEMS elements, which the down kernel then reads from L2."""
+    """h of the [BLOCK_I] neurons `neuron` (where `live`) -> HC[:, slots], ACTIVE[:, neuron]."""
     offs_t = tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
     offs_h = tl.arange(0, BLOCK_H)
@@ -204,16 +175,9 @@ def _gate_up_rows(
         x = tl.load(X + offs_t[:, None] * stride_xt + hh[None, :],
                     mask=mask_t[:, None] & mask_h[None, :], other=0.0)         # [BT, BH]
         wmask = live[:, None] & mask_h[None, :]
-        wu = _weight_rows(WU + row_ptr + hh[None, :], wmask, PREFETCH_LINES > 0)  # [BI, BH]
+        wu = tl.load(WU + row_ptr + hh[None, :], mask=wmask, other=0.0)         # [BI, BH]
         if not GATE_GIVEN:
-            wg = _weight_rows(WG + row_ptr + hh[None, :], wmask, PREFETCH_LINES > 0)
-        # NOTE: after this step's own loads, which go first; issued before them, the prefetch
-        # cost the batch-1 counted kernel 8 registers a thread (136, Triton 3.6), after them
-        # 3 spilled (12 bytes, L1); a line per thread or two a step.
-        if PREFETCH_LINES > 0:
-            lines = h0 + tl.arange(0, PREFETCH_LINES) * LINE_ELEMS
-            prefetch_to_l2(WD + neuron[:, None].to(tl.int64) * stride_wd + lines[None, :],
-                           live[:, None] & (lines < H)[None, :])
+            wg = tl.load(WG + row_ptr + hh[None, :], mask=wmask, other=0.0)
         if USE_DOT:
             if DOT_FP32:
                 xf = x.to(tl.float32)
@@ -248,11 +212,10 @@ def _gate_up_rows(
 
 @triton.jit
 def _gate_up_kernel(
-    X, WG, WU, WD, GATE, PRED, IDX, COUNT, HC, ACTIVE,
+    X, WG, WU, GATE, PRED, IDX, COUNT, HC, ACTIVE,
     T, H, I, threshold,
-    stride_xt, stride_wi, stride_wd, stride_gt, stride_pt, stride_ht, stride_at,
+    stride_xt, stride_wi, stride_gt, stride_pt, stride_ht, stride_at,
     ACT: tl.constexpr, GATE_GIVEN: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
-    PREFETCH_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -265,10 +228,9 @@ def _gate_up_kernel(
     if pid * BLOCK_I >= count:
         return
     live = slots < count
-    _gate_up_rows(X, WG, WU, WD, GATE, PRED, HC, ACTIVE, tl.where(live, listed, 0), live,
-                  slots, T, H, threshold, stride_xt, stride_wi, stride_wd, stride_gt, stride_pt,
-                  stride_ht, stride_at, ACT, GATE_GIVEN, USE_DOT, DOT_FP32, PREFETCH_LINES,
-                  LINE_ELEMS, BLOCK_T, BLOCK_I, BLOCK_H)
+    _gate_up_rows(X, WG, WU, GATE, PRED, HC, ACTIVE, tl.where(live, listed, 0), live, slots,
+                  T, H, threshold, stride_xt, stride_wi, stride_gt, stride_pt, stride_ht,
+                  stride_at, ACT, GATE_GIVEN, USE_DOT, DOT_FP32, BLOCK_T, BLOCK_I, BLOCK_H)
 
 
 @triton.jit
@@ -305,12 +267,11 @@ def _neurons_of_slots(PRED, slots, count, per_group, ends, T, I, stride_pt,
 
 @triton.jit
 def _gate_up_counted_kernel(
-    X, WG, WU, WD, PRED, GROUP_COUNTS, IDX, COUNT, HC, ACTIVE,
+    X, WG, WU, PRED, GROUP_COUNTS, IDX, COUNT, HC, ACTIVE,
     T, H, I, threshold, num_groups,
-    stride_xt, stride_wi, stride_wd, stride_pt, stride_ht, stride_at,
+    stride_xt, stride_wi, stride_pt, stride_ht, stride_at,
     ACT: tl.constexpr, GROUP: tl.constexpr, GROUPS_POW2: tl.constexpr, CLEAR: tl.constexpr,
-    GDC: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
-    PREFETCH_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     # Predicted mode given the predictor's per-group counts: _gate_up_kernel's work plus the
@@ -318,8 +279,6 @@ def _gate_up_counted_kernel(
     # resident) takes slot blocks pid, pid + num_programs, ... up to COUNT: no program is
     # launched only to find it has nothing to do. Each program also zeroes ACTIVE for the
     # unpredicted neurons of its share [pid*CLEAR, +CLEAR) of the layer (the grid covers I).
-    if GDC:   # the down kernel's programs may launch (CompactConfig.down_early)
-        gdc_launch_dependents()
     pid = tl.program_id(0)
     step = tl.num_programs(0) * BLOCK_I
     per_group, ends, count = _group_ends(GROUP_COUNTS, num_groups, GROUPS_POW2)
@@ -337,10 +296,9 @@ def _gate_up_counted_kernel(
         neuron, live = _neurons_of_slots(PRED, slots, count, per_group, ends, T, I, stride_pt,
                                          GROUP, GROUPS_POW2)
         tl.store(IDX + slots, neuron, mask=live)   # for the down kernel
-        _gate_up_rows(X, WG, WU, WD, HC, PRED, HC, ACTIVE, neuron, live, slots,
-                      T, H, threshold, stride_xt, stride_wi, stride_wd, 0, stride_pt, stride_ht,
-                      stride_at, ACT, False, USE_DOT, DOT_FP32, PREFETCH_LINES, LINE_ELEMS,
-                      BLOCK_T, BLOCK_I, BLOCK_H)
+        _gate_up_rows(X, WG, WU, HC, PRED, HC, ACTIVE, neuron, live, slots,
+                      T, H, threshold, stride_xt, stride_wi, 0, stride_pt, stride_ht, stride_at,
+                      ACT, False, USE_DOT, DOT_FP32, BLOCK_T, BLOCK_I, BLOCK_H)
 
 
 @triton.jit
@@ -393,12 +351,11 @@ def _down_accumulate(acc, HC, w, slots, live, offs_t, mask_t, stride_ht,
 
 @triton.jit
 def _down_kernel(
-    HC, WD, IDX, COUNT, PRED, GROUP_COUNTS, PARTIAL, OUT, TICKETS,
-    T, H, I, num_groups,
-    stride_ht, stride_wi, stride_mt, stride_ps, stride_pt, stride_ot,
+    HC, WD, IDX, COUNT, PARTIAL, OUT, TICKETS,
+    T, H, I,
+    stride_ht, stride_wi, stride_ps, stride_pt, stride_ot,
     USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, SPLIT: tl.constexpr,
-    FUSED_REDUCE: tl.constexpr, EARLY: tl.constexpr, GDC: tl.constexpr,
-    GROUP: tl.constexpr, GROUPS_POW2: tl.constexpr, BLOCK_S: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
@@ -409,27 +366,16 @@ def _down_kernel(
     mask_h = offs_h < H
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
-    first = pid_s * BLOCK_K
-    if EARLY:
-        # Given the predictor's group counts (PRED [T, I] its mask): with GDC this program is a
-        # programmatic dependent launch that may start while gate/up still runs, so it reads
-        # none of gate/up's outputs (IDX, COUNT, HC) before gdc_wait. It finds its first slots'
-        # neurons from the counts, as gate/up does, and fetches their rows before waiting. (The
-        # counts and the mask are the predictor's, complete before gate/up, an ordinary launch,
-        # started.)
-        per_group, ends, count = _group_ends(GROUP_COUNTS, num_groups, GROUPS_POW2)
-        slots = first + offs_k
-        neuron, live = _neurons_of_slots(PRED, slots, count, per_group, ends, T, I, stride_mt,
-                                         GROUP, GROUPS_POW2)
-        w = _down_rows(WD, neuron, live, offs_h, mask_h, stride_wi)
-        if GDC:
-            gdc_wait()   # gate/up has finished and its writes are visible
-        acc = _down_accumulate(acc, HC, w, slots, live, offs_t, mask_t, stride_ht, USE_DOT,
-                               DOT_FP32)
-        first += SPLIT * BLOCK_K
-    else:
-        count = tl.load(COUNT)
-    for k0 in range(first, count, SPLIT * BLOCK_K):
+    # NOTE: the first step is taken before the loop, its slice of the list loaded with COUNT in
+    # flight (one memory round trip at the head, not two; as in _gate_up_kernel, a stale id
+    # past COUNT is used nowhere). Tiles with BLOCK_K * SPLIT >= COUNT do all their work here.
+    slots = pid_s * BLOCK_K + offs_k
+    listed = tl.load(IDX + slots, mask=slots < I, other=0)                     # [BK]
+    count = tl.load(COUNT)
+    live = slots < count
+    w = _down_rows(WD, tl.where(live, listed, 0), live, offs_h, mask_h, stride_wi)  # [BK, BH]
+    acc = _down_accumulate(acc, HC, w, slots, live, offs_t, mask_t, stride_ht, USE_DOT, DOT_FP32)
+    for k0 in range((pid_s + SPLIT) * BLOCK_K, count, SPLIT * BLOCK_K):
         slots = k0 + offs_k
         live = slots < count
         neuron = tl.load(IDX + slots, mask=live, other=0)                      # [BK]
@@ -530,14 +476,10 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
     active = torch.empty(T, I, dtype=torch.int8, device=dev)             # [T, I]
     hc = torch.empty(T, I, dtype=torch.float32, device=dev)              # [T, slot]
     counted = group_counts is not None
-    early = counted and config.down_early
-    gdc = early and _has_griddepcontrol(dev)
-    prefetch = l2_prefetch_lines(gate_block_h, w_down_t.element_size(), config.prefetch_down,
-                                 dev)
     if counted:
-        _launch_gate_up_counted(x, w_gate, w_up, w_down_t, pred, group_counts, idx, count, hc,
-                                active, act_code, threshold, use_dot, dot_fp32, block_t, block_i,
-                                gate_block_h, gdc, prefetch, config)
+        _launch_gate_up_counted(x, w_gate, w_up, pred, group_counts, idx, count, hc, active,
+                                act_code, threshold, use_dot, dot_fp32, block_t, block_i,
+                                gate_block_h, config)
     else:
         scan = min(next_pow2(I), _COMPACT_MAX_BLOCK)
         scan_block = config.scan_block or scan
@@ -546,11 +488,11 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
             BLOCK=scan_block, SCAN=scan, num_warps=16 if scan_block == scan else 8)
         gate_arg = hc if gate is None else gate   # (not read unless the gate was given)
         _gate_up_kernel[(triton.cdiv(I, block_i),)](
-            x, w_gate, w_up, w_down_t, gate_arg, pred, idx, count, hc, active,
-            T, H, I, float(threshold), x.stride(0), w_gate.stride(0), w_down_t.stride(0),
-            gate_arg.stride(0), pred.stride(0), hc.stride(0), active.stride(0),
+            x, w_gate, w_up, gate_arg, pred, idx, count, hc, active,
+            T, H, I, float(threshold), x.stride(0), w_gate.stride(0), gate_arg.stride(0),
+            pred.stride(0), hc.stride(0), active.stride(0),
             ACT=act_code, GATE_GIVEN=gate is not None, USE_DOT=use_dot, DOT_FP32=dot_fp32,
-            PREFETCH_LINES=prefetch[0], LINE_ELEMS=prefetch[1], BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_H=gate_block_h,
+            BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_H=gate_block_h,
             num_warps=config.gate_warps, num_stages=config.gate_stages)
     split = config.down_split
     num_col_blocks = triton.cdiv(H, down_block_h)
@@ -558,26 +500,22 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
     out = torch.empty(T, H, dtype=x.dtype, device=dev)                   # [T, H]
     fused = config.down_fused_reduce
     tickets = _tickets(dev, num_col_blocks) if fused else count          # (unused if not fused)
-    group, num_groups = prediction_groups(I)
     _down_kernel[(num_col_blocks, split)](
-        hc, w_down_t, idx, count, pred, group_counts if counted else count, partial, out, tickets,
-        T, H, I, num_groups, hc.stride(0), w_down_t.stride(0), pred.stride(0), partial.stride(0),
-        partial.stride(1), out.stride(0),
-        USE_DOT=use_dot, DOT_FP32=dot_fp32, SPLIT=split, FUSED_REDUCE=fused, EARLY=early,
-        GDC=gdc, GROUP=group, GROUPS_POW2=next_pow2(num_groups), BLOCK_S=next_pow2(split),
-        BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_H=down_block_h,
-        num_warps=config.down_warps, num_stages=config.down_stages,
-        **(dict(launch_pdl=True) if gdc else {}))
+        hc, w_down_t, idx, count, partial, out, tickets,
+        T, H, I, hc.stride(0), w_down_t.stride(0), partial.stride(0), partial.stride(1),
+        out.stride(0),
+        USE_DOT=use_dot, DOT_FP32=dot_fp32, SPLIT=split, FUSED_REDUCE=fused,
+        BLOCK_S=next_pow2(split), BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_H=down_block_h,
+        num_warps=config.down_warps, num_stages=config.down_stages)
     if not fused:
         reduce_partials(partial, out)
     return out, active.view(torch.bool)
 
 
-def _launch_gate_up_counted(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
-                            pred: Tensor, group_counts: Tensor, idx: Tensor, count: Tensor,
-                            hc: Tensor, active: Tensor, act_code: int, threshold: float,
-                            use_dot: bool, dot_fp32: bool, block_t: int, block_i: int,
-                            block_h: int, gdc: bool, prefetch: tuple[int, int],
+def _launch_gate_up_counted(x: Tensor, w_gate: Tensor, w_up: Tensor, pred: Tensor,
+                            group_counts: Tensor, idx: Tensor, count: Tensor, hc: Tensor,
+                            active: Tensor, act_code: int, threshold: float, use_dot: bool,
+                            dot_fp32: bool, block_t: int, block_i: int, block_h: int,
                             config: CompactConfig) -> None:
     """_gate_up_counted_kernel over ffn_compact's buffers (shapes as there)."""
     T, H = x.shape
@@ -588,20 +526,13 @@ def _launch_gate_up_counted(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: T
     if config.gate_programs_per_sm:
         programs = min(blocks, config.gate_programs_per_sm * _num_sms(x.device))
     _gate_up_counted_kernel[(programs,)](
-        x, w_gate, w_up, w_down_t, pred, group_counts, idx, count, hc, active,
+        x, w_gate, w_up, pred, group_counts, idx, count, hc, active,
         T, H, I, float(threshold), num_groups,
-        x.stride(0), w_gate.stride(0), w_down_t.stride(0), pred.stride(0), hc.stride(0),
-        active.stride(0),
+        x.stride(0), w_gate.stride(0), pred.stride(0), hc.stride(0), active.stride(0),
         ACT=act_code, GROUP=group, GROUPS_POW2=next_pow2(num_groups),
-        CLEAR=next_pow2(triton.cdiv(I, programs)), GDC=gdc, USE_DOT=use_dot, DOT_FP32=dot_fp32,
-        PREFETCH_LINES=prefetch[0], LINE_ELEMS=prefetch[1], BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_H=block_h,
+        CLEAR=next_pow2(triton.cdiv(I, programs)), USE_DOT=use_dot, DOT_FP32=dot_fp32,
+        BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_H=block_h,
         num_warps=config.gate_warps, num_stages=config.gate_stages)
-
-
-def _has_griddepcontrol(device: torch.device) -> bool:
-    """Programmatic dependent launches (griddepcontrol): Hopper (sm_90) and later. Elsewhere,
-    and under the interpreter, down_early keeps its order of work but waits in stream order."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _num_sms(device: torch.device) -> int:

@@ -10,13 +10,6 @@ Optionally the second launch also counts, per group of consecutive neurons
 its own union's size to its group's counter (integer atomics: the result does not depend on the
 order). The first launch zeroes the counters (it runs to completion before the second starts).
 The CUDA FFN finds its neurons from these counts, so it needs no compaction launch.
-
-With PredictorConfig.prefetch_ffn and the FFN's weights given (`ffn_rows`), the second launch
-also asks L2 for the rows of the neurons it predicts (a PTX prefetch per 128-byte line, compiled
-NVIDIA kernels only): the FFN's rows then come from HBM while the predictor still streams its
-own weights, and the FFN kernels that follow read L2. The predictor's own time grows by what it
-fetches for the FFN; what counts is the two together (bench/predicted_layer.py times them as one
-call).
 """
 
 from __future__ import annotations
@@ -30,27 +23,19 @@ from torch import Tensor
 
 from kernels.sparse_ffn_ref import check_group_counts, prediction_groups
 from kernels.triton_utils import (DOT_MIN_ROWS, check_device, dot_in_fp32, dot_k_tile, dot_pad,
-                                  l2_prefetch_lines, linear_tile, next_pow2, prefetch_to_l2,
-                                  tuned_for)
-
-# the most FFN weights (gate, up, down transposed) the predictor prefetches rows of
-MAX_PREFETCH_WEIGHTS = 3
+                                  linear_tile, next_pow2, tuned_for)
 
 
 @triton.jit
 def _linear_epilogue_kernel(
-    X, W, OUT, GROUP_COUNTS, P0, P1, P2,
-    T, N, K, threshold, num_groups, prefetch_row_elems,
+    X, W, OUT, GROUP_COUNTS,
+    T, N, K, threshold, num_groups,
     stride_xt, stride_xk,
     stride_wn, stride_wk,
-    stride_ot, stride_on, stride_pn,
+    stride_ot, stride_on,
     EPILOGUE: tl.constexpr,  # 0: relu -> float32, 1: > threshold -> int8 mask
     COUNT_GROUPS: tl.constexpr,  # 0: zero GROUP_COUNTS, 1: add to them
     GROUP: tl.constexpr, GROUPS_POW2: tl.constexpr,
-    # mask epilogue: prefetch to L2 the rows (prefetch_row_elems long, row stride stride_pn) of
-    # the predicted neurons in the first PREFETCH_WEIGHTS of P0..P2, PREFETCH_LINES lines of
-    # LINE_ELEMS elements each (0: no prefetch)
-    PREFETCH_WEIGHTS: tl.constexpr, PREFETCH_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -73,21 +58,12 @@ def _linear_epilogue_kernel(
     else:
         fired = mask & (acc > threshold)                                     # [BT, BN]
         tl.store(out_ptrs, fired.to(tl.int8), mask=mask)
-        union = tl.max(fired.to(tl.int32), axis=0)                            # [BN]
         if COUNT_GROUPS:
             # NOTE: BLOCK_N divides GROUP (both powers of two; asserted by the launcher), so a
             # program's neurons lie in one group: one atomic per program.
+            union = tl.max(fired.to(tl.int32), axis=0)                        # [BN]
             tl.atomic_add(GROUP_COUNTS + (pid * BLOCK_N) // GROUP, tl.sum(union, axis=0),
                           sem="relaxed")
-        if PREFETCH_WEIGHTS > 0 and PREFETCH_LINES > 0:
-            cols = tl.arange(0, PREFETCH_LINES) * LINE_ELEMS
-            rows = offs_n[:, None].to(tl.int64) * stride_pn + cols[None, :]   # [BN, LINES]
-            wanted = (union != 0)[:, None] & (cols < prefetch_row_elems)[None, :]
-            prefetch_to_l2(P0 + rows, wanted)
-            if PREFETCH_WEIGHTS > 1:
-                prefetch_to_l2(P1 + rows, wanted)
-            if PREFETCH_WEIGHTS > 2:
-                prefetch_to_l2(P2 + rows, wanted)
 
 
 @dataclass(frozen=True)
@@ -100,20 +76,17 @@ class PredictorConfig:
     fc1_block_n: int = 8
     fc1_block_k: int = 512
     fc1_warps: int = 4
-    # fc2's programs ask L2 for the FFN rows of the neurons they predict, when the FFN's weights
-    # are given (predict_active_triton(ffn_rows=...); the CUDA engine gives them): unmeasured
-    prefetch_ffn: bool = False
 
 
 # NOTE: as in kernels/ffn_triton_compact.py: under DOT_MIN_ROWS batch rows, multiply and reduce
 # in registers (tl.dot would pad the rows to 16), and few output features per program, so that
 # the narrow fc1 stage (r ~ 1000 outputs) still spreads over every SM.
-# Winners of bench/tune_triton_ffn.py on an H100 (bf16, rank 1024, 2026-11-26).
-# (Both launches shared one tile when these were measured; fc1's own tiles are swept from the
-# next GPU run on.)
+# Winners of bench/tune_triton_ffn.py on an H100 (bf16, rank 1024, 2026-11-26). Batch 1 from
+# the 09:09 sweep, counting groups: 19.9 us (fc1 5.1 us, fc2 12.4 us apart) against 21.4 us on
+# the tiles before, which both launches shared. (4+ rows: one shared tile, from an earlier sweep.)
 TUNED_CONFIGS: dict[int, PredictorConfig] = {
-    1: PredictorConfig(block_n=4, block_k=1024, warps=4,
-                       fc1_block_n=4, fc1_block_k=1024, fc1_warps=4),
+    1: PredictorConfig(block_n=8, block_k=1024, warps=4,
+                       fc1_block_n=1, fc1_block_k=2048, fc1_warps=4),
     DOT_MIN_ROWS: PredictorConfig(block_n=32, block_k=256, warps=4,
                                   fc1_block_n=32, fc1_block_k=256, fc1_warps=4),
 }
@@ -121,16 +94,12 @@ TUNED_CONFIGS: dict[int, PredictorConfig] = {
 
 def predict_active_triton(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float = 0.0,
                           config: PredictorConfig | None = None,
-                          group_counts: Tensor | None = None,
-                          ffn_rows: tuple[Tensor, ...] = ()) -> Tensor:
+                          group_counts: Tensor | None = None) -> Tensor:
     """x [T, H] (T <= 64), fc1 [r, H], fc2 [I, r] (one dtype, unit stride along the last dim).
 
     Returns [T, I] bool. The hidden layer z [T, r] is kept in float32. group_counts, if given
     (int32 [groups of sparse_ffn_ref.prediction_groups(I)], contiguous), is filled with the
-    number of predicted neurons per group (sparse_ffn_ref.group_counts_ref). ffn_rows: up to
-    MAX_PREFETCH_WEIGHTS FFN weights [I, H'] (unit stride along H', one row stride), whose
-    predicted neurons' rows the kernel prefetches to L2 under config.prefetch_ffn (a hint: no
-    result changes, and nothing is fetched where the prefetch cannot run).
+    number of predicted neurons per group (sparse_ffn_ref.group_counts_ref).
     """
     check_device(x, fc1, fc2)
     T, H = x.shape
@@ -154,44 +123,19 @@ def predict_active_triton(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float 
         assert group % block_n == 0, (group, block_n)   # a program's neurons in one group
     counts_arg = group_counts if count_groups else x   # (not touched unless counting)
     counting = dict(COUNT_GROUPS=count_groups, GROUP=group, GROUPS_POW2=next_pow2(num_groups))
-    prefetch = _prefetch_args(ffn_rows, config.prefetch_ffn, I, x)
     xw = x if dot_fp32 else x.to(fc1.dtype)
     z = torch.empty(T, r, dtype=torch.float32, device=x.device)          # [T, r]
     _linear_epilogue_kernel[(triton.cdiv(r, fc1_block_n),)](
-        xw, fc1, z, counts_arg, x, x, x, T, r, H, 0.0, num_groups, 0,
-        xw.stride(0), xw.stride(1), fc1.stride(0), fc1.stride(1), z.stride(0), z.stride(1), 0,
-        EPILOGUE=0, **counting, PREFETCH_WEIGHTS=0, PREFETCH_LINES=0, LINE_ELEMS=1,
-        USE_DOT=use_dot, DOT_FP32=dot_fp32, BLOCK_T=block_t, BLOCK_N=fc1_block_n,
-        BLOCK_K=fc1_block_k, num_warps=config.fc1_warps)
+        xw, fc1, z, counts_arg, T, r, H, 0.0, num_groups,
+        xw.stride(0), xw.stride(1), fc1.stride(0), fc1.stride(1), z.stride(0), z.stride(1),
+        EPILOGUE=0, **counting, USE_DOT=use_dot, DOT_FP32=dot_fp32, BLOCK_T=block_t,
+        BLOCK_N=fc1_block_n, BLOCK_K=fc1_block_k, num_warps=config.fc1_warps)
     pred = torch.empty(T, I, dtype=torch.int8, device=x.device)          # [T, I]
     # NOTE: for a 16-bit fc2 the float32 z is rounded to fc2's dtype inside the dot (the
     # tensor-core path); the reference keeps float32, hence the tolerance near the threshold.
-    weights, row_elems, row_stride, lines = prefetch
     _linear_epilogue_kernel[(triton.cdiv(I, block_n),)](
-        z, fc2, pred, counts_arg, *weights, T, I, r, float(threshold), num_groups, row_elems,
+        z, fc2, pred, counts_arg, T, I, r, float(threshold), num_groups,
         z.stride(0), z.stride(1), fc2.stride(0), fc2.stride(1), pred.stride(0), pred.stride(1),
-        row_stride, EPILOGUE=1, **counting, PREFETCH_WEIGHTS=len(ffn_rows) if lines[0] else 0,
-        PREFETCH_LINES=lines[0], LINE_ELEMS=lines[1], USE_DOT=use_dot, DOT_FP32=dot_fp32,
-        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=config.warps)
+        EPILOGUE=1, **counting, USE_DOT=use_dot, DOT_FP32=dot_fp32, BLOCK_T=block_t,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=config.warps)
     return pred.view(torch.bool)
-
-
-def _prefetch_args(ffn_rows: tuple[Tensor, ...], wanted: bool, I: int, x: Tensor):
-    """(the three weight arguments, row length, row stride, (LINES, LINE_ELEMS)) of the mask
-    launch's prefetch of `ffn_rows`' rows (checked either way); LINES 0 where there is nothing
-    to prefetch, it is not wanted, or it cannot run."""
-    if not ffn_rows:
-        return (x, x, x), 0, 0, (0, 1)
-    first = ffn_rows[0]
-    assert len(ffn_rows) <= MAX_PREFETCH_WEIGHTS, len(ffn_rows)
-    for w in ffn_rows:
-        assert (w.dim() == 2 and w.shape == first.shape and w.shape[0] == I
-                and w.stride() == first.stride() and w.stride(1) == 1
-                and w.dtype == first.dtype and w.device == x.device), (
-            "ffn_rows: [I, H] weights of one layout", w.shape, w.stride())
-    row_elems = first.shape[1]
-    lines, line_elems = l2_prefetch_lines(row_elems, first.element_size(), wanted, x.device)
-    if not lines:
-        return (x, x, x), 0, 0, (0, 1)
-    weights = tuple(ffn_rows) + (x,) * (MAX_PREFETCH_WEIGHTS - len(ffn_rows))
-    return weights, row_elems, first.stride(0), (next_pow2(lines), line_elems)

@@ -167,17 +167,14 @@ def group_counts_for(x: Tensor, num_neurons: int) -> Tensor | None:
 
 
 def predict_active(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float = 0.0,
-                   group_counts: Tensor | None = None,
-                   ffn_rows: tuple[Tensor, ...] = ()) -> Tensor:
+                   group_counts: Tensor | None = None) -> Tensor:
     """TurboSparse predictor: [T, I] bool, fc2(relu(fc1 x)) > threshold.
 
     x [T, H] is the residual stream before the post-attention norm; fc1 [r, H]; fc2 [I, r].
     group_counts (new_group_counts(I, x.device)), if given, is filled with the number of
     neurons some row predicts in each group of prediction_groups(I) (group_counts_ref): the
     CUDA kernel counts them as it writes the mask, and sparse_ffn(predicted_group_counts=...)
-    then skips a launch. ffn_rows: the FFN weights that will read the predicted neurons' rows
-    next (w_gate, w_up, w_down_t, [I, H] each); the CUDA kernel may prefetch those rows to L2
-    (PredictorConfig.prefetch_ffn). A hint: other paths ignore it, and no result changes.
+    then skips a launch.
     """
     assert x.dim() == 2 and fc1.dim() == 2 and fc2.dim() == 2, (x.shape, fc1.shape, fc2.shape)
     assert fc1.shape[1] == x.shape[1] and fc2.shape[1] == fc1.shape[0], (
@@ -185,8 +182,7 @@ def predict_active(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float = 0.0,
     if dispatch.runs_triton(x) and x.shape[0] <= MAX_SPARSE_BATCH:
         from kernels import predictor_triton
         return predictor_triton.predict_active_triton(x, fc1, fc2, threshold,
-                                                      group_counts=group_counts,
-                                                      ffn_rows=ffn_rows)
+                                                      group_counts=group_counts)
     predicted = _predict_active_no_triton(x, fc1, fc2, threshold)
     if group_counts is not None:
         group_counts.copy_(group_counts_ref(predicted))

@@ -57,39 +57,6 @@ def tuned_for(table: dict, rows: int):
     return table[max(b for b in table if b <= rows)]
 
 
-# Bytes one prefetch instruction asks L2 for: an L2 cache line of NVIDIA GPUs.
-L2_LINE_BYTES = 128
-
-
-def can_prefetch_l2(device: torch.device) -> bool:
-    """prefetch_to_l2 is PTX: compiled kernels on an NVIDIA GPU (not the interpreter, not
-    ROCm)."""
-    return device.type == "cuda" and not interpreting() and not torch.version.hip
-
-
-def l2_prefetch_lines(block_elems: int, element_size: int, wanted: bool,
-                      device: torch.device) -> tuple[int, int]:
-    """(LINES, LINE_ELEMS): the L2 lines that cover `block_elems` contiguous elements of a row
-    starting on a line (at least one) and the elements per line; LINES 0 (no prefetch) unless
-    wanted where it can run (it changes no result: elsewhere the kernels just do without)."""
-    line_elems = L2_LINE_BYTES // element_size
-    if not (wanted and can_prefetch_l2(device)):
-        return 0, line_elems
-    return triton.cdiv(block_elems, line_elems), line_elems
-
-
-@triton.jit
-def prefetch_to_l2(ptrs, mask):
-    """Asks L2 for the line of each of `ptrs` where `mask` (broadcast to ptrs' shape): nothing
-    waits for it and no result changes; a later load of those bytes finds them in L2, not HBM.
-    """
-    # NOTE: not pure, so that the compiler keeps it although its dummy result is unused; the
-    # predicate stands for a mask (an inline asm takes none).
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
-        "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
-
-
 @triton.jit
 def activate_gate(g, threshold, ACT: tl.constexpr):
     """The gate's activation, as kernels/sparse_ffn_ref.py defines it (float32 in and out;

@@ -25,14 +25,11 @@ class Predictor(nn.Module):
         self.fc2 = nn.Linear(rank, intermediate_size, bias=False)
 
     def forward(self, x: torch.Tensor, threshold: float, use_kernel: bool = True,
-                group_counts: torch.Tensor | None = None,
-                ffn_rows: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+                group_counts: torch.Tensor | None = None) -> torch.Tensor:
         """x: [T, H] residual stream before the post-attention norm -> [T, I] bool.
-        group_counts, ffn_rows (kernel path only): as kernels.sparse_ffn.predict_active takes
-        them."""
+        group_counts (kernel path only): filled as kernels.sparse_ffn.predict_active does."""
         if use_kernel:
-            return predict_active(x, self.fc1.weight, self.fc2.weight, threshold, group_counts,
-                                  ffn_rows)
+            return predict_active(x, self.fc1.weight, self.fc2.weight, threshold, group_counts)
         assert group_counts is None, "the reference path does not count groups"
         return predict_active_ref(x, self.fc1.weight, self.fc2.weight, threshold)
 
@@ -74,19 +71,15 @@ class SparseMLP(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, FFNActivity]:
         """x: [T, H] normed input; residual: [T, H] stream before the norm (predictor input)."""
         predicted = group_counts = None
-        w_down_t = self.w_down_t if self.w_down_t is not None else self.down_proj.weight.t()
         if self.predictor is not None and self.use_predictor:
-            ffn_rows = ()
             if self.use_sparse_kernels:
                 # the CUDA predictor counts its neurons per group, and the FFN kernels skip their
-                # compaction launch (kernels/ffn_triton_compact.py); None where nothing uses them.
-                # There it may also prefetch the predicted rows the FFN reads next.
+                # compaction launch (kernels/ffn_triton_compact.py); None where nothing uses them
                 group_counts = group_counts_for(x, self.gate_proj.out_features)
-                if group_counts is not None and self.w_down_t is not None:
-                    ffn_rows = (self.gate_proj.weight, self.up_proj.weight, self.w_down_t)
             predicted = self.predictor(residual, self.predictor_threshold,
                                        use_kernel=self.use_sparse_kernels,
-                                       group_counts=group_counts, ffn_rows=ffn_rows)  # [T, I]
+                                       group_counts=group_counts)                    # [T, I] bool
+        w_down_t = self.w_down_t if self.w_down_t is not None else self.down_proj.weight.t()
         args = (x, self.gate_proj.weight, self.up_proj.weight, w_down_t, self.act, self.act_threshold)
         if self.use_sparse_kernels:
             out, active = sparse_ffn(*args, predicted=predicted,

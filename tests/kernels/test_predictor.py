@@ -84,42 +84,6 @@ def test_triton_predictor_counts_groups(monkeypatch, shape, max_groups):
         assert torch.equal(counts.cpu(), sparse_ffn_ref.group_counts_ref(pred.cpu()))
 
 
-@pytest.mark.parametrize("shape", [(1, 100, 24, 300), (5, 64, 40, 130)], ids=str)
-def test_triton_predictor_prefetching_ffn_rows_changes_no_mask(monkeypatch, shape):
-    # PredictorConfig.prefetch_ffn with the FFN's rows given: on a GPU the mask launch also
-    # asks L2 for the predicted neurons' rows (rows of 4000 elements: off the 128-byte line);
-    # under the interpreter it cannot, and does without. The mask and counts are the same.
-    pytest.importorskip("triton")
-    from kernels import predictor_triton
-
-    T, H, r, I = shape
-    x, fc1, fc2 = _case(T, H, r, I, torch.bfloat16, seed=H, device=triton_device())
-    rows = tuple(torch.randn(I, 4000).to(x) for _ in range(3))
-    config = predictor_triton.PredictorConfig(prefetch_ffn=True)
-    masks, counts = [], []
-    for ffn_rows in ((), rows[:1], rows):
-        poison_allocations(monkeypatch, predictor_triton)
-        counts.append(new_group_counts(I, x.device).fill_(POISON_INT))
-        masks.append(predictor_triton.predict_active_triton(x, fc1, fc2, 0.1, config=config,
-                                                            group_counts=counts[-1],
-                                                            ffn_rows=ffn_rows))
-    _assert_mask_matches(masks[0], x, fc1, fc2, 0.1, torch.bfloat16)
-    assert all(torch.equal(m, masks[0]) for m in masks)
-    assert all(torch.equal(c, counts[0]) for c in counts)
-
-
-def test_triton_predictor_takes_ffn_rows_of_one_layout():
-    pytest.importorskip("triton")
-    from kernels import predictor_triton
-
-    x, fc1, fc2 = _case(1, 32, 8, 64, torch.float32, seed=3, device=triton_device())
-    w = torch.zeros(64, 32, device=x.device)
-    for bad in ((w, w[:, :16]), (w, w.t().contiguous().t()), (w, w.half()), (w,) * 4,
-                (torch.zeros(65, 32, device=x.device),)):
-        with pytest.raises(AssertionError):
-            predictor_triton.predict_active_triton(x, fc1, fc2, ffn_rows=bad)
-
-
 def test_cpu_predictor_counts_groups():
     x, fc1, fc2 = _case(2, 48, 8, 300, torch.float32, seed=4)
     counts = new_group_counts(300, x.device).fill_(POISON_INT)

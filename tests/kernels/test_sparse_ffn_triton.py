@@ -11,11 +11,10 @@ pytest.importorskip("triton")
 from tests.kernels.kernel_cases import (DTYPES, SPARSITIES, THRESHOLD, assert_close,
                                         assert_mask_equal, ffn_weights, poison_allocations,
                                         predicted_mask, record_routes, triton_device)
-from kernels import ffn_triton_compact, sparse_ffn_triton, triton_utils
+from kernels import ffn_triton_compact, sparse_ffn_triton
 from kernels import sparse_ffn_ref as sparse_ffn_ref_module
 from kernels.ffn_triton_compact import CompactConfig
 from kernels.sparse_ffn_ref import ACTIVATIONS, group_counts_ref, sparse_ffn_ref
-from kernels.triton_utils import l2_prefetch_lines
 
 # (T, H, I): batch 1, 3 (both multiply-reduce in registers) and 5 (tl.dot); H and I off the
 # block sizes.
@@ -25,9 +24,10 @@ SMALL_TILES = CompactConfig(gate_block_i=4, gate_block_h=32, down_block_k=4, dow
                             down_split=3, scan_block=16)
 # The same, with the partial sums reduced by the down kernel's last program (no reduce launch).
 SMALL_TILES_FUSED = dataclasses.replace(SMALL_TILES, down_fused_reduce=True)
-# And given the group counts, the down kernel finding its first neurons itself (down_early).
-SMALL_TILES_EARLY = dataclasses.replace(SMALL_TILES_FUSED, down_early=True)
-CONFIGS = [None, SMALL_TILES, SMALL_TILES_FUSED, SMALL_TILES_EARLY]
+# Down tiles that list more slots than these layers have neurons: the down kernel does all its
+# work in the step before its loop, and some of its programs find no slot at all.
+WIDE_DOWN = dataclasses.replace(SMALL_TILES_FUSED, down_block_k=32, down_split=4)
+CONFIGS = [None, SMALL_TILES, SMALL_TILES_FUSED, WIDE_DOWN]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -119,15 +119,15 @@ def test_compaction_scans_in_several_chunks(monkeypatch, scan_block):
     assert_mask_equal(active, ref_active)
 
 
-@pytest.mark.parametrize("T, max_groups, programs_per_sm, early",
-                         [(1, 256, 4, False), (3, 2, 0, True), (5, 3, 1, True), (2, 256, 4, True)])
+@pytest.mark.parametrize("T, max_groups, programs_per_sm",
+                         [(1, 256, 4), (3, 2, 0), (5, 3, 1), (2, 256, 4)])
 def test_group_counts_list_the_neurons_as_the_compaction_does(monkeypatch, T, max_groups,
-                                                              programs_per_sm, early):
+                                                              programs_per_sm):
     # The gate/up programs that find their own neurons from the group counts must list them in
     # the compaction's order: the same slots, so the same output bit for bit. max_groups 2-3
     # widens the groups (256 or 512 neurons) on this small layer. Under the interpreter a
     # "device" has one SM: 1 or 4 programs take several slot blocks each; 0 launches one
-    # program per slot block. `early`: the down kernel finds its first slots' neurons itself.
+    # program per slot block.
     monkeypatch.setattr(sparse_ffn_ref_module, "MAX_PREDICTION_GROUPS", max_groups)
     gen = torch.Generator().manual_seed(17 + T)
     device = triton_device()
@@ -138,8 +138,7 @@ def test_group_counts_list_the_neurons_as_the_compaction_does(monkeypatch, T, ma
     poison_allocations(monkeypatch, ffn_triton_compact)
     compacted = sparse_ffn_triton.sparse_ffn_triton(x, wg, wu, wd, "fatrelu", 0.1, pred,
                                                     compact_config=SMALL_TILES_FUSED)
-    config = dataclasses.replace(SMALL_TILES_FUSED, gate_programs_per_sm=programs_per_sm,
-                                 down_early=early)
+    config = dataclasses.replace(SMALL_TILES_FUSED, gate_programs_per_sm=programs_per_sm)
     counted = sparse_ffn_triton.sparse_ffn_triton(x, wg, wu, wd, "fatrelu", 0.1, pred,
                                                   compact_config=config,
                                                   predicted_group_counts=counts)
@@ -182,19 +181,15 @@ def test_fused_reduce_is_repeatable_and_resets_its_tickets(monkeypatch, T):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-@pytest.mark.parametrize("T, counted, early, prefetch", [
-    (1, False, False, False), (5, False, False, False), (1, True, False, False),
-    (5, True, False, False), (1, True, True, False), (5, True, True, False),
-    (1, False, False, True), (1, True, False, True), (5, True, True, True)])
-def test_replays_in_a_cuda_graph(T, counted, early, prefetch):
+@pytest.mark.parametrize("T, counted", [(1, False), (5, False), (1, True), (5, True)])
+def test_replays_in_a_cuda_graph(T, counted):
     # Captured in a CUDA graph, as the engine runs decode, and replayed after the input changed:
     # the fused reduction's tickets must come back to zero inside the graph too.
     gen = torch.Generator().manual_seed(13 + T)
     x, wg, wu, wd = ffn_weights(T, 512, 1024, torch.bfloat16, gen, "cuda")
     pred = predicted_mask(T, 1024, 0.9, gen).cuda()
     counts = group_counts_ref(pred) if counted else None
-    config = dataclasses.replace(SMALL_TILES_FUSED, gate_block_h=128, down_block_h=64,
-                                 down_early=early, prefetch_down=prefetch)
+    config = dataclasses.replace(SMALL_TILES_FUSED, gate_block_h=128, down_block_h=64)
 
     def call():
         return sparse_ffn_triton.sparse_ffn_triton(x, wg, wu, wd, "silu", 0.0, pred,
@@ -214,35 +209,6 @@ def test_replays_in_a_cuda_graph(T, counted, early, prefetch):
         ref, ref_active = sparse_ffn_ref(x, wg, wu, wd, "silu", 0.0, pred)
         assert_close(out, ref, torch.bfloat16)
         assert_mask_equal(active, ref_active)
-
-
-def test_l2_prefetch_covers_a_block_in_lines(monkeypatch):
-    cpu = torch.device("cpu")
-    assert l2_prefetch_lines(2048, 2, True, cpu)[0] == 0     # PTX: never under the interpreter
-    monkeypatch.setattr(triton_utils, "can_prefetch_l2", lambda device: True)
-    assert l2_prefetch_lines(2048, 2, True, cpu) == (32, 64)   # 128-byte lines of bf16
-    assert l2_prefetch_lines(2048, 4, True, cpu) == (64, 32)   # of float32
-    assert l2_prefetch_lines(32, 2, True, cpu) == (1, 64)      # a block inside one line
-    assert l2_prefetch_lines(2048, 2, False, cpu)[0] == 0
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the L2 prefetch is compiled PTX")
-@pytest.mark.parametrize("T, counted", [(1, True), (3, False), (5, True)])
-def test_l2_prefetch_changes_no_result(T, counted):
-    # prefetch_down only asks L2 for rows early (and marks the gate/up rows evict-first): the
-    # output and the mask are the same bits as without it, on shapes off the line size.
-    gen = torch.Generator().manual_seed(19 + T)
-    x, wg, wu, wd = ffn_weights(T, 4000, 700, torch.bfloat16, gen, "cuda")
-    pred = predicted_mask(T, 700, 0.9, gen).cuda()
-    counts = group_counts_ref(pred) if counted else None
-    outs = [sparse_ffn_triton.sparse_ffn_triton(
-                x, wg, wu, wd, "silu", 0.0, pred, predicted_group_counts=counts,
-                compact_config=dataclasses.replace(SMALL_TILES_FUSED, gate_block_h=1024,
-                                                   down_block_h=128, prefetch_down=prefetch))
-            for prefetch in (False, True)]
-    assert torch.equal(outs[0][0], outs[1][0])
-    assert torch.equal(outs[0][1], outs[1][1])
-    assert_close(outs[1][0], sparse_ffn_ref(x, wg, wu, wd, "silu", 0.0, pred)[0], torch.bfloat16)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA dispatch needs a CUDA device")

@@ -4,10 +4,10 @@ import dataclasses
 
 from bench.tune_triton_ffn import (
     COMPACTION_STAGE,
+    COUNTED_GRID_STAGE,
     EXACT_STAGES,
     FFN_STAGES,
     PER_THREAD,
-    PREFETCH_GRID_STAGE,
     _grid,
     _per_thread,
 )
@@ -32,10 +32,20 @@ def test_multiply_reduce_tiles_stay_within_the_per_thread_range():
 def test_stages_that_change_no_tile_are_not_filtered():
     base = dataclasses.replace(default_config(1), down_block_k=32, down_block_h=1024,
                                down_warps=2)   # a down tile outside the range
-    for stage in (COMPACTION_STAGE, FFN_STAGES[0], PREFETCH_GRID_STAGE, *EXACT_STAGES):
+    for stage in (COMPACTION_STAGE, FFN_STAGES[0], COUNTED_GRID_STAGE, *EXACT_STAGES):
         assert _grid(stage, 1, base) == _grid(stage, 1, default_config(1))
 
 
 def test_dot_batches_drop_tiles_below_the_padding():
     for combo in _grid(FFN_STAGES[0], DOT_MIN_ROWS, default_config(DOT_MIN_ROWS)):
         assert combo["gate_block_i"] >= 16
+
+
+def test_down_tiles_are_swept_with_the_split():
+    # the down stage pairs tiles with splits, so a tile that lists every slot of a batch-1, 90%
+    # layer (~1430) in one step of each program is among those tried
+    down = next(stage for stage in FFN_STAGES if "down_block_k" in stage)
+    kept = _grid(down, 1, default_config(1))
+    assert "down_split" in down
+    assert any(c["down_block_k"] * c["down_split"] >= 1434 for c in kept)
+    assert any(c["down_block_k"] * c["down_split"] < 1434 for c in kept)
