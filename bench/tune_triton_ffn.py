@@ -57,7 +57,7 @@ COMPACTION_STAGE = dict(scan_block=[0, 512, 1024, 2048])   # (--from-mask only)
 # the rows and warps of a tile (a grid of more programs per SM needs fewer registers a program,
 # and balances the slot blocks over the SMs differently)
 COUNTED_GRID_STAGE = dict(gate_block_i=[1, 2, 4, 8], gate_warps=[1, 2, 4, 8],
-                          gate_programs_per_sm=[2, 3, 4, 6, 8])
+                          gate_programs_per_sm=[2, 3, 4, 6, 8, 12, 16])
 FFN_STAGES = [
     # tile and warps together: a wide tile needs the warps to hold it (a greedy sweep of one then
     # the other never tries a wide tile with many warps); _grid drops the tiles that leave a
