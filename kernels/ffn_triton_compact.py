@@ -89,9 +89,8 @@ class CompactConfig:
     gate_stages: int = 3
     down_stages: int = 3
     # gate/up programs per SM when the predictor's group counts are given: each takes slot
-    # blocks in turn (unmeasured: 4 is what fits an SM at the batch-1 tile's 128 registers a
-    # thread, ptxas of Triton 3.6 for sm_90); 0: one program per slot block of the whole layer,
-    # most of them with none to do
+    # blocks in turn (the batch-1 winner: 12 programs of one warp and one neuron); 0: one
+    # program per slot block of the whole layer, most of them with none to do
     gate_programs_per_sm: int = 4
 
 
@@ -100,10 +99,18 @@ class CompactConfig:
 # docs/benchmarks/kernels_gpu.md). Tiles are tuned for 16-bit weights; float32 ones halve the
 # hidden-dimension tiles of the tl.dot path (same bytes per tile, or shared memory overflows).
 TUNED_CONFIGS: dict[int, CompactConfig] = {
-    # 2026-11-26 05:17 sweep (`TUNE_BATCHES=1 bash bench/gpu_check.sh`): 26.7 us at batch 1
-    1: CompactConfig(gate_block_i=4, gate_block_h=2048, gate_warps=4, down_block_k=32,
-                     down_block_h=128, down_split=16, down_warps=2, scan_block=1024,
-                     gate_pass_block_h=2048, down_fused_reduce=True),
+    # 2026-11-26 09:20 sweep on the engine's path (the predictor's group counts given;
+    # `TUNE_SWEEP=compact bash bench/gpu_check.sh`): 22.2 us at batch 1, 90%, against 23.2 us
+    # on the tiles before (4 neurons x 4 warps, 4 programs per SM; down 32 x 128 slots x
+    # columns, split 16, 2 warps). One neuron a program, 12 programs per SM, balance the ~1430
+    # listed neurons over the SMs (11 each, not 2 or 3 blocks of 4), and one-warp down programs
+    # with split 32 take each 1-2 steps. NOTE: the mask path (compaction launch; exact mode)
+    # runs these tiles too, and was faster on the ones before: 27.6 against 30.6 us from the
+    # mask at batch 1, 90% (exact mode 62.8 against 64.7 us, about the 1.5% by which dense was
+    # slower in the second run; docs/benchmarks/kernels_gpu.md). Its own tiles: a follow-up.
+    1: CompactConfig(gate_block_i=1, gate_block_h=2048, gate_warps=1, down_block_k=32,
+                     down_block_h=128, down_split=32, down_warps=1, scan_block=1024,
+                     gate_pass_block_h=2048, down_fused_reduce=True, gate_programs_per_sm=12),
     # NOTE: gate/up and down tiles swept before the parallel scan and the fused reduction
     # existed. scan_block=1024 (cut the batch-1 scan from 9.2 to 3.1 us) is set here unmeasured,
     # also because the one-program scan of the whole mask needs 128 KiB of shared memory from 4
