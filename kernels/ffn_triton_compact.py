@@ -11,10 +11,11 @@ Launches (predicted mode: a mask is given):
   _compact_kernel       grid (cdiv(I, BLOCK),): union of the predicted mask's rows -> IDX
       (ascending neuron ids), COUNT; also zeroes ACTIVE for the neurons outside the union.
       Program p counts the live neurons before its block itself, so no program waits on another.
-  _gate_up_kernel       grid (cdiv(I, BLOCK_I),): program p takes compact slots
-      [p*BLOCK_I, (p+1)*BLOCK_I) (programs past COUNT return at once), reads those neurons'
-      gate and up rows in one pass over H, applies the activation and the per-row prediction,
-      writes h in compact order HC [T, slot] and ACTIVE [T, neuron].
+  _gate_up_kernel       grid (a few programs per SM, CompactConfig.gate_programs_per_sm): program
+      p takes the blocks of BLOCK_I compact slots p, p + num_programs, ... up to COUNT
+      (programs past COUNT return at once), reads those neurons' gate and up rows in one pass
+      over H, applies the activation and the per-row prediction, writes h in compact order
+      HC [T, slot] and ACTIVE [T, neuron].
   _down_kernel          grid (cdiv(H, BLOCK_H), SPLIT): program (j, s) accumulates
       HC[:, slot] * W_down_t[IDX[slot], j-th slice] over slots s*BLOCK_K + k*SPLIT*BLOCK_K
       (interleaved, so the splits stay balanced whatever COUNT is) into PARTIAL[s].
@@ -88,9 +89,9 @@ class CompactConfig:
     # software-pipelining depth of the gate/up and down loops (Triton's default is 3)
     gate_stages: int = 3
     down_stages: int = 3
-    # gate/up programs per SM when the predictor's group counts are given: each takes slot
-    # blocks in turn (the batch-1 winner: 12 programs of one warp and one neuron); 0: one
-    # program per slot block of the whole layer, most of them with none to do
+    # gate/up programs per SM (either path): each takes slot blocks in turn (the batch-1 winner,
+    # given the counts: 12 programs of one warp and one neuron); 0: one program per slot block
+    # of the whole layer, most of them with none to do
     gate_programs_per_sm: int = 4
 
 
@@ -107,7 +108,9 @@ TUNED_CONFIGS: dict[int, CompactConfig] = {
     # with split 32 take each 1-2 steps. NOTE: the mask path (compaction launch; exact mode)
     # runs these tiles too, and was faster on the ones before: 27.6 against 30.6 us from the
     # mask at batch 1, 90% (exact mode 62.8 against 64.7 us, about the 1.5% by which dense was
-    # slower in the second run; docs/benchmarks/kernels_gpu.md). Its own tiles: a follow-up.
+    # slower in the second run; docs/benchmarks/kernels_gpu.md), when its gate/up kernel ran
+    # one program per slot block of the whole layer (14336 one-warp programs for ~1430 neurons).
+    # It now runs the counted kernel's grid (gate_programs_per_sm): unmeasured on a GPU.
     1: CompactConfig(gate_block_i=1, gate_block_h=2048, gate_warps=1, down_block_k=32,
                      down_block_h=128, down_split=32, down_warps=1, scan_block=1024,
                      gate_pass_block_h=2048, down_fused_reduce=True, gate_programs_per_sm=12),
@@ -225,11 +228,14 @@ def _gate_up_kernel(
     ACT: tl.constexpr, GATE_GIVEN: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
+    # Program p takes slot blocks p, p + num_programs, ... up to COUNT (a grid of a few programs
+    # per SM, as _gate_up_counted_kernel's; or one program per block of the whole layer).
     pid = tl.program_id(0)
+    step = tl.num_programs(0) * BLOCK_I
     slots = pid * BLOCK_I + tl.arange(0, BLOCK_I)
-    # NOTE: the list is loaded before COUNT arrives (both loads in flight at once: one memory
-    # round trip at the head instead of two); the slots past COUNT hold stale ids, so an id is
-    # used only where its slot is live.
+    # NOTE: the first block's list is loaded before COUNT arrives (both loads in flight at once:
+    # one memory round trip at the head instead of two); the slots past COUNT hold stale ids, so
+    # an id is used only where its slot is live.
     listed = tl.load(IDX + slots, mask=slots < I, other=0)                     # [BI]
     count = tl.load(COUNT)
     if pid * BLOCK_I >= count:
@@ -238,6 +244,13 @@ def _gate_up_kernel(
     _gate_up_rows(X, WG, WU, GATE, PRED, HC, ACTIVE, tl.where(live, listed, 0), live, slots,
                   T, H, threshold, stride_xt, stride_wi, stride_gt, stride_pt, stride_ht,
                   stride_at, ACT, GATE_GIVEN, USE_DOT, DOT_FP32, BLOCK_T, BLOCK_I, BLOCK_H)
+    for s0 in range(pid * BLOCK_I + step, count, step):
+        slots = s0 + tl.arange(0, BLOCK_I)
+        live = slots < count
+        neuron = tl.load(IDX + slots, mask=live, other=0)                     # [BI]
+        _gate_up_rows(X, WG, WU, GATE, PRED, HC, ACTIVE, neuron, live, slots, T, H, threshold,
+                      stride_xt, stride_wi, stride_gt, stride_pt, stride_ht, stride_at, ACT,
+                      GATE_GIVEN, USE_DOT, DOT_FP32, BLOCK_T, BLOCK_I, BLOCK_H)
 
 
 @triton.jit
@@ -494,7 +507,7 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
             pred, idx, count, active, T, I, pred.stride(0), active.stride(0),
             BLOCK=scan_block, SCAN=scan, num_warps=16 if scan_block == scan else 8)
         gate_arg = hc if gate is None else gate   # (not read unless the gate was given)
-        _gate_up_kernel[(triton.cdiv(I, block_i),)](
+        _gate_up_kernel[(_gate_up_programs(I, block_i, config, dev),)](
             x, w_gate, w_up, gate_arg, pred, idx, count, hc, active,
             T, H, I, float(threshold), x.stride(0), w_gate.stride(0), gate_arg.stride(0),
             pred.stride(0), hc.stride(0), active.stride(0),
@@ -528,10 +541,7 @@ def _launch_gate_up_counted(x: Tensor, w_gate: Tensor, w_up: Tensor, pred: Tenso
     T, H = x.shape
     I = w_gate.shape[0]
     group, num_groups = prediction_groups(I)
-    blocks = triton.cdiv(I, block_i)
-    programs = blocks
-    if config.gate_programs_per_sm:
-        programs = min(blocks, config.gate_programs_per_sm * _num_sms(x.device))
+    programs = _gate_up_programs(I, block_i, config, x.device)
     _gate_up_counted_kernel[(programs,)](
         x, w_gate, w_up, pred, group_counts, idx, count, hc, active,
         T, H, I, float(threshold), num_groups,
@@ -540,6 +550,15 @@ def _launch_gate_up_counted(x: Tensor, w_gate: Tensor, w_up: Tensor, pred: Tenso
         CLEAR=next_pow2(triton.cdiv(I, programs)), USE_DOT=use_dot, DOT_FP32=dot_fp32,
         BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_H=block_h,
         num_warps=config.gate_warps, num_stages=config.gate_stages)
+
+
+def _gate_up_programs(I: int, block_i: int, config: CompactConfig, device: torch.device) -> int:
+    """The gate/up grid: config.gate_programs_per_sm programs per SM taking slot blocks in
+    turn, or (0) one program per slot block of the whole layer."""
+    blocks = triton.cdiv(I, block_i)
+    if not config.gate_programs_per_sm:
+        return blocks
+    return min(blocks, config.gate_programs_per_sm * _num_sms(device))
 
 
 def _num_sms(device: torch.device) -> int:
