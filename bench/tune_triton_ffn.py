@@ -2,11 +2,10 @@
 
 For each batch bucket, at Mistral-7B shape, bf16 and 90% per-row sparsity, on the path the CUDA
 engine runs (the mask and the predictor's per-group counts; `--from-mask`: the mask alone, with
-the compaction launch, whose scan is then swept first): the gate/up tiles with their warps (then,
-given the counts, the gate/up programs per SM with the rows and warps of a tile), then the down
-tiles with their warps and the split, then the reduction (a launch of its own, or fused into
-the down kernel), then the pipelining depths, each stage starting from the best so far; then
-exact mode's gate pass; then
+the compaction launch, whose scan is then swept first): the gate/up tile's columns, then its
+rows with its warps and the gate/up programs per SM, then the down tiles with their warps and
+the split, then the reduction (a launch of its own, or fused into the down kernel), then the
+pipelining depths, each stage starting from the best so far; then exact mode's gate pass; then
 the predictor's tiles (rank 1024, counting groups unless --from-mask). Ends with a per-kernel
 profile at batch 1. `--sweep` picks what to sweep; what is not swept is timed once at its
 current tiles. Batches above 8 rows are not swept by default:
@@ -53,26 +52,24 @@ from kernels.triton_utils import DOT_MIN_ROWS, tuned_for  # noqa: E402
 logger = logging.getLogger("bench.tune_triton_ffn")
 
 COMPACTION_STAGE = dict(scan_block=[0, 512, 1024, 2048])   # (--from-mask only)
-# given the group counts (not --from-mask): the gate/up grid, after the gate/up tiles, swept with
-# the rows and warps of a tile (a grid of more programs per SM needs fewer registers a program,
-# and balances the slot blocks over the SMs differently)
-COUNTED_GRID_STAGE = dict(gate_block_i=[1, 2, 4, 8], gate_warps=[1, 2, 4, 8],
-                          gate_programs_per_sm=[2, 3, 4, 6, 8, 12, 16])
+# Grids bracket the H100 winners of 2026-11-26 (batch 1: gate/up 1 x 2048, 1 warp, 12 programs
+# per SM; down 32 x 128, 1 warp, split 32) and keep the sweep near 2 minutes (gpu_check.sh's 5).
 FFN_STAGES = [
-    # tile and warps together: a wide tile needs the warps to hold it (a greedy sweep of one then
-    # the other never tries a wide tile with many warps); _grid drops the tiles that leave a
-    # thread too few or too many elements
-    dict(gate_block_i=[1, 2, 4, 8, 16, 32], gate_block_h=[256, 512, 1024, 2048, 4096],
-         gate_warps=[1, 2, 4, 8]),
+    dict(gate_block_h=[512, 1024, 2048, 4096]),   # the gate/up tile's columns per step
+    # its rows, warps and the grid together: a wide tile needs the warps to hold it (a greedy
+    # sweep of one then the other never tries a wide tile with many warps), and more programs
+    # per SM need fewer registers a program (and balance the slot blocks over the SMs
+    # differently); _grid drops the tiles that leave a thread too few or too many elements
+    dict(gate_block_i=[1, 2, 4, 16, 32], gate_warps=[1, 2, 4, 8],
+         gate_programs_per_sm=[4, 8, 12, 16]),
     # the down tile, its warps and the split together: at batch 1, 90% the list is ~1430 slots
     # long, and block_k x split decides how many steps a program takes (one step: every load of
     # a program in flight at once) and how many programs there are
-    dict(down_block_k=[16, 32, 64, 128], down_block_h=[64, 128, 256], down_warps=[1, 2, 4, 8],
-         down_split=[8, 16, 32]),
+    dict(down_block_k=[16, 32, 64, 128], down_block_h=[64, 128, 256], down_warps=[1, 2, 4],
+         down_split=[16, 32]),
     dict(down_fused_reduce=[False, True]),
-    # (2-4 made no difference at one row on 2026-11-26; 1 leaves a loop unpipelined, which may
-    # suit the down kernel now that a one-step tile does its work before its loop)
-    dict(gate_stages=[1, 2, 3], down_stages=[1, 2, 3]),
+    # (2-4 made no difference at one row on 2026-11-26, nor 1-3 at 09:20)
+    dict(gate_stages=[2, 3], down_stages=[1, 3]),
 ]
 # elements of a weight tile per thread that the multiply-reduce path (below DOT_MIN_ROWS rows)
 # is swept over: fewer leaves too few loads in flight, more spills registers
@@ -204,8 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         counts = None if args.from_mask else group_counts_ref(mask)
         # the predictor counting its neurons per group, as the engine runs it (own buffer)
         pred_counts = None if counts is None else torch.empty_like(counts)
-        stages = ([COMPACTION_STAGE, *FFN_STAGES] if args.from_mask
-                  else [FFN_STAGES[0], COUNTED_GRID_STAGE, *FFN_STAGES[1:]])
+        stages = [COMPACTION_STAGE, *FFN_STAGES] if args.from_mask else FFN_STAGES
 
         ffn, ffn_ms = _sweep("compact", default_config(T), stages, T,
                              lambda c: sparse_ffn_triton.sparse_ffn_triton(
