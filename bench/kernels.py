@@ -340,7 +340,9 @@ def end_to_end(rows: list[dict], predictor_rows: list[dict]) -> list[str]:
     predictor = {(r["dtype"], r["batch"]): (r["counting_ms"] if r["counting_ms"]
                                             and r["batch"] <= counts else r["ms"])
                  for r in predictor_rows}
-    lines = ["", "Predictor + FFN, as the engine runs a predicted layer, against the dense FFN:",
+    lines = ["", "Predictor + FFN, as the engine runs a predicted layer, against the dense FFN "
+             "(the sum of the two calls timed apart; `bench/predicted_layer.py` times them as "
+             "one):",
              "", "| dtype | batch | sparsity | predictor ms | FFN ms | total ms | dense ms | "
              "speed-up |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -61,7 +61,7 @@ FFN_STAGES = [
     # per SM need fewer registers a program (and balance the slot blocks over the SMs
     # differently); _grid drops the tiles that leave a thread too few or too many elements
     dict(gate_block_i=[1, 2, 4, 16, 32], gate_warps=[1, 2, 4, 8],
-         gate_programs_per_sm=[4, 8, 12, 16]),
+         gate_programs_per_sm=[2, 4, 8, 12, 16]),
     # the down tile, its warps and the split together: at batch 1, 90% the list is ~1430 slots
     # long, and block_k x split decides how many steps a program takes (one step: every load of
     # a program in flight at once) and how many programs there are

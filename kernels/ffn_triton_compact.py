@@ -119,8 +119,9 @@ TUNED_CONFIGS: dict[int, CompactConfig] = {
     # also because the one-program scan of the whole mask needs 128 KiB of shared memory from 4
     # rows on, over an sm_89's 99 KiB (`python bench/compile_check.py`). (Exact mode from these
     # rows runs the masked kernels of kernels/sparse_ffn_triton.py: no gate pass here.)
-    # gate_programs_per_sm=2: what fits an SM at the counted kernel's 196 registers a thread
-    # and 80 KiB of shared memory (Triton 3.6, sm_90; unmeasured)
+    # gate_programs_per_sm=2: what fits an SM at the gate/up kernels' 196-200 registers a thread
+    # and 80 KiB of shared memory (Triton 3.6, sm_90; the grid of both paths, the counted
+    # kernel's and, since the 09:20 sweep, the mask path's; unmeasured)
     DOT_MIN_ROWS: CompactConfig(gate_block_i=32, gate_block_h=256, gate_warps=4, down_block_k=32,
                                 down_block_h=128, down_split=16, down_warps=2, scan_block=1024,
                                 gate_programs_per_sm=2),

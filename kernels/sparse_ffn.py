@@ -60,11 +60,11 @@ logger = logging.getLogger(__name__)
 # - CUDA: 1.0 (never): a fraction below 1 costs a host sync per call (breaking CUDA-graph
 #   capture). Instead a shape rule: above CUDA_SPARSE_MAX_ROWS rows the call goes to cuBLAS.
 #   Measured on an H100 (bench/gpu_check.sh, bf16, Mistral-7B FFN, random per-row masks,
-#   docs/benchmarks/kernels_gpu.md, 2026-11-26 05:18): up to 8 rows the Triton kernels are
-#   0.99-1.05x cuBLAS when the batch reads every neuron and win from there on (8 rows at 90%:
-#   union 57%, 1.51x); at 16 rows they lost at every measured sparsity (0.97-0.98x; unions of
-#   56-100%). Exact mode holds the same rule (kernels_gpu_exact.md: 1.03-2.39x at one row,
-#   1.07-1.29x at 4 and 8 rows on the masked kernels).
+#   docs/benchmarks/kernels_gpu.md, 2026-11-26 09:23): up to 8 rows the Triton kernels are
+#   1.00-1.11x cuBLAS when the batch reads every neuron and win from there on (8 rows at 90%:
+#   union 57%, 1.56x); at 16 rows they lost at every measured sparsity in the 05:18 run
+#   (0.97-0.98x; unions of 56-100%). Exact mode holds the same rule (kernels_gpu_exact.md,
+#   09:23: 1.09-2.26x at one row, 1.05-1.30x at 4 and 8 rows on the masked kernels).
 # hidden size -> (rows from which CPU float32 is compute-bound, dense fallback fraction there);
 # the entry with the largest hidden size <= the layer's applies.
 CPU_FP32_COMPUTE_BOUND: dict[int, tuple[int, float]] = {0: (12, 0.4), 2048: (32, 0.6)}

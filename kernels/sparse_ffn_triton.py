@@ -4,11 +4,12 @@ masked kernels.
 Predicted mode (a mask is given) runs the compacted kernels of kernels/ffn_triton_compact.py.
 Exact mode (no predictor: every gate row must be read to know which neurons fire) runs
   - below DOT_MIN_ROWS rows, the compacted kernels after a dense pass over the gate rows that
-    makes the mask (H100, bf16, Mistral-7B FFN, one row: 1.03x cuBLAS at 0% to 2.39x at 95%;
-    at 90% 61.8 us where the masked kernels take 109.5);
-  - from DOT_MIN_ROWS rows, the masked kernels below (H100: 1.07-1.29x cuBLAS at 4 and 8 rows
-    from 0% to 95%, where the compacted ones took 0.89-1.50x and 0.88-1.30x: at low sparsity
-    their extra passes cost more than they save). docs/benchmarks/kernels_gpu_exact.md.
+    makes the mask (H100, bf16, Mistral-7B FFN, one row, 2026-11-26 09:23: 1.09x cuBLAS at 0%
+    to 2.26x at 95%; at 90% 64.7 us where the masked kernels took 109.5 at 02:58);
+  - from DOT_MIN_ROWS rows, the masked kernels below (H100, 09:23: 1.05-1.30x cuBLAS at 4 and
+    8 rows from 0% to 95%, where the compacted ones took 0.89-1.50x and 0.88-1.30x at 05:18: at
+    low sparsity their extra passes cost more than they save).
+    docs/benchmarks/kernels_gpu_exact.md.
 The masked kernels:
   _gate_up_kernel  grid (cdiv(I, BLOCK_I),): each program owns BLOCK_I neurons. It reads their
       gate rows, applies the activation, reads an up row only where the gate survived for some

@@ -147,6 +147,35 @@ def test_group_counts_list_the_neurons_as_the_compaction_does(monkeypatch, T, ma
     assert_close(counted[0], sparse_ffn_ref(x, wg, wu, wd, "fatrelu", 0.1, pred)[0], torch.float32)
 
 
+@pytest.mark.parametrize("T", [1, 3, 5])
+def test_the_gate_up_grid_changes_no_bit(monkeypatch, T):
+    # The gate/up programs take slot blocks in turn (a few per SM) or one block each (0): the
+    # same slots either way, so the same bits, on both paths (mask alone, mask and counts) and
+    # in exact mode below DOT_MIN_ROWS rows. One "SM", so that on a GPU too the programs loop.
+    monkeypatch.setattr(ffn_triton_compact, "_num_sms", lambda device: 1)
+    gen = torch.Generator().manual_seed(23 + T)
+    device = triton_device()
+    x, wg, wu, wd = ffn_weights(T, 64, 300, torch.float32, gen, device)
+    pred = predicted_mask(T, 300, 0.7, gen).to(device)
+    poison_allocations(monkeypatch, ffn_triton_compact)
+    calls = [dict(act="relu", predicted=pred, counts=None),
+             dict(act="relu", predicted=pred, counts=group_counts_ref(pred))]
+    if T < 4:   # (exact mode from 4 rows runs the masked kernels)
+        calls.append(dict(act="fatrelu", predicted=None, counts=None))
+    for call in calls:
+        outs = [sparse_ffn_triton.sparse_ffn_triton(
+                    x, wg, wu, wd, call["act"], 0.1, call["predicted"],
+                    compact_config=dataclasses.replace(SMALL_TILES_FUSED,
+                                                       gate_programs_per_sm=programs),
+                    predicted_group_counts=call["counts"])
+                for programs in (0, 1, 3)]
+        for out, active in outs[1:]:
+            assert torch.equal(out, outs[0][0])
+            assert torch.equal(active, outs[0][1])
+        ref = sparse_ffn_ref(x, wg, wu, wd, call["act"], 0.1, call["predicted"])[0]
+        assert_close(outs[0][0], ref, torch.float32)
+
+
 def test_group_counts_need_their_mask():
     device = triton_device()
     x, wg, wu, wd = ffn_weights(1, 32, 300, torch.float32, torch.Generator().manual_seed(0), device)
