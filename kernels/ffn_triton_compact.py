@@ -54,6 +54,7 @@ is the same).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -567,7 +568,15 @@ def _num_sms(device: torch.device) -> int:
     so that tests run several slot blocks per program)."""
     if device.type != "cuda":
         return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_sms(index)
+
+
+@functools.cache
+def _cuda_sms(index: int) -> int:
+    # NOTE: cached: every FFN call of every layer asks (the decode hot path), and the answer
+    # never changes
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 # Ticket counters of the fused reduction, per device: zeroed once, and every call leaves them
