@@ -30,7 +30,6 @@ from bench.kernels import (HIDDEN, INTERMEDIATE, flush_cache, time_min,  # noqa:
 from kernels import predictor_triton  # noqa: E402
 from kernels.sparse_ffn import new_group_counts, sparse_ffn  # noqa: E402
 from kernels.sparse_ffn_ref import dense_ffn  # noqa: E402
-from kernels.triton_utils import tuned_for  # noqa: E402
 
 logger = logging.getLogger("bench.predicted_layer")
 
@@ -43,11 +42,11 @@ def logit_threshold(x: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor,
     return torch.quantile(logits.flatten(), sparsity).item()
 
 
-def layer_call(x, fc1, fc2, ffn_weights, counts, threshold: float, config):
+def layer_call(x, fc1, fc2, ffn_weights, counts, threshold: float):
     """The predicted layer as SparseMLP runs it on CUDA: predictor (counting groups), then the
     FFN from the mask and the counts."""
     def call():
-        pred = predictor_triton.predict_active_triton(x, fc1, fc2, threshold, config=config,
+        pred = predictor_triton.predict_active_triton(x, fc1, fc2, threshold,
                                                       group_counts=counts)
         return sparse_ffn(x, *ffn_weights, "silu", 0.0, predicted=pred,
                           predicted_group_counts=counts)
@@ -68,15 +67,13 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     for T in args.batches:
         x = torch.randn(T, H, generator=gen).to(**dtype)
-        tuned = tuned_for(predictor_triton.TUNED_CONFIGS, T)
         (dense_ms,) = time_min([lambda: dense_ffn(x, *ffn_weights, "silu")], args.repeats, device)
         for sparsity in args.sparsities:
             threshold = logit_threshold(x, fc1, fc2, sparsity)
             union = predictor_triton.predict_active_triton(
-                x, fc1, fc2, threshold, config=tuned).any(0).float().mean().item()
-            (layer_ms,) = time_min(
-                [layer_call(x, fc1, fc2, ffn_weights, counts, threshold, tuned)],
-                args.repeats, device)
+                x, fc1, fc2, threshold).any(0).float().mean().item()
+            (layer_ms,) = time_min([layer_call(x, fc1, fc2, ffn_weights, counts, threshold)],
+                                   args.repeats, device)
             rows.append(dict(batch=T, sparsity=sparsity, union=union, dense_ms=dense_ms,
                              layer_ms=layer_ms))
             logger.info("T=%-2d sparsity %3.0f%% union %5.1f%%: dense %.4f ms, predictor + FFN "
