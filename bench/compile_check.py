@@ -40,24 +40,21 @@ from pathlib import Path
 # interpreter (the tests' conftest turns the interpreter on; run this in its own process).
 os.environ["TRITON_INTERPRET"] = "0"
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+from triton.compiler import ASTSource
 
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
-from kernels import (  # noqa: E402
+from sparse_serve.kernels import (
     ffn_triton_compact,
     paged_attention_triton,
     predictor_triton,
     sparse_ffn_triton,
 )
-from kernels.ffn_triton_compact import default_config  # noqa: E402
-from kernels.sparse_ffn_ref import prediction_groups  # noqa: E402
-from kernels.triton_utils import DOT_MIN_ROWS  # noqa: E402
+from sparse_serve.kernels.ffn_triton_compact import default_config
+from sparse_serve.kernels.sparse_ffn_ref import prediction_groups
+from sparse_serve.kernels.triton_utils import DOT_MIN_ROWS
 
 # Shared memory one block may use, per target (opt-in maximum).
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}

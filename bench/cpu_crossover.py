@@ -7,7 +7,7 @@ layer of `dense_ffn` (torch/MKL in the weights' dtype) and of the native kernel
 - exact mode `exact:S`: calibrated SwiGLU, silu with the |silu(g)| threshold that leaves S of
   the (row, neuron) pairs off (the engine's calibrated-threshold configs);
 - predicted mode `pred:S`: an independent random mask per row with S of the neurons off.
-Weights sit on transparent huge pages as the engine loads them (engine/huge_pages.py); every
+Weights sit on transparent huge pages as the engine loads them (engine/worker/huge_pages.py); every
 call runs all the shape's layers, after a read of 64 MB that evicts the last-level cache, and
 the time is the minimum over repeats divided by the layers. The numbers feed the CPU defaults in
 kernels/sparse_ffn.py (`default_dense_fallback`).
@@ -19,20 +19,15 @@ kernels/sparse_ffn.py (`default_dense_fallback`).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-# NOTE: as in bench/kernels.py, point the script's own sys.path entry at the repository root.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
-from engine.huge_pages import copy_to_huge_pages
-from kernels import sparse_ffn_cpu
-from kernels.sparse_ffn_ref import dense_ffn
+from sparse_serve.engine.worker.huge_pages import copy_to_huge_pages
+from sparse_serve.kernels import sparse_ffn_cpu
+from sparse_serve.kernels.sparse_ffn_ref import dense_ffn
 
 SHAPES = {"smollm2": (576, 1536, 30), "llama1b": (2048, 8192, 1), "mistral": (4096, 14336, 1)}
 # (hidden, intermediate, layers); llama1b is Llama-3.2-1B's FFN, between the other two

@@ -12,24 +12,20 @@ mask and the predictor's per-group counts (2 launches: gate/up counted, down; as
 runs it): 5 launches a round with the reduction fused into the down kernel, as batch 1's tuned
 tiles have it (where not, its _reduce_kernel is outside the regex above: still 5). The first
 round compiles (skip its 5 launches); the default 3 rounds leave two to profile (count 10). The
-L2 is flushed before every call, as in the timings of bench/kernels.py. `--hidden/--intermediate`
+L2 is flushed before every call, as in the timings of bench/ffn_kernels.py. `--hidden/--intermediate`
 shrink the layer (a CPU check under TRITON_INTERPRET=1 uses that).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
-from bench.kernels import HIDDEN, INTERMEDIATE, flush_cache, random_masks  # noqa: E402
-from kernels.sparse_ffn_ref import group_counts_ref  # noqa: E402
-from kernels.sparse_ffn_triton import sparse_ffn_triton  # noqa: E402
+from sparse_serve.bench.ffn_kernels import HIDDEN, INTERMEDIATE, flush_cache, random_masks
+from sparse_serve.kernels.sparse_ffn_ref import group_counts_ref
+from sparse_serve.kernels.sparse_ffn_triton import sparse_ffn_triton
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="JSON of tuned Triton tiles (bench/tune_triton_ffn.py --json)")
     args = parser.parse_args(argv)
     if args.configs is not None:
-        from bench.tune_triton_ffn import load_tuned
+        from sparse_serve.bench.tune_triton_ffn import load_tuned
         load_tuned(args.configs)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

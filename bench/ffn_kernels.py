@@ -1,10 +1,10 @@
 """Sparse vs dense FFN layer at Mistral-7B shape (hidden 4096, intermediate 14336).
 
 For each dtype, batch and sparsity: the time of torch's dense FFN (cuBLAS / CPU BLAS in the
-weights' dtype) and of `kernels.sparse_ffn` in predicted mode with its default dense fallback
-(the path the engine takes), the speed-up, and the achieved bandwidth on the bytes the sparse
-path actually reads (3 rows of H per neuron in the batch's union) against a measured ceiling
-(a large device copy, read + write bytes). On CUDA also the FFN from the mask and the
+weights' dtype) and of `sparse_serve.kernels.sparse_ffn` in predicted mode with its default
+dense fallback (the path the engine takes), the speed-up, and the achieved bandwidth on the
+bytes the sparse path actually reads (3 rows of H per neuron in the batch's union) against a
+measured ceiling (a large device copy, read + write bytes). On CUDA also the FFN from the mask and the
 predictor's group counts (the engine's path). With --predictor-rank, the predictor's time, and
 predictor + FFN (a predicted layer end to end) against the dense FFN.
 
@@ -14,9 +14,9 @@ predicted neuron fires and the active set equals the predicted set.
 Timings are the minimum over repeats, interleaving dense and sparse, which keeps the numbers
 usable on a shared machine.
 
-    python bench/kernels.py --quick                      # a minute or two on a laptop CPU
-    python bench/kernels.py --out docs/benchmarks/kernels.md
-    python bench/kernels.py --device cuda --dtypes bf16  # GPU (see bench/gpu_check.sh)
+    python bench/ffn_kernels.py --quick                      # a minute or two on a laptop CPU
+    python bench/ffn_kernels.py --out docs/benchmarks/kernels.md
+    python bench/ffn_kernels.py --device cuda --dtypes bf16  # GPU (see bench/gpu_check.sh)
 """
 
 from __future__ import annotations
@@ -32,25 +32,20 @@ from pathlib import Path
 
 import torch
 
-# NOTE: run as a script, Python puts bench/ first on sys.path, where this file's own name would
-# shadow the `kernels` package; point that entry at the repository root instead.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
-from engine.huge_pages import copy_to_huge_pages  # noqa: E402
-from kernels.sparse_ffn import new_group_counts, predict_active, sparse_ffn  # noqa: E402
-from kernels.sparse_ffn_ref import dense_ffn, group_counts_ref  # noqa: E402
+from sparse_serve.engine.worker.huge_pages import copy_to_huge_pages
+from sparse_serve.kernels.sparse_ffn import new_group_counts, predict_active, sparse_ffn
+from sparse_serve.kernels.sparse_ffn_ref import dense_ffn, group_counts_ref
 
 # NOTE: the module itself (kernels/__init__.py re-exports a function of the same name).
-sparse_ffn_module = importlib.import_module("kernels.sparse_ffn")
+sparse_ffn_module = importlib.import_module("sparse_serve.kernels.sparse_ffn")
 
-logger = logging.getLogger("bench.kernels")
+logger = logging.getLogger("sparse_serve.bench.ffn_kernels")
 HIDDEN, INTERMEDIATE = 4096, 14336
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def place(w: torch.Tensor, device: str) -> torch.Tensor:
-    """Weights where the engine keeps them: on the GPU, or on CPU huge pages (engine/huge_pages.py;
+    """Weights where the engine keeps them: on the GPU, or on CPU huge pages (engine/worker/huge_pages.py;
     5-20% faster scattered-row reads than 4 KiB pages here)."""
     return w.to(device) if device != "cpu" else copy_to_huge_pages(w)
 
@@ -153,8 +148,9 @@ def random_masks(T: int, sparsity: float, gen: torch.Generator, device: str,
 
 
 def dispatch_path(call) -> str:
-    """"dense" or "sparse": which path `kernels.sparse_ffn` takes for this call, observed (its
-    dense branch calls the module's `dense_ffn`), so the table follows the dispatch rules."""
+    """"dense" or "sparse": which path `sparse_serve.kernels.sparse_ffn` takes for this call,
+    observed (its dense branch calls the module's `dense_ffn`), so the table follows the
+    dispatch rules."""
     real, taken = sparse_ffn_module.dense_ffn, []
 
     def spy(*args, **kwargs):
@@ -288,7 +284,7 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         f"- Machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
         + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
         f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"- Command: `python bench/kernels.py {' '.join(sys.argv[1:])}`",
+        f"- Command: `python bench/ffn_kernels.py {' '.join(sys.argv[1:])}`",
         f"- Layer: Mistral-7B FFN, hidden {HIDDEN}, intermediate {INTERMEDIATE}; "
         + ("predicted mode, per-row random masks (SwiGLU, every predicted neuron fires)"
            if args.mode == "predicted" else
@@ -383,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="JSON of tuned Triton tiles (bench/tune_triton_ffn.py --json)")
     args = parser.parse_args(argv)
     if args.configs is not None:
-        from bench.tune_triton_ffn import load_tuned
+        from sparse_serve.bench.tune_triton_ffn import load_tuned
         load_tuned(args.configs)
     if args.dtypes is None:
         args.dtypes = ["bf16"] if args.device == "cuda" else ["fp32", "bf16"]

@@ -34,17 +34,17 @@ step "tile sweep of the Triton FFN and predictor kernels (batch ${TUNE_BATCHES:-
     timeout 240 "$PY" bench/tune_triton_ffn.py --batches ${TUNE_BATCHES:-1} --sweep ${TUNE_SWEEP:-compact exact predictor} --json "$OUT_DIR/tuned.json"
 CONFIGS=$([ -f "$OUT_DIR/tuned.json" ] && echo "--configs $OUT_DIR/tuned.json" || true)
 step "benchmark: bf16, batch 1/2/4/8/16, sparsity 0/50/80/90/95%, predictor rank 1024 $CONFIGS" \
-    timeout 120 "$PY" bench/kernels.py --device cuda --dtypes bf16 --predictor-rank 1024 --batches 1 2 4 8 16 \
+    timeout 120 "$PY" bench/ffn_kernels.py --device cuda --dtypes bf16 --predictor-rank 1024 --batches 1 2 4 8 16 \
     $CONFIGS --out "$OUT_DIR/kernels_gpu.md"
 step "predictor + FFN as one call (one CUDA-graph replay) vs the dense FFN" \
     timeout 60 "$PY" bench/predicted_layer.py $CONFIGS --out "$OUT_DIR/predicted_layer_gpu.md"
 step "benchmark, exact mode (no predictor): bf16, batch 1/4/8" \
-    timeout 60 "$PY" bench/kernels.py --device cuda --dtypes bf16 --mode exact --batches 1 4 8 \
+    timeout 60 "$PY" bench/ffn_kernels.py --device cuda --dtypes bf16 --mode exact --batches 1 4 8 \
     $CONFIGS --out "$OUT_DIR/kernels_gpu_exact.md"
 step "benchmark: paged-attention decode tiles (bf16, Mistral heads) vs the torch path" \
     timeout 60 "$PY" bench/paged_attention.py --out "$OUT_DIR/paged_attention_gpu.md"
 step "kernel + CUDA engine tests (compiled Triton, CUDA tensors)" \
-    timeout 210 "$PY" -m pytest -q $XDIST -p no:cacheprovider tests/kernels tests/engine/test_engine_cuda.py
+    timeout 210 "$PY" -P -m pytest -q $XDIST -p no:cacheprovider tests/kernels tests/engine/test_engine_cuda.py
 # Nsight Compute on the FFN's kernels at batch 1 (two rounds after a compiling one, each from the
 # mask alone, 3 launches, then from the mask and the group counts, 2: skip 5, profile 10; see
 # bench/ffn_kernel_calls.py): DRAM throughput, occupancy and warp stalls per kernel, what the

@@ -5,7 +5,7 @@ Mistral-7B attention (32 query heads over 8 KV heads of 128, KV blocks of 16 pos
 bf16), for each number of sequences and context length: every configuration (positions per
 program (the split-KV partition) / positions per step x warps) is checked against
 kernels/paged_attention_ref.py, then timed as a CUDA-graph replay from a flushed L2
-(bench/kernels.py's timer; the split kernel and its reduce together), next to the torch
+(bench/ffn_kernels.py's timer; the split kernel and its reduce together), next to the torch
 reference (what the engine would run without the kernel). GB/s counts the K/V bytes the kernel
 must read. The defaults of kernels/paged_attention_triton.py come from this table (H100).
 
@@ -21,12 +21,9 @@ from pathlib import Path
 
 import torch
 
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
-from bench.kernels import flush_cache, time_min  # noqa: E402
-from kernels.paged_attention_ref import paged_attention_decode_ref  # noqa: E402
-from kernels.paged_attention_triton import paged_attention_decode_triton  # noqa: E402
+from sparse_serve.bench.ffn_kernels import flush_cache, time_min
+from sparse_serve.kernels.paged_attention_ref import paged_attention_decode_ref
+from sparse_serve.kernels.paged_attention_triton import paged_attention_decode_triton
 
 HQ, HKV, HEAD_DIM, BLOCK = 32, 8, 128, 16     # Mistral-7B
 # (partition, positions per step, warps); the first is the launcher's default.

@@ -1,6 +1,6 @@
 """A predicted FFN layer as the CUDA engine runs it, timed as one call: predictor, then FFN.
 
-bench/kernels.py times the predictor and the FFN apart (each from a flushed cache) and adds them
+bench/ffn_kernels.py times the predictor and the FFN apart (each from a flushed cache) and adds them
 up; here the two run as one replay, as a decode step runs them, so the time also holds what
 neither shows alone (the gaps between their launches, the FFN waiting for the predictor's mask,
 and whatever one leaves in L2 for the other). For each batch and sparsity, at Mistral-7B shape
@@ -22,16 +22,12 @@ from pathlib import Path
 
 import torch
 
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+from sparse_serve.bench.ffn_kernels import HIDDEN, INTERMEDIATE, flush_cache, time_min, write_report
+from sparse_serve.kernels import predictor_triton
+from sparse_serve.kernels.sparse_ffn import new_group_counts, sparse_ffn
+from sparse_serve.kernels.sparse_ffn_ref import dense_ffn
 
-from bench.kernels import (HIDDEN, INTERMEDIATE, flush_cache, time_min,  # noqa: E402
-                           write_report)
-from kernels import predictor_triton  # noqa: E402
-from kernels.sparse_ffn import new_group_counts, sparse_ffn  # noqa: E402
-from kernels.sparse_ffn_ref import dense_ffn  # noqa: E402
-
-logger = logging.getLogger("bench.predicted_layer")
+logger = logging.getLogger("sparse_serve.bench.predicted_layer")
 
 
 def logit_threshold(x: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor,
@@ -121,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.configs is not None:
-        from bench.tune_triton_ffn import load_tuned
+        from sparse_serve.bench.tune_triton_ffn import load_tuned
         load_tuned(args.configs)
     rows = run(args)
     if args.out is not None:

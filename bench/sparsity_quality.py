@@ -1,9 +1,9 @@
 """Perplexity vs measured FFN sparsity: dense, uniform thresholds, greedy (TEAL-style) allocation.
 
-    .venv/bin/python -m bench.sparsity_quality                      # full table -> docs/benchmarks/sparsity.md
-    .venv/bin/python -m bench.sparsity_quality --quick --out /tmp/q.md   # smoke run
+    .venv/bin/python bench/sparsity_quality.py                      # full table -> docs/benchmarks/sparsity.md
+    .venv/bin/python bench/sparsity_quality.py --quick --out /tmp/q.md   # smoke run
 
-NOTE: run it as a module: as a script, bench/kernels.py would shadow the kernels package.
+NOTE: run it as a module: as a script, bench/ffn_kernels.py would shadow the kernels package.
 
 Calibration uses the stdlib-docstring calibration split, evaluation the held-out split (disjoint
 texts). Sparsity in the table is what the model's own activity counts measured on the held-out
@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from engine.calibrate import Calibrator, calibrate, load_for_calibration
-from engine.calibration_data import load_windows
-from engine.perplexity import evaluate
-from engine.sparsity_file import set_thresholds, write_sparsity_file
+from sparse_serve.engine.calibration.calibrate import Calibrator, calibrate, load_for_calibration
+from sparse_serve.engine.calibration.calibration_data import load_windows
+from sparse_serve.engine.calibration.perplexity import evaluate
+from sparse_serve.engine.checkpoints.sparsity_file import set_thresholds, write_sparsity_file
 
-logger = logging.getLogger("bench.sparsity_quality")
+logger = logging.getLogger("sparse_serve.bench.sparsity_quality")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
 
 
 def render(args, dense, rows, chosen, sidecars, folder, elapsed, argv) -> str:
-    command = "python -m bench.sparsity_quality " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python bench/sparsity_quality.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     by_target: dict[float, dict[str, object]] = {}
     for method, target, result in rows:
         by_target.setdefault(target, {})[method] = result

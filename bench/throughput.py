@@ -33,18 +33,13 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-# NOTE: run as a script, Python puts bench/ first on sys.path, where bench/kernels.py would
-# shadow the `kernels` package the engine imports; point that entry at the repository root.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+import torch
 
-import torch  # noqa: E402
+from sparse_serve.engine.core.config import EngineConfig
+from sparse_serve.engine.core.llm import LLM
+from sparse_serve.engine.core.sampling_params import SamplingParams
 
-from engine.config import EngineConfig  # noqa: E402
-from engine.llm import LLM  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
-
-logger = logging.getLogger("bench.throughput")
+logger = logging.getLogger("sparse_serve.bench.throughput")
 
 NOTES_HEADING = "## Notes"
 DTYPES = {"fp32": ("float32", torch.float32), "bf16": ("bfloat16", torch.bfloat16)}
@@ -186,7 +181,7 @@ def run(args) -> tuple[list[Measurement], dict]:
         torch.set_num_threads(args.threads)
     model = args.model
     if model is None:
-        from engine.default_model import default_model_path
+        from sparse_serve.engine.checkpoints.default_model import default_model_path
         model = str(default_model_path())
     runners = build_runners(args, model)
     # Warm-up: a few short requests each (native kernel build, rope tables, allocator, BLAS).
@@ -329,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
         args.concurrent_requests = args.concurrency
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # NOTE: the engine logs its KV cache size per instance; keep the benchmark output readable.
-    logging.getLogger("engine").setLevel(logging.WARNING)
+    logging.getLogger("sparse_serve.engine").setLevel(logging.WARNING)
     rows, info = run(args)
     command = "python bench/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
     report = markdown(rows, info, args, command.strip())

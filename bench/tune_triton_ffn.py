@@ -10,11 +10,11 @@ the predictor's tiles (rank 1024, counting groups unless --from-mask). Ends with
 profile at batch 1. `--sweep` picks what to sweep; what is not swept is timed once at its
 current tiles. Batches above 8 rows are not swept by default:
 the dispatch sends them to cuBLAS (kernels/sparse_ffn.py, CUDA_SPARSE_MAX_ROWS).
-Each configuration is timed as a CUDA-graph replay from a flushed cache (bench/kernels.py's
+Each configuration is timed as a CUDA-graph replay from a flushed cache (bench/ffn_kernels.py's
 timer); configurations the GPU cannot run (shared memory) or that give a wrong result (checked
 against the torch reference before timing) are skipped. Prints the winners, as the entries of
 TUNED_CONFIGS in kernels/ffn_triton_compact.py and kernels/predictor_triton.py, and can save
-them as JSON for `bench/kernels.py --configs`.
+them as JSON for `bench/ffn_kernels.py --configs`.
 
     python bench/tune_triton_ffn.py --json tuned.json     # batches 1 and 4: ~3 minutes
     python bench/tune_triton_ffn.py --batches 1 --sweep predictor --json tuned.json
@@ -27,15 +27,11 @@ import dataclasses
 import itertools
 import json
 import logging
-import sys
 from pathlib import Path
 
 import torch
 
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
-from bench.kernels import (  # noqa: E402
+from sparse_serve.bench.ffn_kernels import (
     HIDDEN,
     INTERMEDIATE,
     exact_threshold,
@@ -43,16 +39,16 @@ from bench.kernels import (  # noqa: E402
     random_masks,
     time_min,
 )
-from kernels import ffn_triton_compact, predictor_triton, sparse_ffn_triton  # noqa: E402
-from kernels.ffn_triton_compact import CompactConfig, default_config  # noqa: E402
-from kernels.predictor_triton import PredictorConfig, predict_active_triton  # noqa: E402
-from kernels.sparse_ffn_ref import group_counts_ref, sparse_ffn_ref  # noqa: E402
-from kernels.triton_utils import DOT_MIN_ROWS, tuned_for  # noqa: E402
+from sparse_serve.kernels import ffn_triton_compact, predictor_triton, sparse_ffn_triton
+from sparse_serve.kernels.ffn_triton_compact import CompactConfig, default_config
+from sparse_serve.kernels.predictor_triton import PredictorConfig, predict_active_triton
+from sparse_serve.kernels.sparse_ffn_ref import group_counts_ref, sparse_ffn_ref
+from sparse_serve.kernels.triton_utils import DOT_MIN_ROWS, tuned_for
 
-logger = logging.getLogger("bench.tune_triton_ffn")
+logger = logging.getLogger("sparse_serve.bench.tune_triton_ffn")
 
 COMPACTION_STAGE = dict(scan_block=[0, 512, 1024, 2048])   # (--from-mask only)
-# Grids bracket the H100 winners of 2026-11-26 (batch 1: gate/up 1 x 2048, 1 warp, 12 programs
+# Grids bracket the H100 winners (TUNED_CONFIGS; batch 1: gate/up 1 x 2048, 1 warp, 12 programs
 # per SM; down 32 x 128, 1 warp, split 32) and keep the sweep near 2 minutes (gpu_check.sh's 5).
 FFN_STAGES = [
     dict(gate_block_h=[512, 1024, 2048, 4096]),   # the gate/up tile's columns per step
@@ -68,7 +64,7 @@ FFN_STAGES = [
     dict(down_block_k=[16, 32, 64, 128], down_block_h=[64, 128, 256], down_warps=[1, 2, 4],
          down_split=[16, 32]),
     dict(down_fused_reduce=[False, True]),
-    # (2-4 made no difference at one row on 2026-11-26, nor 1-3 at 09:20)
+    # (made no difference at one row: docs/benchmarks/kernels_gpu.md#tuned-tiles)
     dict(gate_stages=[2, 3], down_stages=[1, 3]),
 ]
 # elements of a weight tile per thread that the multiply-reduce path (below DOT_MIN_ROWS rows)
@@ -160,7 +156,7 @@ def sweep_exact(x, weights, sparsity: float, start: CompactConfig, T: int,
 
 
 def load_tuned(path: Path) -> None:
-    """Install the tiles saved by --json as the kernels' defaults (for bench/kernels.py)."""
+    """Install the tiles saved by --json as the kernels' defaults (for bench/ffn_kernels.py)."""
     saved = json.loads(path.read_text())
     for bucket, fields in saved["ffn"].items():
         ffn_triton_compact.TUNED_CONFIGS[int(bucket)] = CompactConfig(**fields)

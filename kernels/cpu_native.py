@@ -20,6 +20,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from sparse_serve.kernels.cache import cache_root
+
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "csrc" / "sparse_ffn_cpu.cpp"
@@ -30,9 +32,7 @@ _failed = False
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("SPARSE_SERVE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sparse_serve")
-    return Path(root) / "native"
+    return cache_root() / "native"
 
 
 def _library_path() -> Path:

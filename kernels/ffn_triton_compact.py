@@ -30,19 +30,11 @@ turn, finds each block's neurons from the counts and the groups' mask (_neurons_
 same ascending order, so the output is bit for bit the same), writes IDX and COUNT for the down
 kernel, and zeroes ACTIVE for the unpredicted neurons of its share of the layer. It costs each
 program one more dependent load at its head (the counts, then the mask of the block's groups)
-and saves the compaction kernel (3.1 us at batch 1 on an H100) and one launch gap.
-NOTE: a scan-free layout (gate/up programs compacting their own fixed range of neurons in
-registers, no compaction launch) was measured on an H100 and lost: 40-58 us against 28 us at
-batch 1, 90% (uneven rows per program); it was deleted. So were two options measured on an H100
-on 2026-11-26 that did not pay: programmatic dependent launches (gate/up and down started early,
-waiting with griddepcontrol: 33.1 us against 27.6 us at the same tiles), and loads issued a step
-ahead by hand in both loops (within 0.4 us at batch 1; the loops restructured for it were 3-7 us
-slower at 2-8 rows). Three more lost in the H100 sweep of 2026-11-26 09:09 (counted path, batch 1,
-90%, best of each against 23.6 us without) and were deleted: the down kernel finding its first
-slots from the counts and starting early as a programmatic dependent launch (23.7 us), the
-gate/up programs asking L2 for their neurons' W_down_t rows (prefetch.global.L2) with their own
-rows loaded evict-first (25.5 us), and the predictor asking L2 for the FFN rows it predicts
-(predictor + FFN 46.2 against 42.3 us).
+and saves the compaction launch and one launch gap.
+NOTE: keep the compaction (a launch, or the predictor's counts) and plain loops: the
+alternatives measured on an H100 lost and were deleted (gate/up programs compacting their own
+neurons in registers, programmatic dependent launches, loads issued a step ahead by hand, L2
+prefetches of the next kernel's rows): docs/benchmarks/kernels_gpu.md#designs-tried.
 Exact mode (no predictor) first runs _gate_pass_kernel, a dense pass over every gate row that
 writes the gate's activation and the alive mask (activation != 0); that mask is then compacted
 like a predicted one, and _gate_up_kernel reads only the alive neurons' up rows (the activation
@@ -62,9 +54,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.sparse_ffn_ref import prediction_groups
-from kernels.triton_utils import (DOT_MIN_ROWS, activate_gate, dot_k_tile, dot_pad,
-                                  linear_tile, next_pow2, tuned_for)
+from sparse_serve.kernels.sparse_ffn_ref import prediction_groups
+from sparse_serve.kernels.triton_utils import (
+    DOT_MIN_ROWS,
+    activate_gate,
+    dot_k_tile,
+    dot_pad,
+    linear_tile,
+    next_pow2,
+    tuned_for,
+)
 
 
 @dataclass(frozen=True)
@@ -97,32 +96,23 @@ class CompactConfig:
 
 
 # Per batch size bucket (the largest bucket <= T applies): the winners of
-# `python bench/tune_triton_ffn.py` on an H100 (bf16, Mistral-7B FFN, 90% sparsity; 2026-11-26,
-# docs/benchmarks/kernels_gpu.md). Tiles are tuned for 16-bit weights; float32 ones halve the
-# hidden-dimension tiles of the tl.dot path (same bytes per tile, or shared memory overflows).
+# `python bench/tune_triton_ffn.py` on an H100 (bf16, Mistral-7B FFN, 90% sparsity; how they were
+# chosen and timed: docs/benchmarks/kernels_gpu.md#tuned-tiles). Tiles are tuned for 16-bit
+# weights; float32 ones halve the hidden-dimension tiles of the tl.dot path (same bytes per tile,
+# or shared memory overflows).
 TUNED_CONFIGS: dict[int, CompactConfig] = {
-    # 2026-11-26 09:20 sweep on the engine's path (the predictor's group counts given;
-    # `TUNE_SWEEP=compact bash bench/gpu_check.sh`): 22.2 us at batch 1, 90%, against 23.2 us
-    # on the tiles before (4 neurons x 4 warps, 4 programs per SM; down 32 x 128 slots x
-    # columns, split 16, 2 warps). One neuron a program, 12 programs per SM, balance the ~1430
-    # listed neurons over the SMs (11 each, not 2 or 3 blocks of 4), and one-warp down programs
-    # with split 32 take each 1-2 steps. NOTE: the mask path (compaction launch; exact mode)
-    # runs these tiles too, and was faster on the ones before: 27.6 against 30.6 us from the
-    # mask at batch 1, 90% (exact mode 62.8 against 64.7 us, about the 1.5% by which dense was
-    # slower in the second run; docs/benchmarks/kernels_gpu.md), when its gate/up kernel ran
-    # one program per slot block of the whole layer (14336 one-warp programs for ~1430 neurons).
-    # It now runs the counted kernel's grid (gate_programs_per_sm): unmeasured on a GPU.
+    # Swept on the engine's path (the predictor's group counts given): one neuron a program and
+    # 12 programs per SM balance the ~1430 listed neurons (90%) over the SMs, and one-warp down
+    # programs with split 32 take 1-2 steps each. NOTE: the mask path (compaction launch; exact
+    # mode) runs these tiles too, untimed on a GPU with its current grid.
     1: CompactConfig(gate_block_i=1, gate_block_h=2048, gate_warps=1, down_block_k=32,
                      down_block_h=128, down_split=32, down_warps=1, scan_block=1024,
                      gate_pass_block_h=2048, down_fused_reduce=True, gate_programs_per_sm=12),
-    # NOTE: gate/up and down tiles swept before the parallel scan and the fused reduction
-    # existed. scan_block=1024 (cut the batch-1 scan from 9.2 to 3.1 us) is set here unmeasured,
-    # also because the one-program scan of the whole mask needs 128 KiB of shared memory from 4
-    # rows on, over an sm_89's 99 KiB (`python bench/compile_check.py`). (Exact mode from these
-    # rows runs the masked kernels of kernels/sparse_ffn_triton.py: no gate pass here.)
-    # gate_programs_per_sm=2: what fits an SM at the gate/up kernels' 196-200 registers a thread
-    # and 80 KiB of shared memory (Triton 3.6, sm_90; the grid of both paths, the counted
-    # kernel's and, since the 09:20 sweep, the mask path's; unmeasured)
+    # NOTE: not re-swept on the current kernels. scan_block=1024: a one-program scan of the whole
+    # mask needs 128 KiB of shared memory from 4 rows on, over an sm_89's 99 KiB
+    # (`python bench/compile_check.py`); gate_programs_per_sm=2: what fits an SM at the gate/up
+    # kernels' 196-200 registers a thread and 80 KiB of shared memory (Triton 3.6, sm_90).
+    # (Exact mode from these rows runs the masked kernels of kernels/sparse_ffn_triton.py.)
     DOT_MIN_ROWS: CompactConfig(gate_block_i=32, gate_block_h=256, gate_warps=4, down_block_k=32,
                                 down_block_h=128, down_split=16, down_warps=2, scan_block=1024,
                                 gate_programs_per_sm=2),

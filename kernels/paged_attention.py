@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from kernels import dispatch
-from kernels.paged_attention_ref import paged_attention_decode_ref
+from sparse_serve.kernels import dispatch
+from sparse_serve.kernels.paged_attention_ref import paged_attention_decode_ref
 
 
 def paged_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
@@ -23,7 +23,7 @@ def paged_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     max_context_len: optional host-side bound on context_lens (the Triton kernel's number of
     context partitions; default the block table's capacity); the CPU path ignores it."""
     if dispatch.runs_triton(q):
-        from kernels import paged_attention_triton  # NOTE: lazy, see the module docstring
+        from sparse_serve.kernels import paged_attention_triton  # NOTE: lazy, see the module docstring
         return paged_attention_triton.paged_attention_decode_triton(
             q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window,
             max_context_len)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.triton_utils import check_device, dot_in_fp32, next_pow2
+from sparse_serve.kernels.triton_utils import check_device, dot_in_fp32, next_pow2
 
 LOG2E = 1.4426950408889634
 # NOTE: partials per step of the reduce, fixed (not sized to num_splits): one compiled reduce
@@ -192,11 +192,9 @@ def paged_attention_decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor,
     exits, not a read. partition (a multiple of block_n): positions per program; block_n:
     positions per step of its loop.
 
-    NOTE: defaults from `python bench/paged_attention.py` on an H100 (bf16, Mistral heads, one
-    run): 128 positions per program, 32 per step, 4 warps took 14.4 / 18.6 us for one sequence
-    of 512 / 4096 tokens (256 per program: 20.5 / 22.0; the former one program per KV head:
-    112-858 us); at 8-32 sequences of 4096, where programs outnumber SMs anyway, 256 or 512
-    were 4-10% faster. 84 registers, no spills (`python bench/compile_check.py`, sm_90).
+    NOTE: the defaults (128 positions per program, 32 per step, 4 warps) are within 20% of the
+    fastest tile `python bench/paged_attention.py` measured on an H100 at every size:
+    docs/benchmarks/paged_attention_gpu.md#default-tile.
     """
     check_device(q, k_cache, v_cache, block_tables, context_lens)
     S, Hq, D = q.shape

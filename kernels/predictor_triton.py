@@ -21,9 +21,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.sparse_ffn_ref import check_group_counts, prediction_groups
-from kernels.triton_utils import (DOT_MIN_ROWS, check_device, dot_in_fp32, dot_k_tile, dot_pad,
-                                  linear_tile, next_pow2, tuned_for)
+from sparse_serve.kernels.sparse_ffn_ref import check_group_counts, prediction_groups
+from sparse_serve.kernels.triton_utils import (
+    DOT_MIN_ROWS,
+    check_device,
+    dot_in_fp32,
+    dot_k_tile,
+    dot_pad,
+    linear_tile,
+    next_pow2,
+    tuned_for,
+)
 
 
 @triton.jit
@@ -81,9 +89,9 @@ class PredictorConfig:
 # NOTE: as in kernels/ffn_triton_compact.py: under DOT_MIN_ROWS batch rows, multiply and reduce
 # in registers (tl.dot would pad the rows to 16), and few output features per program, so that
 # the narrow fc1 stage (r ~ 1000 outputs) still spreads over every SM.
-# Winners of bench/tune_triton_ffn.py on an H100 (bf16, rank 1024, 2026-11-26). Batch 1 from
-# the 09:09 sweep, counting groups: 19.9 us (fc1 5.1 us, fc2 12.4 us apart) against 21.4 us on
-# the tiles before, which both launches shared. (4+ rows: one shared tile, from an earlier sweep.)
+# Winners of bench/tune_triton_ffn.py on an H100 (bf16, rank 1024; how they were chosen and
+# timed: docs/benchmarks/kernels_gpu.md#tuned-tiles). Batch 1 gives fc1 its own narrow tile; from
+# DOT_MIN_ROWS rows both launches share one.
 TUNED_CONFIGS: dict[int, PredictorConfig] = {
     1: PredictorConfig(block_n=8, block_k=1024, warps=4,
                        fc1_block_n=1, fc1_block_k=2048, fc1_warps=4),

@@ -4,7 +4,8 @@ Dispatch: CUDA tensors -> Triton kernels (kernels/sparse_ffn_triton.py, imported
 that CPU-only processes never import Triton); CPU tensors -> the native copy-free kernel
 (kernels/sparse_ffn_cpu.py), or stock torch ops if it cannot be built. Above
 `dense_fallback_fraction` of the batch's (predicted) neurons, the dense path is used instead
-(on the CPU: of the batch's predicted (row, neuron) pairs; see the NOTE on the defaults).
+(on the CPU: of the batch's predicted (row, neuron) pairs; see the NOTE on the defaults and
+docs/benchmarks/kernels.md#dispatch-thresholds).
 
 Semantics (kernels/sparse_ffn_ref.py is the definition):
     g = x @ w_gate.T ; u = x @ w_up.T
@@ -23,51 +24,26 @@ import logging
 import torch
 from torch import Tensor
 
-from kernels import cpu_native, dispatch, sparse_ffn_cpu
-from kernels.sparse_ffn_ref import (check_act, dense_ffn, group_counts_ref, predict_active_ref,
-                                    prediction_groups)
+from sparse_serve.kernels import cpu_native, dispatch, sparse_ffn_cpu
+from sparse_serve.kernels.sparse_ffn_ref import (
+    check_act,
+    dense_ffn,
+    group_counts_ref,
+    predict_active_ref,
+    prediction_groups,
+)
 
 logger = logging.getLogger(__name__)
 
-# NOTE: measured crossovers: the fraction above which the dense path is used. On the CPU the
-# fraction compared is the batch's mean predicted fraction per row, i.e. the share of the
-# (row, neuron) products the native kernel computes (at batch 1: the share of neurons it reads).
-# Exact mode computes every gate product before it knows the sparsity, so it counts as 1.0.
-# Measured 2026-11-26 02:49 UTC on the 2-core AMD EPYC VM, no other process running (load
-# 1.4-1.7), `python bench/cpu_crossover.py` (weights on huge pages as the engine loads them;
-# random per-row masks; exact = calibrated |silu| threshold), native vs dense ms per layer:
-# - CPU float32, 1-11 rows: the native kernel wins at any density. All neurons active: SmolLM2
-#   (576 x 1536) 1 row 0.63 vs 1.59, 8 rows 1.69 vs 2.91; Mistral (4096 x 14336) 1 row 34 vs
-#   56, 12 rows 138 vs 285. Decode is bandwidth-bound, MKL's GEMV reaches ~13 GB/s on this AMD
-#   CPU (the kernel ~17-19 GB/s), and its small-M SGEMM is slower still per byte.
-# - CPU float32, many rows: both become compute-bound and MKL's SGEMM does more FLOP/s than the
-#   kernel's dot products, so the kernel wins only on the products it skips. Where that starts
-#   depends on the layer's width (CPU_FP32_COMPUTE_BOUND, keyed by hidden size):
-#   SmolLM2 (H 576): from 12 rows. 12 rows all active 3.20 vs 2.75; 16 rows exact mode at 30%
-#   sparsity 3.06 vs 2.80, predicted 50% 2.08 vs 2.80; 64 rows predicted 50% 6.72 vs 5.84,
-#   70% 4.40 vs 5.84, exact 30% 9.09 vs 5.84.
-#   H >= 2048 (measured 2026-11-26 03:45-04:00 UTC, load ~1.1, `python bench/cpu_crossover.py
-#   --shapes llama1b mistral --rows 8 12 16 24 32 40 48 64 --modes exact:0.3 pred:0.0 pred:0.5
-#   pred:0.7`): the kernel wins at every density up to 24 rows (Llama-3.2-1B, 2048 x 8192,
-#   24 rows all active: 72 vs 89; Mistral 24 rows: 244 vs 249) and from 32 rows loses only
-#   above ~60% of the products (all active, 32 rows: 100 vs 98 and 331 vs 314; 64 rows Mistral
-#   771 vs 568; predicted 50% still wins: 48 rows 84 vs 111, 64 rows Mistral 399 vs 568).
-#   Exact mode at 32-47 rows still won by 1.1-1.3x there (30% sparsity) but counts as all
-#   products computed (its density is known only afterwards): dense from 32 rows.
-# - CPU bf16/fp16: torch's 16-bit CPU GEMM (no bf16 units on this class of CPU) is 3-35x
-#   slower than the native kernel at any density and batch (SmolLM2 64 rows, all active: 9.7
-#   vs 81 ms): never fall back.
-# - CUDA: 1.0 (never): a fraction below 1 costs a host sync per call (breaking CUDA-graph
-#   capture). Instead a shape rule: above CUDA_SPARSE_MAX_ROWS rows the call goes to cuBLAS.
-#   Measured on an H100 (bench/gpu_check.sh, bf16, Mistral-7B FFN, random per-row masks,
-#   docs/benchmarks/kernels_gpu.md, 2026-11-26 09:23): up to 8 rows the Triton kernels are
-#   1.00-1.11x cuBLAS when the batch reads every neuron and win from there on (8 rows at 90%:
-#   union 57%, 1.56x); at 16 rows they lost at every measured sparsity in the 05:18 run
-#   (0.97-0.98x; unions of 56-100%). Exact mode holds the same rule (kernels_gpu_exact.md,
-#   09:23: 1.09-2.26x at one row, 1.05-1.30x at 4 and 8 rows on the masked kernels).
-# hidden size -> (rows from which CPU float32 is compute-bound, dense fallback fraction there);
-# the entry with the largest hidden size <= the layer's applies.
+# NOTE: the dense path takes a call where it measured faster; the rules are below, the numbers
+# in docs/benchmarks/kernels.md#dispatch-thresholds (bench/cpu_crossover.py, bench/gpu_check.sh).
+# CPU float32 is compute-bound from some rows on (MKL's SGEMM then out-computes the kernel), so
+# dense above a fraction of the batch's (row, neuron) products; CPU bf16/fp16 never (torch's
+# 16-bit CPU GEMM is far slower). hidden size -> (rows from which CPU float32 is compute-bound,
+# dense fallback fraction there); the entry with the largest hidden size <= the layer's applies.
 CPU_FP32_COMPUTE_BOUND: dict[int, tuple[int, float]] = {0: (12, 0.4), 2048: (32, 0.6)}
+# CUDA: never by fraction (reading the mask's density is a host sync, breaking CUDA-graph capture);
+# above CUDA_SPARSE_MAX_ROWS rows cuBLAS instead (at 16 rows it won at every measured sparsity).
 CUDA_DENSE_FALLBACK = 1.0
 CUDA_SPARSE_MAX_ROWS = 8
 
@@ -125,7 +101,7 @@ def sparse_ffn(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act: s
     if dispatch.runs_triton(x):
         if T > CUDA_SPARSE_MAX_ROWS:
             return dense_ffn(x, w_gate, w_up, w_down_t, act, threshold, predicted)
-        from kernels import sparse_ffn_triton  # NOTE: lazy, see the module docstring
+        from sparse_serve.kernels import sparse_ffn_triton  # NOTE: lazy, see the module docstring
         return sparse_ffn_triton.sparse_ffn_triton(
             x, w_gate, w_up, w_down_t, act, threshold, predicted, dense_fallback_fraction=fallback,
             predicted_group_counts=predicted_group_counts)
@@ -180,7 +156,7 @@ def predict_active(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float = 0.0,
     assert fc1.shape[1] == x.shape[1] and fc2.shape[1] == fc1.shape[0], (
         f"fc1 must be [r, H={x.shape[1]}] and fc2 [I, r]; got {tuple(fc1.shape)}, {tuple(fc2.shape)}")
     if dispatch.runs_triton(x) and x.shape[0] <= MAX_SPARSE_BATCH:
-        from kernels import predictor_triton
+        from sparse_serve.kernels import predictor_triton
         return predictor_triton.predict_active_triton(x, fc1, fc2, threshold,
                                                       group_counts=group_counts)
     predicted = _predict_active_no_triton(x, fc1, fc2, threshold)
@@ -193,8 +169,8 @@ def _predict_active_no_triton(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: fl
     if x.is_cuda:   # prefill: compute-bound, cuBLAS
         return predict_active_ref(x, fc1, fc2, threshold)
     # NOTE: on the CPU the native kernel reads the weights once at full speed for any decode
-    # batch, where torch's bf16/fp16 CPU GEMM is over 10x slower and its small-M float32 GEMM
-    # 2-4x slower (see DENSE_FALLBACK notes above); the reference is the fallback.
+    # batch, where torch's 16-bit and small-M float32 GEMMs are slower
+    # (docs/benchmarks/kernels.md#dispatch-thresholds); the reference is the fallback.
     if (x.shape[0] <= sparse_ffn_cpu.MAX_NATIVE_BATCH
             and fc1.is_contiguous() and fc2.is_contiguous() and cpu_native.available()):
         return sparse_ffn_cpu.predict_active_native(x, fc1, fc2, threshold)

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import cpu_native
-from kernels.sparse_ffn_ref import ACT_CODES, apply_activation, check_act
+from sparse_serve.kernels import cpu_native
+from sparse_serve.kernels.activations import ACT_CODES, check_act
+from sparse_serve.kernels.sparse_ffn_ref import apply_activation
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 MAX_NATIVE_BATCH = 64

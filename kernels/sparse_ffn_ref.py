@@ -11,14 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ACTIVATIONS = ("silu", "relu", "drelu", "fatrelu")
-# The codes the compiled kernels take (Triton's ACT constexpr, the C++ kernel's enum Act).
-ACT_CODES = {act: code for code, act in enumerate(ACTIVATIONS)}
-
-
-def check_act(act: str) -> None:
-    if act not in ACTIVATIONS:
-        raise ValueError(f"unknown FFN activation {act!r}; expected one of {ACTIVATIONS}")
+from sparse_serve.kernels.activations import ACTIVATIONS, check_act
 
 
 def apply_activation(g: Tensor, u: Tensor, act: str, threshold: float) -> Tensor:

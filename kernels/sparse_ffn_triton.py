@@ -4,12 +4,10 @@ masked kernels.
 Predicted mode (a mask is given) runs the compacted kernels of kernels/ffn_triton_compact.py.
 Exact mode (no predictor: every gate row must be read to know which neurons fire) runs
   - below DOT_MIN_ROWS rows, the compacted kernels after a dense pass over the gate rows that
-    makes the mask (H100, bf16, Mistral-7B FFN, one row, 2026-11-26 09:23: 1.09x cuBLAS at 0%
-    to 2.26x at 95%; at 90% 64.7 us where the masked kernels took 109.5 at 02:58);
-  - from DOT_MIN_ROWS rows, the masked kernels below (H100, 09:23: 1.05-1.30x cuBLAS at 4 and
-    8 rows from 0% to 95%, where the compacted ones took 0.89-1.50x and 0.88-1.30x at 05:18: at
-    low sparsity their extra passes cost more than they save).
-    docs/benchmarks/kernels_gpu_exact.md.
+    makes the mask;
+  - from DOT_MIN_ROWS rows, the masked kernels below: at low sparsity the compacted kernels'
+    extra passes cost more than they save.
+  Each was the faster there on an H100: docs/benchmarks/kernels_gpu_exact.md#which-kernels-run.
 The masked kernels:
   _gate_up_kernel  grid (cdiv(I, BLOCK_I),): each program owns BLOCK_I neurons. It reads their
       gate rows, applies the activation, reads an up row only where the gate survived for some
@@ -29,12 +27,19 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.ffn_triton_compact import CompactConfig, ffn_compact
-from kernels.sparse_ffn_ref import ACT_CODES, check_act, check_group_counts
-from kernels.triton_utils import (DOT_MIN_ROWS, activate_gate, check_device, dot_in_fp32,
-                                  linear_tile, next_pow2)
+from sparse_serve.kernels.activations import ACT_CODES, check_act
+from sparse_serve.kernels.ffn_triton_compact import CompactConfig, ffn_compact
+from sparse_serve.kernels.sparse_ffn_ref import check_group_counts
+from sparse_serve.kernels.triton_utils import (
+    DOT_MIN_ROWS,
+    activate_gate,
+    check_device,
+    dot_in_fp32,
+    linear_tile,
+    next_pow2,
+)
 
-# the masked kernels' tiles (H100-measured as above)
+# the masked kernels' tiles (measured on an H100: docs/benchmarks/kernels_gpu_exact.md)
 MASKED_BLOCK_I = 32
 MASKED_BLOCK_H = 128
 
@@ -119,8 +124,8 @@ def sparse_ffn_triton(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
     x.dtype, active [T, I] bool).
     NOTE: a dense_fallback_fraction below 1 costs one host sync (the mask's density is read on
     the host); the default 1.0 keeps the call sync-free for CUDA graphs. At full density the
-    compacted kernels read the same bytes as dense and cost only their fixed overhead (H100,
-    bf16: 0.97-1.05x cuBLAS up to 8 rows; kernels/sparse_ffn.py sends more rows to cuBLAS).
+    compacted kernels read the same bytes as dense and cost only their fixed overhead
+    (docs/benchmarks/kernels_gpu.md); kernels/sparse_ffn.py sends more rows to cuBLAS.
     compact_config tunes the compacted kernels (default: TUNED_CONFIGS).
     predicted_group_counts: the predictor's per-group counts of `predicted`
     (kernels/predictor_triton.py, group_counts=); given, the compaction launch is skipped.
@@ -140,7 +145,7 @@ def sparse_ffn_triton(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
         assert predicted.shape == (T, I) and predicted.dtype == torch.bool, predicted.shape
         if dense_fallback_fraction < 1.0:
             if predicted.any(0).float().mean().item() > dense_fallback_fraction:
-                from kernels.sparse_ffn_ref import dense_ffn
+                from sparse_serve.kernels.sparse_ffn_ref import dense_ffn
                 return dense_ffn(x, w_gate, w_up, w_down_t, act, threshold, predicted)
         predicted = predicted.contiguous()
     elif predicted_group_counts is not None:

@@ -60,7 +60,7 @@ def tuned_for(table: dict, rows: int):
 @triton.jit
 def activate_gate(g, threshold, ACT: tl.constexpr):
     """The gate's activation, as kernels/sparse_ffn_ref.py defines it (float32 in and out;
-    ACT is sparse_ffn_ref.ACT_CODES[act]); drelu's relu on the up projection is the caller's."""
+    ACT is activations.ACT_CODES[act]); drelu's relu on the up projection is the caller's."""
     if ACT == 0:  # silu, CATS threshold on |silu(g)|
         s = g / (1.0 + tl.exp(-g))
         a = tl.where(tl.abs(s) > threshold, s, 0.0)

@@ -15,13 +15,18 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 
-from engine.config import EngineConfig
-from server import routes_chat, routes_completions, routes_misc
-from server.errors import install_handlers
-from server.generation import ClientDisconnected
-from server.loader import start_background_load
-from server.middleware import REQUEST_ID_HEADER, AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware
-from server.state import ServerState
+from sparse_serve.engine.core.config import EngineConfig
+from sparse_serve.server import routes_chat, routes_completions, routes_misc
+from sparse_serve.server.errors import install_handlers
+from sparse_serve.server.generation import ClientDisconnected
+from sparse_serve.server.loader import start_background_load
+from sparse_serve.server.middleware import (
+    REQUEST_ID_HEADER,
+    AuthMiddleware,
+    BodyLimitMiddleware,
+    RequestContextMiddleware,
+)
+from sparse_serve.server.state import ServerState
 
 logger = logging.getLogger(__name__)
 

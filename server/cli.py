@@ -1,4 +1,4 @@
-"""`sparse-serve` (also `python -m server`): serve, convert, calibrate.
+"""`sparse-serve` (also `python -m sparse_serve.server`): serve, convert, calibrate.
 
 `serve` maps its flags onto the one config tree (`EngineConfig.load(*--config, overrides=...)`),
 starts uvicorn at once (so /health answers 503 while the model loads) and loads the model in a
@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from engine.config import CONFIG_DIR, EngineConfig
+from sparse_serve.engine.core.config import CONFIG_DIR, MODEL_DTYPES, EngineConfig
 
 logger = logging.getLogger("sparse_serve")
 
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--served-model-name", help="the name clients send as `model`")
     model.add_argument("--chat-template", metavar="FILE", help="Jinja chat template overriding the tokenizer's")
     model.add_argument("--sparsity", metavar="FILE", help="calibrated sparsity thresholds (JSON)")
-    model.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"))
+    model.add_argument("--dtype", choices=MODEL_DTYPES)
     model.add_argument("--device", help="auto, cpu or cuda[:N]")
     model.add_argument("--max-model-len", type=int, help="context window (default: the model's)")
 
@@ -128,9 +128,9 @@ def configure_logging(level: str) -> None:
 def create_server(config: EngineConfig, engine_factory: Callable[[EngineConfig], Any] | None = None):
     """The uvicorn server for `serve`, its app loading the model in the background.
     Its `exit_code` turns 1 (and the server stops) if the model fails to load."""
-    from server.app import build_app
-    from server.http_server import make_server
-    from server.loader import load_engine
+    from sparse_serve.server.app import build_app
+    from sparse_serve.server.http_server import make_server
+    from sparse_serve.server.loader import load_engine
 
     factory = engine_factory or load_engine
     server = None
@@ -158,11 +158,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # NOTE: convert/calibrate own their flags; hand them everything after the subcommand.
     if argv and argv[0] == "convert":
-        from engine.convert_gguf import main_convert
+        from sparse_serve.engine.checkpoints.convert_gguf import main_convert
 
         return main_convert(argv[1:]) or 0
     if argv and argv[0] == "calibrate":
-        from engine.calibrate import main_calibrate
+        from sparse_serve.engine.calibration.calibrate import main_calibrate
 
         return main_calibrate(argv[1:]) or 0
     parser = build_parser()

@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.errors import EngineDeadError, EngineOverloadedError, PromptTooLongError
+from sparse_serve.engine.core.errors import EngineDeadError, EngineOverloadedError, PromptTooLongError
 
 logger = logging.getLogger(__name__)
 

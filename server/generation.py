@@ -14,9 +14,9 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from engine.outputs import RequestOutput, RequestStats, TokenLogprob
-from engine.sampling_params import SamplingParams
-from server.errors import from_engine_error
+from sparse_serve.engine.core.outputs import RequestOutput, RequestStats, TokenLogprob
+from sparse_serve.engine.core.sampling_params import SamplingParams
+from sparse_serve.server.errors import from_engine_error
 
 logger = logging.getLogger(__name__)
 

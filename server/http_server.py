@@ -10,8 +10,8 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
-from engine.config import EngineConfig
-from server.state import ServerState
+from sparse_serve.engine.core.config import EngineConfig
+from sparse_serve.server.state import ServerState
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from engine.config import EngineConfig
-from server.state import ServerState
+from sparse_serve.engine.core.config import EngineConfig
+from sparse_serve.server.state import ServerState
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def load_engine(config: EngineConfig) -> Any:
 
     NOTE: the import is lazy: the engine and its torch import stay out of the CLI's start-up.
     """
-    from engine.async_engine import AsyncEngine
+    from sparse_serve.engine.core.async_engine import AsyncEngine
 
     return AsyncEngine.from_config(config)
 

@@ -5,7 +5,7 @@ Every metric is prefixed `sparseserve_` and labelled with `model_name`. The serv
 `RequestStats`, with the finish reasons of its choices), `observe_step` from the engine's step
 listener, `update_engine_stats` before rendering, and `render` to serve /metrics.
 
-Sparsity accounting (per generated token, means over the request, engine.sparsity's definition):
+Sparsity accounting (per generated token, means over the request, engine/core/sparsity.py's definition):
 - activated params: `RequestStats.mean_activated_params` = total - inactive neurons * 3 * hidden.
 - computed params: what the batch actually computed for the request's tokens, i.e. the dense
   params plus the FFN neurons in the union of the batch's active sets:
@@ -25,10 +25,9 @@ from __future__ import annotations
 import logging
 import threading
 
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
-                               generate_latest)
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from engine.outputs import EngineStats, RequestStats, StepStats
+from sparse_serve.engine.core.outputs import EngineStats, RequestStats, StepStats
 
 logger = logging.getLogger(__name__)
 
@@ -246,8 +245,6 @@ class ServerMetrics:
         self.num_requests_running.labels(model_name=name).set(stats.num_running)
         self.num_requests_waiting.labels(model_name=name).set(stats.num_waiting)
         self.kv_cache_usage.labels(model_name=name).set(stats.kv_cache_usage)
-        # NOTE: EngineStats.per_layer_sparsity is not exported; the per-layer gauge is smoothed
-        # here from StepStats so it has one definition whichever engine feeds it.
         with self._lock:
             for key, value, counter in (("preemptions", stats.num_preemptions, self.num_preemptions),
                                         ("prefix_queries", stats.prefix_cache_queries, self.prefix_cache_queries),

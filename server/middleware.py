@@ -13,8 +13,8 @@ import uuid
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import OpenAIError, error_response, internal_error
-from server.state import ServerState
+from sparse_serve.server.errors import OpenAIError, error_response, internal_error
+from sparse_serve.server.state import ServerState
 
 logger = logging.getLogger(__name__)
 

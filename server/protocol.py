@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.sampling_params import SamplingParams
-from server.errors import bad_request, model_not_found, unsupported
+from sparse_serve.engine.core.sampling_params import SamplingParams
+from sparse_serve.server.errors import bad_request, model_not_found, unsupported
 
 
 class _Strict(BaseModel):

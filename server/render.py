@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.outputs import RequestStats, TokenLogprob
-from server.generation import PromptResult
+from sparse_serve.engine.core.outputs import RequestStats, TokenLogprob
+from sparse_serve.server.generation import PromptResult
 
 
 def usage(results: list[PromptResult], engine_total_params: int) -> dict[str, Any]:

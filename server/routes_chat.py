@@ -10,13 +10,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from engine.sampling_params import SamplingParams
-from server.errors import bad_request, from_engine_error
-from server.generation import MergedStream, PromptResult
-from server.protocol import ChatCompletionRequest, check_model
-from server.render import chat_logprobs, usage
-from server.sse import SSEResponse, sse_data
-from server.state import get_state
+from sparse_serve.engine.core.sampling_params import SamplingParams
+from sparse_serve.server.errors import bad_request, from_engine_error
+from sparse_serve.server.generation import MergedStream, PromptResult
+from sparse_serve.server.protocol import ChatCompletionRequest, check_model
+from sparse_serve.server.render import chat_logprobs, usage
+from sparse_serve.server.sse import SSEResponse, sse_data
+from sparse_serve.server.state import get_state
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -46,7 +46,7 @@ def chat_prompt_ids(engine: Any, messages: list[dict[str, str]]) -> list[int]:
                           param="messages", code="no_chat_template")
     try:
         return tokenizer.encode_chat(messages)
-    except ValueError as exc:  # engine.tokenizer.ChatTemplateError is a ValueError
+    except ValueError as exc:  # text.tokenizer.ChatTemplateError is a ValueError
         raise bad_request(f"The chat template could not render these messages: {exc}",
                           param="messages", code="chat_template_error") from None
 

@@ -13,12 +13,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.generation import MergedStream, PromptResult
-from server.protocol import CompletionRequest
-from server.render import completion_logprobs, usage
-from server.routes_chat import accept_request
-from server.sse import SSEResponse, sse_data
-from server.state import get_state
+from sparse_serve.server.generation import MergedStream, PromptResult
+from sparse_serve.server.protocol import CompletionRequest
+from sparse_serve.server.render import completion_logprobs, usage
+from sparse_serve.server.routes_chat import accept_request
+from sparse_serve.server.sse import SSEResponse, sse_data
+from sparse_serve.server.state import get_state
 
 router = APIRouter()
 

@@ -7,10 +7,10 @@ from importlib import metadata
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.errors import bad_request
-from server.protocol import DetokenizeRequest, TokenizeRequest, check_model
-from server.routes_chat import chat_prompt_ids
-from server.state import get_state
+from sparse_serve.server.errors import bad_request
+from sparse_serve.server.protocol import DetokenizeRequest, TokenizeRequest, check_model
+from sparse_serve.server.routes_chat import chat_prompt_ids
+from sparse_serve.server.state import get_state
 
 router = APIRouter()
 _STARTED = int(time.time())

@@ -17,8 +17,8 @@ from typing import Any
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from server.errors import from_engine_error
-from server.generation import wait_for_disconnect
+from sparse_serve.server.errors import from_engine_error
+from sparse_serve.server.generation import wait_for_disconnect
 
 logger = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ from typing import Any
 
 from fastapi import Request
 
-from engine.config import EngineConfig
-from engine.outputs import RequestOutput
-from server.errors import SERVER_ERROR, OpenAIError
-from server.generation import GenerationRunner
-from server.metrics import ServerMetrics
+from sparse_serve.engine.core.config import EngineConfig
+from sparse_serve.engine.core.outputs import RequestOutput
+from sparse_serve.server.errors import SERVER_ERROR, OpenAIError
+from sparse_serve.server.generation import GenerationRunner
+from sparse_serve.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ServerState:
     config: EngineConfig
-    engine: Any | None = None             # engine.async_engine.AsyncEngine once started
+    engine: Any | None = None             # sparse_serve.engine.core.async_engine.AsyncEngine once started
     metrics: ServerMetrics | None = None
     runner: GenerationRunner | None = None
     draining: bool = False

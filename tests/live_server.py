@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.config import EngineConfig
-from server.app import build_app
-from server.http_server import DrainingServer, bind_socket, make_server
+from sparse_serve.engine.core.config import EngineConfig
+from sparse_serve.server.app import build_app
+from sparse_serve.server.http_server import DrainingServer, bind_socket, make_server
 
 
 def small_config(**overrides: Any) -> EngineConfig:
@@ -31,7 +31,7 @@ def small_config(**overrides: Any) -> EngineConfig:
 
 def tiny_engine(config: EngineConfig, model_dir: str | Path, kv_cache_bytes: int = 8 << 20):
     """The real AsyncEngine on a tiny checkpoint, on the CPU (not started: the app starts it)."""
-    from engine.async_engine import AsyncEngine
+    from sparse_serve.engine.core.async_engine import AsyncEngine
 
     config.model.path = str(model_dir)
     config.model.device = "cpu"

@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine.perplexity import forward_windows
-from engine.sparsity_file import METHODS, THRESHOLD_ACTS, SparsityFile, set_thresholds
+from sparse_serve.engine.calibration.perplexity import forward_windows
+from sparse_serve.engine.checkpoints.sparsity_file import METHODS, THRESHOLD_ACTS, SparsityFile, set_thresholds
+from sparse_serve.engine.core.config import MODEL_DTYPES, ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ class Calibrator:
     def _capture_gradients(self):
         """Dense forward + backward of the next-token loss on the error windows:
         per layer FFN inputs [T, H] and dL/d(FFN output) [T, H]."""
-        from engine.perplexity import next_token_targets
+        from sparse_serve.engine.calibration.perplexity import next_token_targets
 
         model, mlps = self.model, self.model.mlps
         saved = [(mlp.act_threshold, mlp.use_sparse_kernels) for mlp in mlps]
@@ -267,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--error-windows", type=int, default=4,
                         help="windows used to measure per-layer sensitivity (greedy)")
     parser.add_argument("--step", type=float, default=DEFAULT_STEP, help="greedy step size")
-    parser.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16", "float16"))
+    parser.add_argument("--dtype", default="float32", choices=MODEL_DTYPES)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--log-level", default="info",
                         choices=("critical", "error", "warning", "info", "debug"))
@@ -276,10 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_for_calibration(model_path: str | None, dtype: str, device: str):
     """(model, tokenizer, folder) with every layer dense, whatever the folder's config says."""
-    from engine.config import ModelConfig
-    from engine.default_model import default_model_path
-    from engine.loader import load_model
-    from engine.tokenizer import Tokenizer
+    from sparse_serve.engine.checkpoints.default_model import default_model_path
+    from sparse_serve.engine.checkpoints.loader import load_model
+    from sparse_serve.engine.text.tokenizer import Tokenizer
 
     folder = model_path or default_model_path()
     # NOTE: no sparsity_file here: calibration always starts from the dense model.
@@ -288,9 +288,9 @@ def load_for_calibration(model_path: str | None, dtype: str, device: str):
 
 
 def main_calibrate(argv: Sequence[str] | None = None) -> int:
-    from engine.calibration_data import load_windows
-    from engine.errors import ModelLoadError
-    from engine.sparsity_file import write_sparsity_file
+    from sparse_serve.engine.calibration.calibration_data import load_windows
+    from sparse_serve.engine.checkpoints.sparsity_file import write_sparsity_file
+    from sparse_serve.engine.core.errors import ModelLoadError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),

@@ -119,7 +119,7 @@ def token_windows(encode, texts: Sequence[str], window: int, max_windows: int,
 
 
 def load_windows(tokenizer, split: str, window: int, max_windows: int) -> list[torch.Tensor]:
-    """Token windows of one split for an engine.tokenizer.Tokenizer."""
+    """Token windows of one split for a sparse_serve.engine.text.tokenizer.Tokenizer."""
     texts = stdlib_docstrings(split)
     plain = tokenizer.encode("a", add_special_tokens=False)
     # NOTE: prepend BOS only for tokenizers that add it themselves (Llama-2 style); SmolLM2's

@@ -1,8 +1,8 @@
 """Perplexity and measured FFN sparsity of the native model on fixed token windows.
 
 Sparsity is read from the model's own per-token activity counts and turned into a fraction by
-engine.sparsity.SparsityAccounting, the one definition the server also reports; nothing here
-recounts neurons.
+SparsityAccounting (engine/core/sparsity.py), the one definition the server also reports;
+nothing here recounts neurons.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.models.attention import AttentionMetadata
-from engine.sparsity import SparsityAccounting
+from sparse_serve.engine.core.sparsity import SparsityAccounting
+from sparse_serve.engine.models.attention import AttentionMetadata
 
 
 @dataclass

@@ -27,11 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparse_serve.engine.checkpoints.loader import TORCH_DTYPES
+
 logger = logging.getLogger(__name__)
 
 # Bump when the folder layout or the numbers written change, so caches keyed on it reconvert.
 CONVERTER_VERSION = 1
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _PROVENANCE_FILE = "gguf_conversion.json"
 
 # GGUF tensor name -> HF name; "{i}" is the layer index.
@@ -305,8 +306,8 @@ def convert_gguf(gguf_path: str, out_dir: str, dtype: str = "float32", *, overwr
     import gguf
     from safetensors.torch import save_file
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
     src, out = Path(gguf_path), Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --force) to replace it")
@@ -315,7 +316,7 @@ def convert_gguf(gguf_path: str, out_dir: str, dtype: str = "float32", *, overwr
     reader = gguf.GGUFReader(str(src))
     meta = read_gguf_metadata(reader)
     hparams = llama_hparams(meta)
-    tensors = convert_tensors(reader, hparams, DTYPES[dtype])
+    tensors = convert_tensors(reader, hparams, TORCH_DTYPES[dtype])
     config = hf_config(hparams, meta, tensors, dtype)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -374,7 +375,7 @@ def main_convert(argv: list[str]) -> int:
         description="Convert a Llama-architecture GGUF file into an HF-style model folder.")
     parser.add_argument("gguf_file", metavar="GGUF_FILE", help="path to the .gguf file")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="folder to create")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+    parser.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default="float32",
                         help="dtype of the written weights (default: float32)")
     parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     args = parser.parse_args(argv)

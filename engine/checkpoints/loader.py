@@ -12,14 +12,14 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from engine.config import ModelConfig
-from engine.errors import ModelLoadError
-from engine.models.arch_config import ModelArchConfig
-from engine.models.llama import CausalLM
+from sparse_serve.engine.core.config import DTYPE_NAMES, ModelConfig
+from sparse_serve.engine.core.errors import ModelLoadError
+from sparse_serve.engine.models.arch_config import ModelArchConfig
+from sparse_serve.engine.models.llama import CausalLM
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 # Tensors older checkpoints carry that the native model recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -34,7 +34,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         # NOTE: CPU matmuls in bf16 are slower than fp32 on most x86 hosts; GPUs want bf16.
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
+    return TORCH_DTYPES[name]
 
 
 def checkpoint_files(folder: Path) -> dict[str, Path]:
@@ -95,7 +95,7 @@ def load_model(cfg: ModelConfig, folder: str | Path) -> tuple[CausalLM, ModelArc
         mlp.prepare_for_inference()
     model.eval().requires_grad_(False)
     if cfg.sparsity_file:
-        from engine.sparsity_file import apply_sparsity_file
+        from sparse_serve.engine.checkpoints.sparsity_file import apply_sparsity_file
 
         sidecar = apply_sparsity_file(model, cfg.sparsity_file)   # ModelLoadError on a mismatch
         logger.info("sparsity: %s thresholds from %s (target %.2f, calibrated %.3f)",

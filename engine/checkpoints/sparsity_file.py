@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ModelLoadError
+from sparse_serve.engine.core.errors import ModelLoadError
 
 FORMAT = "sparse-serve-sparsity/1"
 METHODS = ("greedy", "uniform")
@@ -92,7 +92,7 @@ def resolve_path(path: str | Path) -> Path:
     NOTE: `make serve` and tests run from different directories; the shipped sidecar must be
     found from both.
     """
-    from engine.config import CONFIG_DIR
+    from sparse_serve.engine.core.config import CONFIG_DIR
 
     path = Path(path).expanduser()
     if not path.is_absolute() and not path.exists() and (CONFIG_DIR / path).exists():

@@ -10,11 +10,11 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 
-from engine.config import EngineConfig
-from engine.errors import EngineDeadError, EngineOverloadedError
-from engine.llm_engine import LLMEngine
-from engine.outputs import EngineStats, RequestOutput, StepStats
-from engine.sampling_params import SamplingParams
+from sparse_serve.engine.core.config import EngineConfig
+from sparse_serve.engine.core.errors import EngineDeadError, EngineOverloadedError
+from sparse_serve.engine.core.llm_engine import LLMEngine
+from sparse_serve.engine.core.outputs import EngineStats, RequestOutput, StepStats
+from sparse_serve.engine.core.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class AsyncEngine:
         """Loads the model: slow and blocking (call it in a thread from async code)."""
         path = config.model.path
         if path is None:
-            from engine.default_model import DEFAULT_MODEL_NAME, default_model_path
+            from sparse_serve.engine.checkpoints.default_model import DEFAULT_MODEL_NAME, default_model_path
             path = config.model.path = str(default_model_path())
             # NOTE: served as "SmolLM2-135M-Instruct" (what the README's examples send), not
             # as its cache folder's name, which carries a key that changes with the conversion

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 
-from engine.sequence import Sequence
+from sparse_serve.engine.core.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -187,14 +187,3 @@ class BlockManager:
                 self._cached[key] = block.block_id
             parent = hash(key)
             hashes.append(parent)
-
-    def reset_prefix_cache(self) -> int:
-        """Forget every cached key of unreferenced blocks; returns how many were dropped."""
-        dropped = 0
-        for block_id in self._free:
-            block = self._blocks[block_id]
-            if block.key is not None:
-                del self._cached[block.key]
-                block.key = None
-                dropped += 1
-        return dropped

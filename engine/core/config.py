@@ -1,8 +1,8 @@
 """The one configuration tree: model / cache / scheduler / server.
 
-Built once from YAML files in configs/ (later files and dotted overrides win), passed down,
-never mutated after `finalize()` except for derived values the engine sets at start-up
-(KV block count, EOS ids), which it logs once.
+Built once from YAML files in configs/ (later files and dotted overrides win) and validated, then
+passed down and never mutated except for derived values the engine sets at start-up (KV block
+count, EOS ids), which it logs once.
 """
 from __future__ import annotations
 
@@ -14,10 +14,15 @@ from typing import Any
 
 import yaml
 
+from sparse_serve.kernels.activations import ACTIVATIONS
+
 logger = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-FFN_ACTS = ("silu", "relu", "drelu", "fatrelu")
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+# The weight dtypes a model can be served in, by name (engine/checkpoints/loader.py maps them onto
+# torch dtypes); "auto" picks one per device.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+MODEL_DTYPES = ("auto", *DTYPE_NAMES)
 
 
 @dataclass
@@ -107,10 +112,10 @@ class EngineConfig:
         setattr(sub, key, value)
 
     def validate(self) -> None:
-        if self.model.ffn_act is not None and self.model.ffn_act not in FFN_ACTS:
-            raise ValueError(f"model.ffn_act must be one of {FFN_ACTS}, got {self.model.ffn_act!r}")
-        if self.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"model.dtype must be auto/float32/bfloat16/float16, got {self.model.dtype!r}")
+        if self.model.ffn_act is not None and self.model.ffn_act not in ACTIVATIONS:
+            raise ValueError(f"model.ffn_act must be one of {ACTIVATIONS}, got {self.model.ffn_act!r}")
+        if self.model.dtype not in MODEL_DTYPES:
+            raise ValueError(f"model.dtype must be one of {MODEL_DTYPES}, got {self.model.dtype!r}")
         if self.cache.block_size < 1:
             raise ValueError("cache.block_size must be positive")
         if self.scheduler.max_num_seqs < 1 or self.scheduler.max_num_batched_tokens < 1:

@@ -4,10 +4,10 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.outputs import RequestStats
-from engine.sampling_params import SamplingParams
+from sparse_serve.engine.core.config import EngineConfig
+from sparse_serve.engine.core.llm_engine import LLMEngine
+from sparse_serve.engine.core.outputs import RequestStats
+from sparse_serve.engine.core.sampling_params import SamplingParams
 
 
 @dataclass

@@ -11,22 +11,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.block_manager import BlockManager
-from engine.config import EngineConfig
-from engine.detokenizer import IncrementalDetokenizer
-from engine.errors import PromptTooLongError
-from engine.loader import load_model
-from engine.model_runner import ModelRunner, kv_bytes_per_block
-from engine.outputs import EngineStats, RequestOutput, RequestStats, StepStats
-from engine.request_state import RequestState, make_logprob
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence
-from engine.sparsity import SparsityAccounting
-from engine.tokenizer import Tokenizer, load_eos_token_ids
+from sparse_serve.engine.checkpoints.loader import load_model
+from sparse_serve.engine.core.block_manager import BlockManager
+from sparse_serve.engine.core.config import EngineConfig
+from sparse_serve.engine.core.errors import PromptTooLongError
+from sparse_serve.engine.core.outputs import EngineStats, RequestOutput, RequestStats, StepStats
+from sparse_serve.engine.core.request_state import RequestState, make_logprob
+from sparse_serve.engine.core.sampling_params import SamplingParams
+from sparse_serve.engine.core.scheduler import Scheduler
+from sparse_serve.engine.core.sequence import Sequence
+from sparse_serve.engine.core.sparsity import SparsityAccounting
+from sparse_serve.engine.text.detokenizer import IncrementalDetokenizer
+from sparse_serve.engine.text.tokenizer import Tokenizer, load_eos_token_ids
+from sparse_serve.engine.worker.model_runner import ModelRunner, kv_bytes_per_block
 
 logger = logging.getLogger(__name__)
-_SMOOTHING = 0.1   # EMA weight of the newest step in the per-layer sparsity gauge
 
 
 @dataclass
@@ -54,7 +53,6 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.eos_token_ids, self.max_model_len)
         self.requests: dict[str, RequestState] = {}
-        self.per_layer_sparsity: list[float] = []
         per_block = kv_bytes_per_block(self.arch, config.cache.block_size, self.runner.dtype)
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d, eos ids %s, "
                     "prefix caching %s", num_blocks, config.cache.block_size, num_blocks * per_block / 2**20,
@@ -121,7 +119,6 @@ class LLMEngine:
         outputs = self._collect_outputs()
         if run is None:
             return StepResult(outputs, None)
-        self._smooth_sparsity(run.per_layer_active_fraction)
         step_stats = StepStats(
             duration_s=time.perf_counter() - started, num_seqs=len(sched.scheduled),
             num_prefill_tokens=num_prefill, num_decode_tokens=sched.num_batched_tokens - num_prefill,
@@ -177,18 +174,9 @@ class LLMEngine:
                 del self.requests[request_id]
         return outputs
 
-    def _smooth_sparsity(self, active_fraction: list[float]) -> None:
-        sparsity = [1.0 - f for f in active_fraction]
-        if not self.per_layer_sparsity:
-            self.per_layer_sparsity = sparsity
-        else:
-            self.per_layer_sparsity = [(1 - _SMOOTHING) * old + _SMOOTHING * new
-                                       for old, new in zip(self.per_layer_sparsity, sparsity)]
-
     def get_stats(self) -> EngineStats:
         bm = self.block_manager
         return EngineStats(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
                            num_total_blocks=bm.num_blocks, num_free_blocks=bm.num_free_blocks,
                            kv_cache_usage=bm.usage, num_preemptions=self.scheduler.num_preemptions,
-                           prefix_cache_queries=bm.prefix_cache_queries, prefix_cache_hits=bm.prefix_cache_hits,
-                           per_layer_sparsity=list(self.per_layer_sparsity))
+                           prefix_cache_queries=bm.prefix_cache_queries, prefix_cache_hits=bm.prefix_cache_hits)

@@ -37,7 +37,7 @@ class CompletionDelta:
 @dataclass
 class RequestStats:
     """Per-request timings (time.time() seconds) and counts; sparsity numbers are means
-    over the request's generated tokens, using engine.sparsity's one definition."""
+    over the request's generated tokens, using engine/core/sparsity.py's one definition."""
     arrival_time: float
     scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -86,7 +86,6 @@ class EngineStats:
     num_preemptions: int = 0                   # since start
     prefix_cache_queries: int = 0              # tokens looked up, since start
     prefix_cache_hits: int = 0                 # tokens found, since start
-    per_layer_sparsity: list[float] = field(default_factory=list)  # smoothed, per layer
 
 
 @dataclass

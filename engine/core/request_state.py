@@ -4,10 +4,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from engine.detokenizer import IncrementalDetokenizer
-from engine.outputs import CompletionDelta, RequestOutput, RequestStats, TokenLogprob, TopLogprob
-from engine.sequence import Sequence
-from engine.sparsity import SparsityAccounting
+from sparse_serve.engine.core.outputs import CompletionDelta, RequestOutput, RequestStats, TokenLogprob, TopLogprob
+from sparse_serve.engine.core.sequence import Sequence
+from sparse_serve.engine.core.sparsity import SparsityAccounting
+from sparse_serve.engine.text.detokenizer import IncrementalDetokenizer
 
 
 @dataclass

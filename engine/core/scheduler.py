@@ -12,10 +12,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.block_manager import BlockManager
-from engine.config import SchedulerConfig
-from engine.errors import PromptTooLongError
-from engine.sequence import Sequence, SequenceStatus
+from sparse_serve.engine.core.block_manager import BlockManager
+from sparse_serve.engine.core.config import SchedulerConfig
+from sparse_serve.engine.core.errors import PromptTooLongError
+from sparse_serve.engine.core.sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +40,6 @@ class SchedulerOutput:
     # Sequences the scheduler had to end while scheduling (a lone sequence that outgrew the
     # whole KV cache, see Scheduler.schedule); update_from_output returns them too.
     finished: list[Sequence] = field(default_factory=list)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
 
 
 class Scheduler:
@@ -102,13 +98,8 @@ class Scheduler:
                 continue
             while not self.block_manager.can_allocate(seq, num_new):
                 if len(self.running) == 1:
-                    # NOTE: never deadlock: alone, with every other block free, this sequence
-                    # needs more KV than the whole cache holds; it can never continue, so it
-                    # ends with "length" (as if the context window were the cache size).
-                    logger.warning("%r outgrew the KV cache (%d blocks); finishing with 'length'",
-                                   seq, self.block_manager.num_blocks)
-                    self.finish_sequence(seq, "length")
-                    finished.append(seq)
+                    # NOTE: alone, with every other block free: it outgrew the whole cache.
+                    self._finish_outgrown(seq, finished)
                     break
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -151,14 +142,10 @@ class Scheduler:
                 bm.free(seq)
                 seq.num_computed_tokens = 0
                 if not self.running:
-                    # NOTE: only running sequences hold blocks, so with none running the whole
-                    # cache is free and still too small. add_sequence and the lone-sequence
-                    # rule above keep this from happening; the guard makes sure a sequence
-                    # that outgrew the cache ends with "length" rather than block the queue.
-                    logger.warning("%r outgrew the KV cache (%d blocks); finishing with 'length'",
-                                   seq, bm.num_blocks)
-                    self.finish_sequence(seq, "length")
-                    finished.append(seq)
+                    # NOTE: only running sequences hold blocks, so the whole cache is free and
+                    # still too small (add_sequence and the lone-sequence rule above keep this
+                    # from happening; the guard keeps such a sequence from blocking the queue).
+                    self._finish_outgrown(seq, finished)
                     continue
                 # NOTE: FCFS: later sequences do not jump a head that waits for blocks; it is
                 # admitted once running sequences finish or get preempted.
@@ -189,6 +176,14 @@ class Scheduler:
                 return False
             source = other
         return source
+
+    def _finish_outgrown(self, seq: Sequence, finished: list[Sequence]) -> None:
+        """A sequence that needs more KV than the whole cache holds can never continue: it ends
+        with "length", as if the context window were the cache size (never a deadlock)."""
+        logger.warning("%r outgrew the KV cache (%d blocks); finishing with 'length'",
+                       seq, self.block_manager.num_blocks)
+        self.finish_sequence(seq, "length")
+        finished.append(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         """Free its blocks and requeue it at the front; it keeps its output tokens and

@@ -10,7 +10,7 @@ import enum
 import itertools
 import time
 
-from engine.sampling_params import SamplingParams
+from sparse_serve.engine.core.sampling_params import SamplingParams
 
 _seq_counter = itertools.count()
 
@@ -59,10 +59,6 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
-
-    @property
-    def last_token_id(self) -> int:
-        return self.token_ids[-1]
 
     @property
     def is_finished(self) -> bool:

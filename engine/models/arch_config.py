@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ModelLoadError
+from sparse_serve.engine.core.errors import ModelLoadError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "BambooForCausalLM")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "bamboo")
-FFN_ACTS = ("silu", "relu", "drelu", "fatrelu")
 
 
 @dataclass
@@ -31,6 +30,7 @@ class ModelArchConfig:
     head_dim: int
     rms_norm_eps: float
     rope_theta: float
+    rope_scaling_factor: float        # linear RoPE scaling (1.0: none)
     max_position_embeddings: int
     sliding_window: int | None
     tie_word_embeddings: bool
@@ -40,10 +40,6 @@ class ModelArchConfig:
     bos_token_id: int | None
     eos_token_ids: list[int]
     predictor_rank: int | None = None # set by the loader when the checkpoint has predictors
-
-    @property
-    def num_ffn_neurons(self) -> int:
-        return self.num_layers * self.intermediate_size
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json",
@@ -68,9 +64,7 @@ class ModelArchConfig:
 
         hidden = int(need("hidden_size"))
         num_heads = int(need("num_attention_heads"))
-        rope_theta, rope_type = _rope(raw, source)
-        if rope_type not in ("default", None):
-            raise ModelLoadError(f"{source}: rope type {rope_type!r} is not supported yet (only default RoPE)")
+        rope_theta, rope_scaling_factor = _rope(raw, source)
         ffn_act, threshold = _ffn_act(raw, arch, model_type, source)
         if ffn_act_override is not None:
             ffn_act = ffn_act_override
@@ -91,6 +85,7 @@ class ModelArchConfig:
             head_dim=int(raw.get("head_dim") or hidden // num_heads),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
+            rope_scaling_factor=rope_scaling_factor,
             max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
             sliding_window=int(window) if window else None,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
@@ -113,13 +108,22 @@ class ModelArchConfig:
         return cls.from_dict(raw, source=str(path), **overrides)
 
 
-def _rope(raw: dict[str, Any], source: str) -> tuple[float, str | None]:
+def _rope(raw: dict[str, Any], source: str) -> tuple[float, float]:
+    """(rope_theta, linear scaling factor) from either layout; other RoPE types are refused."""
     params = raw.get("rope_parameters")
     if isinstance(params, dict):  # transformers 5 layout
-        return float(params.get("rope_theta", raw.get("rope_theta", 10000.0))), params.get("rope_type")
-    scaling = raw.get("rope_scaling")
-    rope_type = None if not scaling else scaling.get("rope_type", scaling.get("type"))
-    return float(raw.get("rope_theta", 10000.0)), rope_type
+        theta, scaling = params.get("rope_theta", raw.get("rope_theta", 10000.0)), params
+    else:
+        theta, scaling = raw.get("rope_theta", 10000.0), raw.get("rope_scaling") or {}
+    rope_type = scaling.get("rope_type", scaling.get("type")) or "default"
+    if rope_type == "default":
+        return float(theta), 1.0
+    if rope_type == "linear":
+        factor = scaling.get("factor")
+        if not isinstance(factor, (int, float)) or factor <= 0:
+            raise ModelLoadError(f"{source}: linear RoPE scaling needs a positive 'factor', got {factor!r}")
+        return float(theta), float(factor)
+    raise ModelLoadError(f"{source}: rope type {rope_type!r} is not supported (default and linear are)")
 
 
 def _ffn_act(raw: dict[str, Any], arch: str, model_type: str, source: str) -> tuple[str, float]:

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.layers import RotaryEmbedding
-from kernels import dispatch
+from sparse_serve.engine.models.layers import RotaryEmbedding
+from sparse_serve.kernels import dispatch
 
 
 @dataclass
@@ -50,9 +50,9 @@ class AttentionMetadata:
         The sign of rotate-half is folded into sin (first half negated), so a rotation is
         x * cos + swap_halves(x) * sin, with the same products as the reference formula."""
         if self._rope is None or self._rope[0] is not positions:
-            # NOTE: RotaryEmbedding owns the (lazily built) tables; reading them here instead of
-            # calling rope(q, k) per layer saves two gathers and the per-layer sign flips.
-            cos_table, sin_table = rope._table(positions.device)
+            # NOTE: gathered once per step here, not per layer: saves two gathers and the
+            # per-layer sign flips.
+            cos_table, sin_table = rope.table(positions.device)
             cos = cos_table[positions].unsqueeze(1)                              # [T, 1, D]
             sin = sin_table[positions].unsqueeze(1)
             half = sin.shape[-1] // 2
@@ -205,7 +205,7 @@ class Attention(nn.Module):
     def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         """One query per sequence: gather every sequence's context at once, one SDPA call."""
         if dispatch.runs_triton(q):
-            from kernels.paged_attention import paged_attention_decode
+            from sparse_serve.kernels.paged_attention import paged_attention_decode
             return paged_attention_decode(q, k_cache, v_cache, meta.block_tables,
                                           meta.seq_lens_tensor, self.scale, self.sliding_window)
         slots, mask = meta.decode_context(self.sliding_window)                  # [S, K]

@@ -2,8 +2,9 @@
 
 A neuron i is row i of gate_proj and up_proj and column i of down_proj. It is *active* for a
 token iff its intermediate value h_i != 0 after the activation (and, with a predictor, iff it was
-also predicted active): the one definition in DESIGN.md. Counts stay on the device (no host sync
-per layer); the model runner reads them once per step.
+also predicted active): the one definition, turned into params and sparsity by
+engine/core/sparsity.py. Counts stay on the device (no host sync per layer); the model runner
+reads them once per step.
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.sparse_ffn import group_counts_for, predict_active, sparse_ffn
-from kernels.sparse_ffn_ref import dense_ffn, predict_active_ref
+from sparse_serve.kernels.sparse_ffn import group_counts_for, predict_active, sparse_ffn
+from sparse_serve.kernels.sparse_ffn_ref import dense_ffn, predict_active_ref
 
 
 class Predictor(nn.Module):

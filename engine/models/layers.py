@@ -20,37 +20,28 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
-class RotaryEmbedding(nn.Module):
-    """Default (unscaled) RoPE in the rotate-half layout that HF Llama/Mistral checkpoints use."""
+class RotaryEmbedding:
+    """RoPE tables in the rotate-half layout that HF Llama/Mistral checkpoints use: default, or
+    linear scaling (positions divided by `scaling_factor`, as transformers' "linear" rope_type).
 
-    def __init__(self, head_dim: int, theta: float, max_positions: int):
-        super().__init__()
+    The layers never rotate through this class: AttentionMetadata.rope_tables gathers the step's
+    rows once and every layer reuses them."""
+
+    def __init__(self, head_dim: int, theta: float, max_positions: int, scaling_factor: float = 1.0):
         # NOTE: no buffers: the tables are built lazily in float32 on the first call, so meta-device
         # construction and .to(bf16) never touch them.
-        self.head_dim, self.theta = head_dim, theta
+        self.head_dim, self.theta, self.scaling_factor = head_dim, theta, scaling_factor
         self.max_positions = max_positions
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None
 
-    def _table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos [P, D], sin [P, D]) float32 for every position up to max_positions."""
         if self._cos is None or self._cos.device != device:
             exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float()
             inv_freq = 1.0 / (self.theta ** (exponents / self.head_dim))   # [D/2]
             positions = torch.arange(self.max_positions, device=device, dtype=torch.float32)
-            freqs = torch.outer(positions, inv_freq)                       # [P, D/2]
+            freqs = torch.outer(positions / self.scaling_factor, inv_freq)  # [P, D/2]
             emb = torch.cat((freqs, freqs), dim=-1)                        # [P, D]
             self._cos, self._sin = emb.cos(), emb.sin()
         return self._cos, self._sin
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
-        """q: [T, Hq, D], k: [T, Hkv, D], positions: [T] -> rotated (q, k) in their dtype."""
-        cos_table, sin_table = self._table(q.device)
-        cos = cos_table[positions].unsqueeze(1)                            # [T, 1, D]
-        sin = sin_table[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)

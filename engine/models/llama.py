@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.models.arch_config import ModelArchConfig
-from engine.models.attention import Attention, AttentionMetadata
-from engine.models.ffn import FFNActivity, SparseMLP
-from engine.models.layers import RMSNorm, RotaryEmbedding
+from sparse_serve.engine.models.arch_config import ModelArchConfig
+from sparse_serve.engine.models.attention import Attention, AttentionMetadata
+from sparse_serve.engine.models.ffn import FFNActivity, SparseMLP
+from sparse_serve.engine.models.layers import RMSNorm, RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):
@@ -36,7 +36,8 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelArchConfig):
         super().__init__()
-        rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
+        rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings,
+                               cfg.rope_scaling_factor)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, rope) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from engine.sampling_params import SamplingParams
+from sparse_serve.engine.core.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class IncrementalDetokenizer:
     """Per-sequence state: token window offsets, decoded text, emitted length, stop match."""
 
     def __init__(self, tokenizer: Any, prompt_token_ids: list[int], params: SamplingParams):
-        # Accepts engine.tokenizer.Tokenizer (uses its .hf) or a transformers tokenizer.
+        # Accepts sparse_serve.engine.text.tokenizer.Tokenizer (uses its .hf) or a transformers tokenizer.
         self._hf = getattr(tokenizer, "hf", tokenizer)
         self._skip_special_tokens = params.skip_special_tokens
         self._stop_strings = [s for s in params.stop if s]

@@ -16,7 +16,7 @@ import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from engine.errors import ModelLoadError
+from sparse_serve.engine.core.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 `execute(SchedulerOutput)` builds token ids, positions, slot mapping and block tables, runs the
 model, samples one token for each sequence that caught up with its tokens, and reads the FFN
-activity counts back with a single host transfer per step.
+activity counts back once per step, after the sampler's own read-back of the sampled ids.
 """
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.config import EngineConfig
-from engine.huge_pages import huge_page_bytes, pack_on_huge_pages
-from engine.models.arch_config import ModelArchConfig
-from engine.models.attention import AttentionMetadata
-from engine.models.llama import CausalLM
-from engine.sampler import Sampler, make_generator
-from engine.scheduler import SchedulerOutput
+from sparse_serve.engine.core.config import EngineConfig
+from sparse_serve.engine.core.scheduler import SchedulerOutput
+from sparse_serve.engine.models.arch_config import ModelArchConfig
+from sparse_serve.engine.models.attention import AttentionMetadata
+from sparse_serve.engine.models.llama import CausalLM
+from sparse_serve.engine.worker.huge_pages import huge_page_bytes, pack_on_huge_pages
+from sparse_serve.engine.worker.sampler import Sampler, make_generator
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.sampling_params import SamplingParams
+from sparse_serve.engine.core.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 

@@ -7,14 +7,14 @@ import json
 
 import pytest
 
-from engine.calibrate import Calibrator, calibrate, greedy_allocation, main_calibrate
-from engine.calibration_data import load_windows, stdlib_docstrings, token_windows
-from engine.config import ModelConfig
-from engine.errors import ModelLoadError
-from engine.loader import load_model
-from engine.perplexity import evaluate
-from engine.sparsity_file import SparsityFile, read_sparsity_file, write_sparsity_file
-from engine.tokenizer import Tokenizer
+from sparse_serve.engine.calibration.calibrate import Calibrator, calibrate, greedy_allocation, main_calibrate
+from sparse_serve.engine.calibration.calibration_data import load_windows, stdlib_docstrings, token_windows
+from sparse_serve.engine.calibration.perplexity import evaluate
+from sparse_serve.engine.checkpoints.loader import load_model
+from sparse_serve.engine.checkpoints.sparsity_file import SparsityFile, read_sparsity_file, write_sparsity_file
+from sparse_serve.engine.core.config import ModelConfig
+from sparse_serve.engine.core.errors import ModelLoadError
+from sparse_serve.engine.text.tokenizer import Tokenizer
 from tests.tiny_checkpoint import make_tiny_checkpoint
 
 WINDOW = 64

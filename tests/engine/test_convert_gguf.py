@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.convert_gguf import GGUFConversionError, convert_gguf, main_convert
+from sparse_serve.engine.checkpoints.convert_gguf import GGUFConversionError, convert_gguf, main_convert
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ def _gguf_name(hf_name: str) -> str:
     return f"blk.{layer}.{short[rest]}.weight"
 
 
-def write_tiny_gguf(path: Path, tied: bool = False, arch: str = "llama", pre: str = "smollm") -> dict:
+def write_tiny_gguf(path: Path, tied: bool = False, arch: str = "llama", pre: str = "smollm",
+                    linear_rope_factor: float | None = None) -> dict:
     """A 2-layer Llama GGUF written the way llama.cpp writes one; returns the HF ground truth."""
     import gguf
 
@@ -83,6 +84,9 @@ def write_tiny_gguf(path: Path, tied: bool = False, arch: str = "llama", pre: st
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_dimension_count(TINY["hidden"] // TINY["heads"])
+    if linear_rope_factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(linear_rope_factor)
     writer.add_vocab_size(len(tokens))
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
@@ -173,8 +177,36 @@ def test_tied_embeddings_write_no_lm_head(tmp_path):
     assert json.loads((folder / "config.json").read_text())["tie_word_embeddings"] is True
 
 
+def test_linear_rope_scaling_converts_then_serves_like_transformers(tmp_path):
+    """What `convert` writes for a linearly scaled RoPE, `serve` loads, and it computes what
+    transformers computes from the same folder (not what unscaled RoPE would)."""
+    from transformers import AutoModelForCausalLM
+
+    from sparse_serve.engine.checkpoints.loader import load_model
+    from sparse_serve.engine.core.config import ModelConfig
+    from sparse_serve.engine.models.attention import AttentionMetadata
+
+    write_tiny_gguf(tmp_path / "scaled.gguf", linear_rope_factor=4.0)
+    folder = Path(convert_gguf(str(tmp_path / "scaled.gguf"), str(tmp_path / "hf")))
+    config = json.loads((folder / "config.json").read_text())
+    assert config["rope_parameters"] == {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+    model, arch = load_model(ModelConfig(dtype="float32", device="cpu"), folder)
+    assert arch.rope_scaling_factor == 4.0
+    ids = [5, 77, 200, 3, 150, 9, 260, 41, 12, 99]
+    with torch.no_grad():
+        hidden, _ = model(torch.tensor(ids), torch.arange(len(ids)), AttentionMetadata.for_full_sequences([len(ids)]))
+        logits = model.compute_logits(hidden)
+        ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        torch.testing.assert_close(logits, ref(torch.tensor([ids])).logits[0], rtol=0, atol=1e-4)
+        unscaled = dict(config, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+        unscaled.pop("rope_scaling", None)
+        (folder / "config.json").write_text(json.dumps(unscaled))
+        ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        assert (logits - ref(torch.tensor([ids])).logits[0]).abs().max() > 1e-3
+
+
 def test_failed_conversion_leaves_no_folder(tiny, tmp_path, monkeypatch):
-    import engine.convert_gguf as conv
+    import sparse_serve.engine.checkpoints.convert_gguf as conv
 
     root, _, _ = tiny
 
@@ -222,7 +254,7 @@ def test_cli(tiny, tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm(tmp_path_factory):
-    from engine.default_model import DefaultModelMissingError, find_default_gguf
+    from sparse_serve.engine.checkpoints.default_model import DefaultModelMissingError, find_default_gguf
 
     try:
         gguf_path = find_default_gguf()

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-import engine.default_model as dm
+import sparse_serve.engine.checkpoints.default_model as dm
+from sparse_serve.kernels.cache import CACHE_ENV, cache_root
 from tests.engine.test_convert_gguf import write_tiny_gguf
 
 
@@ -59,12 +60,15 @@ def test_converts_once_then_reuses(fake_package, count_conversions, tmp_path):
 
 
 def test_cache_dir_from_environment(fake_package, count_conversions, tmp_path, monkeypatch):
-    monkeypatch.setenv(dm.CACHE_ENV, str(tmp_path / "env-cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "env-cache"))
     path = dm.default_model_path()
     assert Path(path).is_relative_to(tmp_path / "env-cache")
-    monkeypatch.delenv(dm.CACHE_ENV)
+    monkeypatch.delenv(CACHE_ENV)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert dm.default_cache_dir() == tmp_path / "home" / ".cache" / "sparse-serve"
+    assert cache_root() == tmp_path / "home" / ".cache" / "sparse-serve"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert Path(dm.default_model_path()).is_relative_to(tmp_path / "xdg" / "sparse-serve" / "models")
 
 
 def test_half_written_folder_is_not_reused(fake_package, count_conversions, tmp_path):
@@ -100,10 +104,10 @@ def test_real_package_is_found_without_importing_it():
 def test_served_under_its_own_name_not_its_cache_folders(fake_package, tmp_path, monkeypatch):
     # The README's requests name "SmolLM2-135M-Instruct": with no --model, that is the served
     # name (the cache folder's carries a conversion key), unless --served-model-name says other.
-    from engine.async_engine import AsyncEngine
-    from engine.config import EngineConfig
+    from sparse_serve.engine.core.async_engine import AsyncEngine
+    from sparse_serve.engine.core.config import EngineConfig
 
-    monkeypatch.setenv(dm.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     for name, expected in ((None, dm.DEFAULT_MODEL_NAME), ("mine", "mine")):
         config = EngineConfig.load(overrides={"model.served_model_name": name,
                                               "model.device": "cpu",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.llm import LLM
-from engine.sampling_params import SamplingParams
+from sparse_serve.engine.core.llm import LLM
+from sparse_serve.engine.core.sampling_params import SamplingParams
 
 PROMPTS = [
     "What is the capital of France?",
@@ -20,7 +20,7 @@ NUM_TOKENS = 64
 
 @pytest.fixture(scope="module")
 def default_model():
-    from engine.default_model import DefaultModelMissingError, default_model_path
+    from sparse_serve.engine.checkpoints.default_model import DefaultModelMissingError, default_model_path
     try:
         return default_model_path()
     except DefaultModelMissingError as exc:   # `make test` installs it; say loudly if not

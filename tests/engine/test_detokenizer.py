@@ -14,9 +14,9 @@ from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from engine.detokenizer import IncrementalDetokenizer
-from engine.sampling_params import SamplingParams
-from engine.tokenizer import Tokenizer
+from sparse_serve.engine.core.sampling_params import SamplingParams
+from sparse_serve.engine.text.detokenizer import IncrementalDetokenizer
+from sparse_serve.engine.text.tokenizer import Tokenizer
 
 CORPUS = [
     "Hello world! How are you doing today?",

@@ -6,12 +6,12 @@ import asyncio
 import pytest
 import torch
 
-from engine.async_engine import AsyncEngine
-from engine.config import EngineConfig
-from engine.errors import EngineOverloadedError, PromptTooLongError
-from engine.llm import LLM
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
+from sparse_serve.engine.core.async_engine import AsyncEngine
+from sparse_serve.engine.core.config import EngineConfig
+from sparse_serve.engine.core.errors import EngineOverloadedError, PromptTooLongError
+from sparse_serve.engine.core.llm import LLM
+from sparse_serve.engine.core.llm_engine import LLMEngine
+from sparse_serve.engine.core.sampling_params import SamplingParams
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 

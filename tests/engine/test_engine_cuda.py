@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.llm import LLM
-from engine.sampling_params import SamplingParams
+from sparse_serve.engine.core.llm import LLM
+from sparse_serve.engine.core.sampling_params import SamplingParams
 from tests.engine.test_engine import GREEDY, prompts
 from tests.tiny_checkpoint import make_tiny_checkpoint
 

@@ -2,9 +2,9 @@
 
 import torch
 
-from engine.models import ffn as ffn_module
-from kernels.sparse_ffn import new_group_counts
-from kernels.sparse_ffn_ref import group_counts_ref, sparse_ffn_ref
+from sparse_serve.engine.models import ffn as ffn_module
+from sparse_serve.kernels.sparse_ffn import new_group_counts
+from sparse_serve.kernels.sparse_ffn_ref import group_counts_ref, sparse_ffn_ref
 
 
 def test_the_predictors_counts_reach_the_ffn(monkeypatch):

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.config import EngineConfig, ModelConfig
-from engine.errors import ModelLoadError
-from engine.loader import load_model
-from engine.models.arch_config import ModelArchConfig
+from sparse_serve.engine.checkpoints.loader import load_model
+from sparse_serve.engine.core.config import EngineConfig, ModelConfig
+from sparse_serve.engine.core.errors import ModelLoadError
+from sparse_serve.engine.models.arch_config import ModelArchConfig
 from tests.tiny_checkpoint import make_tiny_checkpoint
 
 CPU = ModelConfig(dtype="float32", device="cpu", sparse_kernels=False)

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.config import ModelConfig
-from engine.loader import load_model
-from engine.models.attention import AttentionMetadata
+from sparse_serve.engine.checkpoints.loader import load_model
+from sparse_serve.engine.core.config import ModelConfig
+from sparse_serve.engine.models.attention import AttentionMetadata
 from tests.tiny_checkpoint import make_tiny_checkpoint
 
 ACT_THRESHOLD = 0.05

@@ -7,9 +7,14 @@ import time
 import pytest
 import torch
 
-from engine.sampler import (Sampler, SamplerOutput, apply_presence_frequency_penalties,
-                            apply_repetition_penalty, make_generator)
-from engine.sampling_params import SamplingParams
+from sparse_serve.engine.core.sampling_params import SamplingParams
+from sparse_serve.engine.worker.sampler import (
+    Sampler,
+    SamplerOutput,
+    apply_presence_frequency_penalties,
+    apply_repetition_penalty,
+    make_generator,
+)
 
 V = 32
 

@@ -1,12 +1,12 @@
 """Scheduler, model-free: hand-made sampled tokens stand in for the model runner."""
 import pytest
 
-from engine.block_manager import BlockManager
-from engine.config import SchedulerConfig
-from engine.errors import PromptTooLongError
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence, SequenceStatus
+from sparse_serve.engine.core.block_manager import BlockManager
+from sparse_serve.engine.core.config import SchedulerConfig
+from sparse_serve.engine.core.errors import PromptTooLongError
+from sparse_serve.engine.core.sampling_params import SamplingParams
+from sparse_serve.engine.core.scheduler import Scheduler
+from sparse_serve.engine.core.sequence import Sequence, SequenceStatus
 
 EOS = 2
 

@@ -8,8 +8,8 @@ import pytest
 from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from engine.errors import ModelLoadError
-from engine.tokenizer import ChatTemplateError, Tokenizer, load_eos_token_ids
+from sparse_serve.engine.core.errors import ModelLoadError
+from sparse_serve.engine.text.tokenizer import ChatTemplateError, Tokenizer, load_eos_token_ids
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}"

@@ -14,11 +14,16 @@ import pytest
 
 pytest.importorskip("triton")
 
-from engine.llm import LLM  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
-from kernels import dispatch, ffn_triton_compact, predictor_triton, sparse_ffn_triton  # noqa: E402
-from kernels import paged_attention_triton  # noqa: E402
-from kernels.triton_utils import interpreting  # noqa: E402
+from sparse_serve.engine.core.llm import LLM  # noqa: E402
+from sparse_serve.engine.core.sampling_params import SamplingParams  # noqa: E402
+from sparse_serve.kernels import (  # noqa: E402
+    dispatch,
+    ffn_triton_compact,
+    paged_attention_triton,  # noqa: E402
+    predictor_triton,
+    sparse_ffn_triton,
+)
+from sparse_serve.kernels.triton_utils import interpreting  # noqa: E402
 from tests.engine.test_engine import GREEDY, prompts  # noqa: E402
 from tests.tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
 

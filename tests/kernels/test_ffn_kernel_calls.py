@@ -1,6 +1,6 @@
 """bench/ffn_kernel_calls.py (what gpu_check.sh profiles) runs, on a small layer."""
 
-from bench import ffn_kernel_calls
+from sparse_serve.bench import ffn_kernel_calls
 
 
 def test_profiled_calls_run_and_give_finite_output(capsys):

@@ -4,8 +4,8 @@ a naive per-sequence loop over the logical token order."""
 import pytest
 import torch
 
-from kernels.paged_attention import paged_attention_decode
-from kernels.paged_attention_ref import paged_attention_decode_ref
+from sparse_serve.kernels.paged_attention import paged_attention_decode
+from sparse_serve.kernels.paged_attention_ref import paged_attention_decode_ref
 from tests.kernels.kernel_cases import DTYPES, assert_close, poison_allocations, triton_device
 
 # (S, Hq, Hkv, D, block_size, context_lens)
@@ -65,7 +65,7 @@ def test_reference_matches_naive_loop(case, window):
 def _triton(monkeypatch, q, k, v, tables, lens, window, **kw):
     """The Triton launcher on poisoned allocations (output and partials start as NaN)."""
     pytest.importorskip("triton")
-    from kernels import paged_attention_triton
+    from sparse_serve.kernels import paged_attention_triton
 
     poison_allocations(monkeypatch, paged_attention_triton)
     return paged_attention_triton.paged_attention_decode_triton(
@@ -143,7 +143,7 @@ def test_triton_skips_blocks_before_the_window(monkeypatch, window):
 
 def test_triton_rejects_int64_tables():
     pytest.importorskip("triton")
-    from kernels import paged_attention_triton
+    from sparse_serve.kernels import paged_attention_triton
 
     q, k, v, tables, lens = _make(CASES[0], torch.float32, triton_device(), seed=1)
     with pytest.raises(AssertionError):

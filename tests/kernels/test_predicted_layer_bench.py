@@ -5,7 +5,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from bench import predicted_layer  # noqa: E402
+from sparse_serve.bench import predicted_layer  # noqa: E402
 from tests.kernels.kernel_cases import triton_device  # noqa: E402
 
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from kernels import sparse_ffn_ref
-from kernels.sparse_ffn import group_counts_for, new_group_counts, predict_active
-from kernels.sparse_ffn_ref import predict_active_ref
-from tests.kernels.kernel_cases import POISON_INT, DTYPES, poison_allocations, triton_device
+from sparse_serve.kernels import sparse_ffn_ref
+from sparse_serve.kernels.sparse_ffn import group_counts_for, new_group_counts, predict_active
+from sparse_serve.kernels.sparse_ffn_ref import predict_active_ref
+from tests.kernels.kernel_cases import DTYPES, POISON_INT, poison_allocations, triton_device
 
 
 def _case(T, H, r, I, dtype, seed, device="cpu"):
@@ -36,7 +36,7 @@ def _assert_mask_matches(pred, x, fc1, fc2, threshold, dtype):
 @pytest.mark.parametrize("shape", [(1, 100, 24, 70), (6, 64, 40, 130)], ids=str)
 def test_triton_predictor(monkeypatch, shape, dtype):
     pytest.importorskip("triton")
-    from kernels import predictor_triton
+    from sparse_serve.kernels import predictor_triton
 
     T, H, r, I = shape
     x, fc1, fc2 = _case(T, H, r, I, dtype, seed=T, device=triton_device())
@@ -51,7 +51,7 @@ def test_triton_predictor_with_own_fc1_tiles(monkeypatch, shape):
     # fc1 and fc2 tiled differently (narrow fc1 tiles: more programs over its few outputs),
     # several programs and loop steps in each.
     pytest.importorskip("triton")
-    from kernels import predictor_triton
+    from sparse_serve.kernels import predictor_triton
 
     T, H, r, I = shape
     x, fc1, fc2 = _case(T, H, r, I, torch.float32, seed=r, device=triton_device())
@@ -71,7 +71,7 @@ def test_triton_predictor_counts_groups(monkeypatch, shape, max_groups):
     # Counts of the mask it wrote, per group of 128 neurons (256 where max_groups 2 widens them),
     # into a poisoned buffer: the first launch must zero it. Twice, as a layer is called again.
     pytest.importorskip("triton")
-    from kernels import predictor_triton
+    from sparse_serve.kernels import predictor_triton
 
     monkeypatch.setattr(sparse_ffn_ref, "MAX_PREDICTION_GROUPS", max_groups)
     T, H, r, I = shape
@@ -105,7 +105,7 @@ def test_predictor_rejects_mismatched_shapes():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_native_cpu_predictor(monkeypatch, dtype):
-    from kernels import cpu_native, sparse_ffn_cpu
+    from sparse_serve.kernels import cpu_native, sparse_ffn_cpu
 
     if not cpu_native.available():
         pytest.skip("native CPU kernel could not be built (no g++?)")

@@ -5,16 +5,23 @@ import importlib
 import pytest
 import torch
 
-from kernels import cpu_native, sparse_ffn_cpu
-from kernels.sparse_ffn import default_dense_fallback, sparse_ffn
-from kernels.sparse_ffn_ref import ACTIVATIONS, sparse_ffn_ref
-from tests.kernels.kernel_cases import (DTYPES, SPARSITIES, THRESHOLD, assert_close, assert_mask_equal,
-                                        ffn_weights, poison_allocations, predicted_mask,
-                                        record_routes)
+from sparse_serve.kernels import cpu_native, sparse_ffn_cpu
+from sparse_serve.kernels.activations import ACTIVATIONS
+from sparse_serve.kernels.sparse_ffn import default_dense_fallback, sparse_ffn
+from sparse_serve.kernels.sparse_ffn_ref import sparse_ffn_ref
+from tests.kernels.kernel_cases import (
+    DTYPES,
+    SPARSITIES,
+    THRESHOLD,
+    assert_close,
+    assert_mask_equal,
+    ffn_weights,
+    poison_allocations,
+    predicted_mask,
+    record_routes,
+)
 
-# NOTE: the module, not the `kernels.sparse_ffn` attribute (the package re-exports the function
-# under the module's name).
-dispatch = importlib.import_module("kernels.sparse_ffn")
+dispatch = importlib.import_module("sparse_serve.kernels.sparse_ffn")
 
 # (T, H, I): batch 1, > 1 and the native maximum; H off the 32/16/8-wide vector loops. (1, 40, 600)
 # spans several neuron chunks of the batch-1 path (kRowChunk 256); (16, 600, 50) several hidden
@@ -148,13 +155,6 @@ def test_dispatch_plain_swiglu_exact(dtype):
     assert_close(out, ref, dtype)
     assert ref_active.all()
     assert active.all()
-
-
-def test_package_exports_public_api():
-    import kernels
-
-    assert kernels.sparse_ffn is sparse_ffn
-    assert callable(kernels.predict_active) and callable(kernels.paged_attention_decode)
 
 
 @pytest.mark.parametrize("hidden", [64, 576, 2047, 2048, 4096])

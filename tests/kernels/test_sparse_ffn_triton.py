@@ -8,13 +8,23 @@ import torch
 
 pytest.importorskip("triton")
 
-from tests.kernels.kernel_cases import (DTYPES, SPARSITIES, THRESHOLD, assert_close,
-                                        assert_mask_equal, ffn_weights, poison_allocations,
-                                        predicted_mask, record_routes, triton_device)
-from kernels import ffn_triton_compact, sparse_ffn_triton
-from kernels import sparse_ffn_ref as sparse_ffn_ref_module
-from kernels.ffn_triton_compact import CompactConfig
-from kernels.sparse_ffn_ref import ACTIVATIONS, group_counts_ref, sparse_ffn_ref
+from sparse_serve.kernels import ffn_triton_compact, sparse_ffn_triton
+from sparse_serve.kernels import sparse_ffn_ref as sparse_ffn_ref_module
+from sparse_serve.kernels.activations import ACTIVATIONS
+from sparse_serve.kernels.ffn_triton_compact import CompactConfig
+from sparse_serve.kernels.sparse_ffn_ref import group_counts_ref, sparse_ffn_ref
+from tests.kernels.kernel_cases import (
+    DTYPES,
+    SPARSITIES,
+    THRESHOLD,
+    assert_close,
+    assert_mask_equal,
+    ffn_weights,
+    poison_allocations,
+    predicted_mask,
+    record_routes,
+    triton_device,
+)
 
 # (T, H, I): batch 1, 3 (both multiply-reduce in registers) and 5 (tl.dot); H and I off the
 # block sizes.
@@ -246,7 +256,7 @@ def test_replays_in_a_cuda_graph(T, counted):
     (8, False, "triton"), (9, False, "dense"),       # cuBLAS from 9 rows (CUDA_SPARSE_MAX_ROWS)
 ])
 def test_cuda_dispatch_rule(monkeypatch, T, exact, route):
-    dispatch = importlib.import_module("kernels.sparse_ffn")
+    dispatch = importlib.import_module("sparse_serve.kernels.sparse_ffn")
     calls = record_routes(monkeypatch, dense=(dispatch, "dense_ffn"),
                           triton=(sparse_ffn_triton, "sparse_ffn_triton"))
     gen = torch.Generator().manual_seed(T)

@@ -2,7 +2,7 @@
 
 import dataclasses
 
-from bench.tune_triton_ffn import (
+from sparse_serve.bench.tune_triton_ffn import (
     COMPACTION_STAGE,
     EXACT_STAGES,
     FFN_STAGES,
@@ -10,8 +10,8 @@ from bench.tune_triton_ffn import (
     _grid,
     _per_thread,
 )
-from kernels.ffn_triton_compact import default_config
-from kernels.triton_utils import DOT_MIN_ROWS
+from sparse_serve.kernels.ffn_triton_compact import default_config
+from sparse_serve.kernels.triton_utils import DOT_MIN_ROWS
 
 # the stage that sweeps the gate/up tile's rows with its warps (and the grid)
 GATE_TILE_STAGE = next(stage for stage in FFN_STAGES if "gate_block_i" in stage)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.outputs import EngineStats, RequestStats, StepStats
-from server.metrics import ServerMetrics
+from sparse_serve.engine.core.outputs import EngineStats, RequestStats, StepStats
+from sparse_serve.server.metrics import ServerMetrics
 
 MODEL_NAME = "tiny-sparse"
 NUM_LAYERS = 3

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from server import cli
+from sparse_serve.server import cli
 from tests.live_server import LiveServer, small_config, tiny_engine
 from tests.tiny_checkpoint import make_tiny_checkpoint
 

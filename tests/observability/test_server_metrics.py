@@ -5,8 +5,8 @@ import logging
 
 import pytest
 
-from engine.outputs import EngineStats, RequestStats, StepStats
-from server.metrics import LAYER_EMA_ALPHA, PREDICTOR_EMA_ALPHA, ServerMetrics, computed_params_per_token
+from sparse_serve.engine.core.outputs import EngineStats, RequestStats, StepStats
+from sparse_serve.server.metrics import LAYER_EMA_ALPHA, PREDICTOR_EMA_ALPHA, ServerMetrics, computed_params_per_token
 
 from .exposition import bucket, sample_names, samples, value
 
@@ -158,7 +158,7 @@ def test_steps_phases_batches_and_layer_ema():
 
 def test_layer_mismatch_is_logged_and_extra_layers_ignored(caplog):
     metrics = ServerMetrics(MODEL, num_layers=1)
-    with caplog.at_level(logging.WARNING, logger="server.metrics"):
+    with caplog.at_level(logging.WARNING, logger="sparse_serve.server.metrics"):
         metrics.observe_step(StepStats(duration_s=0.01, num_seqs=1, num_prefill_tokens=0, num_decode_tokens=1,
                                        num_generated_tokens=1, per_layer_active_fraction=[0.5, 0.5, 0.5]))
     assert "3 per-layer values for a 1-layer model" in caplog.text

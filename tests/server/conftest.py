@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from engine.config import EngineConfig
+from sparse_serve.engine.core.config import EngineConfig
 from tests.live_server import LiveServer, small_config, tiny_engine, wait_until
 from tests.tiny_checkpoint import make_tiny_checkpoint
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import EngineConfig
-from server import cli
+from sparse_serve.engine.core.config import EngineConfig
+from sparse_serve.server import cli
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -84,8 +84,8 @@ def test_bad_config_is_a_usage_error(capsys):
 
 
 @pytest.mark.parametrize("command, module, function", [
-    ("convert", "engine.convert_gguf", "main_convert"),
-    ("calibrate", "engine.calibrate", "main_calibrate"),
+    ("convert", "sparse_serve.engine.checkpoints.convert_gguf", "main_convert"),
+    ("calibrate", "sparse_serve.engine.calibration.calibrate", "main_calibrate"),
 ])
 def test_subcommands_hand_over_their_arguments(monkeypatch, command, module, function):
     seen = []

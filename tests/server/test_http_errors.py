@@ -232,7 +232,7 @@ def test_cors_with_allowed_origins(http):
 def test_user_field_is_logged(http, caplog):
     import logging
 
-    with caplog.at_level(logging.INFO, logger="server.routes_chat"):
+    with caplog.at_level(logging.INFO, logger="sparse_serve.server.routes_chat"):
         resp = http.post(CHAT, json={"messages": MESSAGES, "max_tokens": 2, "user": "alice-42"})
     assert resp.status_code == 200
     assert any("alice-42" in record.getMessage() for record in caplog.records)

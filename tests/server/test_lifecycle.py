@@ -7,10 +7,9 @@ import threading
 import httpx
 import pytest
 
-from server.cli import create_server
-from server.http_server import bind_socket
+from sparse_serve.server.cli import create_server
+from sparse_serve.server.http_server import bind_socket
 from tests.server.conftest import CHAT, MESSAGES, small_config, wait_until
-
 
 
 def blocks_full(engine) -> bool:

@@ -1,0 +1,1 @@
+"""Offline tools: calibrated thresholds for SwiGLU models, their text, and perplexity."""

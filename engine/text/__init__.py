@@ -1,0 +1,1 @@
+"""Text in and out: the tokenizer with its sandboxed chat templates, incremental detokenization."""
