@@ -248,14 +248,10 @@ inline int64_t next_candidate(const uint8_t* predicted, int64_t i, int64_t T, in
 // partial out (H floats, in L1/L2); the partials are summed in chunk order at the end, so the
 // result does not depend on which thread ran which chunk. Versus the two-phase path below it
 // reads each down row whole (not one half-row slice per thread), has no barrier between the
-// gate/up and down phases, and balances the down rows dynamically too. NOTE: measured (Mistral
-// layer, fp32, 90% predicted sparsity, calls interleaved): the same on a quiet machine (3.90 vs
-// 4.02 ms, at the ~17 GB/s read bandwidth), faster with another process on one of the 2 cores
-// (4.3 vs 6.4 ms next to a busy loop, 5.2 vs 6.4 ms next to a memory copy, 8.0 vs 14.3 ms in
-// one such episode of the shared machine), where a preempted thread holds back only its
-// current chunk. Fetching two rows ahead instead of one: 4.0 vs 5.7 ms next to the memory copy,
-// equal when quiet. Per-thread instead of per-chunk partials were 4% faster (4.04 vs 4.20 ms)
-// but gave 86 different outputs in 200 identical calls.
+// gate/up and down phases, and balances the down rows dynamically too, so a thread preempted
+// by another process holds back only its current chunk. NOTE: per-chunk (not per-thread)
+// partials keep repeated calls bitwise equal; the timings behind these choices are in
+// docs/benchmarks/kernels.md#native-cpu-kernel-designs.
 template <typename D>
 void sparse_ffn_row(const float* x, const typename D::T* w_gate, const typename D::T* w_up,
                     const typename D::T* w_down_t, const uint8_t* predicted, float* h,
@@ -380,8 +376,7 @@ void sparse_ffn(const float* x, const typename D::T* w_gate, const typename D::T
     // in blocks of kOutBlockBytes of out (all T rows) so that the block being accumulated stays
     // in L1 across every active neuron. NOTE: without the blocking, T rows of a half-H slice
     // spill out of L1 from T = 4 (Mistral) / T = 32 (SmolLM2) and every FMA pays an L2 load
-    // and store of out: all neurons active, Mistral 4 rows 86 -> 49 ms, SmolLM2 32 rows
-    // 11.6 -> 5.4 ms and 64 rows 23.6 -> 9.5 ms per layer with the blocking.
+    // and store of out (docs/benchmarks/kernels.md#native-cpu-kernel-designs).
     const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
     const int64_t chunk = ((H + nt - 1) / nt + 15) / 16 * 16;
     const int64_t lo = tid * chunk, hi = lo + chunk < H ? lo + chunk : H;
