@@ -1,24 +1,44 @@
 """Paged KV cache bookkeeping: fixed-size blocks, reference counts, a free list and a prefix
 cache (pure Python, no torch; the model runner owns the tensors, this owns the block ids).
 
-Prefix caching keys each FULL block by its hash-chain key `(parent_hash, block_token_ids)`,
-so a block matches only when every token before it matches too. A key is registered only
-after the block's tokens are computed (`commit_computed`, called after the step), never at
-allocation: a block still being filled by a chunked prefill is never served to others.
+Prefix caching keys each FULL block by a SHA-256 chain (`block_hash`): the digest of the
+parent block's digest followed by the block's token ids, so a block matches only when every
+token before it matches too. A key is registered only after the block's tokens are computed
+(`commit_computed`, called after the step), never at allocation: a block still being filled
+by a chunked prefill is never served to others.
 A freed block keeps its key and can be revived by a later match until it is handed out for
 something else; the free list is ordered so the least recently freed cached block goes first.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
+import struct
 from collections import OrderedDict
 
 from sparse_serve.engine.core.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
-# (parent chain hash or None for the first block, token ids of the block)
-BlockKey = tuple[int | None, tuple[int, ...]]
+# NOTE: a cryptographic hash because prompts come from clients: with a hash that is not collision
+# resistant (Python's 64-bit `hash()`), a crafted prompt could alias another request's cached
+# blocks and be served KV computed for a different prefix. The digest alone is the key (the
+# tokens are not kept), so the chain must be collision resistant end to end.
+ROOT_HASH = bytes(32)        # the "parent" of a sequence's first block
+
+
+def block_hash(parent: bytes, token_ids: list[int]) -> bytes:
+    """SHA-256 over `parent` (32 bytes) then the token ids as int64 little-endian: fixed widths,
+    so the byte string determines the (parent, tokens) pair."""
+    return hashlib.sha256(parent + _pack_int64_le(len(token_ids))(*token_ids)).digest()
+
+
+@functools.cache
+def _pack_int64_le(n: int):
+    # a compiled Struct per length: parsing the format on every call costs nearly as much as
+    # the SHA-256 itself
+    return struct.Struct(f"<{n}q").pack
 
 
 class _Block:
@@ -27,7 +47,7 @@ class _Block:
     def __init__(self, block_id: int) -> None:
         self.block_id = block_id
         self.ref_count = 0
-        self.key: BlockKey | None = None
+        self.key: bytes | None = None
 
 
 class BlockManager:
@@ -41,9 +61,9 @@ class BlockManager:
         # NOTE: an OrderedDict used as a queue with O(1) removal from the middle (a cached block
         # revived by a match leaves the free list wherever it sits). Front = handed out first.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self._cached: dict[BlockKey, int] = {}
-        # seq_id -> chain hashes of its leading full blocks that were matched or committed
-        self._seq_hashes: dict[int, list[int]] = {}
+        self._cached: dict[bytes, int] = {}
+        # seq_id -> chain digests of its leading full blocks that were matched or committed
+        self._seq_hashes: dict[int, list[bytes]] = {}
         # seq_id -> (queries, hits) of a match whose admission is not yet confirmed by allocate
         self._pending_stats: dict[int, tuple[int, int]] = {}
         self.prefix_cache_queries = 0
@@ -119,8 +139,8 @@ class BlockManager:
         # produces logits for the next one. (num_tokens - 1) rounded down to whole blocks.
         return (seq.num_tokens - 1) // self.block_size
 
-    def _block_tokens(self, seq: Sequence, i: int) -> tuple[int, ...]:
-        return tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+    def _block_hash(self, parent: bytes, seq: Sequence, i: int) -> bytes:
+        return block_hash(parent, seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
 
     def match_prefix(self, seq: Sequence) -> int:
         """At admission of a sequence holding no blocks: take the cached full blocks that match
@@ -129,19 +149,15 @@ class BlockManager:
             raise RuntimeError(f"match_prefix on {seq!r}, which already holds blocks")
         if not self.enable_prefix_caching:
             return 0
-        hashes: list[int] = []
-        parent: int | None = None
+        hashes: list[bytes] = []
+        parent = ROOT_HASH
         for i in range(self._max_reusable_blocks(seq)):
-            key = (parent, self._block_tokens(seq, i))
-            block_id = self._cached.get(key)
+            parent = self._block_hash(parent, seq, i)
+            block_id = self._cached.get(parent)
             if block_id is None:
                 break
             self._acquire(block_id)
             seq.block_table.append(block_id)
-            # NOTE: Python's hash of a tuple of ints is deterministic (no per-process salt); the
-            # dict compares the full key on lookup, so only a 64-bit parent-hash collision
-            # could alias two prefixes.
-            parent = hash(key)
             hashes.append(parent)
         num_hit_tokens = len(hashes) * self.block_size
         self._seq_hashes[seq.seq_id] = hashes
@@ -176,14 +192,13 @@ class BlockManager:
             return
         hashes = self._seq_hashes.setdefault(seq.seq_id, [])
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
-        parent = hashes[-1] if hashes else None
+        parent = hashes[-1] if hashes else ROOT_HASH
         for i in range(len(hashes), num_full):
-            key = (parent, self._block_tokens(seq, i))
+            key = parent = self._block_hash(parent, seq, i)
             block = self._blocks[seq.block_table[i]]
             # NOTE: if another block already holds this key (two sequences computed the same
             # prefix in the same step), keep the first; this one stays unkeyed.
             if block.key is None and key not in self._cached:
                 block.key = key
                 self._cached[key] = block.block_id
-            parent = hash(key)
-            hashes.append(parent)
+            hashes.append(key)

@@ -1,4 +1,6 @@
 """BlockManager: allocation, reference counts, free list order and the prefix cache."""
+import hashlib
+import struct
 import subprocess
 import sys
 
@@ -212,3 +214,64 @@ def test_share_prefix_between_siblings_without_prefix_cache():
     assert bm.num_free_blocks == 16 - 4
     with pytest.raises(ValueError):
         bm.share_prefix(make_seq(range(1, 11)), a)
+
+
+# ---- prefix cache keys: SHA-256 chain ----------------------------------------------------------
+def sha256_chain(tokens, block_size=BS):
+    """The documented layout, recomputed here: SHA-256(parent digest || tokens as <int64), parent
+    of the first block = 32 zero bytes."""
+    parent, out = bytes(32), []
+    for i in range(len(tokens) // block_size):
+        block = tokens[i * block_size:(i + 1) * block_size]
+        parent = hashlib.sha256(parent + struct.pack(f"<{block_size}q", *block)).digest()
+        out.append(parent)
+    return out
+
+
+def test_keys_are_sha256_digests_of_the_documented_layout():
+    bm = BlockManager(num_blocks=8, block_size=BS)
+    tokens = [5, 2**40, 0, 151_000, 7, 7, 7, 7, 1]        # an id above 32 bits checks the width
+    a = make_seq(tokens)
+    compute(bm, a, len(tokens))
+    digests = sha256_chain(tokens)
+    assert [len(d) for d in digests] == [32, 32]
+    layout = b"".join(t.to_bytes(8, "little") for t in tokens[:4])
+    assert digests[0] == hashlib.sha256(bytes(32) + layout).digest()
+    assert bm._cached == {digests[0]: a.block_table[0], digests[1]: a.block_table[1]}
+
+
+def test_earlier_token_changes_every_later_key_and_equal_prefixes_share():
+    bm = BlockManager(num_blocks=32, block_size=BS)
+    base = list(range(100, 116)) + [0]                     # 4 full blocks + 1 token
+    a = make_seq(base)
+    compute(bm, a, len(base))
+    keys_a = set(bm._cached)
+    for pos in (0, 5, 10):                                 # one token differs in block 0, 1, 2
+        tokens = list(base)
+        tokens[pos] += 1
+        b = make_seq(tokens)
+        assert bm.match_prefix(b) == (pos // BS) * BS      # shares exactly the blocks before it
+        assert b.block_table == a.block_table[:pos // BS]
+        compute(bm, b, len(tokens) - b.num_computed_tokens)
+        new = sha256_chain(tokens)[pos // BS:]
+        assert new and not keys_a & set(new)               # every later key changed
+        assert all(bm._cached[k] in b.block_table for k in new)
+        bm.free(b)
+
+
+def test_python_hash_collision_does_not_alias_blocks():
+    """hash(2**61 - 1) == hash(0), so Python's tuple hash chains of these two prompts collide
+    after block 0; c (= b's prompt) must get b's block 1, not a's."""
+    m = 2**61 - 1
+    a_tokens = [0, 0, 0, 0, 5, 5, 5, 5, 9]
+    b_tokens = [m, 0, 0, 0, 5, 5, 5, 5, 9]
+    assert hash((None, tuple(a_tokens[:4]))) == hash((None, tuple(b_tokens[:4])))
+    bm = BlockManager(num_blocks=16, block_size=BS)
+    a = make_seq(a_tokens)
+    compute(bm, a, 9)
+    b = make_seq(b_tokens)
+    assert bm.match_prefix(b) == 0
+    compute(bm, b, 9)
+    c = make_seq(b_tokens)
+    assert bm.match_prefix(c) == 8
+    assert c.block_table == b.block_table[:2] and not set(c.block_table) & set(a.block_table)
