@@ -1,6 +1,6 @@
 """uvicorn, with a graceful drain: on SIGTERM/SIGINT new requests get 503 while the running
 ones finish (uvicorn stops accepting connections and waits `shutdown_timeout_s` for them);
-then the app's lifespan shuts the engine down."""
+then the app's lifespan shuts the engine down. A drain that finished in time exits 0."""
 from __future__ import annotations
 
 import logging
@@ -21,6 +21,7 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.state = state
         self.exit_code = 0   # set to 1 by the CLI when the model fails to load
+        self.drained = False   # True once every connection closed within the grace period
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.state.draining:
@@ -28,6 +29,17 @@ class DrainingServer(uvicorn.Server):
                         self.config.timeout_graceful_shutdown or 0)
         self.state.draining = True
         super().handle_exit(sig, frame)
+
+    async def _wait_tasks_to_complete(self) -> None:
+        # uvicorn runs this under the grace-period timeout: returning means nothing was cut off
+        await super()._wait_tasks_to_complete()
+        self.drained = not self.force_exit
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets)
+        if self.drained:
+            # NOTE: uvicorn re-raises the caught signal (exit 143: a crash to supervisors); clean drain: 0
+            self._captured_signals.clear()
 
 
 def make_server(app: FastAPI, config: EngineConfig, *, log_level: str | None = None) -> DrainingServer:
