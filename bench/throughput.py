@@ -30,7 +30,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -96,7 +96,8 @@ def run_ours(llm: LLM, prompts: list[list[int]], output_len: int) -> tuple[float
     params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
     started = time.perf_counter()
     for ids in prompts:
-        engine.add_request(f"bench-{next(_request_ids)}", list(ids), replace(params))
+        [request] = llm.processor.completion_requests([list(ids)], params, [f"bench-{next(_request_ids)}"])
+        engine.add_request(request)
     num_tokens, decode_tokens, decode_s = 0, 0, 0.0
     while engine.has_unfinished():
         result = engine.step()

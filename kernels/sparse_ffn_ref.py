@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparse_serve.kernels.activations import ACTIVATIONS, check_act
+from sparse_serve.kernels.activations import check_act
 
 
 def apply_activation(g: Tensor, u: Tensor, act: str, threshold: float) -> Tensor:

@@ -35,15 +35,17 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's convention; only ever seen in logs and me
 
 def build_app(engine: Any | None, config: EngineConfig, *,
               engine_loader: Callable[[], Any] | None = None,
-              on_load_failure: Callable[[str], None] | None = None) -> FastAPI:
-    state = ServerState(config=config)
+              on_fatal: Callable[[str], None] | None = None) -> FastAPI:
+    """on_fatal(message): the model failed to load, or the engine stopped for good (the CLI
+    then exits with code 1, for the container's restart policy)."""
+    state = ServerState(config=config, on_fatal=on_fatal)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if engine is not None:
             await state.attach_engine(engine)
         elif engine_loader is not None:
-            start_background_load(state, engine_loader, asyncio.get_running_loop(), on_load_failure)
+            start_background_load(state, engine_loader, asyncio.get_running_loop())
         try:
             yield
         finally:

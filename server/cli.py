@@ -135,12 +135,12 @@ def create_server(config: EngineConfig, engine_factory: Callable[[EngineConfig],
     factory = engine_factory or load_engine
     server = None
 
-    def on_load_failure(message: str) -> None:
-        logger.error("stopping: the model could not be loaded (%s)", message)
+    def on_fatal(message: str) -> None:
+        logger.error("stopping: %s", message)
         server.exit_code = 1
         server.should_exit = True
 
-    app = build_app(None, config, engine_loader=lambda: factory(config), on_load_failure=on_load_failure)
+    app = build_app(None, config, engine_loader=lambda: factory(config), on_fatal=on_fatal)
     server = make_server(app, config)
     return server
 

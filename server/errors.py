@@ -16,7 +16,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sparse_serve.engine.core.errors import EngineDeadError, EngineOverloadedError, PromptTooLongError
+from sparse_serve.engine.core.errors import (
+    EngineDeadError,
+    EngineOverloadedError,
+    PromptTooLongError,
+    RequestFailedError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +79,7 @@ def internal_error(request_id: str | None) -> OpenAIError:
     return OpenAIError(500, f"Internal server error{suffix}", type=SERVER_ERROR, code="internal_error")
 
 
-_PARAM_IN_MESSAGE = re.compile(r"'([A-Za-z_]+)'")
+_PARAM_IN_MESSAGE = re.compile(r"'([A-Za-z_][A-Za-z0-9_.]*)'")
 
 
 def from_engine_error(exc: BaseException, request_id: str | None = None) -> OpenAIError:
@@ -89,8 +94,10 @@ def from_engine_error(exc: BaseException, request_id: str | None = None) -> Open
     if isinstance(exc, EngineDeadError):
         return OpenAIError(503, "The inference engine is not running.", type=SERVER_ERROR,
                            code="engine_dead")
+    if isinstance(exc, RequestFailedError):
+        return internal_error(request_id)
     if isinstance(exc, ValueError):
-        # SamplingParams.validate names the field as 'name'; surface it as `param`.
+        # The input processor names the field as 'name'; surface it as `param`.
         match = _PARAM_IN_MESSAGE.search(str(exc))
         return bad_request(str(exc), param=match.group(1) if match else None)
     return internal_error(request_id)

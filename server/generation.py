@@ -14,8 +14,8 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from sparse_serve.engine.core.client import EngineClient, EngineRequest
 from sparse_serve.engine.core.outputs import RequestOutput, RequestStats, TokenLogprob
-from sparse_serve.engine.core.sampling_params import SamplingParams
 from sparse_serve.server.errors import from_engine_error
 
 logger = logging.getLogger(__name__)
@@ -81,15 +81,14 @@ class GenerationRunner:
     """One per app: starts generations and merges them (the engine reports finished ones to
     the metrics itself: AsyncEngine.request_listeners)."""
 
-    def __init__(self, engine: Any):
+    def __init__(self, engine: EngineClient):
         self.engine = engine
 
-    async def open(self, receive: Receive, prompts: list[str | list[int]], params: SamplingParams,
-                   base_id: str) -> "MergedStream":
-        """Admit every prompt (raising the mapped OpenAIError if any is refused) and return
+    async def open(self, receive: Receive, requests: list[EngineRequest], base_id: str) -> "MergedStream":
+        """Admit every request (raising the mapped OpenAIError if any is refused) and return
         one MergedStream; the caller must `aclose()` it (that aborts whatever is left)."""
-        request_ids = engine_request_ids(base_id, len(prompts))
-        gens = [self.engine.generate(p, params, rid) for p, rid in zip(prompts, request_ids)]
+        request_ids = [r.request_id for r in requests]
+        gens = [self.engine.generate(r) for r in requests]
         try:
             firsts = await until_disconnected(receive, _prime_all(gens))
         except BaseException as exc:
@@ -104,13 +103,12 @@ class GenerationRunner:
             raise err from exc
         return MergedStream(self, gens, firsts, request_ids)
 
-    async def collect(self, receive: Receive, prompts: list[str | list[int]], params: SamplingParams,
-                      base_id: str) -> list[PromptResult]:
+    async def collect(self, receive: Receive, requests: list[EngineRequest], base_id: str) -> list[PromptResult]:
         """Run to completion (non-streaming), aborting if the client disconnects."""
-        merged = await self.open(receive, prompts, params, base_id)
+        merged = await self.open(receive, requests, base_id)
 
         async def consume() -> list[PromptResult]:
-            results = [PromptResult([], [ChoiceResult() for _ in range(params.n)]) for _ in prompts]
+            results = [PromptResult([], [ChoiceResult() for _ in range(r.params.n)]) for r in requests]
             async for index, out in merged:
                 accumulate(results[index], out)
             return results

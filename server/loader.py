@@ -29,12 +29,12 @@ def load_engine(config: EngineConfig) -> Any:
     return AsyncEngine.from_config(config)
 
 
-def start_background_load(state: ServerState, load: Callable[[], Any], loop: asyncio.AbstractEventLoop,
-                          on_failure: Callable[[str], None] | None = None) -> threading.Thread:
+def start_background_load(state: ServerState, load: Callable[[], Any],
+                          loop: asyncio.AbstractEventLoop) -> threading.Thread:
     def fail(message: str) -> None:
         state.load_error = message
-        if on_failure is not None:
-            on_failure(message)
+        if state.on_fatal is not None:
+            state.on_fatal(f"the model could not be loaded ({message})")
 
     def run() -> None:
         started = time.monotonic()

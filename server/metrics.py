@@ -59,7 +59,7 @@ FRACTION_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6
 # predictor are rare (1 step in ~100), so their recall/precision averages react faster.
 LAYER_EMA_ALPHA = 0.05
 PREDICTOR_EMA_ALPHA = 0.2
-FINISH_REASONS = ("stop", "length", "abort")
+FINISH_REASONS = ("stop", "length", "abort", "error")
 PHASES = ("prefill", "decode", "mixed")
 
 
@@ -111,7 +111,7 @@ class ServerMetrics:
         self.num_layers = num_layers
         self.registry = registry if registry is not None else CollectorRegistry()
         self._lock = threading.Lock()   # guards the EMAs and the cumulative-value bookkeeping
-        self._last_cumulative = {"preemptions": 0, "prefix_queries": 0, "prefix_hits": 0}
+        self._last_cumulative = {"preemptions": 0, "prefix_queries": 0, "prefix_hits": 0, "step_failures": 0}
         m = ("model_name",)
 
         def counter(name, doc, labels=m):
@@ -135,6 +135,10 @@ class ServerMetrics:
         self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
         self.num_preemptions = counter("num_preemptions", "Sequences preempted (KV blocks reclaimed).")
+        self.engine_step_failures = counter(
+            "engine_step_failures", "Engine steps that raised; the requests of each failed alone (HTTP 500).")
+        self.engine_dead = gauge("engine_dead", "1 once the engine stopped for good (/health answers 503): "
+                                 "several steps failed in a row, or the loop itself broke. Restart the replica.")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests (cached ones included).")
         self.generation_tokens = counter("generation_tokens", "Tokens sampled, counted per engine step.")
         self.request_success = counter("request_success", "Finished choices by finish reason.",
@@ -181,6 +185,7 @@ class ServerMetrics:
 
         # NOTE: touch every fixed child now so that rate() has a zero to start from.
         for metric in (self.prefix_cache_queries, self.prefix_cache_hits, self.num_preemptions, self.prompt_tokens,
+                       self.engine_step_failures, self.engine_dead,
                        self.generation_tokens, self.activated_params, self.computed_params,
                        self.predictor_shadow_checks, self.num_requests_running, self.num_requests_waiting,
                        self.kv_cache_usage, self.model_params, self.ttft, self.itl, self.e2e, self.queue_time,
@@ -245,8 +250,10 @@ class ServerMetrics:
         self.num_requests_running.labels(model_name=name).set(stats.num_running)
         self.num_requests_waiting.labels(model_name=name).set(stats.num_waiting)
         self.kv_cache_usage.labels(model_name=name).set(stats.kv_cache_usage)
+        self.engine_dead.labels(model_name=name).set(int(stats.dead))
         with self._lock:
             for key, value, counter in (("preemptions", stats.num_preemptions, self.num_preemptions),
+                                        ("step_failures", stats.num_step_failures, self.engine_step_failures),
                                         ("prefix_queries", stats.prefix_cache_queries, self.prefix_cache_queries),
                                         ("prefix_hits", stats.prefix_cache_hits, self.prefix_cache_hits)):
                 counter.labels(model_name=name).inc(self._cumulative_delta(key, value))

@@ -196,6 +196,9 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None
+    # Extension: text prompts are plain text, so a control token's text in them is characters;
+    # true parses it into the control token (for callers that render their own templates).
+    parse_special_tokens: bool = False
 
     def check_supported(self) -> None:
         self._check_common()
@@ -229,6 +232,7 @@ class TokenizeRequest(_Strict):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    parse_special_tokens: bool = False   # as in CompletionRequest (prompt only)
 
     def check(self) -> None:
         if (self.prompt is None) == (self.messages is None):

@@ -10,10 +10,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from sparse_serve.engine.core.sampling_params import SamplingParams
-from sparse_serve.server.errors import bad_request, from_engine_error
 from sparse_serve.server.generation import MergedStream, PromptResult
-from sparse_serve.server.protocol import ChatCompletionRequest, check_model
+from sparse_serve.server.inputs import accept_request, process
+from sparse_serve.server.protocol import ChatCompletionRequest
 from sparse_serve.server.render import chat_logprobs, usage
 from sparse_serve.server.sse import SSEResponse, sse_data
 from sparse_serve.server.state import get_state
@@ -22,49 +21,20 @@ logger = logging.getLogger(__name__)
 router = APIRouter()
 
 
-def accept_request(body: Any, request: Request) -> tuple[Any, SamplingParams]:
-    """What every generation route checks first: engine ready, model name, supported fields,
-    valid sampling parameters. Returns (engine, params) or raises an OpenAI error."""
-    engine = get_state(request).ready_engine()
-    check_model(body.model, engine.model_name)
-    body.check_supported()
-    params = body.to_sampling_params()
-    try:
-        params.validate(vocab_size=engine.tokenizer.vocab_size)
-    except ValueError as exc:
-        raise from_engine_error(exc) from None
-    if body.user:   # OpenAI's end-user id: for abuse tracing, so it goes to the log
-        logger.info("%s request from user %r", request.url.path, body.user)
-    return engine, params
-
-
-def chat_prompt_ids(engine: Any, messages: list[dict[str, str]]) -> list[int]:
-    tokenizer = engine.tokenizer
-    if not tokenizer.has_chat_template:
-        raise bad_request("This model has no chat template; start the server with "
-                          "--chat-template FILE, or use /v1/completions.",
-                          param="messages", code="no_chat_template")
-    try:
-        return tokenizer.encode_chat(messages)
-    except ValueError as exc:  # text.tokenizer.ChatTemplateError is a ValueError
-        raise bad_request(f"The chat template could not render these messages: {exc}",
-                          param="messages", code="chat_template_error") from None
-
-
 @router.post("/v1/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     engine, params = accept_request(body, request)
-    prompt_ids = chat_prompt_ids(engine, body.template_messages())
-
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    engine_request = await process(engine, engine.processor.chat_request, body.template_messages(),
+                                   params, request_id)
     head = {"id": request_id, "created": int(time.time()), "model": engine.model_name}
     if body.stream:
-        merged = await get_state(request).runner.open(request.receive, [prompt_ids], params, request_id)
+        merged = await get_state(request).runner.open(request.receive, [engine_request], request_id)
         events = _chat_events(merged, head, params.n, bool(body.logprobs), body.include_usage,
                               engine.total_params)
         return SSEResponse(events, request_id, on_close=merged.aclose)
 
-    results = await get_state(request).runner.collect(request.receive, [prompt_ids], params, request_id)
+    results = await get_state(request).runner.collect(request.receive, [engine_request], request_id)
     result = results[0]
     choices = [
         {

@@ -13,10 +13,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from sparse_serve.server.generation import MergedStream, PromptResult
+from sparse_serve.engine.core.client import EngineClient
+from sparse_serve.server.generation import MergedStream, PromptResult, engine_request_ids
+from sparse_serve.server.inputs import accept_request, process
 from sparse_serve.server.protocol import CompletionRequest
 from sparse_serve.server.render import completion_logprobs, usage
-from sparse_serve.server.routes_chat import accept_request
 from sparse_serve.server.sse import SSEResponse, sse_data
 from sparse_serve.server.state import get_state
 
@@ -27,19 +28,22 @@ router = APIRouter()
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     engine, params = accept_request(body, request)
     prompts = body.prompts()
-    echo_texts = [_prompt_text(engine, p) for p in prompts] if body.echo else None
-
     request_id = f"cmpl-{uuid.uuid4().hex}"
+    requests = await process(engine, engine.processor.completion_requests, prompts, params,
+                             engine_request_ids(request_id, len(prompts)),
+                             parse_special_tokens=body.parse_special_tokens)
+    echo_texts = [await _prompt_text(engine, p) for p in prompts] if body.echo else None
+
     head = {"id": request_id, "object": "text_completion", "created": int(time.time()),
             "model": engine.model_name}
     if body.stream:
-        merged = await get_state(request).runner.open(request.receive, prompts, params, request_id)
+        merged = await get_state(request).runner.open(request.receive, requests, request_id)
         events = _completion_events(merged, head, len(prompts), params.n, echo_texts,
                                     body.logprobs is not None, body.include_usage,
                                     engine.total_params)
         return SSEResponse(events, request_id, on_close=merged.aclose)
 
-    results = await get_state(request).runner.collect(request.receive, prompts, params, request_id)
+    results = await get_state(request).runner.collect(request.receive, requests, request_id)
     choices = []
     for p, result in enumerate(results):
         for i, choice in enumerate(result.choices):
@@ -53,8 +57,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     return JSONResponse({**head, "choices": choices, "usage": usage(results, engine.total_params)})
 
 
-def _prompt_text(engine: Any, prompt: str | list[int]) -> str:
-    return prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt)
+async def _prompt_text(engine: EngineClient, prompt: str | list[int]) -> str:
+    return prompt if isinstance(prompt, str) else await process(engine, engine.processor.decode, prompt, "prompt")
 
 
 async def _completion_events(merged: MergedStream, head: dict[str, Any], num_prompts: int,

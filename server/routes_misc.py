@@ -7,9 +7,8 @@ from importlib import metadata
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from sparse_serve.server.errors import bad_request
+from sparse_serve.server.inputs import process
 from sparse_serve.server.protocol import DetokenizeRequest, TokenizeRequest, check_model
-from sparse_serve.server.routes_chat import chat_prompt_ids
 from sparse_serve.server.state import get_state
 
 router = APIRouter()
@@ -44,13 +43,16 @@ async def retrieve_model(model: str, request: Request) -> JSONResponse:
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """200 once the model is loaded and the engine started; 503 while loading or draining."""
+    """200 once the model is loaded and the engine started; 503 while loading, draining, or
+    once the engine has stopped for good (a replica to restart: see docs/DEPLOY.md)."""
     state = get_state(request)
     if state.draining:
         return JSONResponse({"status": "draining"}, status_code=503)
     if state.engine is None:
         status = "failed" if state.load_error else "loading"
         return JSONResponse({"status": status}, status_code=503)
+    if state.engine.dead_reason is not None:
+        return JSONResponse({"status": "dead", "reason": state.engine.dead_reason}, status_code=503)
     return JSONResponse({"status": "ok", "model": state.engine.model_name})
 
 
@@ -74,24 +76,13 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
     engine = get_state(request).ready_engine()
     check_model(body.model, engine.model_name)
     body.check()
+    processor = engine.processor
     if body.messages is not None:
         messages = [m.to_template_dict(f"messages.{i}") for i, m in enumerate(body.messages)]
-        if body.add_generation_prompt:
-            token_ids = chat_prompt_ids(engine, messages)
-        else:
-            # NOTE: without the generation prompt, render the template text and encode it
-            # without adding special tokens again (the template writes its own).
-            if not engine.tokenizer.has_chat_template:
-                raise bad_request("This model has no chat template.", param="messages",
-                                  code="no_chat_template")
-            try:
-                text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=False)
-            except ValueError as exc:
-                raise bad_request(f"The chat template could not render these messages: {exc}",
-                                  param="messages") from None
-            token_ids = engine.tokenizer.encode(text, add_special_tokens=False)
+        token_ids = await process(engine, processor.chat_prompt_ids, messages, body.add_generation_prompt)
     else:
-        token_ids = engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        token_ids = await process(engine, processor.encode, body.prompt, body.add_special_tokens,
+                                  body.parse_special_tokens)
     return JSONResponse({"count": len(token_ids), "max_model_len": engine.max_model_len,
                          "tokens": list(token_ids)})
 
@@ -100,9 +91,4 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
 async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
     engine = get_state(request).ready_engine()
     check_model(body.model, engine.model_name)
-    vocab_size = engine.tokenizer.vocab_size
-    bad = [t for t in body.tokens if not 0 <= t < vocab_size]
-    if bad:
-        raise bad_request(f"Token ids {bad[:5]} are outside the vocabulary (size {vocab_size}).",
-                          param="tokens")
-    return JSONResponse({"prompt": engine.tokenizer.decode(body.tokens)})
+    return JSONResponse({"prompt": await process(engine, engine.processor.decode, body.tokens)})

@@ -3,11 +3,12 @@ and whether the server is draining. Routes ask `ready_engine()` and get a 503 ot
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from fastapi import Request
 
+from sparse_serve.engine.core.client import EngineClient
 from sparse_serve.engine.core.config import EngineConfig
 from sparse_serve.engine.core.outputs import RequestOutput
 from sparse_serve.server.errors import SERVER_ERROR, OpenAIError
@@ -20,13 +21,14 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ServerState:
     config: EngineConfig
-    engine: Any | None = None             # sparse_serve.engine.core.async_engine.AsyncEngine once started
+    engine: EngineClient | None = None    # once loaded and started
     metrics: ServerMetrics | None = None
     runner: GenerationRunner | None = None
     draining: bool = False
     load_error: str | None = None
+    on_fatal: Callable[[str], None] | None = None   # see build_app
 
-    def ready_engine(self) -> Any:
+    def ready_engine(self) -> EngineClient:
         if self.draining:
             raise OpenAIError(503, "The server is shutting down.", type=SERVER_ERROR,
                               code="shutting_down")
@@ -36,9 +38,12 @@ class ServerState:
                                   type=SERVER_ERROR, code="model_load_failed")
             raise OpenAIError(503, "The model is still loading.", type=SERVER_ERROR,
                               code="model_loading", headers={"Retry-After": "5"})
+        if self.engine.dead_reason is not None:
+            raise OpenAIError(503, "The inference engine is not running.", type=SERVER_ERROR,
+                              code="engine_dead")
         return self.engine
 
-    async def attach_engine(self, engine: Any) -> None:
+    async def attach_engine(self, engine: EngineClient) -> None:
         """Start the engine and wire its metrics; the server reports ready only after this."""
         await engine.start()
         metrics = ServerMetrics(engine.model_name, engine.num_layers)
@@ -51,6 +56,8 @@ class ServerState:
                 metrics.observe_request_finished(out.stats)
 
         engine.request_listeners.append(on_finished)
+        if self.on_fatal is not None:
+            engine.death_listeners.append(lambda reason: self.on_fatal(f"the engine stopped: {reason}"))
         self.metrics = metrics
         self.runner = GenerationRunner(engine)
         self.engine = engine   # NOTE: set last: /health turns 200 on this assignment

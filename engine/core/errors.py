@@ -14,7 +14,19 @@ class PromptTooLongError(EngineError, ValueError):
 
 
 class EngineDeadError(EngineError):
-    """The engine loop stopped after an internal failure: the server answers 500/503."""
+    """The engine loop stopped for good after internal failures: the server answers 503."""
+
+
+class StepFailedError(EngineError):
+    """An engine step raised; `request_ids` were in it (the step's batch) and are failed alone."""
+
+    def __init__(self, request_ids: list[str]):
+        super().__init__(f"engine step failed for requests {request_ids}")
+        self.request_ids = request_ids
+
+
+class RequestFailedError(EngineError):
+    """This request was in an engine step that raised: the server answers 500; others go on."""
 
 
 class ModelLoadError(EngineError):

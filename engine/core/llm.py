@@ -5,6 +5,7 @@ import itertools
 from dataclasses import dataclass
 
 from sparse_serve.engine.core.config import EngineConfig
+from sparse_serve.engine.core.input_processor import InputProcessor
 from sparse_serve.engine.core.llm_engine import LLMEngine
 from sparse_serve.engine.core.outputs import RequestStats
 from sparse_serve.engine.core.sampling_params import SamplingParams
@@ -30,15 +31,18 @@ class LLM:
         """overrides: dotted config keys, e.g. LLM(path, **{"scheduler.max_num_seqs": 1})."""
         config = config or EngineConfig.load(overrides={"model.path": model, **overrides})
         self.engine = LLMEngine(config, model)
+        # NOTE: offline use is single-threaded, so the processor shares the engine's tokenizer.
+        self.processor = InputProcessor(self.engine.tokenizer, self.engine.max_model_len)
         self._ids = itertools.count()
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]) -> list[GenerationResult]:
+        """Validated as the server validates (ValueError naming the field); the params are copied."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         order = []
         for prompt, p in zip(prompts, params_list):
             request_id = f"offline-{next(self._ids)}"
-            ids = self.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            self.engine.add_request(request_id, ids, _copy(p))
+            [request] = self.processor.completion_requests([prompt], p, [request_id])
+            self.engine.add_request(request)
             order.append(request_id)
         texts: dict[str, dict[int, list]] = {rid: {} for rid in order}
         results: dict[str, GenerationResult] = {}
@@ -54,9 +58,3 @@ class LLM:
                                                                completions, out.stats)
         return [results[rid] for rid in order]
 
-
-def _copy(params: SamplingParams) -> SamplingParams:
-    # NOTE: the engine fills max_tokens=None in place; callers reuse one params object.
-    from dataclasses import replace
-    return replace(params, stop=list(params.stop), stop_token_ids=list(params.stop_token_ids),
-                   logit_bias=dict(params.logit_bias))

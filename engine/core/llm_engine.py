@@ -14,11 +14,11 @@ from pathlib import Path
 from sparse_serve.engine.checkpoints.loader import load_model
 from sparse_serve.engine.core.block_manager import BlockManager
 from sparse_serve.engine.core.config import EngineConfig
-from sparse_serve.engine.core.errors import PromptTooLongError
+from sparse_serve.engine.core.errors import StepFailedError
+from sparse_serve.engine.core.input_processor import EngineRequest
 from sparse_serve.engine.core.outputs import EngineStats, RequestOutput, RequestStats, StepStats
 from sparse_serve.engine.core.request_state import RequestState, make_logprob
-from sparse_serve.engine.core.sampling_params import SamplingParams
-from sparse_serve.engine.core.scheduler import Scheduler
+from sparse_serve.engine.core.scheduler import Scheduler, SchedulerOutput
 from sparse_serve.engine.core.sequence import Sequence
 from sparse_serve.engine.core.sparsity import SparsityAccounting
 from sparse_serve.engine.text.detokenizer import IncrementalDetokenizer
@@ -60,14 +60,11 @@ class LLMEngine:
                     "on" if config.cache.enable_prefix_caching else "off")
 
     # ---- requests -------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    arrival_time: float | None = None) -> None:
+    def add_request(self, request: EngineRequest, arrival_time: float | None = None) -> None:
+        """Trusts `request` (the input processor validated it, and its params are its own)."""
+        request_id, prompt_token_ids, params = request.request_id, request.prompt_token_ids, request.params
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
-        params.validate(self.tokenizer.vocab_size)
-        self.check_length(len(prompt_token_ids), params)
-        if params.max_tokens is None:
-            params.max_tokens = self.max_model_len - len(prompt_token_ids)
         arrival = arrival_time or time.time()
         seqs = [Sequence(request_id, i, list(prompt_token_ids), params, arrival) for i in range(params.n)]
         detoks = [IncrementalDetokenizer(self.tokenizer.hf, prompt_token_ids, params) for _ in seqs]
@@ -77,23 +74,15 @@ class LLMEngine:
             self.scheduler.add_sequence(seq)
         self.requests[request_id] = state
 
-    def check_length(self, num_prompt_tokens: int, params: SamplingParams) -> None:
-        if num_prompt_tokens == 0:
-            raise ValueError("the prompt is empty")
-        wanted = num_prompt_tokens + (params.max_tokens or 1)
-        if wanted > self.max_model_len:
-            raise PromptTooLongError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
-                f"requested {wanted} tokens ({num_prompt_tokens} in the prompt, "
-                f"{params.max_tokens or 1} for the completion). Please reduce the prompt or max_tokens.")
-
-    def abort_request(self, request_id: str) -> RequestOutput | None:
+    def abort_request(self, request_id: str, reason: str = "abort") -> RequestOutput | None:
+        """End a request now, freeing its blocks; its last output carries `reason` ("abort",
+        or "error" for a request whose step failed)."""
         state = self.requests.pop(request_id, None)
         if state is None:
             return None
-        for seq in self.scheduler.abort_request(request_id):
+        for seq in self.scheduler.abort_request(request_id, reason):
             self.runner.release(seq.seq_id)
-            state.delta(seq.index).finish_reason = "abort"
+            state.delta(seq.index).finish_reason = reason
         return state.take_output(self.accounting)
 
     def has_unfinished(self) -> bool:
@@ -101,8 +90,17 @@ class LLMEngine:
 
     # ---- one step -------------------------------------------------------------------------
     def step(self) -> StepResult:
+        """One step. If anything after scheduling raises, StepFailedError names the requests
+        of the step's batch (the caller fails those alone; their state is not trusted)."""
         started = time.perf_counter()
         sched = self.scheduler.schedule()
+        try:
+            return self._run(sched, started)
+        except Exception as exc:
+            seqs = [item.seq for item in sched.scheduled] + sched.finished
+            raise StepFailedError(sorted({seq.request_id for seq in seqs})) from exc
+
+    def _run(self, sched: SchedulerOutput, started: float) -> StepResult:
         now = time.time()
         for item in sched.scheduled:
             stats = self.requests[item.seq.request_id].stats

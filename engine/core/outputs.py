@@ -86,6 +86,8 @@ class EngineStats:
     num_preemptions: int = 0                   # since start
     prefix_cache_queries: int = 0              # tokens looked up, since start
     prefix_cache_hits: int = 0                 # tokens found, since start
+    num_step_failures: int = 0                 # engine steps that raised, since start
+    dead: bool = False                         # the engine stopped for good
 
 
 @dataclass

@@ -6,9 +6,14 @@ which the server turns into a 400.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 
 _MAX_LOGPROBS = 20  # OpenAI's own cap on top_logprobs
+# NOTE: the sampler seeds a torch.Generator with seed + choice index; int64 keeps that in the
+# range manual_seed takes (vLLM's bound too).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
 @dataclass
@@ -35,10 +40,24 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    def clone(self, **changes) -> "SamplingParams":
+        """A copy sharing no mutable field with this one (the engine owns its copy)."""
+        copy = dataclasses.replace(self, stop=list(self.stop), stop_token_ids=list(self.stop_token_ids),
+                                   logit_bias=dict(self.logit_bias))
+        return dataclasses.replace(copy, **changes) if changes else copy
+
     def validate(self, vocab_size: int | None = None) -> None:
         def bad(name: str, why: str) -> None:
             raise ValueError(f"Invalid value for '{name}': {why}")
 
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                bad(f.name, f"must be a finite number, got {value}")
+            if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool)):
+                bad(f.name, f"must be an integer, got {value!r}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            bad("seed", f"must be in [{SEED_MIN}, {SEED_MAX}], got {self.seed}")
         if self.n < 1 or self.n > 16:
             bad("n", f"must be between 1 and 16, got {self.n}")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -67,7 +86,11 @@ class SamplingParams:
             bad("stop", "at most 16 stop sequences")
         if any(not s for s in self.stop):
             bad("stop", "stop sequences must be non-empty")
+        for s in self.stop:
+            check_text("stop", s)
         for token_id, bias in self.logit_bias.items():
+            if not math.isfinite(bias):
+                bad("logit_bias", f"bias for token {token_id} must be a finite number, got {bias}")
             if vocab_size is not None and not 0 <= token_id < vocab_size:
                 bad("logit_bias", f"token id {token_id} is outside the vocabulary (size {vocab_size})")
             if not -100.0 <= bias <= 100.0:
@@ -75,3 +98,13 @@ class SamplingParams:
         for token_id in self.stop_token_ids:
             if vocab_size is not None and not 0 <= token_id < vocab_size:
                 bad("stop_token_ids", f"token id {token_id} is outside the vocabulary (size {vocab_size})")
+
+
+def check_text(name: str, text: str) -> None:
+    """Text the tokenizer can take: valid Unicode (JSON can carry lone surrogates, which no
+    tokenizer encodes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"Invalid value for '{name}': not valid Unicode text ({exc.reason} at "
+                         f"position {exc.start})") from None

@@ -253,8 +253,8 @@ class Scheduler:
             if not siblings:
                 del self._unfinished[seq.request_id]
 
-    def abort_request(self, request_id: str) -> list[Sequence]:
+    def abort_request(self, request_id: str, reason: str = "abort") -> list[Sequence]:
         seqs = list(self._unfinished.get(request_id, ()))
         for seq in seqs:
-            self.finish_sequence(seq, "abort")
+            self.finish_sequence(seq, reason)
         return seqs

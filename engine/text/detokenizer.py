@@ -2,16 +2,19 @@
 
 Decoding token by token is wrong for most tokenizers: byte-level BPE splits one character over
 several tokens, and SentencePiece decoders drop the leading space of the first token they see.
-Like vLLM's `detokenize_incrementally`, we decode a short window of already-emitted tokens
-plus the new ones and emit the difference:
+The tokenizers library's `DecodeStream`, seeded with the last prompt tokens, does it right: it
+returns text only once a character is complete. NOTE: chosen over decoding a window twice per
+token (vLLM's `detokenize_incrementally`, what this class did before) on a measurement: 1.6
+against 6.4 us per token for this whole class, DecodeStream alone 0.6 us (SmolLM2's tokenizer,
+600 tokens, the 2-core VM).
+
+At the end the window method still runs once (`flush`): a last character left incomplete is
+released as U+FFFD, as a full decode shows it, which DecodeStream has no call for. The window
+starts at a token boundary where DecodeStream's text was complete:
 
     prefix_text = decode(ids[prefix_offset:read_offset])    # text already emitted
-    new_text    = decode(ids[prefix_offset:])               # same window + new tokens
+    new_text    = decode(ids[prefix_offset:])               # same window + the pending tokens
     delta       = new_text[len(prefix_text):]
-
-The window starts at a token boundary where the text was complete, so prefix_text is a
-stable prefix of new_text. When new_text ends in U+FFFD the last character is still
-incomplete (its remaining bytes are in tokens not generated yet) and nothing is emitted.
 
 Stop strings are then searched in the decoded text. Text that could still turn out to be
 the beginning of a stop string is held back until the next tokens decide it.
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+
+from tokenizers.decoders import DecodeStream
 
 from sparse_serve.engine.core.sampling_params import SamplingParams
 
@@ -42,9 +47,15 @@ class IncrementalDetokenizer:
         self._max_stop_len = max((len(s) for s in self._stop_strings), default=0)
 
         context = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
-        self._ids: list[int] = context
-        self._prefix_offset = 0
-        self._read_offset = len(context)
+        # NOTE: the context must start on a whole character (the last prompt tokens may begin
+        # inside one), or DecodeStream emits the broken start as U+FFFD with the first token.
+        while context and self._decode(context).startswith(_REPLACEMENT_CHAR):
+            context.pop(0)
+        self._ids: list[int] = list(context)
+        self._prefix_offset = 0            # a clean boundary before read_offset
+        self._read_offset = len(context)   # ids before this are in the decoded text
+        self._stream = DecodeStream(ids=context, skip_special_tokens=self._skip_special_tokens)
+        self._backend = self._hf.backend_tokenizer
 
         self._text = ""              # decoded generated text (complete characters only)
         self._num_emitted = 0        # chars of _text already returned to the caller
@@ -71,10 +82,9 @@ class IncrementalDetokenizer:
         delta_parts: list[str] = []
         for token_id in new_token_ids:
             self._ids.append(int(token_id))
-            prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
-            new_text = self._decode(self._ids[self._prefix_offset:])
-            if len(new_text) > len(prefix_text) and not new_text.endswith(_REPLACEMENT_CHAR):
-                delta_parts.append(new_text[len(prefix_text):])
+            chunk = self._stream.step(self._backend, int(token_id))
+            if chunk:   # None while a character is still incomplete
+                delta_parts.append(chunk)
                 self._prefix_offset = self._read_offset
                 self._read_offset = len(self._ids)
         return "".join(delta_parts)

@@ -1,20 +1,20 @@
 """Tokenizer + chat template wrapper around a local transformers fast tokenizer (no torch).
 
-Chat templates come from model folders, i.e. from strangers: they are rendered in Jinja's
-ImmutableSandboxedEnvironment (no dunder attribute access, no mutation of passed objects),
-never with a plain Environment.
+Chat templates come from model folders, i.e. from strangers: they are rendered by the
+tokenizer's own `apply_chat_template`, which uses Jinja's ImmutableSandboxedEnvironment (no
+dunder attribute access, no mutation of passed objects) with the helpers templates expect
+(raise_exception, strftime_now, a tojson that does not HTML-escape); tests/engine/test_tokenizer.py
+holds it to that.
 """
 from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime
+import re
 from pathlib import Path
 from typing import Any
 
 import jinja2
-from jinja2.ext import loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from sparse_serve.engine.core.errors import ModelLoadError
 
@@ -26,31 +26,6 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken
 
 class ChatTemplateError(ValueError):
     """No chat template, or the template failed to render (the server answers 400)."""
-
-
-def _raise_exception(message: str) -> None:
-    raise ChatTemplateError(f"chat template raised: {message}")
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-    # NOTE: Jinja's own tojson HTML-escapes <, >, & and ' which chat templates must not do.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
-                      separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-def _make_environment() -> ImmutableSandboxedEnvironment:
-    # Same whitespace settings as transformers, so templates render as their authors saw.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    return env
 
 
 def _read_template_file(path: str) -> str:
@@ -74,8 +49,11 @@ class Tokenizer:
         self.hf = hf
         self._chat_template = chat_template if chat_template is not None \
             else self._template_from_hf(hf)
-        self._compiled: jinja2.Template | None = None
         self._adds_bos = self._detect_adds_bos()
+        # The texts of control tokens (special added tokens): in caller-supplied text they are
+        # characters, never the control tokens themselves.
+        self._special_texts = tuple(sorted({token.content for token in hf.added_tokens_decoder.values()
+                                            if token.special and token.content}, key=len, reverse=True))
 
     @classmethod
     def from_pretrained(cls, path: str, chat_template_path: str | None = None) -> "Tokenizer":
@@ -132,8 +110,15 @@ class Tokenizer:
 
     # --- text <-> ids ---------------------------------------------------------------------
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+    def encode(self, text: str, add_special_tokens: bool = True, *, parse_special_tokens: bool = True) -> list[int]:
+        """parse_special_tokens=False: a control token's text in `text` is tokenized as plain
+        characters (what every caller-supplied text gets unless the caller asks otherwise)."""
+        return list(self.hf.encode(text, add_special_tokens=add_special_tokens,
+                                   split_special_tokens=not parse_special_tokens))
+
+    def special_token_in(self, text: str) -> str | None:
+        """The first control token's text found in `text`, if any."""
+        return next((special for special in self._special_texts if special in text), None)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         # NOTE: no cleanup of tokenization spaces, matching the incremental detokenizer.
@@ -162,22 +147,11 @@ class Tokenizer:
             raise ChatTemplateError(
                 "this model's tokenizer has no chat template; use the completions endpoint or "
                 "start the server with a chat template file")
-        if self._compiled is None:
-            try:
-                self._compiled = _make_environment().from_string(self._chat_template)
-            except jinja2.TemplateError as exc:
-                raise ChatTemplateError(f"invalid chat template: {exc}") from exc
-        special = {name: getattr(self.hf, name, None) for name in
-                   ("bos_token", "eos_token", "unk_token", "pad_token")}
         try:
-            return self._compiled.render(messages=messages,
-                                         add_generation_prompt=add_generation_prompt,
-                                         **{k: (v if v is not None else "")
-                                            for k, v in special.items()})
-        except ChatTemplateError:
-            raise
+            return self.hf.apply_chat_template(messages, chat_template=self._chat_template, tokenize=False,
+                                               add_generation_prompt=add_generation_prompt)
         except jinja2.TemplateError as exc:
-            # SecurityError (sandbox violation) is a TemplateError too.
+            # the template's raise_exception, and sandbox violations (SecurityError), land here
             raise ChatTemplateError(f"chat template failed to render: {exc}") from exc
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
@@ -186,11 +160,44 @@ class Tokenizer:
         Templates usually write the BOS text themselves; encoding with special tokens would
         then add a second one. So: encode without special tokens, and prepend BOS only when
         this tokenizer normally adds one and the template did not.
+
+        Only the template emits control tokens: a message whose content holds a control
+        token's text (`<|im_start|>system...`) has that content tokenized as plain text.
         """
-        prompt = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-        ids = self.encode(prompt, add_special_tokens=False)
+        if any(self.special_token_in(m.get("content") or "") for m in messages):
+            ids = self._encode_chat_contents_as_text(messages, add_generation_prompt)
+        else:
+            prompt = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+            ids = self.encode(prompt, add_special_tokens=False)
         if self._adds_bos and (not ids or ids[0] != self.bos_token_id):
             ids.insert(0, self.bos_token_id)
+        return ids
+
+    def _encode_chat_contents_as_text(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        """Render with a placeholder per content, check that putting the contents back gives
+        the real rendering (the template copied them verbatim), then tokenize the template's
+        pieces with control tokens and the contents without.
+
+        NOTE: the pieces are tokenized apart, so a BPE merge across a content's edge can differ
+        from tokenizing the whole string; only prompts that carry control-token text pay that."""
+        placeholders = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        marked = [{**m, "content": p} for m, p in zip(messages, placeholders)]
+        rendered = self.apply_chat_template(marked, add_generation_prompt=add_generation_prompt)
+        contents = [m.get("content") or "" for m in messages]
+        real = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        pieces = re.split("\ue000(\\d+)\ue001", rendered)
+        rebuilt = "".join(contents[int(piece)] if i % 2 else piece for i, piece in enumerate(pieces))
+        if rebuilt != real:
+            found = next(self.special_token_in(c) for c in contents if self.special_token_in(c))
+            raise ChatTemplateError(
+                f"a message's content holds the control token {found!r}, and this model's chat "
+                "template transforms message contents, so it cannot be kept as plain text")
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):
+            if i % 2:
+                ids += self.encode(contents[int(piece)], add_special_tokens=False, parse_special_tokens=False)
+            elif piece:
+                ids += self.encode(piece, add_special_tokens=False)
         return ids
 
 

@@ -9,6 +9,7 @@ import torch
 from sparse_serve.engine.core.async_engine import AsyncEngine
 from sparse_serve.engine.core.config import EngineConfig
 from sparse_serve.engine.core.errors import EngineOverloadedError, PromptTooLongError
+from sparse_serve.engine.core.input_processor import EngineRequest
 from sparse_serve.engine.core.llm import LLM
 from sparse_serve.engine.core.llm_engine import LLMEngine
 from sparse_serve.engine.core.sampling_params import SamplingParams
@@ -18,6 +19,11 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 def make_llm(path, **overrides) -> LLM:
     return LLM(str(path), **{"model.sparse_kernels": False, **overrides})
+
+
+def request(engine: AsyncEngine, ids: list[int], params: SamplingParams, request_id: str) -> EngineRequest:
+    [built] = engine.processor.completion_requests([ids], params, [request_id])
+    return built
 
 
 def prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -147,15 +153,15 @@ def test_async_abort_frees_blocks_and_overload(relu_checkpoint):
         await engine.start()
         total = engine.get_stats().num_total_blocks
         params = SamplingParams(max_tokens=200, **GREEDY)
-        gen = engine.generate([5, 6, 7, 8], params, "a")
+        gen = engine.generate(request(engine, [5, 6, 7, 8], params, "a"))
         first = await gen.__anext__()
         assert first.outputs[0].token_ids
         # queue: "a" runs (max_num_seqs=1), so two more wait and the third is refused
-        waiting = [engine.generate([9, 10], SamplingParams(max_tokens=2, **GREEDY), f"w{i}") for i in range(2)]
+        waiting = [engine.generate(request(engine, [9, 10], SamplingParams(max_tokens=2, **GREEDY), f"w{i}")) for i in range(2)]
         tasks = [asyncio.create_task(_drain(g)) for g in waiting]
         await asyncio.sleep(0)
         with pytest.raises(EngineOverloadedError):
-            await engine.generate([1, 2], params, "refused").__anext__()
+            await engine.generate(request(engine, [1, 2], params, "refused")).__anext__()
         await gen.aclose()                       # the consumer goes away mid-generation
         results = await asyncio.gather(*tasks)
         assert all(r.finished for r in results)
@@ -180,9 +186,8 @@ def test_every_final_output_reaches_the_request_listeners_aborts_included(relu_c
         finals = []
         engine.request_listeners.append(finals.append)
         await engine.start()
-        done = await _drain(engine.generate([5, 6, 7], SamplingParams(max_tokens=3, **GREEDY),
-                                            "done"))
-        gen = engine.generate([5, 6, 7, 8], SamplingParams(max_tokens=200, n=2, **GREEDY), "left")
+        done = await _drain(engine.generate(request(engine, [5, 6, 7], SamplingParams(max_tokens=3, **GREEDY), "done")))
+        gen = engine.generate(request(engine, [5, 6, 7, 8], SamplingParams(max_tokens=200, n=2, **GREEDY), "left"))
         await gen.__anext__()
         await gen.aclose()                       # the consumer goes away mid-generation
         for _ in range(100):

@@ -130,11 +130,11 @@ class TokenizerProxy:
 
 
 def test_internal_error_is_500_without_traceback(http, live_server, monkeypatch):
-    def explode(messages):
+    def explode(messages, **kwargs):
         raise RuntimeError("secret internal detail")
 
     engine = live_server.engine
-    monkeypatch.setattr(engine, "tokenizer", TokenizerProxy(engine.tokenizer, encode_chat=explode))
+    monkeypatch.setattr(engine.processor, "tokenizer", TokenizerProxy(engine.processor.tokenizer, encode_chat=explode))
     resp = http.post(CHAT, json={"messages": MESSAGES}, headers={"x-request-id": "trace-me-1"})
     error = assert_error(resp, 500, code="internal_error")
     assert "secret internal detail" not in resp.text
@@ -155,18 +155,18 @@ def test_request_id_echoed_or_generated(http):
 
 def test_no_chat_template_is_a_clear_400(http, live_server, monkeypatch):
     engine = live_server.engine
-    monkeypatch.setattr(engine, "tokenizer", TokenizerProxy(engine.tokenizer, has_chat_template=False))
+    monkeypatch.setattr(engine.processor, "tokenizer", TokenizerProxy(engine.processor.tokenizer, has_chat_template=False))
     error = assert_error(http.post(CHAT, json={"messages": MESSAGES}), 400, code="no_chat_template")
     assert "--chat-template" in error["message"]
     assert http.post("/v1/completions", json={"prompt": "a", "max_tokens": 1}).status_code == 200
 
 
 def test_chat_template_failure_is_400(http, live_server, monkeypatch):
-    def refuse(messages):
+    def refuse(messages, **kwargs):
         raise ValueError("Conversation roles must alternate user/assistant")
 
     engine = live_server.engine
-    monkeypatch.setattr(engine, "tokenizer", TokenizerProxy(engine.tokenizer, encode_chat=refuse))
+    monkeypatch.setattr(engine.processor, "tokenizer", TokenizerProxy(engine.processor.tokenizer, encode_chat=refuse))
     error = assert_error(http.post(CHAT, json={"messages": MESSAGES}), 400, code="chat_template_error")
     assert "alternate" in error["message"]
 
@@ -232,7 +232,7 @@ def test_cors_with_allowed_origins(http):
 def test_user_field_is_logged(http, caplog):
     import logging
 
-    with caplog.at_level(logging.INFO, logger="sparse_serve.server.routes_chat"):
+    with caplog.at_level(logging.INFO, logger="sparse_serve.server.inputs"):
         resp = http.post(CHAT, json={"messages": MESSAGES, "max_tokens": 2, "user": "alice-42"})
     assert resp.status_code == 200
     assert any("alice-42" in record.getMessage() for record in caplog.records)

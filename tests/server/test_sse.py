@@ -74,11 +74,11 @@ def test_error_mid_stream_is_an_event_then_done(http, live_server, monkeypatch):
     engine = live_server.engine
     original = engine.generate
 
-    async def failing_generate(prompt, params, request_id):
+    async def failing_generate(request):
         # NOTE: count only outputs that carried text (a delta may hold back half a character),
         # so some content has surely been streamed before the failure.
         count = 0
-        async for out in original(prompt, params, request_id):
+        async for out in original(request):
             yield out
             count += any(delta.text for delta in out.outputs)
             if count == 2:
@@ -104,8 +104,8 @@ def test_openai_sdk_raises_on_error_event(live_server, monkeypatch):
     engine = live_server.engine
     original = engine.generate
 
-    async def failing_generate(prompt, params, request_id):
-        async for out in original(prompt, params, request_id):
+    async def failing_generate(request):
+        async for out in original(request):
             yield out
             raise RuntimeError("boom")
 
