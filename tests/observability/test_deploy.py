@@ -77,7 +77,8 @@ def test_dockerfile_contract(dockerfile):
 def test_cpu_image_uses_cpu_torch_and_cuda_image_a_cuda_base():
     cpu = (DOCKER / "Dockerfile.cpu").read_text()
     assert re.search(r"^FROM python:3\.11-slim\b", cpu, re.M)
-    assert "--index-url https://download.pytorch.org/whl/cpu" in cpu
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in cpu
+    assert '--no-deps "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"' in cpu
     base = re.search(r"ARG BASE_IMAGE=(\S+)", (DOCKER / "Dockerfile").read_text()).group(1)
     assert base.startswith("pytorch/pytorch:") and "cuda" in base and "runtime" in base
     # The build fails unless the base's Triton imports next to the installed package.
