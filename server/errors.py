@@ -53,8 +53,16 @@ def error_body(message: str, type: str = INVALID_REQUEST, param: str | None = No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+class _EscapedJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: an error may quote the request's own text,
+    which can hold lone surrogates that UTF-8 cannot encode (JSON's \\uXXXX escapes can)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
 def error_response(err: OpenAIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+    return _EscapedJSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
 def error_bytes(err: OpenAIError) -> bytes:

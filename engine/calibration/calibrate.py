@@ -28,10 +28,13 @@ import torch.nn.functional as F
 from sparse_serve.engine.calibration.perplexity import forward_windows
 from sparse_serve.engine.checkpoints.sparsity_file import METHODS, THRESHOLD_ACTS, SparsityFile, set_thresholds
 from sparse_serve.engine.core.config import MODEL_DTYPES, ModelConfig
+from sparse_serve.engine.models.attention import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_STEP = 0.05
+# Measured-loss correction probes each layer this far above its estimated allocation.
+DEFAULT_MEASURE_PROBE = 0.10
 MAX_LAYER_SPARSITY = 0.95
 # NOTE: a quantile over N*I values needs no more than a few million samples to be exact to
 # well under 0.1 points; beyond that we subsample (fixed seed) to bound memory and sort time.
@@ -62,7 +65,8 @@ class Calibrator:
     """Captures what calibration needs from one model on fixed calibration windows."""
 
     def __init__(self, model, windows: Sequence[torch.Tensor], error_windows: int = 4,
-                 step: float = DEFAULT_STEP):
+                 step: float = DEFAULT_STEP, measure_windows: int = 0,
+                 measure_probe: float = DEFAULT_MEASURE_PROBE):
         if {mlp.act for mlp in model.mlps} - set(THRESHOLD_ACTS):
             raise ValueError(f"calibration needs a SwiGLU (silu) model; this one uses "
                              f"{sorted({mlp.act for mlp in model.mlps})}")
@@ -71,9 +75,15 @@ class Calibrator:
         self.model = model
         self.windows = list(windows)
         self.error_windows = self.windows[:max(1, error_windows)]
+        # NOTE: measured-loss correction uses the *last* calibration windows, so that it does
+        # not reuse the windows the estimate was taken on (still never the held-out split).
+        self.measure_windows = self.windows[-measure_windows:] if measure_windows > 0 else []
+        self.measure_probe = measure_probe
         self.step = step
         self.levels = [i * step for i in range(int(MAX_LAYER_SPARSITY / step + 1e-9) + 1)]
         self._error_table: list[list[float]] | None = None
+        self.layer_scales: list[float] | None = None   # set by measured_allocation
+        self._measured: dict[tuple[int, int], float] = {}   # (layer, level index) -> loss
 
     @property
     def num_layers(self) -> int:
@@ -173,7 +183,83 @@ class Calibrator:
             return [target] * self.num_layers
         if method != "greedy":
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if self.measure_windows:
+            return self.measured_allocation(target)
         return greedy_allocation(self.error_table(), self.levels, target)
+
+    # --- measured-loss correction -----------------------------------------------------------
+
+    def measured_allocation(self, target: float) -> list[float]:
+        """Greedy allocation on the estimated table after rescaling each layer's row by the
+        loss change actually measured for that layer near its operating point.
+
+        NOTE: the second-order estimate ranks levels within a layer well but its scale across
+        layers is off (it linearizes everything after the layer). So: allocate on the estimate,
+        then for every layer alone sparsify it at (its allocation + measure_probe), measure the
+        KL divergence of the model's next-token distribution from the dense one on the
+        measurement windows (a paired, always positive measure of the loss change), and scale
+        the layer's row by measured / estimated at that level; allocate again on the result.
+        """
+        table = self.error_table()
+        first = greedy_allocation(table, self.levels, target)
+        probes = [min(len(self.levels) - 1, round((a + self.measure_probe) / self.step))
+                  for a in first]
+        missing = {l: self.levels[k] for l, k in enumerate(probes) if (l, k) not in self._measured}
+        for l, loss in self.measured_layer_losses(missing).items():
+            self._measured[(l, probes[l])] = loss
+        measured = [self._measured[(l, k)] for l, k in enumerate(probes)]
+        scales = [scale_factor(m, row[k]) for m, row, k in zip(measured, table, probes)]
+        self.layer_scales = scales
+        logger.info("calibrate: measured-loss scales %s",
+                    ", ".join(f"{s:.2f}" for s in scales))
+        return greedy_allocation(scale_table(table, scales), self.levels, target)
+
+    @torch.inference_mode()
+    def measured_layer_losses(self, levels: dict[int, float]) -> dict[int, float]:
+        """Summed KL(dense || sparse) over the measurement windows' next-token distributions
+        for each layer l in `levels` made sparse alone at levels[l] (threshold = that quantile of its own
+        inputs). Runs the dense prefix once and, per layer, only the layers from l on."""
+        start = time.monotonic()
+        model, windows = self.model, self.measure_windows
+        layers = model.model.layers
+        saved = [mlp.act_threshold for mlp in model.mlps]
+        set_thresholds(model, [0.0] * self.num_layers)
+        device = model.lm_head.weight.device
+        ids = torch.cat(list(windows)).to(device)
+        positions = torch.cat([torch.arange(len(w)) for w in windows]).to(device)
+        meta = AttentionMetadata.for_full_sequences([len(w) for w in windows])
+        from sparse_serve.engine.calibration.perplexity import next_token_targets
+        rows, _ = next_token_targets(windows, device)
+        try:
+            x = model.model.embed_tokens(ids)
+            residuals = []
+            for layer in layers:
+                residuals.append(x)
+                x, _ = layer(x, positions, meta)
+            dense_logp = F.log_softmax(model.compute_logits(model.model.norm(x)[rows]), dim=-1)
+            losses = {}
+            for l, level in sorted(levels.items()):
+                mlp = layers[l].mlp
+
+                def hook(module, args, level=level):
+                    module.act_threshold = quantiles(abs_silu_gate(module, args[0]), [level])[0]
+
+                handle = mlp.register_forward_pre_hook(hook)
+                try:
+                    x = residuals[l]
+                    for layer in layers[l:]:
+                        x, _ = layer(x, positions, meta)
+                finally:
+                    handle.remove()
+                    mlp.act_threshold = 0.0
+                logp = F.log_softmax(model.compute_logits(model.model.norm(x)[rows]), dim=-1)
+                kl = (dense_logp.exp() * (dense_logp - logp)).sum()
+                losses[l] = float(kl)
+        finally:
+            set_thresholds(model, saved)
+        logger.info("calibrate: measured single-layer losses for %d layers on %d tokens in %.1fs",
+                    len(levels), len(ids), time.monotonic() - start)
+        return losses
 
     # --- thresholds -------------------------------------------------------------------------
 
@@ -223,6 +309,21 @@ def greedy_allocation(error_table: list[list[float]], levels: Sequence[float],
             break
         index[best] += 1
     return [levels[k] for k in index]
+
+
+def scale_factor(measured: float, estimated: float, floor: float = 1e-3) -> float:
+    """measured / estimated, kept positive and finite: an estimate or a measurement at (or
+    below) zero says nothing about scale, so it leaves the row as it is (factor 1)."""
+    if not estimated > 0 or not measured > 0:
+        return 1.0
+    return max(floor, measured / estimated)
+
+
+def scale_table(error_table: list[list[float]], scales: Sequence[float]) -> list[list[float]]:
+    """Each layer's row of the error table times that layer's scale."""
+    if len(scales) != len(error_table):
+        raise ValueError(f"{len(scales)} scales for {len(error_table)} layers")
+    return [[value * scale for value in row] for row, scale in zip(error_table, scales)]
 
 
 def calibrate(model, windows: Sequence[torch.Tensor], target: float, method: str = "greedy",

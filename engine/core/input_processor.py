@@ -82,7 +82,8 @@ class InputProcessor:
     def chat_prompt_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Raises ChatTemplateError when the model has no template or it refuses the messages."""
         for i, message in enumerate(messages):
-            check_text(f"messages.{i}.content", message.get("content") or "")
+            for key, value in message.items():
+                check_text(f"messages.{i}.{key}", value)
         if not self.tokenizer.has_chat_template:
             raise ChatTemplateError("this model has no chat template")
         try:

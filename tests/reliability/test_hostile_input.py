@@ -31,6 +31,7 @@ CASES = [
     (COMPLETIONS, {"prompt": "Hi", "max_tokens": 2, "top_k": -7}, "top_k"),
     (COMPLETIONS, {"prompt": "Hi", "max_tokens": 10**6}, None),      # context_length_exceeded
     (CHAT, '{"messages": [{"role": "user", "content": "\\ud83d"}], "max_tokens": 2}', "messages.0.content"),
+    (CHAT, '{"messages": [{"role": "user", "content": "hi", "name": "\\udc00"}], "max_tokens": 2}', "messages.0.name"),
     (CHAT, {"messages": USER, "max_tokens": 2, "seed": 2**70}, "seed"),
     (CHAT, {"messages": USER, "max_tokens": 2, "logit_bias": {"-4": 1}}, "logit_bias"),
     ("/detokenize", {"tokens": [1, 10**9]}, "tokens"),
@@ -56,6 +57,12 @@ def test_each_hostile_request_is_a_400_and_the_engine_lives_on(http, live_server
     health = http.get("/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"
     assert live_server.engine.get_stats().num_running == 0
+
+
+def test_an_error_quoting_invalid_unicode_is_still_valid_json(http):
+    resp = _post(http, CHAT, '{"messages": [{"role": "user", "content": "hi"}], "model": "x\\ud800"}')
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == "model_not_found"
+    assert "x\ud800" in resp.json()["error"]["message"]
 
 
 def test_chat_content_is_not_a_control_token(http):
