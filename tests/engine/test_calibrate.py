@@ -7,7 +7,14 @@ import json
 
 import pytest
 
-from sparse_serve.engine.calibration.calibrate import Calibrator, calibrate, greedy_allocation, main_calibrate
+from sparse_serve.engine.calibration.calibrate import (
+    Calibrator,
+    calibrate,
+    greedy_allocation,
+    main_calibrate,
+    scale_factor,
+    scale_table,
+)
 from sparse_serve.engine.calibration.calibration_data import load_windows, stdlib_docstrings, token_windows
 from sparse_serve.engine.calibration.perplexity import evaluate
 from sparse_serve.engine.checkpoints.loader import load_model
@@ -94,6 +101,44 @@ def test_greedy_table_ranks_layers(tiny):
     assert len(table) == len(model.mlps) and len(table[0]) == len(calibrator.levels)
     for row in table:
         assert row[0] == 0.0 and row[-1] > row[1] > 0.0
+
+
+def test_measured_scales_move_sparsity_off_the_layer_that_really_hurts():
+    levels = [0.0, 0.1, 0.2, 0.3, 0.4]
+    row = [0.0, 1.0, 3.0, 6.0, 10.0]   # each step costs more than the last
+    # Same estimate everywhere: a tie, so the plain search spreads the sparsity evenly.
+    assert greedy_allocation([row, row, row], levels, 0.2) == pytest.approx([0.2, 0.2, 0.2])
+    # The measurement says layer 0 costs 10x its estimate, layer 2 half of it.
+    scaled = scale_table([row, row, row], [scale_factor(10.0, 1.0), 1.0, scale_factor(1.0, 2.0)])
+    assert scaled[0] == pytest.approx([0.0, 10.0, 30.0, 60.0, 100.0])
+    assert greedy_allocation(scaled, levels, 0.2) == pytest.approx([0.0, 0.2, 0.4])
+    # No information (an estimate or a measurement at zero) leaves the row alone.
+    assert scale_factor(0.0, 3.0) == 1.0 and scale_factor(3.0, 0.0) == 1.0
+    with pytest.raises(ValueError, match="2 scales for 3 layers"):
+        scale_table([row, row, row], [1.0, 1.0])
+
+
+def test_measured_allocation_hits_target_and_losses_grow_with_sparsity(tiny):
+    model, calib, _ = tiny
+    before = [m.act_threshold for m in model.mlps]
+    calibrator = Calibrator(model, calib, error_windows=2, step=0.1, measure_windows=2)
+    assert calibrator.measure_windows == calib[-2:]
+    low = calibrator.measured_layer_losses({0: 0.2, 1: 0.2, 2: 0.2})
+    high = calibrator.measured_layer_losses({0: 0.8, 2: 0.8})
+    assert sorted(high) == [0, 2]
+    assert all(low[l] > 0 for l in low) and all(high[l] > low[l] for l in high)
+    assert [m.act_threshold for m in model.mlps] == before   # measuring leaves the model as it was
+    alloc = calibrator.allocate(0.4, "greedy")
+    assert sum(alloc) / len(alloc) == pytest.approx(0.4, abs=1e-9)
+    assert len(calibrator.layer_scales) == len(model.mlps) and all(s > 0 for s in calibrator.layer_scales)
+    sidecar = calibrate(model, calib, 0.4, "greedy", calibrator=calibrator)
+    assert sidecar.calibration["measure_windows"] == 2
+    assert sidecar.calibration["layer_targets"] == pytest.approx(alloc)
+    assert sidecar.mean_layer_sparsity == pytest.approx(0.4, abs=0.02)
+    plain = calibrate(model, calib, 0.4, "greedy", calibrator=calibrator, measure=False)
+    assert "measure_windows" not in plain.calibration
+    assert plain.calibration["layer_targets"] == greedy_allocation(calibrator.error_table(),
+                                                                   calibrator.levels, 0.4)
 
 
 def _sidecar(num_layers: int = 3, act: str = "silu") -> SparsityFile:
