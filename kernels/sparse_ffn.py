@@ -25,13 +25,8 @@ import torch
 from torch import Tensor
 
 from sparse_serve.kernels import cpu_native, dispatch, sparse_ffn_cpu
-from sparse_serve.kernels.sparse_ffn_ref import (
-    check_act,
-    dense_ffn,
-    group_counts_ref,
-    predict_active_ref,
-    prediction_groups,
-)
+from sparse_serve.kernels.activations import check_act
+from sparse_serve.kernels.sparse_ffn_ref import dense_ffn, group_counts_ref, predict_active_ref, prediction_groups
 
 logger = logging.getLogger(__name__)
 
