@@ -140,9 +140,18 @@ def test_sigterm_drains_streams_refuses_new_work_and_exits_0(tmp_path, tiny_mode
 
 
 def test_drain_cut_off_by_the_grace_period_is_not_clean(tiny_model_dir):
-    # max_num_seqs 1: four queued streams take seconds, far past a 0.3 s grace period
+    # max_num_seqs 1 and 50 ms a step: four queued 200-token streams take over 40 s, far past a
+    # 0.3 s grace period on any machine (unslowed, a quiet machine could finish them in time)
     config = small_config(**{"scheduler.max_num_seqs": 1, "server.shutdown_timeout_s": 0.3})
-    server = LiveServer(tiny_engine(config, tiny_model_dir), config).start()
+    engine = tiny_engine(config, tiny_model_dir)
+    step = engine.core.step
+
+    def slow_step():
+        time.sleep(0.05)
+        return step()
+
+    engine.core.step = slow_step
+    server = LiveServer(engine, config).start()
     streams = [Stream(server.url, i) for i in range(4)]
     try:
         for stream in streams:
