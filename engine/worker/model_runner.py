@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, field
-
 import torch
 
 from sparse_serve.engine.core.config import EngineConfig
@@ -17,22 +15,11 @@ from sparse_serve.engine.core.scheduler import SchedulerOutput
 from sparse_serve.engine.models.arch_config import ModelArchConfig
 from sparse_serve.engine.models.attention import AttentionMetadata
 from sparse_serve.engine.models.llama import CausalLM
+from sparse_serve.engine.worker.activity import RunnerOutput, read_activity
 from sparse_serve.engine.worker.huge_pages import huge_page_bytes, pack_on_huge_pages
 from sparse_serve.engine.worker.sampler import Sampler, make_generator
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class RunnerOutput:
-    sampled: dict[int, int]                                 # seq_id -> token id
-    logprobs: dict[int, tuple] = field(default_factory=dict)  # seq_id -> (logprob, [(id, logprob)])
-    num_active: dict[int, int] = field(default_factory=dict)  # seq_id -> active neurons (all layers)
-    computed_fraction: float = 0.0                          # union over the batch / all neurons
-    per_layer_active_fraction: list[float] = field(default_factory=list)
-    per_layer_computed_fraction: list[float] = field(default_factory=list)
-    predictor_recall: list[float] | None = None
-    predictor_precision: list[float] | None = None
 
 
 def kv_bytes_per_block(arch: ModelArchConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -157,7 +144,8 @@ class ModelRunner:
                 result.sampled[seq.seq_id] = token_id
                 if logprob is not None:
                     result.logprobs[seq.seq_id] = logprob
-        self._read_activity(activities, sample_items, rows, positions.shape[0], result)
+        read_activity(activities, [item.seq.seq_id for item in sample_items], rows, positions.shape[0],
+                      self.arch.intermediate_size, result)
         return result
 
     def _ban_early_stops(self, logits: torch.Tensor, seqs) -> None:
@@ -169,23 +157,3 @@ class ModelRunner:
                 banned = list(params.stop_token_ids) + ([] if params.ignore_eos else list(self.eos_token_ids))
                 if banned:
                     logits[row, banned] = float("-inf")
-
-    def _read_activity(self, activities, sample_items, rows, num_tokens: int, result: RunnerOutput) -> None:
-        """One host transfer for every layer's counts."""
-        counts = torch.stack([a.active_counts for a in activities])            # [L, T]
-        unions = torch.stack([a.union_count for a in activities])              # [L]
-        per_token_all = counts.sum(dim=0)                                       # [T]
-        inter = self.arch.intermediate_size
-        host = torch.cat([per_token_all.to(torch.float64), unions.to(torch.float64),
-                          counts.to(torch.float64).mean(dim=1)]).tolist()
-        per_token, union, layer_mean = host[:num_tokens], host[num_tokens:num_tokens + len(unions)], \
-            host[num_tokens + len(unions):]
-        for item, row in zip(sample_items, rows):
-            result.num_active[item.seq.seq_id] = int(per_token[row])
-        result.per_layer_active_fraction = [c / inter for c in layer_mean]
-        result.per_layer_computed_fraction = [u / inter for u in union]
-        result.computed_fraction = sum(union) / (inter * len(union))
-        if activities[0].shadow_recall is not None:
-            recall = torch.stack([a.shadow_recall for a in activities]).tolist()
-            precision = torch.stack([a.shadow_precision for a in activities]).tolist()
-            result.predictor_recall, result.predictor_precision = recall, precision
