@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--kv-cache-bytes", type=parse_bytes, help="KV cache budget on CPU, e.g. 2GiB")
     engine.add_argument("--block-size", type=int, help="tokens per KV block")
     engine.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    engine.add_argument("--enforce-eager", action="store_true",
+                        help="run decode steps eagerly (no CUDA graphs; GPU only)")
     engine.add_argument("--predictor-shadow-rate", type=parse_rate, metavar="FLOAT",
                         help="fraction of steps whose predictor is checked against the exact activation "
                              "(exported as predictor recall/precision; default 0 = off, e.g. 0.01)")
@@ -111,6 +113,7 @@ def config_overrides(args: argparse.Namespace, environ: dict[str, str] | None = 
         "cache.kv_cache_bytes": args.kv_cache_bytes,
         "cache.block_size": args.block_size,
         "cache.enable_prefix_caching": False if args.no_prefix_caching else None,
+        "model.enforce_eager": True if args.enforce_eager else None,
         "server.predictor_shadow_rate": args.predictor_shadow_rate,
         "server.host": args.host,
         "server.port": args.port,

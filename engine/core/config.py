@@ -40,6 +40,7 @@ class ModelConfig:
     sparse_kernels: bool = True             # False: always run the dense FFN
     dense_fallback_fraction: float | None = None  # active fraction above which dense wins
     chat_template: str | None = None        # path to a Jinja file overriding the tokenizer's
+    enforce_eager: bool = False             # True: no CUDA graphs for decode steps
     seed: int = 0
 
 

@@ -50,6 +50,7 @@ class LLMEngine:
         num_blocks = self.runner.profile_num_blocks()
         self.runner.allocate_kv_cache(num_blocks)
         config.cache.num_blocks = num_blocks
+        self.runner.init_decode_graphs(self.max_model_len)
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.eos_token_ids, self.max_model_len)
         self.requests: dict[str, RequestState] = {}

@@ -30,6 +30,9 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None   # [S, max_blocks] int32 (padded with 0)
     seq_lens_tensor: torch.Tensor | None = None  # [S] int32, on the model's device
     block_size: int = 16
+    # [T, 1] in the model's dtype: 1 for a real row, 0 for a CUDA-graph padding row (the model
+    # zeroes those rows' embeddings; engine/worker/decode_graphs.py); None: every row is real.
+    real_rows: torch.Tensor | None = None
     # Per-step caches shared by all layers (filled lazily, see the module docstring).
     _rope: tuple | None = field(default=None, repr=False)
     _decode_cache: dict = field(default_factory=dict, repr=False)

@@ -60,6 +60,8 @@ class CausalLM(nn.Module):
                 meta: AttentionMetadata) -> tuple[torch.Tensor, list[FFNActivity]]:
         """input_ids, positions: [T] -> (hidden [T, H], one FFNActivity per layer)."""
         x = self.model.embed_tokens(input_ids)                                  # [T, H]
+        if meta.real_rows is not None:   # padding rows stay exactly zero through every layer
+            x = x * meta.real_rows
         activities = []
         for layer in self.model.layers:
             x, activity = layer(x, positions, meta)

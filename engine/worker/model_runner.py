@@ -16,6 +16,8 @@ from sparse_serve.engine.models.arch_config import ModelArchConfig
 from sparse_serve.engine.models.attention import AttentionMetadata
 from sparse_serve.engine.models.llama import CausalLM
 from sparse_serve.engine.worker.activity import RunnerOutput, read_activity
+from sparse_serve.engine.worker.decode_graphs import DEFAULT_MAX_CAPTURE_LEN, DecodeGraphs, HostBatch, padding_is_silent
+from sparse_serve.engine.worker.host_staging import HostStaging
 from sparse_serve.engine.worker.huge_pages import huge_page_bytes, pack_on_huge_pages
 from sparse_serve.engine.worker.sampler import Sampler, make_generator
 
@@ -40,6 +42,8 @@ class ModelRunner:
         self.shadow_rate = config.server.predictor_shadow_rate
         self._shadow_rng = random.Random(config.model.seed)
         self.num_blocks = 0
+        self.staging = HostStaging(self.device)
+        self.decode_graphs: DecodeGraphs | None = None   # set by init_decode_graphs()
         # NOTE: fused q/k/v projections (views, no extra memory): one GEMM per layer per step.
         for layer in model.model.layers:
             layer.self_attn.fuse_qkv()
@@ -62,6 +66,10 @@ class ModelRunner:
         return max(budget // per_block, 1)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        """num_blocks for the block manager, plus one scratch block (id num_blocks) that only
+        CUDA-graph padding rows write."""
+        self.scratch_block = num_blocks
+        num_blocks += 1
         shape = (num_blocks, self.block_size, self.arch.num_kv_heads, self.arch.head_dim)
         layers = self.model.model.layers
         if self.device.type == "cpu":
@@ -75,7 +83,27 @@ class ModelRunner:
             for layer in layers:
                 layer.self_attn.kv_cache = (torch.zeros(shape, dtype=self.dtype, device=self.device),
                                             torch.zeros(shape, dtype=self.dtype, device=self.device))
-        self.num_blocks = num_blocks
+        self.num_blocks = num_blocks - 1
+
+    def init_decode_graphs(self, max_model_len: int, capture: bool | None = None) -> None:
+        """Decode buckets after the KV cache exists: CUDA graphs on a GPU unless
+        model.enforce_eager; `capture=False` runs the same buckets with direct calls (tests)."""
+        if capture is None:
+            if self.config.model.enforce_eager or self.device.type != "cuda":
+                # NOTE: on a CPU, padding a batch to a bucket would only add work.
+                logger.info("decode runs eagerly (%s)", "enforce_eager" if self.config.model.enforce_eager
+                            else "no CUDA device")
+                return
+            capture = True
+        if not padding_is_silent(self.model):
+            logger.warning("decode runs eagerly: a predictor threshold below 0 would predict neurons "
+                           "for CUDA-graph padding rows")
+            return
+        graphs = DecodeGraphs(self.model, self.config.scheduler.max_num_seqs,
+                              min(max_model_len, DEFAULT_MAX_CAPTURE_LEN), self.block_size,
+                              self.scratch_block, capture)
+        graphs.capture_all()
+        self.decode_graphs = graphs
 
     # ---- per-sequence state ---------------------------------------------------------------
     def release(self, seq_id: int) -> None:
@@ -89,53 +117,68 @@ class ModelRunner:
         return self.generators[seq.seq_id]
 
     # ---- one step -------------------------------------------------------------------------
-    def _prepare(self, out: SchedulerOutput):
-        input_ids, positions, slots, query_lens, seq_lens, tables = [], [], [], [], [], []
+    def _host_batch(self, out: SchedulerOutput) -> HostBatch:
+        batch = HostBatch([], [], [], [], [], [])
         bs = self.block_size
         for item in out.scheduled:
             seq, start = item.seq, item.seq.num_computed_tokens
             end = start + item.num_new_tokens
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
             table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            query_lens.append(item.num_new_tokens)
-            seq_lens.append(end)
-            tables.append(table)
-        width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
-        to = dict(device=self.device)
+            batch.token_ids.extend(seq.token_ids[start:end])
+            batch.positions.extend(range(start, end))
+            batch.slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            batch.query_lens.append(item.num_new_tokens)
+            batch.seq_lens.append(end)
+            batch.block_tables.append(table)
+        return batch
+
+    def _device_inputs(self, batch: HostBatch):
+        width = max(len(t) for t in batch.block_tables)
+        flat_tables = [b for t in batch.block_tables for b in t + [0] * (width - len(t))]
+        put = self.staging.to_device
         meta = AttentionMetadata(
-            query_lens=query_lens, seq_lens=seq_lens,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, **to),
-            block_tables=torch.tensor(padded, dtype=torch.int32, **to),
-            seq_lens_tensor=torch.tensor(seq_lens, dtype=torch.int32, **to),
-            block_size=bs)
-        return (torch.tensor(input_ids, dtype=torch.long, **to),
-                torch.tensor(positions, dtype=torch.long, **to), meta)
+            query_lens=batch.query_lens, seq_lens=batch.seq_lens,
+            slot_mapping=put("slots", batch.slots, torch.long),
+            block_tables=put("block_tables", flat_tables, torch.int32).view(len(batch.block_tables), width),
+            seq_lens_tensor=put("seq_lens", batch.seq_lens, torch.int32),
+            block_size=self.block_size)
+        return put("input_ids", batch.token_ids, torch.long), put("positions", batch.positions, torch.long), meta
 
-    @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        input_ids, positions, meta = self._prepare(out)
-        shadow = self.shadow_rate > 0 and self._shadow_rng.random() < self.shadow_rate
-        for mlp in self.model.mlps:
-            mlp.shadow_check = shadow
-        hidden, activities = self.model(input_ids, positions, meta)             # [T, H]
-
-        # Rows whose next token we sample: the last new token of each caught-up sequence.
+    @staticmethod
+    def _sample_rows(out: SchedulerOutput) -> tuple[list, list[int]]:
+        """The rows whose next token we sample: the last new token of each caught-up sequence."""
         sample_items, rows, row = [], [], -1
         for item in out.scheduled:
             row += item.num_new_tokens
             if item.samples:
                 sample_items.append(item)
                 rows.append(row)
-        result = RunnerOutput(sampled={})
-        if rows:
+        return sample_items, rows
+
+    def _use_graphs(self, batch: HostBatch, rows: list[int], shadow: bool) -> bool:
+        """Graphs run decode-only steps that sample every row (shadow steps run eagerly)."""
+        return (self.decode_graphs is not None and not shadow and len(rows) == len(batch.token_ids)
+                and all(q == 1 for q in batch.query_lens)
+                and self.decode_graphs.fits(len(rows), max(batch.seq_lens)))
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        batch = self._host_batch(out)
+        shadow = self.shadow_rate > 0 and self._shadow_rng.random() < self.shadow_rate
+        for mlp in self.model.mlps:
+            mlp.shadow_check = shadow
+        sample_items, rows = self._sample_rows(out)
+        if self._use_graphs(batch, rows, shadow):
+            logits, activities = self.decode_graphs.run(batch)                  # [S, V]
+        else:
+            hidden, activities = self.model(*self._device_inputs(batch))        # [T, H]
             if len(rows) == hidden.shape[0]:   # decode-only: every row samples, no gather
                 selected = hidden
             else:
-                selected = hidden[torch.tensor(rows, device=self.device)]
-            logits = self.model.compute_logits(selected)                        # [S, V]
+                selected = hidden[self.staging.to_device("sample_rows", rows, torch.long)]
+            logits = self.model.compute_logits(selected) if rows else None      # [S, V]
+        result = RunnerOutput(sampled={})
+        if rows:
             seqs = [item.seq for item in sample_items]
             self._ban_early_stops(logits, seqs)
             sampled = self.sampler(logits, [s.params for s in seqs], [s.prompt_token_ids for s in seqs],
@@ -144,7 +187,7 @@ class ModelRunner:
                 result.sampled[seq.seq_id] = token_id
                 if logprob is not None:
                     result.logprobs[seq.seq_id] = logprob
-        read_activity(activities, [item.seq.seq_id for item in sample_items], rows, positions.shape[0],
+        read_activity(activities, [item.seq.seq_id for item in sample_items], rows, len(batch.token_ids),
                       self.arch.intermediate_size, result)
         return result
 
