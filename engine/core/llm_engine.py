@@ -21,6 +21,8 @@ from sparse_serve.engine.core.request_state import RequestState, make_logprob
 from sparse_serve.engine.core.scheduler import Scheduler, SchedulerOutput
 from sparse_serve.engine.core.sequence import Sequence
 from sparse_serve.engine.core.sparsity import SparsityAccounting
+from sparse_serve.engine.models.arch_config import ModelArchConfig
+from sparse_serve.engine.models.llama import CausalLM
 from sparse_serve.engine.text.detokenizer import IncrementalDetokenizer
 from sparse_serve.engine.text.tokenizer import Tokenizer, load_eos_token_ids
 from sparse_serve.engine.worker.model_runner import ModelRunner, kv_bytes_per_block
@@ -35,10 +37,14 @@ class StepResult:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, model_path: str):
+    def __init__(self, config: EngineConfig, model_path: str,
+                 loaded: tuple[CausalLM, ModelArchConfig] | None = None):
+        """model_path: the checkpoint folder (its tokenizer too). `loaded`: a model built in
+        memory instead (bench/gpu_e2e.py's random full-size model); the folder then supplies
+        only the tokenizer."""
         self.config = config
         self.model_path = str(model_path)
-        self.model, self.arch = load_model(config.model, model_path)
+        self.model, self.arch = loaded if loaded is not None else load_model(config.model, model_path)
         self.tokenizer = Tokenizer.from_pretrained(self.model_path, config.model.chat_template)
         self.model_name = config.model.served_model_name or Path(self.model_path).name
         self.max_model_len = config.model.max_model_len or self.arch.max_position_embeddings

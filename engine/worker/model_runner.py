@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+
 import torch
 
 from sparse_serve.engine.core.config import EngineConfig
@@ -16,10 +17,13 @@ from sparse_serve.engine.models.arch_config import ModelArchConfig
 from sparse_serve.engine.models.attention import AttentionMetadata
 from sparse_serve.engine.models.llama import CausalLM
 from sparse_serve.engine.worker.activity import RunnerOutput, read_activity
-from sparse_serve.engine.worker.decode_graphs import DEFAULT_MAX_CAPTURE_LEN, DecodeGraphs, HostBatch, padding_is_silent
+from sparse_serve.engine.worker.decode_graphs import (DEFAULT_MAX_CAPTURE_LEN, DecodeGraphs, HostBatch,
+                                                      padding_is_silent)
 from sparse_serve.engine.worker.host_staging import HostStaging
 from sparse_serve.engine.worker.huge_pages import huge_page_bytes, pack_on_huge_pages
 from sparse_serve.engine.worker.sampler import Sampler, make_generator
+from sparse_serve.engine.worker.sampling_tensors import SamplingTensors
+from sparse_serve.engine.worker.token_counts import TokenCounts
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +48,9 @@ class ModelRunner:
         self.num_blocks = 0
         self.staging = HostStaging(self.device)
         self.decode_graphs: DecodeGraphs | None = None   # set by init_decode_graphs()
+        self.token_counts = TokenCounts(model.config.vocab_size, self.device)
+        self._sampling_key: tuple[int, ...] | None = None
+        self._sampling: SamplingTensors | None = None
         # NOTE: fused q/k/v projections (views, no extra memory): one GEMM per layer per step.
         for layer in model.model.layers:
             layer.self_attn.fuse_qkv()
@@ -108,6 +115,7 @@ class ModelRunner:
     # ---- per-sequence state ---------------------------------------------------------------
     def release(self, seq_id: int) -> None:
         self.generators.pop(seq_id, None)
+        self.token_counts.release(seq_id)
 
     def _generator(self, seq) -> torch.Generator | None:
         if seq.seq_id not in self.generators:
@@ -181,8 +189,14 @@ class ModelRunner:
         if rows:
             seqs = [item.seq for item in sample_items]
             self._ban_early_stops(logits, seqs)
+            tensors = self._sampling_tensors(seqs, logits.shape[1])
+            penalised = tensors.repetition is not None or tensors.frequency is not None \
+                or tensors.presence is not None
             sampled = self.sampler(logits, [s.params for s in seqs], [s.prompt_token_ids for s in seqs],
-                                   [s.output_token_ids for s in seqs], [self._generator(s) for s in seqs])
+                                   [s.output_token_ids for s in seqs], [self._generator(s) for s in seqs],
+                                   tensors=tensors, token_stats=self.token_counts.rows(seqs) if penalised else None)
+            if penalised:
+                self.token_counts.record(seqs, sampled.device_token_ids)
             for seq, token_id, logprob in zip(seqs, sampled.token_ids, sampled.logprobs):
                 result.sampled[seq.seq_id] = token_id
                 if logprob is not None:
@@ -190,6 +204,14 @@ class ModelRunner:
         read_activity(activities, [item.seq.seq_id for item in sample_items], rows, len(batch.token_ids),
                       self.arch.intermediate_size, result)
         return result
+
+    def _sampling_tensors(self, seqs, vocab_size: int) -> SamplingTensors:
+        """Rebuilt only when the batch (its ordered sequence ids) changes."""
+        key = tuple(seq.seq_id for seq in seqs)
+        if key != self._sampling_key:
+            self._sampling = SamplingTensors.build([seq.params for seq in seqs], vocab_size, self.device)
+            self._sampling_key = key
+        return self._sampling
 
     def _ban_early_stops(self, logits: torch.Tensor, seqs) -> None:
         """Below min_tokens, EOS and stop tokens cannot be sampled at all (as in vLLM), so the

@@ -4,9 +4,11 @@ Order of operations follows vLLM: logit_bias -> repetition penalty -> presence/f
 penalties -> logprobs (from these processed logits, before temperature) -> greedy argmax, or
 temperature -> top_k -> top_p -> min_p -> exponential-race sampling.
 
-Every step is vectorised over all rows: per-row parameters become [S, 1] tensors, and a row
-that does not use a transform gets its neutral value (penalty 1, top_k = V, top_p = 1,
-min_p = 0), so mixed batches need no Python loop over rows. The only per-row loop draws
+Every step is vectorised over all rows: per-row parameters are [S, 1] tensors
+(engine/worker/sampling_tensors.py, built once per batch composition by the runner), and a row
+that does not use a transform gets its neutral value, so mixed batches need no Python loop over
+rows. Penalties read token statistics the runner keeps on the device
+(engine/worker/token_counts.py); called without them, the sampler builds both from the request. The only per-row loop draws
 exponential noise from seeded rows' own generators, which is what makes a seeded row's token
 independent of the rest of the batch.
 """
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from sparse_serve.engine.core.sampling_params import SamplingParams
+from sparse_serve.engine.worker.sampling_tensors import SamplingTensors
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ class SamplerOutput:
     # per row: (logprob of the chosen token, top-k (token_id, logprob) sorted desc), or None
     # when that row's params.logprobs is None
     logprobs: list[TokenLogprobs | None]
+    device_token_ids: torch.Tensor | None = None  # [S] int64, where they were sampled
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
@@ -47,88 +51,72 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
     return generator
 
 
-def _flat_indices(rows: list[int], token_lists: list[list[int]],
+def history_stats(params: list[SamplingParams], prompt_token_ids: list[list[int]],
+                  output_token_ids: list[list[int]], vocab_size: int,
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row index, token id) pairs for every token of every listed row, as two int64 tensors."""
-    row_index: list[int] = []
-    token_index: list[int] = []
-    for row, tokens in zip(rows, token_lists):
-        row_index.extend([row] * len(tokens))
-        token_index.extend(tokens)
-    return (torch.tensor(row_index, dtype=torch.long, device=device),
-            torch.tensor(token_index, dtype=torch.long, device=device))
-
-
-def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> None:
-    """In place: logits[row, token] += bias for each row's logit_bias entries."""
-    rows = [i for i, p in enumerate(params) if p.logit_bias]
-    if not rows:
-        return
-    row_index: list[int] = []
-    token_index: list[int] = []
-    values: list[float] = []
+    """(seen [S, V] bool: token in prompt or output, counts [S, V] float32: output occurrences),
+    built from the histories. Rows without penalties stay zero. The engine keeps these on the
+    device instead (engine/worker/token_counts.py); this is the reference and the offline path."""
+    rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0
+            or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0]
+    seen = torch.zeros(len(params), vocab_size, dtype=torch.bool)
+    counts = torch.zeros(len(params), vocab_size, dtype=torch.float32)
     for i in rows:
-        for token_id, bias in params[i].logit_bias.items():
-            row_index.append(i)
-            token_index.append(int(token_id))
-            values.append(float(bias))
-    device = logits.device
-    logits.index_put_(
-        (torch.tensor(row_index, device=device), torch.tensor(token_index, device=device)),
-        torch.tensor(values, dtype=logits.dtype, device=device),
-        accumulate=True,
-    )
+        seen[i, torch.tensor(prompt_token_ids[i] + output_token_ids[i], dtype=torch.long)] = True
+        outputs = torch.tensor(output_token_ids[i], dtype=torch.long)
+        counts[i].index_put_((outputs,), torch.ones(len(outputs)), accumulate=True)
+    return seen.to(device), counts.to(device)
+
+
+def apply_logit_bias(logits: torch.Tensor, tensors: SamplingTensors) -> None:
+    """In place: logits[row, token] += bias for each row's logit_bias entries."""
+    if tensors.bias_index is not None:
+        logits.index_put_(tensors.bias_index, tensors.bias_values.to(logits.dtype), accumulate=True)
+
+
+def apply_penalties(logits: torch.Tensor, tensors: SamplingTensors, seen: torch.Tensor,
+                    counts: torch.Tensor) -> None:
+    """In place. Repetition (CTRL-style) on tokens in prompt or output: positive logits divided
+    by the penalty, negative ones multiplied by it. Then OpenAI's formula on generated tokens:
+    logit -= frequency_penalty * count + presence_penalty * (count > 0)."""
+    if tensors.repetition is not None:
+        penalty = tensors.repetition.to(logits.dtype)                              # [S, 1]
+        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+        torch.where(seen, penalised, logits, out=logits)
+    if tensors.frequency is not None or tensors.presence is not None:
+        counts = counts.to(logits.dtype)
+        if tensors.frequency is not None:
+            logits -= tensors.frequency * counts
+        if tensors.presence is not None:
+            logits -= tensors.presence * (counts > 0).to(logits.dtype)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, params: list[SamplingParams],
                              prompt_token_ids: list[list[int]],
                              output_token_ids: list[list[int]]) -> None:
-    """In place, CTRL-style: for tokens seen in prompt or output, positive logits are divided
-    by the penalty and negative ones multiplied by it."""
-    rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
-    if not rows:
-        return
-    num_rows, vocab_size = logits.shape
-    device = logits.device
-    seen_ids = [prompt_token_ids[i] + output_token_ids[i] for i in rows]
-    row_index, token_index = _flat_indices(rows, seen_ids, device)
-    seen = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device)   # [S, V]
-    seen[row_index, token_index] = True
-    penalty = torch.tensor([p.repetition_penalty for p in params],
-                           dtype=logits.dtype, device=device).unsqueeze(1)     # [S, 1]
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    torch.where(seen, penalised, logits, out=logits)
+    """In place, the repetition penalty alone, from the histories (see apply_penalties)."""
+    tensors = SamplingTensors.build(params, logits.shape[1], logits.device)
+    tensors.frequency = tensors.presence = None
+    seen, counts = history_stats(params, prompt_token_ids, output_token_ids, logits.shape[1], logits.device)
+    apply_penalties(logits, tensors, seen, counts)
 
 
 def apply_presence_frequency_penalties(logits: torch.Tensor, params: list[SamplingParams],
                                        output_token_ids: list[list[int]]) -> None:
-    """In place, OpenAI's formula on generated tokens only:
-    logit -= frequency_penalty * count + presence_penalty * (count > 0)."""
-    rows = [i for i, p in enumerate(params)
-            if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0]
-    if not rows:
-        return
-    num_rows, vocab_size = logits.shape
-    device = logits.device
-    row_index, token_index = _flat_indices(rows, [output_token_ids[i] for i in rows], device)
-    counts = torch.zeros(num_rows, vocab_size, dtype=logits.dtype, device=device)  # [S, V]
-    counts.index_put_((row_index, token_index),
-                      torch.ones_like(token_index, dtype=logits.dtype), accumulate=True)
-    frequency = torch.tensor([p.frequency_penalty for p in params],
-                             dtype=logits.dtype, device=device).unsqueeze(1)   # [S, 1]
-    presence = torch.tensor([p.presence_penalty for p in params],
-                            dtype=logits.dtype, device=device).unsqueeze(1)    # [S, 1]
-    logits -= frequency * counts + presence * (counts > 0).to(logits.dtype)
+    """In place, presence and frequency penalties alone, from the histories."""
+    tensors = SamplingTensors.build(params, logits.shape[1], logits.device)
+    tensors.repetition = None
+    seen, counts = history_stats(params, [[] for _ in params], output_token_ids, logits.shape[1], logits.device)
+    apply_penalties(logits, tensors, seen, counts)
 
 
-def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+def _top_k_top_p(logits: torch.Tensor, tensors: SamplingTensors) -> torch.Tensor:
     """Masks (to -inf) tokens outside each row's top_k, then outside its top_p nucleus of the
     renormalised remainder. top_k <= 0 and top_p == 1 mean off for that row."""
     num_rows, vocab_size = logits.shape
-    device = logits.device
-    k_list = [kk if 0 < kk < vocab_size else vocab_size for kk in top_k]
-    k = torch.tensor(k_list, dtype=torch.long, device=device).unsqueeze(1)     # [R, 1]
-    use_top_p = any(p < 1.0 for p in top_p)
+    k_list = [kk if 0 < kk < vocab_size else vocab_size for kk in tensors.top_k]
+    k = tensors.k                                                               # [R, 1]
+    use_top_p = any(p < 1.0 for p in tensors.top_p)
     max_k = max(k_list)
     if not use_top_p:
         # NOTE: without top_p a partial topk is enough: the k-th largest logit is the cutoff
@@ -147,35 +135,25 @@ def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
         sorted_logits, sorted_ids = logits.topk(max_k, dim=-1)                 # [R, K]
     else:
         sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)       # [R, V]
-    positions = torch.arange(sorted_logits.shape[1], device=device).unsqueeze(0)
+    positions = torch.arange(sorted_logits.shape[1], device=logits.device).unsqueeze(0)
     sorted_logits = sorted_logits.masked_fill(positions >= k, float("-inf"))
     sorted_probs = sorted_logits.softmax(dim=-1)
-    # NOTE: rows with top_p off get an infinite p: cumsum rounding can push the running mass
-    # past 1.0 in the far tail, which must not mask anything for them.
-    p = torch.tensor([pp if pp < 1.0 else float("inf") for pp in top_p],
-                     dtype=logits.dtype, device=device).unsqueeze(1)           # [R, 1]
     # A token is kept when the mass strictly before it is below p; the first always is.
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    sorted_logits = sorted_logits.masked_fill(mass_before >= p, float("-inf"))
+    sorted_logits = sorted_logits.masked_fill(mass_before >= tensors.p.to(logits.dtype), float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(1, sorted_ids, sorted_logits)
 
 
-def _sample_rows(logits: torch.Tensor, params: list[SamplingParams],
+def _sample_rows(logits: torch.Tensor, tensors: SamplingTensors,
                  generators: list[torch.Generator | None]) -> torch.Tensor:
     """Samples one token per row of `logits` [R, V]; returns int64 ids [R] (no host sync)."""
     device = logits.device
-    temperature = torch.tensor([p.temperature for p in params],
-                               dtype=logits.dtype, device=device).unsqueeze(1)  # [R, 1]
-    logits = logits / temperature
-    top_k = [p.top_k for p in params]
-    top_p = [p.top_p for p in params]
-    if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
-        logits = _top_k_top_p(logits, top_k, top_p)
+    logits = logits / tensors.temperature.to(logits.dtype)
+    if any(k > 0 for k in tensors.top_k) or any(p < 1.0 for p in tensors.top_p):
+        logits = _top_k_top_p(logits, tensors)
     probs = logits.softmax(dim=-1)                                              # [R, V]
-    if any(p.min_p > 0.0 for p in params):
-        min_p = torch.tensor([p.min_p for p in params],
-                             dtype=probs.dtype, device=device).unsqueeze(1)     # [R, 1]
-        threshold = min_p * probs.amax(dim=-1, keepdim=True)
+    if tensors.min_p is not None:
+        threshold = tensors.min_p.to(probs.dtype) * probs.amax(dim=-1, keepdim=True)
         probs = probs.masked_fill(probs < threshold, 0.0)
     # Exponential race (gpt-fast): argmax(p_i / E_i) with E_i ~ Exp(1) is a draw from p
     # (renormalisation is unnecessary), and it needs no host sync, unlike torch.multinomial.
@@ -195,43 +173,48 @@ def _sample_rows(logits: torch.Tensor, params: list[SamplingParams],
 
 
 class Sampler:
-    """Stateless; per-sequence state (generators, token histories) is passed in each call."""
+    """Stateless; per-sequence state (generators, token statistics) is passed in each call."""
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  prompt_token_ids: list[list[int]], output_token_ids: list[list[int]],
-                 generators: list[torch.Generator | None]) -> SamplerOutput:
-        num_rows = logits.shape[0]
+                 generators: list[torch.Generator | None], *, tensors: SamplingTensors | None = None,
+                 token_stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> SamplerOutput:
+        """tensors: this batch's SamplingTensors (built here when None); token_stats: (seen,
+        counts) kept on the device by the engine (built from the histories when None)."""
+        num_rows, vocab_size = logits.shape
         assert logits.dim() == 2, f"logits must be [S, V], got {tuple(logits.shape)}"
         assert len(params) == len(prompt_token_ids) == len(output_token_ids) \
             == len(generators) == num_rows, "one params/prompt/output/generator per row"
         # NOTE: always work on a float32 copy: the transforms below run in place and the
         # caller's logits (possibly a view of the model's output buffer) must stay untouched.
         logits = logits.to(dtype=torch.float32, copy=True)                      # [S, V]
+        if tensors is None:
+            tensors = SamplingTensors.build(params, vocab_size, logits.device)
 
-        apply_logit_bias(logits, params)
-        apply_repetition_penalty(logits, params, prompt_token_ids, output_token_ids)
-        apply_presence_frequency_penalties(logits, params, output_token_ids)
+        apply_logit_bias(logits, tensors)
+        if tensors.repetition is not None or tensors.frequency is not None or tensors.presence is not None:
+            seen, counts = token_stats if token_stats is not None else history_stats(
+                params, prompt_token_ids, output_token_ids, vocab_size, logits.device)
+            apply_penalties(logits, tensors, seen, counts)
 
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         logprobs = logits[logprob_rows].log_softmax(dim=-1) if logprob_rows else None
 
-        token_ids = torch.empty(num_rows, dtype=torch.long, device=logits.device)  # [S]
-        greedy_rows = [i for i, p in enumerate(params) if p.greedy]
-        sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
+        greedy_rows, sampled_rows = tensors.greedy_rows, tensors.sampled_rows
         if len(greedy_rows) == num_rows:
             token_ids = logits.argmax(dim=-1)
         elif len(sampled_rows) == num_rows:
-            token_ids = _sample_rows(logits, params, generators)
+            token_ids = _sample_rows(logits, tensors, generators)
         else:
-            greedy_index = torch.tensor(greedy_rows, device=logits.device)
-            sampled_index = torch.tensor(sampled_rows, device=logits.device)
+            token_ids = torch.empty(num_rows, dtype=torch.long, device=logits.device)  # [S]
+            greedy_index, sampled_index = tensors.greedy_index, tensors.sampled_index
             token_ids[greedy_index] = logits[greedy_index].argmax(dim=-1)
             token_ids[sampled_index] = _sample_rows(
-                logits[sampled_index], [params[i] for i in sampled_rows],
+                logits[sampled_index], tensors.rows(sampled_rows, sampled_index),
                 [generators[i] for i in sampled_rows])
 
         return SamplerOutput(
-            token_ids=token_ids.tolist(),
+            token_ids=token_ids.tolist(), device_token_ids=token_ids,
             logprobs=self._gather_logprobs(logprobs, logprob_rows, token_ids, params, num_rows),
         )
 

@@ -72,3 +72,19 @@ def test_negative_predictor_threshold_decodes_eagerly(tmp_path):
     llm = LLM(str(path), **{"model.predictor_threshold": -0.5})
     llm.engine.runner.init_decode_graphs(llm.engine.max_model_len, capture=False)
     assert llm.engine.runner.decode_graphs is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_captured_graphs_give_the_eager_tokens_on_cuda(tmp_path):
+    path = make_tiny_checkpoint(tmp_path / "m", "drelu", num_layers=2, predictor_rank=16)
+    common = {"model.device": "cuda", "model.dtype": "float32", "scheduler.max_num_seqs": 7,
+              "model.predictor_threshold": 0.05}
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 290, (5 + 3 * i,), generator=gen).tolist() for i in range(7)]
+    params = [SamplingParams(max_tokens=2 + 2 * i, temperature=0.0, ignore_eos=True) for i in range(7)]
+    graphs = LLM(str(path), **common)
+    assert graphs.engine.runner.decode_graphs is not None and graphs.engine.runner.decode_graphs.capture
+    eager = LLM(str(path), **common, **{"model.enforce_eager": True})
+    assert eager.engine.runner.decode_graphs is None
+    for a, b in zip(eager.generate(prompts, params), graphs.generate(prompts, params)):
+        assert a.completions[0].token_ids == b.completions[0].token_ids
