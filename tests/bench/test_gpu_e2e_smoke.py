@@ -1,0 +1,20 @@
+"""bench/gpu_e2e.py in its CPU smoke mode (tiny shape), so the GPU benchmark cannot rot between
+the runs a lent device allows. Checks the table's bookkeeping, not speed."""
+from __future__ import annotations
+
+from sparse_serve.bench import gpu_e2e
+
+
+def test_smoke_run_fills_every_row(tmp_path, capsys):
+    out = tmp_path / "e2e.md"
+    assert gpu_e2e.main(["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--batches", "1", "3",
+                         "--prompt-len", "12", "--gen-len", "6", "--out", str(out)]) == 0
+    text = out.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
+    assert [r.split("|")[1].strip() for r in rows] == ["sparse"] * 2 + ["eager"] * 2 + ["dense"] * 2 + ["transformers"] * 2
+    for row in rows:
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert float(cells[2]) > 0 and float(cells[4]) > 0                  # step ms, byte floor
+    dense_active = [float(r.split("|")[8]) for r in rows if "| dense |" in r]
+    sparse_active = [float(r.split("|")[8]) for r in rows if "| sparse |" in r]
+    assert max(sparse_active) < min(dense_active)                          # the predictor cut neurons
