@@ -1,4 +1,5 @@
-"""Builds and calls the small native CPU sparse-FFN kernel (kernels/csrc/sparse_ffn_cpu.cpp).
+"""Builds and loads the small native CPU kernels: the sparse FFN (kernels/csrc/sparse_ffn_cpu.cpp)
+and the paged-attention decode (kernels/csrc/paged_attention_cpu.cpp), one shared library.
 
 NOTE: a plain shared library loaded with ctypes, not a torch C++ extension: it includes no torch
 headers, so it compiles in a few seconds with the system g++ on first use (which `make test`
@@ -24,7 +25,7 @@ from sparse_serve.kernels.cache import cache_root
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "csrc" / "sparse_ffn_cpu.cpp"
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("sparse_ffn_cpu.cpp", "paged_attention_cpu.cpp")]
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -38,7 +39,8 @@ def _cache_dir() -> Path:
 def _library_path() -> Path:
     # The key covers the source, the flags and the host CPU (-march=native output is host-specific).
     key = hashlib.sha256()
-    key.update(_SOURCE.read_bytes())
+    for source in _SOURCES:
+        key.update(source.read_bytes())
     key.update(" ".join(_FLAGS).encode())
     key.update(platform.machine().encode())
     try:
@@ -58,7 +60,7 @@ def _build(target: Path) -> None:
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
         tmp_path = Path(tmp.name)
     try:
-        cmd = [compiler, *_FLAGS, str(_SOURCE), "-o", str(tmp_path)]
+        cmd = [compiler, *_FLAGS, *map(str, _SOURCES), "-o", str(tmp_path)]
         logger.info("building native sparse FFN kernel: %s", " ".join(cmd))
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
@@ -79,6 +81,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sparse_ffn_cpu.restype = c_int
     lib.linear_cpu.argtypes = [p, p, p, i64, i64, i64, c_int, c_int]
     lib.linear_cpu.restype = c_int
+    lib.paged_attention_decode_cpu.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, c_float, i64,
+                                               c_int]
+    lib.paged_attention_decode_cpu.restype = c_int
     lib.sparse_ffn_cpu_max_batch.argtypes = []
     lib.sparse_ffn_cpu_max_batch.restype = c_int
 

@@ -1,15 +1,16 @@
 """Paged-attention decode: one query token per sequence, K/V read through the block table.
 
 Dispatch: CUDA tensors -> the Triton kernel (kernels/paged_attention_triton.py, imported lazily
-so CPU-only processes never import Triton); CPU -> the batched torch reference
-(kernels/paged_attention_ref.py), which is the CPU path.
+so CPU-only processes never import Triton); CPU -> the native kernel that reads K/V in place
+(kernels/paged_attention_cpu.py), or the batched torch reference (kernels/paged_attention_ref.py)
+where it cannot be built or the dtype is not float32/bfloat16.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from sparse_serve.kernels import dispatch
+from sparse_serve.kernels import dispatch, paged_attention_cpu
 from sparse_serve.kernels.paged_attention_ref import paged_attention_decode_ref
 
 
@@ -27,5 +28,8 @@ def paged_attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
         return paged_attention_triton.paged_attention_decode_triton(
             q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window,
             max_context_len)
+    if paged_attention_cpu.native_supported(q, k_cache, v_cache):
+        return paged_attention_cpu.paged_attention_decode_native(q, k_cache, v_cache, block_tables, context_lens,
+                                                                 scale, sliding_window)
     return paged_attention_decode_ref(q, k_cache, v_cache, block_tables, context_lens, scale,
                                       sliding_window)

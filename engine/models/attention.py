@@ -3,7 +3,8 @@
 The model runner builds one `AttentionMetadata` per step and the layers read only that: they
 never see request objects. With no cache attached (`kv_cache is None`) each sequence attends to
 its own new tokens only: that is how parity tests and perplexity evaluation run full sequences.
-On CUDA, batches of single-token decodes go through the Triton paged-decode kernel.
+Batches of single-token decodes go through the paged-decode kernels: Triton on CUDA, the native
+kernel on the CPU (both read K/V in place through the block table).
 
 Per-step work that does not depend on the layer (rotary cos/sin for the step's positions, the
 decode gather index and padding mask) is built by the first layer that needs it and cached on
@@ -19,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_serve.engine.models.layers import RotaryEmbedding
-from sparse_serve.kernels import dispatch
+from sparse_serve.kernels import dispatch, paged_attention_cpu
+from sparse_serve.kernels.paged_attention import paged_attention_decode
 
 
 @dataclass
@@ -207,8 +209,9 @@ class Attention(nn.Module):
 
     def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         """One query per sequence: gather every sequence's context at once, one SDPA call."""
-        if dispatch.runs_triton(q):
-            from sparse_serve.kernels.paged_attention import paged_attention_decode
+        # NOTE: CUDA -> Triton; CPU -> the native kernel reading K/V in place where it built
+        # (float32/bfloat16); the gather below is the fallback.
+        if dispatch.runs_triton(q) or paged_attention_cpu.native_supported(q, k_cache, v_cache):
             return paged_attention_decode(q, k_cache, v_cache, meta.block_tables,
                                           meta.seq_lens_tensor, self.scale, self.sliding_window)
         slots, mask = meta.decode_context(self.sliding_window)                  # [S, K]

@@ -1,0 +1,139 @@
+// Paged-attention decode for the CPU, reading K/V in place through the block table.
+//
+// One query token per sequence. Task (s, kv_head): the G = Hq / Hkv query heads that share the KV
+// head score every K row of the sequence's context (each read once, straight from the cache block
+// that holds it: no gathered copy of the context, which the torch path writes every step before
+// reading it), take the softmax per head in fp32, then weight every V row (read once) into the
+// G outputs.
+// Positions p with ctx - window <= p < ctx are attended (window <= 0: no window).
+//
+// Built with the other native kernels by kernels/cpu_native.py (g++ -O3 -march=native -fopenmp);
+// the inner loops over the head dimension are left to the compiler's auto-vectorisation.
+// NOTE: fast-math for this file only: it lets the compiler vectorise the softmax exp and the
+// reductions (5x here); every position it sums is finite (no masked -inf scores are formed).
+#pragma GCC optimize("fast-math")
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#include <omp.h>
+
+namespace {
+
+inline void bf16_store(uint16_t* dst, float f) {
+  // round to nearest even, as torch does
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x7fffffu)) {
+    *dst = static_cast<uint16_t>((bits >> 16) | 0x40);   // NaN stays NaN
+    return;
+  }
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  *dst = static_cast<uint16_t>(bits >> 16);
+}
+
+template <typename T> inline void to_f32(const T* src, float* dst, int64_t n);
+template <> inline void to_f32<float>(const float* src, float* dst, int64_t n) {
+  std::memcpy(dst, src, n * sizeof(float));
+}
+template <> inline void to_f32<uint16_t>(const uint16_t* src, float* dst, int64_t n) {
+  // bf16 is the top half of an fp32: widen and shift (a loop the compiler vectorises)
+  uint32_t* bits = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) bits[i] = static_cast<uint32_t>(src[i]) << 16;
+}
+
+template <typename T> inline void from_f32(const float* src, T* dst, int64_t n);
+template <> inline void from_f32<float>(const float* src, float* dst, int64_t n) {
+  std::memcpy(dst, src, n * sizeof(float));
+}
+template <> inline void from_f32<uint16_t>(const float* src, uint16_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) bf16_store(dst + i, src[i]);
+}
+
+// 8 independent partial sums: the compiler turns the inner loop into one vector FMA (a single
+// running sum is a dependency chain it may not reorder without -ffast-math).
+inline float dot(const float* a, const float* b, int64_t n) {
+  float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8)
+    for (int j = 0; j < 8; ++j) lanes[j] += a[d + j] * b[d + j];
+  float sum = 0.0f;
+  for (int j = 0; j < 8; ++j) sum += lanes[j];
+  for (; d < n; ++d) sum += a[d] * b[d];
+  return sum;
+}
+
+template <typename T>
+void decode(const T* q, const T* k_cache, const T* v_cache, const int32_t* tables, const int32_t* lens,
+            T* out, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, int64_t block_size, int64_t max_blocks,
+            float scale, int64_t window) {
+  const int64_t G = Hq / Hkv;
+#pragma omp parallel
+  {
+    std::vector<float> qf(G * D), acc(G * D), row(D), scores;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < S * Hkv; ++task) {
+      const int64_t s = task / Hkv, h = task % Hkv;
+      const int64_t ctx = lens[s];
+      const int64_t start = window > 0 && ctx > window ? ctx - window : 0;
+      const int64_t n = ctx - start;
+      const int32_t* table = tables + s * max_blocks;
+      auto offset = [&](int64_t p) {   // element offset of position p's row for KV head h
+        return ((static_cast<int64_t>(table[p / block_size]) * block_size + p % block_size) * Hkv + h) * D;
+      };
+      to_f32<T>(q + (s * Hq + h * G) * D, qf.data(), G * D);
+      // pass 1: every K row once, scored against the G query heads
+      scores.resize(G * n);
+      for (int64_t p = 0; p < n; ++p) {
+        to_f32<T>(k_cache + offset(start + p), row.data(), D);
+        for (int64_t g = 0; g < G; ++g) scores[g * n + p] = dot(qf.data() + g * D, row.data(), D) * scale;
+      }
+      // pass 2: softmax per query head (fp32)
+      for (int64_t g = 0; g < G; ++g) {
+        float* sg = scores.data() + g * n;
+        float mx = -INFINITY, sum = 0.0f;
+        for (int64_t p = 0; p < n; ++p) mx = sg[p] > mx ? sg[p] : mx;
+        for (int64_t p = 0; p < n; ++p) { sg[p] = std::exp(sg[p] - mx); sum += sg[p]; }
+        const float inv = 1.0f / sum;
+        for (int64_t p = 0; p < n; ++p) sg[p] *= inv;
+      }
+      // pass 3: every V row once, weighted into the G outputs
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t p = 0; p < n; ++p) {
+        to_f32<T>(v_cache + offset(start + p), row.data(), D);
+        for (int64_t g = 0; g < G; ++g) {
+          const float w = scores[g * n + p];
+          float* ag = acc.data() + g * D;
+          for (int64_t d = 0; d < D; ++d) ag[d] += w * row[d];
+        }
+      }
+      from_f32<T>(acc.data(), out + (s * Hq + h * G) * D, G * D);
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// dtype: 0 float32, 1 bfloat16. Returns 0, or -1 for an unsupported dtype.
+int paged_attention_decode_cpu(const void* q, const void* k_cache, const void* v_cache, const int32_t* tables,
+                               const int32_t* lens, void* out, int64_t S, int64_t Hq, int64_t Hkv, int64_t D,
+                               int64_t block_size, int64_t max_blocks, float scale, int64_t window, int dtype) {
+  if (dtype == 0) {
+    decode<float>(static_cast<const float*>(q), static_cast<const float*>(k_cache),
+                  static_cast<const float*>(v_cache), tables, lens, static_cast<float*>(out), S, Hq, Hkv, D,
+                  block_size, max_blocks, scale, window);
+    return 0;
+  }
+  if (dtype == 1) {
+    decode<uint16_t>(static_cast<const uint16_t*>(q), static_cast<const uint16_t*>(k_cache),
+                     static_cast<const uint16_t*>(v_cache), tables, lens, static_cast<uint16_t*>(out), S, Hq,
+                     Hkv, D, block_size, max_blocks, scale, window);
+    return 0;
+  }
+  return -1;
+}
+
+}  // extern "C"
