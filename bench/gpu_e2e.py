@@ -151,7 +151,8 @@ def floor_ms(ctx: Context, batch: int, ffn_fraction: float, with_predictor: bool
     """Bytes one decode step must read / copy bandwidth."""
     arch, elem = ctx.arch, ctx.dtype.itemsize
     h, inter, layers = arch.hidden_size, arch.intermediate_size, arch.num_layers
-    attn = layers * h * (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim + layers * arch.num_heads * arch.head_dim * h
+    qkv = (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim * h
+    attn = layers * (qkv + arch.num_heads * arch.head_dim * h)
     ffn = layers * 3 * h * inter * ffn_fraction
     predictor = layers * arch.predictor_rank * (h + inter) if with_predictor else 0
     head = arch.vocab_size * h + batch * h                           # lm_head + the batch's embedding rows
@@ -261,7 +262,8 @@ def run_transformers(ctx: Context) -> None:
     deadline = time.perf_counter() + args.transformers_budget_s
     for batch in args.batches:
         if time.perf_counter() > deadline:
-            ctx.rows.append(Row("transformers", batch, note=f"skipped: over the {args.transformers_budget_s:.0f} s budget"))
+            note = f"skipped: over the {args.transformers_budget_s:.0f} s budget"
+            ctx.rows.append(Row("transformers", batch, note=note))
             continue
         ids = torch.randint(3, arch.vocab_size, (batch, args.prompt_len), generator=gen).to(ctx.device)
         timed(ids, args.gen_len)                                     # compiles for this batch size
@@ -271,13 +273,12 @@ def run_transformers(ctx: Context) -> None:
         row.note = "static cache, compiled" if ctx.device.type == "cuda" else "static cache"
         ctx.rows.append(row)
         logger.info("transformers batch %d: %.2f ms/step", batch, row.step_ms)
-    del hf
 
 
 def table(ctx: Context) -> str:
     dense = {r.batch: r.step_ms for r in ctx.rows if r.variant == "dense"}
-    lines = ["| variant | batch | decode ms/step | tok/s | byte floor ms | x floor | vs dense | active | computed | note |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | batch | decode ms/step | tok/s | byte floor ms | x floor | vs dense | active | computed "
+             "| note |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in ctx.rows:
         vs = dense.get(r.batch, math.nan) / r.step_ms
         lines.append(f"| {r.variant} | {r.batch} | {r.step_ms:.2f} | {r.tok_s:.0f} | {r.floor_ms:.2f} | "

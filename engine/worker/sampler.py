@@ -8,9 +8,9 @@ Every step is vectorised over all rows: per-row parameters are [S, 1] tensors
 (engine/worker/sampling_tensors.py, built once per batch composition by the runner), and a row
 that does not use a transform gets its neutral value, so mixed batches need no Python loop over
 rows. Penalties read token statistics the runner keeps on the device
-(engine/worker/token_counts.py); called without them, the sampler builds both from the request. The only per-row loop draws
-exponential noise from seeded rows' own generators, which is what makes a seeded row's token
-independent of the rest of the batch.
+(engine/worker/token_counts.py); called without them, the sampler builds both from the request.
+The only per-row loop draws exponential noise from seeded rows' own generators, which is what
+makes a seeded row's token independent of the rest of the batch.
 """
 from __future__ import annotations
 

@@ -73,7 +73,8 @@ class SamplingTensors:
     def rows(self, index: list[int], index_tensor: torch.Tensor) -> "SamplingTensors":
         """The tensors of a subset of rows (the sampled rows of a mixed batch); no bias or penalty
         fields (those are applied to the whole batch before the split)."""
-        pick = (lambda t: None if t is None else t[index_tensor])
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[index_tensor]
         return SamplingTensors(
             temperature=self.temperature[index_tensor], top_k=[self.top_k[i] for i in index],
             top_p=[self.top_p[i] for i in index], k=self.k[index_tensor], p=self.p[index_tensor],

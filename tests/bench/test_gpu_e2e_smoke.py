@@ -11,7 +11,8 @@ def test_smoke_run_fills_every_row(tmp_path, capsys):
                          "--prompt-len", "12", "--gen-len", "6", "--out", str(out)]) == 0
     text = out.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
-    assert [r.split("|")[1].strip() for r in rows] == ["sparse"] * 2 + ["eager"] * 2 + ["dense"] * 2 + ["transformers"] * 2
+    variants = [r.split("|")[1].strip() for r in rows]
+    assert variants == ["sparse"] * 2 + ["eager"] * 2 + ["dense"] * 2 + ["transformers"] * 2
     for row in rows:
         cells = [c.strip() for c in row.split("|")[1:-1]]
         assert float(cells[2]) > 0 and float(cells[4]) > 0                  # step ms, byte floor
