@@ -66,3 +66,41 @@ test-latest:
 
 clean:
 	rm -rf $(VENV) $(VENV)-lock $(VENV)-latest .pytest_cache
+
+# ---- Deployment checks (docker/, docs/DEPLOY.md) ----------------------------------------------
+# NOTE: the manifest validators (checkov, kubernetes-validate, the KEDA / Prometheus Operator CRD
+# models) live in a venv of their own, locked in requirements.deploy.lock: checkov alone pins
+# dozens of libraries (boto3, pydantic, networkx...) that must not move the serving or test
+# locks, and the tests only run these tools as subprocesses. Under .cache/, which git ignores.
+DEPLOY_VENV ?= .cache/venv-deploy
+DEPLOY_LOCK := requirements.deploy.lock
+DEPLOY_STAMP := $(DEPLOY_VENV)/.installed
+DEPLOY_TOOLS := checkov kubernetes-validate cloudcoil-models-keda cloudcoil-models-prometheus-operator
+
+.PHONY: install-deploy test-deploy test-docker lock-deploy
+
+$(DEPLOY_STAMP): $(DEPLOY_LOCK)
+	rm -rf $(DEPLOY_VENV)
+	$(PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/python -m pip install --quiet --no-deps -r $(DEPLOY_LOCK)
+	touch $(DEPLOY_STAMP)
+
+install-deploy: $(DEPLOY_STAMP)
+
+# tests/deploy alone (make test runs them too, skipping the validators' tests without this venv).
+test-deploy: $(STAMP) $(DEPLOY_STAMP)
+	SPARSE_SERVE_DEPLOY_VENV=$(DEPLOY_VENV) $(RUN) -m pytest -q tests/deploy $(ARGS)
+
+# Builds docker/Dockerfile.cpu with podman and smoke-tests the image (docker/ci/test_image.sh).
+test-docker:
+	bash docker/ci/test_image.sh
+
+# The newest releases of the deploy tools, locked anew (every distribution, exact versions).
+lock-deploy:
+	rm -rf $(DEPLOY_VENV)-lock
+	$(PYTHON) -m venv $(DEPLOY_VENV)-lock
+	$(DEPLOY_VENV)-lock/bin/python -m pip install --quiet $(DEPLOY_TOOLS)
+	{ echo "# Exact versions for the deployment checks (tests/deploy), in their own venv. Regenerate: make lock-deploy"; \
+	  echo "# $$(date -u +%F), Python $$($(DEPLOY_VENV)-lock/bin/python -c 'import platform; print(platform.python_version())')"; \
+	  $(DEPLOY_VENV)-lock/bin/python -m pip freeze --all | LC_ALL=C sort -f; } > $(DEPLOY_LOCK)
+	rm -rf $(DEPLOY_VENV)-lock
