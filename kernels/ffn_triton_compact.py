@@ -42,6 +42,8 @@ is loaded, not recomputed), then down and reduce as above.
 Semantics are kernels/sparse_ffn_ref.py's; the up row of a predicted neuron is read even where
 its gate comes out zero (one pass over H keeps both rows' loads in flight together; the result
 is the same).
+Rows read: the listed neurons' (COUNT of them) gate, up and down rows; in exact mode every gate
+row (the dense pass) and the listed (alive) neurons' up and down rows.
 """
 
 from __future__ import annotations
@@ -448,13 +450,15 @@ _COMPACT_MAX_BLOCK = 16384
 def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_code: int,
                 threshold: float, predicted: Tensor | None, dot_fp32: bool,
                 config: CompactConfig | None = None,
-                group_counts: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                group_counts: Tensor | None = None,
+                rows_read: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """x [T, H] contiguous; w_* [I, H] contiguous, one dtype; predicted [T, I] bool contiguous,
     or None for exact mode below DOT_MIN_ROWS rows (a dense pass over the gate rows finds the
     alive neurons first; more rows run the masked kernels, kernels/sparse_ffn_triton.py).
     group_counts: the predictor's per-group counts of `predicted` (sparse_ffn_ref.
     check_group_counts); given, the gate/up programs find their neurons from them and the
-    compaction launch is skipped.
+    compaction launch is skipped. rows_read (int64 [3], optional): receives the (gate, up,
+    down) rows read, from COUNT on the device.
 
     Returns (out [T, H] in x.dtype, active [T, I] bool). Validation is the caller's
     (kernels/sparse_ffn_triton.py).
@@ -521,6 +525,10 @@ def ffn_compact(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_c
         num_warps=config.down_warps, num_stages=config.down_stages)
     if not fused:
         reduce_partials(partial, out)
+    if rows_read is not None:
+        rows_read.copy_(count.expand(3))                # the listed neurons' three rows
+        if gate is not None:                            # exact mode: the dense gate pass
+            rows_read[0].fill_(I)
     return out, active.view(torch.bool)
 
 

@@ -15,6 +15,12 @@ Semantics (kernels/sparse_ffn_ref.py is the definition):
     fatrelu: h = where(g > thr, g, 0) * u
     predicted given: h = where(predicted, h, 0)   (unpredicted neurons are never read)
     active = h != 0 ; out = h @ w_down_t
+
+Rows read: given `rows_read` (int64 [3] on x's device), the path that ran writes into it the
+gate, up and down rows it read (`hidden` parameters each), on the device, without a host sync:
+dense fallback all I of each; predicted mode at least the predicted union's gate rows; exact
+mode every gate row; up and down rows only where the path's own test let them through. Which
+rows each path reads, and why a prefetch counts: docs/SPARSITY.md#rows-read-by-each-path.
 """
 
 from __future__ import annotations
@@ -78,7 +84,8 @@ def _check_inputs(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
 def sparse_ffn(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act: str,
                threshold: float = 0.0, predicted: Tensor | None = None,
                dense_fallback_fraction: float | None = None,
-               predicted_group_counts: Tensor | None = None) -> tuple[Tensor, Tensor]:
+               predicted_group_counts: Tensor | None = None,
+               rows_read: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Gated FFN that reads only the active neurons' weights.
 
     x [T, H] normed FFN input; w_gate, w_up [I, H] and w_down_t [I, H] (down_proj.weight
@@ -86,42 +93,49 @@ def sparse_ffn(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act: s
     predicted_group_counts: what predict_active(group_counts=...) filled for `predicted`; the
     CUDA kernels then skip their compaction launch (the other paths have no use for it).
     Returns (out [T, H] in x.dtype, active [T, I] bool). The batch reads the union of its rows'
-    active neurons; each row's own `active` is returned.
+    active neurons; each row's own `active` is returned. rows_read: see the module docstring.
     """
     check_act(act)
     _check_inputs(x, w_gate, w_up, w_down_t, predicted)
+    if rows_read is not None:
+        assert (rows_read.shape == (3,) and rows_read.dtype == torch.int64
+                and rows_read.device == x.device), (
+            f"rows_read must be int64 [3] on {x.device}, got {rows_read.dtype} "
+            f"{tuple(rows_read.shape)} on {rows_read.device}")
     T, H = x.shape
     fallback = (default_dense_fallback(x.device, w_gate.dtype, T, H)
                 if dense_fallback_fraction is None else dense_fallback_fraction)
     if dispatch.runs_triton(x):
         if T > CUDA_SPARSE_MAX_ROWS:
-            return dense_ffn(x, w_gate, w_up, w_down_t, act, threshold, predicted)
+            return dense_ffn(x, w_gate, w_up, w_down_t, act, threshold, predicted, rows_read)
         from sparse_serve.kernels import sparse_ffn_triton  # NOTE: lazy, see the module docstring
         return sparse_ffn_triton.sparse_ffn_triton(
             x, w_gate, w_up, w_down_t, act, threshold, predicted, dense_fallback_fraction=fallback,
-            predicted_group_counts=predicted_group_counts)
-    return _sparse_ffn_cpu(x, w_gate, w_up, w_down_t, act, threshold, predicted, fallback)
+            predicted_group_counts=predicted_group_counts, rows_read=rows_read)
+    return _sparse_ffn_cpu(x, w_gate, w_up, w_down_t, act, threshold, predicted, fallback,
+                           rows_read)
 
 
 def _sparse_ffn_cpu(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act: str,
-                    threshold: float, predicted: Tensor | None, fallback: float
-                    ) -> tuple[Tensor, Tensor]:
+                    threshold: float, predicted: Tensor | None, fallback: float,
+                    rows_read: Tensor | None) -> tuple[Tensor, Tensor]:
     # NOTE: on the CPU a host read of the mask is free (no device to sync with).
     if fallback < 1.0:
         # The share of (row, neuron) products the native kernel computes; exact mode computes
         # every gate product before it knows which neurons fire.
         density = 1.0 if predicted is None else predicted.float().mean().item()
         if density > fallback:
-            return dense_ffn(x, w_gate, w_up, w_down_t, act, threshold, predicted)
+            return dense_ffn(x, w_gate, w_up, w_down_t, act, threshold, predicted, rows_read)
     contiguous = all(w.is_contiguous() for w in (w_gate, w_up, w_down_t))
     if contiguous and sparse_ffn_cpu.native_supported(x, w_gate):
         return sparse_ffn_cpu.sparse_ffn_native(x, w_gate, w_up, w_down_t, act, threshold,
-                                                predicted)
+                                                predicted, rows_read)
     # Without the native kernel, the gather-based torch path only wins at high sparsity (it
     # copies the active rows), and in exact mode the sparsity is unknown up front.
     if predicted is None or predicted.any(0).float().mean().item() > TORCH_PATH_CROSSOVER:
-        return dense_ffn(x, w_gate, w_up, w_down_t, act, threshold, predicted)
-    return sparse_ffn_cpu.sparse_ffn_torch(x, w_gate, w_up, w_down_t, act, threshold, predicted)
+        return dense_ffn(x, w_gate, w_up, w_down_t, act, threshold, predicted, rows_read)
+    return sparse_ffn_cpu.sparse_ffn_torch(x, w_gate, w_up, w_down_t, act, threshold, predicted,
+                                           rows_read)
 
 
 def new_group_counts(num_neurons: int, device: torch.device) -> Tensor:

@@ -2,7 +2,8 @@
 
 Both take the weights as stored (w_gate, w_up, w_down_t all [I, H] contiguous) and need no
 layout change at load time. On the CPU a host sync is free, so the torch path may use
-`nonzero()`; the native path needs none (it reads the mask itself).
+`nonzero()`; the native path needs none (it reads the mask itself). Both report the weight rows
+they read in `rows_read` (kernels/sparse_ffn.py, docs/SPARSITY.md).
 """
 
 from __future__ import annotations
@@ -31,14 +32,17 @@ def native_supported(x: Tensor, w_gate: Tensor) -> bool:
 
 
 def sparse_ffn_native(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act: str,
-                      threshold: float = 0.0, predicted: Tensor | None = None
-                      ) -> tuple[Tensor, Tensor]:
+                      threshold: float = 0.0, predicted: Tensor | None = None,
+                      rows_read: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Copy-free sparse FFN on CPU tensors.
 
     x [T, H] (any float dtype, T <= 64); w_gate, w_up, w_down_t [I, H] contiguous, one dtype of
     float32 / bfloat16 / float16; predicted [T, I] bool or None. Returns (out [T, H] in x.dtype,
     active [T, I] bool). Reads a gate row only for predicted neurons (all in exact mode), an up
-    row only where the gate survived for some batch row, and a down row only where h != 0.
+    row only where the gate survived for some batch row, and a down row only where h != 0; and
+    prefetches some rows ahead of use that may then go unused (the kernel's comments say which).
+    rows_read (int64 [3], optional) receives the (gate, up, down) rows read or prefetched, as
+    the kernel counted them (kernels/csrc/sparse_ffn_cpu.cpp).
     """
     check_act(act)
     lib = cpu_native.load()
@@ -60,10 +64,14 @@ def sparse_ffn_native(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
     active = torch.empty(T, I, dtype=torch.bool)      # [T, I]
     any_active = torch.empty(I, dtype=torch.uint8)    # [I] scratch
     out = torch.empty(T, H, dtype=torch.float32)      # [T, H], zeroed by the kernel
+    if rows_read is None:
+        rows_read = torch.empty(3, dtype=torch.int64)  # [3], written by the kernel
+    assert (rows_read.shape == (3,) and rows_read.dtype == torch.int64 and not rows_read.is_cuda
+            and rows_read.is_contiguous()), (rows_read.dtype, rows_read.shape)
     rc = lib.sparse_ffn_cpu(
         _ptr(xf), _ptr(w_gate), _ptr(w_up), _ptr(w_down_t), _ptr(pred), _ptr(h),
-        _ptr(active), _ptr(any_active), _ptr(out), T, H, I, ACT_CODES[act], float(threshold),
-        _DTYPE_CODES[w_gate.dtype], torch.get_num_threads())
+        _ptr(active), _ptr(any_active), _ptr(out), _ptr(rows_read), T, H, I, ACT_CODES[act],
+        float(threshold), _DTYPE_CODES[w_gate.dtype], torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"native sparse FFN kernel failed with code {rc}")
     return out.to(x.dtype), active
@@ -94,13 +102,15 @@ def predict_active_native(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float 
 
 
 def sparse_ffn_torch(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act: str,
-                     threshold: float = 0.0, predicted: Tensor | None = None
-                     ) -> tuple[Tensor, Tensor]:
+                     threshold: float = 0.0, predicted: Tensor | None = None,
+                     rows_read: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Sparse FFN from stock torch ops (the path used when the native kernel cannot be built).
 
     Gate/up rows of the union of active neurons are gathered (a copy: only worth it at high
     sparsity); the down projection is copy-free with F.embedding_bag, which sums the active rows
-    of w_down_t weighted by h.
+    of w_down_t weighted by h. Rows read (rows_read, int64 [3], optional): predicted mode reads
+    the gate, up and down rows of the predicted union; exact mode every gate row, then the up
+    and down rows of the neurons whose gate survived for some batch row.
     """
     check_act(act)
     T, H = x.shape
@@ -116,6 +126,9 @@ def sparse_ffn_torch(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, 
     else:
         idx = predicted.any(0).nonzero().squeeze(1)   # [k]
         g = F.linear(xw, w_gate.index_select(0, idx))  # [T, k]
+    if rows_read is not None:
+        k = idx.numel()
+        rows_read.copy_(torch.tensor([w_gate.shape[0] if predicted is None else k, k, k]))
     if idx.numel() == 0:
         return torch.zeros(T, H, dtype=x.dtype), torch.zeros(T, w_gate.shape[0], dtype=torch.bool)
     u = F.linear(xw, w_up.index_select(0, idx))       # [T, k]

@@ -43,13 +43,16 @@ def sparse_ffn_ref(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, ac
 
 
 def dense_ffn(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act: str,
-              threshold: float = 0.0, predicted: Tensor | None = None
-              ) -> tuple[Tensor, Tensor]:
+              threshold: float = 0.0, predicted: Tensor | None = None,
+              rows_read: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The dense fallback: every weight read once with the BLAS of the weights' dtype.
 
     Same semantics as the reference, but computed in the weights' dtype (no float32 copies of
-    the weights), so it is what the dispatcher uses when most neurons are active.
+    the weights), so it is what the dispatcher uses when most neurons are active. rows_read
+    (int64 [3], optional) receives the (gate, up, down) rows read: all I of each.
     """
+    if rows_read is not None:
+        rows_read.fill_(w_gate.shape[0])
     xw = x.to(w_gate.dtype)
     g = F.linear(xw, w_gate)                         # [T, I]
     u = F.linear(xw, w_up)                           # [T, I]

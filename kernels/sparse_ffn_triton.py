@@ -12,12 +12,14 @@ The masked kernels:
   _gate_up_kernel  grid (cdiv(I, BLOCK_I),): each program owns BLOCK_I neurons. It reads their
       gate rows, applies the activation, reads an up row only where the gate survived for some
       batch row (masked loads of whole rows: a dead neuron's up row is never fetched), and
-      writes h [T, I] float32 and active [T, I].
+      writes h [T, I] float32, active [T, I] and UP_READ [I] (1 where it loaded the up row).
   _down_kernel     grid (cdiv(H, BLOCK_H), SPLIT_I): each program accumulates h @ w_down_t over
       one slice of neurons for one slice of the hidden dimension, reading a w_down_t row slice
       only if that neuron is active in some batch row; partial sums [SPLIT_I, T, H] are reduced
       by one torch sum (deterministic, no atomics).
 Batch rows are padded to BLOCK_T >= 16 so that tl.dot applies.
+Rows read (rows_read): every gate row; the up rows UP_READ flags; the down rows of the neurons
+active in some batch row (the down kernel's own load predicate, h != 0, is `active`).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ MASKED_BLOCK_H = 128
 
 @triton.jit
 def _gate_up_kernel(
-    X, WG, WU, H_OUT, ACTIVE,
+    X, WG, WU, H_OUT, ACTIVE, UP_READ,
     T, H, I, threshold,
     stride_xt, stride_xh,
     stride_wi, stride_wh,
@@ -75,6 +77,7 @@ def _gate_up_kernel(
     out_offs = offs_t[:, None] * stride_ot + offs_i[None, :] * stride_oi
     tl.store(H_OUT + out_offs, h, mask=mask_ti)
     tl.store(ACTIVE + out_offs, (h != 0.0).to(tl.int8), mask=mask_ti)
+    tl.store(UP_READ + offs_i, need_up.to(tl.int8), mask=mask_i)
 
 
 @triton.jit
@@ -116,7 +119,8 @@ def sparse_ffn_triton(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
                       threshold: float = 0.0, predicted: Tensor | None = None,
                       dense_fallback_fraction: float = 1.0,
                       compact_config: CompactConfig | None = None,
-                      predicted_group_counts: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                      predicted_group_counts: Tensor | None = None,
+                      rows_read: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Sparse FFN launcher.
 
     x [T, H] (T <= 64); w_gate, w_up, w_down_t [I, H] with unit stride along H and one dtype
@@ -129,6 +133,8 @@ def sparse_ffn_triton(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
     compact_config tunes the compacted kernels (default: TUNED_CONFIGS).
     predicted_group_counts: the predictor's per-group counts of `predicted`
     (kernels/predictor_triton.py, group_counts=); given, the compaction launch is skipped.
+    rows_read (int64 [3], optional): filled with the (gate, up, down) rows the path read, on
+    the device (kernels/sparse_ffn.py).
     """
     check_act(act)
     check_device(x, w_gate, w_up, w_down_t)
@@ -146,22 +152,23 @@ def sparse_ffn_triton(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
         if dense_fallback_fraction < 1.0:
             if predicted.any(0).float().mean().item() > dense_fallback_fraction:
                 from sparse_serve.kernels.sparse_ffn_ref import dense_ffn
-                return dense_ffn(x, w_gate, w_up, w_down_t, act, threshold, predicted)
+                return dense_ffn(x, w_gate, w_up, w_down_t, act, threshold, predicted, rows_read)
         predicted = predicted.contiguous()
     elif predicted_group_counts is not None:
         raise ValueError("predicted_group_counts needs the predicted mask it counts")
     elif T >= DOT_MIN_ROWS:
-        return _exact_masked(x.contiguous(), w_gate, w_up, w_down_t, ACT_CODES[act], threshold)
+        return _exact_masked(x.contiguous(), w_gate, w_up, w_down_t, ACT_CODES[act], threshold,
+                             rows_read)
     if predicted_group_counts is not None:
         check_device(predicted_group_counts)
         check_group_counts(predicted_group_counts, I)
     return ffn_compact(x.contiguous(), w_gate, w_up, w_down_t, ACT_CODES[act], threshold,
                        predicted, dot_in_fp32(w_gate.dtype), compact_config,
-                       predicted_group_counts)
+                       predicted_group_counts, rows_read)
 
 
 def _exact_masked(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act_code: int,
-                  threshold: float) -> tuple[Tensor, Tensor]:
+                  threshold: float, rows_read: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Exact mode on the masked kernels (shapes as sparse_ffn_triton's, checked there)."""
     T, H = x.shape
     I = w_gate.shape[0]
@@ -171,8 +178,9 @@ def _exact_masked(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act
 
     h = torch.empty(T, I, dtype=torch.float32, device=x.device)          # [T, I]
     active = torch.empty(T, I, dtype=torch.int8, device=x.device)        # [T, I]
+    up_read = torch.empty(I, dtype=torch.int8, device=x.device)          # [I] up row loaded
     _gate_up_kernel[(triton.cdiv(I, block_i),)](
-        x, w_gate, w_up, h, active,
+        x, w_gate, w_up, h, active, up_read,
         T, H, I, float(threshold),
         x.stride(0), x.stride(1),
         w_gate.stride(0), w_gate.stride(1),
@@ -197,4 +205,9 @@ def _exact_masked(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act
         BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_H=block_h,
     )
     out = partial.sum(0).to(x.dtype)                                     # [T, H]
-    return out, active.view(torch.bool)
+    active = active.view(torch.bool)
+    if rows_read is not None:
+        rows_read[0].fill_(I)
+        rows_read[1] = up_read.sum()
+        rows_read[2] = active.any(0).sum()
+    return out, active

@@ -5,20 +5,20 @@ Every metric is prefixed `sparseserve_` and labelled with `model_name`. The serv
 `RequestStats`, with the finish reasons of its choices), `observe_step` from the engine's step
 listener, `update_engine_stats` before rendering, and `render` to serve /metrics.
 
-Sparsity accounting (per generated token, means over the request, engine/core/sparsity.py's definition):
-- activated params: `RequestStats.mean_activated_params` = total - inactive neurons * 3 * hidden.
-- computed params: what the batch actually computed for the request's tokens, i.e. the dense
-  params plus the FFN neurons in the union of the batch's active sets:
-      computed = total - (1 - mean_computed_fraction) * ffn_params
-  `ffn_params` is not in RequestStats; since activated = total - sparsity * ffn_params holds per
-  token, and both sides are linear, it holds for the request means too, so
-      ffn_params = (total - mean_activated) / mean_ffn_sparsity       (sparsity > 0)
-  With sparsity 0 every own neuron is active, the union is everything and computed = total.
-  `computed >= activated` always (the union contains the request's own neurons); the gap
+Sparsity accounting: the engine computes every number (engine/core/sparsity.py, the formulas in
+docs/SPARSITY.md); nothing here re-derives one.
+- activated params, per generated token: `RequestStats.mean_activated_params`
+  = total - inactive neurons * 3 * hidden.
+- computed params, per generated token: `RequestStats.mean_computed_params`, the params the step
+  that produced the token read (FFN rows as its kernels reported them, predictors when they ran,
+  the rest whole). `computed >= activated` always; the gap
   (`sparseserve_computed_params_total - sparseserve_activated_params_total`) is the cost of
-  batching.
+  batching, of predicting more neurons than fire, and of dense fallbacks.
 - The counters `sparseserve_{activated,computed}_params_total` add mean * num_generated_tokens,
   so `rate(activated) / rate(sparseserve_request_generation_tokens_sum)` is the fleet-wide mean.
+- read params / bytes: `sparseserve_read_{params,bytes}_total` count what every engine step read,
+  once per step (the hardware's total); a request's own share (by its tokens in each step) is in
+  its usage and in `sparseserve_request_read_bytes_per_token`.
 """
 from __future__ import annotations
 
@@ -51,7 +51,9 @@ TOKEN_COUNT_BUCKETS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 1638
 PARAMS_BUCKETS = tuple(m * 10.0**e for e in range(4, 12) for m in (1, 2, 5))
 # Sparsity clusters high (ReLU-fied ~0.7-0.9, TurboSparse ~0.9), so the buckets get finer there.
 SPARSITY_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99, 1.0)
-# Union fraction: small for a lone sparse request, growing towards 1 with batch size.
+# Bytes of weights read per generated token: 1-2-5 per decade from tiny models to 100 GB.
+BYTES_BUCKETS = tuple(m * 10.0**e for e in range(4, 12) for m in (1, 2, 5))
+# Share of the FFN rows a step read: small for a lone sparse request, growing towards 1 with batch size.
 FRACTION_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
 # NOTE: per-layer gauges are exponential moving averages over steps. Steps are frequent (tens per
@@ -60,18 +62,11 @@ FRACTION_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6
 LAYER_EMA_ALPHA = 0.05
 PREDICTOR_EMA_ALPHA = 0.2
 FINISH_REASONS = ("stop", "length", "abort", "error")
+# Structured outputs: what the client asked for (a forced tool call is "tool_call").
+STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar", "tool_call")
+# Grammar compiles: ~1-10 ms for typical schemas, seconds for large ones.
+COMPILE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 PHASES = ("prefill", "decode", "mixed")
-
-
-def computed_params_per_token(stats: RequestStats) -> float:
-    """Params the batch computed per generated token of this request (see the module doc)."""
-    total, activated = float(stats.total_params), stats.mean_activated_params
-    if stats.mean_ffn_sparsity <= 0.0:
-        return total
-    ffn_params = (total - activated) / stats.mean_ffn_sparsity
-    computed = total - (1.0 - stats.mean_computed_fraction) * ffn_params
-    # NOTE: clamp against rounding in the engine's means: the union holds the own neurons.
-    return min(total, max(activated, computed))
 
 
 def _inter_token_latencies(token_times: list[float]) -> list[float]:
@@ -167,15 +162,29 @@ class ServerMetrics:
             "request_ffn_sparsity", "Mean FFN sparsity (inactive / all neurons) per generated token, per request.",
             SPARSITY_BUCKETS)
         self.computed_fraction = histogram(
-            "request_computed_fraction", "Mean fraction of FFN neurons the batch computed (union), per request.",
-            FRACTION_BUCKETS)
-        self.activated_params = counter("activated_params", "Activated params summed over generated tokens.")
-        self.computed_params = counter("computed_params", "Params the batch computed, summed over generated tokens.")
+            "request_computed_fraction",
+            "Mean share of the FFN weight rows (gate, up, down) read by the steps that produced the "
+            "request's tokens, per request (docs/SPARSITY.md).", FRACTION_BUCKETS)
+        self.activated_params = counter(
+            "activated_params", "Activated params (whose contribution is non-zero: total - silent FFN neurons "
+            "* 3 * hidden) summed over generated tokens.")
+        self.computed_params = counter(
+            "computed_params", "Computed params (read by the step that produced the token: total - FFN params "
+            "+ FFN rows read * hidden + predictor params read) summed over generated tokens.")
+        self.read_params = counter(
+            "read_params", "Params read by engine steps, each step once (computed params per step; docs/SPARSITY.md).")
+        self.read_bytes = counter(
+            "read_bytes", "Bytes of weights read by engine steps, each step once (the read params at their stored sizes).")
+        self.model_weight_bytes = gauge(
+            "model_weight_bytes", "Bytes of the model's weights (predictors excluded): what a dense step reads.")
+        self.read_bytes_per_token = histogram(
+            "request_read_bytes_per_token", "The request's share (by its tokens, prompt included) of the weight "
+            "bytes its steps read, per generated token, per request.", BYTES_BUCKETS)
         self._layer_sparsity = layer_ema("ffn_sparsity", "FFN sparsity per layer (EMA over steps).",
                                          LAYER_EMA_ALPHA, transform=lambda active: 1.0 - active)
         self._layer_computed = layer_ema("ffn_computed_fraction",
-                                         "Fraction of FFN neurons the batch computed per layer (EMA over steps).",
-                                         LAYER_EMA_ALPHA)
+                                         "Share of the layer's FFN weight rows (gate, up, down) the step read "
+                                         "(EMA over steps).", LAYER_EMA_ALPHA)
         self._recall = layer_ema("predictor_recall", "Predictor recall per layer from shadow checks (EMA).",
                                  PREDICTOR_EMA_ALPHA)
         self._precision = layer_ema("predictor_precision", "Predictor precision per layer from shadow checks (EMA).",
@@ -183,10 +192,19 @@ class ServerMetrics:
         self.predictor_shadow_checks = counter("predictor_shadow_checks",
                                                "Steps checked against the exact activation.")
 
+        # Structured outputs.
+        self.structured_requests = counter("structured_output_requests",
+                                           "Requests with a constrained output, by what constrained it.",
+                                           m + ("kind",))
+        self.grammar_compile = histogram("grammar_compile_seconds",
+                                         "Grammar compile time (cache misses; hits cost nothing).",
+                                         COMPILE_BUCKETS)
+
         # NOTE: touch every fixed child now so that rate() has a zero to start from.
         for metric in (self.prefix_cache_queries, self.prefix_cache_hits, self.num_preemptions, self.prompt_tokens,
                        self.engine_step_failures, self.engine_dead,
                        self.generation_tokens, self.activated_params, self.computed_params,
+                       self.read_params, self.read_bytes, self.model_weight_bytes, self.read_bytes_per_token,
                        self.predictor_shadow_checks, self.num_requests_running, self.num_requests_waiting,
                        self.kv_cache_usage, self.model_params, self.ttft, self.itl, self.e2e, self.queue_time,
                        self.request_prompt_tokens, self.request_generation_tokens, self.batch_size,
@@ -196,6 +214,9 @@ class ServerMetrics:
             self.request_success.labels(model_name=model_name, finished_reason=reason)
         for phase in PHASES:
             self.step_duration.labels(model_name=model_name, phase=phase)
+        for kind in STRUCTURED_KINDS:
+            self.structured_requests.labels(model_name=model_name, kind=kind)
+        self.grammar_compile.labels(model_name=model_name)
 
     def observe_http(self, route: str, status: int) -> None:
         # NOTE: `route` must be the route template (e.g. /v1/chat/completions), never a raw path,
@@ -226,14 +247,24 @@ class ServerMetrics:
         self.ffn_sparsity.labels(model_name=name).observe(stats.mean_ffn_sparsity)
         self.computed_fraction.labels(model_name=name).observe(stats.mean_computed_fraction)
         self.activated_params.labels(model_name=name).inc(stats.mean_activated_params * stats.num_generated_tokens)
-        computed = computed_params_per_token(stats) * stats.num_generated_tokens
-        self.computed_params.labels(model_name=name).inc(computed)
+        self.computed_params.labels(model_name=name).inc(stats.mean_computed_params * stats.num_generated_tokens)
+        self.read_bytes_per_token.labels(model_name=name).observe(stats.read_bytes / stats.num_generated_tokens)
+
+    def observe_structured(self, kind: str, compile_seconds: float | None) -> None:
+        """A constrained request was accepted; `compile_seconds` is None on a cache hit."""
+        self.structured_requests.labels(model_name=self.model_name, kind=kind).inc()
+        if compile_seconds is not None:
+            self.grammar_compile.labels(model_name=self.model_name).observe(compile_seconds)
 
     def observe_step(self, step: StepStats) -> None:
         name = self.model_name
         self.step_duration.labels(model_name=name, phase=step.phase).observe(max(0.0, step.duration_s))
         self.batch_size.labels(model_name=name).observe(step.num_seqs)
         self.generation_tokens.labels(model_name=name).inc(step.num_generated_tokens)
+        self.read_params.labels(model_name=name).inc(step.read_params)
+        self.read_bytes.labels(model_name=name).inc(step.read_bytes)
+        if step.dense_bytes:
+            self.model_weight_bytes.labels(model_name=name).set(step.dense_bytes)
         with self._lock:
             if step.per_layer_active_fraction:
                 self._layer_sparsity.update(step.per_layer_active_fraction)

@@ -49,10 +49,10 @@ class LLMEngine:
         self.model_name = config.model.served_model_name or Path(self.model_path).name
         self.max_model_len = config.model.max_model_len or self.arch.max_position_embeddings
         self.eos_token_ids = load_eos_token_ids(self.model_path, self.tokenizer) | set(self.arch.eos_token_ids)
-        self.accounting = SparsityAccounting(self.model.num_params(), self.arch.hidden_size,
-                                             self.arch.intermediate_size, self.arch.num_layers)
+        self.accounting = SparsityAccounting.of_model(self.model)
         self.runner = ModelRunner(self.model, config)
         self.runner.eos_token_ids = self.eos_token_ids
+        self.runner.num_text_tokens = self.tokenizer.vocab_size
         num_blocks = self.runner.profile_num_blocks()
         self.runner.allocate_kv_cache(num_blocks)
         config.cache.num_blocks = num_blocks
@@ -118,7 +118,10 @@ class LLMEngine:
         run = self.runner.execute(sched) if sched.scheduled else None
         finished = self.scheduler.update_from_output(sched, run.sampled if run else {})
         if run is not None:
-            finished += self._record(sched, run, time.time())
+            # what the step read, as its kernels reported (engine/core/sparsity.py)
+            reads = (run.num_rows_read, run.num_predictor_params_read)
+            read_params, read_bytes = self.accounting.computed_params(*reads), self.accounting.read_bytes(*reads)
+            finished += self._record(sched, run, read_params, read_bytes, time.time())
         for seq in finished:
             self._finish(seq)
         outputs = self._collect_outputs()
@@ -130,22 +133,26 @@ class LLMEngine:
             num_generated_tokens=len(run.sampled), num_preempted=len(sched.preempted),
             per_layer_active_fraction=run.per_layer_active_fraction,
             per_layer_computed_fraction=run.per_layer_computed_fraction,
+            read_params=read_params, read_bytes=read_bytes, dense_bytes=self.accounting.dense_bytes,
             predictor_recall=run.predictor_recall, predictor_precision=run.predictor_precision)
         return StepResult(outputs, step_stats)
 
-    def _record(self, sched, run, now: float) -> list[Sequence]:
-        """Account and detokenize every sampled token; returns sequences a stop string ended."""
+    def _record(self, sched, run, read_params: int, read_bytes: int, now: float) -> list[Sequence]:
+        """Charge each sequence its share of the step's reads (by tokens), account and detokenize
+        every sampled token; returns sequences a stop string ended."""
         stopped = []
         for item in sched.scheduled:
             seq = item.seq
             token_id = run.sampled.get(seq.seq_id)
             state = self.requests.get(seq.request_id)
+            if state is not None:
+                state.charge_step(item.num_new_tokens, sched.num_batched_tokens, read_params, read_bytes)
             if token_id is None or state is None:
                 continue
             raw = run.logprobs.get(seq.seq_id)
             logprob = make_logprob(self.tokenizer, token_id, raw) if raw is not None else None
-            state.record_token(seq, token_id, run.num_active[seq.seq_id], run.computed_fraction,
-                               self.accounting, logprob, now)
+            state.record_token(seq, token_id, run.num_active[seq.seq_id], read_params,
+                               run.computed_fraction, self.accounting, logprob, now)
             text, stop = state.detokenizers[seq.index].add_tokens([token_id])
             state.delta(seq.index).text += text
             if stop is None:

@@ -36,8 +36,10 @@ class CompletionDelta:
 
 @dataclass
 class RequestStats:
-    """Per-request timings (time.time() seconds) and counts; sparsity numbers are means
-    over the request's generated tokens, using engine/core/sparsity.py's one definition."""
+    """Per-request timings (time.time() seconds) and counts. Sparsity numbers use
+    engine/core/sparsity.py's definitions (docs/SPARSITY.md): the `mean_*` ones are means over
+    the request's generated tokens; `read_*` are the request's share of every step it took
+    part in (prompt steps included), by its tokens in the step."""
     arrival_time: float
     scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -48,7 +50,11 @@ class RequestStats:
     total_params: int = 0
     mean_activated_params: float = 0.0         # per generated token
     mean_ffn_sparsity: float = 0.0             # inactive / all FFN neurons, per generated token
-    mean_computed_fraction: float = 0.0        # neurons the batch computed (union) / all
+    # per generated token: params the step that produced it read (the whole batch's reads)
+    mean_computed_params: float = 0.0
+    mean_computed_fraction: float = 0.0        # FFN weight rows that step read / all FFN rows
+    read_params: float = 0.0                   # the request's share of the params its steps read
+    read_bytes: float = 0.0                    # the same reads in bytes of the stored weights
     num_preemptions: int = 0
     token_times: list[float] = field(default_factory=list)  # time each new token was emitted
     finish_reasons: list[str] = field(default_factory=list)  # per choice, by index (when finished)
@@ -101,8 +107,11 @@ class StepStats:
     num_preempted: int = 0
     # per layer: mean over the step's tokens of active / all FFN neurons
     per_layer_active_fraction: list[float] = field(default_factory=list)
-    # per layer: neurons the batch computed (union of its tokens' active sets) / all
+    # per layer: FFN weight rows the step read (gate + up + down, as its kernel reported) / all
     per_layer_computed_fraction: list[float] = field(default_factory=list)
+    read_params: int = 0           # params the step read (engine/core/sparsity.py computed_params)
+    read_bytes: int = 0            # the same reads in bytes of the stored weights (sparsity.py read_bytes)
+    dense_bytes: int = 0           # bytes a dense step reads: all the model's weights
     # predictor shadow check (only on sampled steps with a predictor): per layer
     predictor_recall: list[float] | None = None
     predictor_precision: list[float] | None = None

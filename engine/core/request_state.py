@@ -21,6 +21,9 @@ class RequestState:
     sum_activated: float = 0.0
     sum_sparsity: float = 0.0
     sum_computed: float = 0.0
+    sum_computed_params: float = 0.0
+    read_params: float = 0.0
+    read_bytes: float = 0.0
     num_counted: int = 0
 
     @property
@@ -32,8 +35,18 @@ class RequestState:
             self.pending[index] = CompletionDelta(index=index, token_ids=[], text="")
         return self.pending[index]
 
-    def record_token(self, seq: Sequence, token_id: int, num_active: int, computed_fraction: float,
-                     accounting: SparsityAccounting, logprob: TokenLogprob | None, now: float) -> None:
+    def charge_step(self, num_tokens: int, step_tokens: int, step_read_params: int,
+                    step_read_bytes: int) -> None:
+        """Charge one sequence its share of a step it took part in: its num_tokens of the step's
+        step_tokens, of the params and bytes the step read (engine/core/sparsity.py)."""
+        share = num_tokens / step_tokens
+        self.read_params += step_read_params * share
+        self.read_bytes += step_read_bytes * share
+
+    def record_token(self, seq: Sequence, token_id: int, num_active: int, computed_params: int,
+                     computed_fraction: float, accounting: SparsityAccounting,
+                     logprob: TokenLogprob | None, now: float) -> None:
+        """computed_params, computed_fraction: what the step that sampled the token read."""
         delta = self.delta(seq.index)
         delta.token_ids.append(token_id)
         if logprob is not None:
@@ -46,6 +59,7 @@ class RequestState:
         self.sum_activated += accounting.activated_params(num_active)
         self.sum_sparsity += accounting.sparsity(num_active)
         self.sum_computed += computed_fraction
+        self.sum_computed_params += computed_params
         self.num_counted += 1
 
     def take_output(self, accounting: SparsityAccounting) -> RequestOutput | None:
@@ -64,10 +78,12 @@ class RequestState:
             stats.num_cached_tokens = max(seq.num_cached_tokens for seq in self.seqs)
             stats.finish_reasons = [seq.finish_reason
                                     for seq in sorted(self.seqs, key=lambda seq: seq.index)]
+            stats.read_params, stats.read_bytes = self.read_params, self.read_bytes
             if self.num_counted:
                 stats.mean_activated_params = self.sum_activated / self.num_counted
                 stats.mean_ffn_sparsity = self.sum_sparsity / self.num_counted
                 stats.mean_computed_fraction = self.sum_computed / self.num_counted
+                stats.mean_computed_params = self.sum_computed_params / self.num_counted
             out.stats = stats
         return out
 

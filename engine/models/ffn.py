@@ -3,12 +3,14 @@
 A neuron i is row i of gate_proj and up_proj and column i of down_proj. It is *active* for a
 token iff its intermediate value h_i != 0 after the activation (and, with a predictor, iff it was
 also predicted active): the one definition, turned into params and sparsity by
-engine/core/sparsity.py. Counts stay on the device (no host sync per layer); the model runner
-reads them once per step.
+engine/core/sparsity.py. Besides, each forward reports the weight rows its path read (the kernel
+that ran says which; docs/SPARSITY.md) and the predictor weights it read. Counts stay on the
+device (no host sync per layer); the model runner reads them once per step.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -25,6 +27,11 @@ class Predictor(nn.Module):
         self.fc1 = nn.Linear(hidden_size, rank, bias=False)
         self.fc2 = nn.Linear(rank, intermediate_size, bias=False)
 
+    @property
+    def num_params(self) -> int:
+        """Parameters one call reads: every call reads all of fc1 and fc2."""
+        return self.fc1.weight.numel() + self.fc2.weight.numel()
+
     def forward(self, x: torch.Tensor, threshold: float, use_kernel: bool = True,
                 group_counts: torch.Tensor | None = None) -> torch.Tensor:
         """x: [T, H] residual stream before the post-attention norm -> [T, I] bool.
@@ -37,9 +44,14 @@ class Predictor(nn.Module):
 
 @dataclass
 class FFNActivity:
-    """Per-layer counts for one forward, all on the device."""
+    """Per-layer counts for one forward: tensors on the device, host ints where known up front."""
+    # the fields with one entry per token (CUDA-graph padding rows are cut from these only)
+    PER_TOKEN: ClassVar[tuple[str, ...]] = ("active_counts",)
     active_counts: torch.Tensor            # [T] int32: active neurons per token
-    union_count: torch.Tensor              # [] int64: neurons active for any token (what the batch computed)
+    # [3] int64: gate, up and down weight rows (`hidden` params each) this forward read, as the
+    # kernel path that ran reported them (plus the dense pass of a shadow check).
+    rows_read: torch.Tensor
+    predictor_params_read: int = 0         # the predictor's weights, when it ran (all of them)
     shadow_recall: torch.Tensor | None = None     # [] float32, predictor vs exact (shadow steps only)
     shadow_precision: torch.Tensor | None = None
 
@@ -82,16 +94,21 @@ class SparseMLP(nn.Module):
                                        group_counts=group_counts)                    # [T, I] bool
         w_down_t = self.w_down_t if self.w_down_t is not None else self.down_proj.weight.t()
         args = (x, self.gate_proj.weight, self.up_proj.weight, w_down_t, self.act, self.act_threshold)
+        rows_read = torch.empty(3, dtype=torch.int64, device=x.device)   # gate, up, down rows
         if self.use_sparse_kernels:
             out, active = sparse_ffn(*args, predicted=predicted,
                                      dense_fallback_fraction=self.dense_fallback_fraction,
-                                     predicted_group_counts=group_counts)
+                                     predicted_group_counts=group_counts, rows_read=rows_read)
         else:   # the plain eager path: every weight read, same math
-            out, active = dense_ffn(*args, predicted=predicted)
+            out, active = dense_ffn(*args, predicted=predicted, rows_read=rows_read)
         activity = FFNActivity(active_counts=active.sum(dim=-1, dtype=torch.int32),
-                               union_count=active.any(dim=0).sum())
+                               rows_read=rows_read,
+                               predictor_params_read=self.predictor.num_params if predicted is not None else 0)
         if self.shadow_check and predicted is not None:
-            _, exact = dense_ffn(*args, predicted=None)
+            # NOTE: the check is a second, dense pass over the layer: its reads are the step's too.
+            shadow_read = torch.empty(3, dtype=torch.int64, device=x.device)
+            _, exact = dense_ffn(*args, predicted=None, rows_read=shadow_read)
+            activity.rows_read = rows_read + shadow_read
             hits = (exact & predicted).sum().float()
             activity.shadow_recall = hits / exact.sum().clamp(min=1)
             activity.shadow_precision = hits / predicted.sum().clamp(min=1)

@@ -12,9 +12,13 @@ class RunnerOutput:
     sampled: dict[int, int]                                 # seq_id -> token id
     logprobs: dict[int, tuple] = field(default_factory=dict)  # seq_id -> (logprob, [(id, logprob)])
     num_active: dict[int, int] = field(default_factory=dict)  # seq_id -> active neurons (all layers)
-    computed_fraction: float = 0.0                          # union over the batch / all neurons
+    # What the step read (engine/core/sparsity.py turns these into params and bytes): FFN weight
+    # rows (gate + up + down, all layers) as the kernels reported them, and predictor weights.
+    num_rows_read: int = 0
+    num_predictor_params_read: int = 0
+    computed_fraction: float = 0.0                          # FFN rows read / all FFN rows
     per_layer_active_fraction: list[float] = field(default_factory=list)
-    per_layer_computed_fraction: list[float] = field(default_factory=list)
+    per_layer_computed_fraction: list[float] = field(default_factory=list)  # rows read / 3 * I
     predictor_recall: list[float] | None = None
     predictor_precision: list[float] | None = None
 
@@ -23,17 +27,22 @@ def read_activity(activities, sample_seq_ids: list[int], rows: list[int], num_to
                   result: RunnerOutput) -> None:
     """One host transfer for every layer's counts."""
     counts = torch.stack([a.active_counts for a in activities])            # [L, T]
-    unions = torch.stack([a.union_count for a in activities])              # [L]
+    rows_read = torch.stack([a.rows_read for a in activities]).sum(dim=1)  # [L]: gate + up + down
     per_token_all = counts.sum(dim=0)                                       # [T]
-    host = torch.cat([per_token_all.to(torch.float64), unions.to(torch.float64),
+    num_layers = len(activities)
+    host = torch.cat([per_token_all.to(torch.float64), rows_read.to(torch.float64),
                       counts.to(torch.float64).mean(dim=1)]).tolist()
-    per_token, union, layer_mean = host[:num_tokens], host[num_tokens:num_tokens + len(unions)], \
-        host[num_tokens + len(unions):]
+    per_token = host[:num_tokens]
+    layer_rows = [int(r) for r in host[num_tokens:num_tokens + num_layers]]
+    layer_mean = host[num_tokens + num_layers:]
     for seq_id, row in zip(sample_seq_ids, rows):
         result.num_active[seq_id] = int(per_token[row])
+    layer_rows_all = 3 * intermediate_size
+    result.num_rows_read = sum(layer_rows)
+    result.num_predictor_params_read = sum(a.predictor_params_read for a in activities)
     result.per_layer_active_fraction = [c / intermediate_size for c in layer_mean]
-    result.per_layer_computed_fraction = [u / intermediate_size for u in union]
-    result.computed_fraction = sum(union) / (intermediate_size * len(union))
+    result.per_layer_computed_fraction = [r / layer_rows_all for r in layer_rows]
+    result.computed_fraction = result.num_rows_read / (layer_rows_all * num_layers)
     if activities[0].shadow_recall is not None:
         recall = torch.stack([a.shadow_recall for a in activities]).tolist()
         precision = torch.stack([a.shadow_precision for a in activities]).tolist()

@@ -11,7 +11,7 @@ block the runner keeps outside the block manager, and a zero in `real_rows`, whi
 embedding. A zero residual stays exactly zero through every layer (RMSNorm(0) = 0; q = k = v = 0;
 attention over the scratch slot, which only padding rows write, returns 0; the FFN of a zero input
 is 0), so no neuron fires for them, a bias-free predictor predicts none of them at a threshold >= 0,
-they add nothing to the batch's union, and their rows are cut from every per-token count before
+they add no weight row to what the batch reads, and their rows are cut from every per-token count before
 the runner reads it. The runner refuses graphs for predictor thresholds below 0.
 
 On a CPU (tests) the same code runs with capture replaced by direct calls (`capture=False`), so
@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 
 from sparse_serve.engine.models.attention import AttentionMetadata
+from sparse_serve.engine.models.ffn import FFNActivity
 from sparse_serve.engine.models.llama import CausalLM
 
 logger = logging.getLogger(__name__)
@@ -56,15 +57,13 @@ class HostBatch:
     block_tables: list[list[int]]
 
 
-def trim_rows(activity, num_rows: int, bucket: int):
-    """A copy of an FFN activity record whose per-token tensors (first dim == bucket) keep their
-    first num_rows rows; per-batch values (unions, shadow ratios) are already padding-free."""
+def trim_rows(activity: FFNActivity, num_rows: int, bucket: int) -> FFNActivity:
+    """A copy of an FFN activity record whose per-token tensors keep their first num_rows rows;
+    the per-batch values (rows read, shadow ratios) are already padding-free."""
     if num_rows == bucket:
         return activity
-    changes = {f.name: getattr(activity, f.name)[:num_rows] for f in dataclasses.fields(activity)
-               if isinstance(getattr(activity, f.name), torch.Tensor)
-               and getattr(activity, f.name).dim() >= 1 and getattr(activity, f.name).shape[0] == bucket}
-    return dataclasses.replace(activity, **changes)
+    return dataclasses.replace(activity, **{name: getattr(activity, name)[:num_rows]
+                                            for name in FFNActivity.PER_TOKEN})
 
 
 class DecodeGraphs:

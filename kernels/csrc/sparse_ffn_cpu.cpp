@@ -15,6 +15,11 @@
 // Phase 2 (threads split the hidden dimension, so no reduction is needed): for each neuron active
 //   in any batch row, out[t, slice] += h[t, i] * W_down_t[i, slice].
 //
+// Rows read: both paths count the gate, up and down rows they read or software-prefetch (a
+// prefetch moves the row from memory as a load does, costing the same bytes, so it counts; a row
+// prefetched and then read counts once) into READ [3], with a few adds per neuron in registers
+// (no per-neuron flags in memory).
+//
 // Built by kernels/cpu_native.py with `g++ -O3 -march=native -fopenmp`; AVX2/FMA/F16C are used
 // when the compiler targets them, with a scalar path otherwise. Accumulation is fp32 throughout.
 #include <cmath>
@@ -181,6 +186,16 @@ inline void axpy_rows(const typename D::T* w, const float* a, float* y, const in
   }
 }
 
+// Whether dot_rows / axpy_rows prefetch their `next` row for rows of n elements: only their AVX2
+// loops do, from the first full step. The rows-read counts include such rows where this holds.
+#ifdef SPARSE_FFN_AVX2
+constexpr bool kPrefetches = true;
+#else
+constexpr bool kPrefetches = false;
+#endif
+inline bool dot_prefetches(int64_t n) { return kPrefetches && n >= 16; }
+inline bool axpy_prefetches(int64_t n) { return kPrefetches && n >= 8; }
+
 // Dispatches a list of rows to dot_rows in groups of 4.
 template <typename D>
 inline void dot_many(const typename D::T* w, const float* x, const int* rows, int n, int64_t H,
@@ -255,7 +270,7 @@ inline int64_t next_candidate(const uint8_t* predicted, int64_t i, int64_t T, in
 template <typename D>
 void sparse_ffn_row(const float* x, const typename D::T* w_gate, const typename D::T* w_up,
                     const typename D::T* w_down_t, const uint8_t* predicted, float* h,
-                    uint8_t* active, float* out, int64_t H, int64_t I, int act,
+                    uint8_t* active, float* out, int64_t* read, int64_t H, int64_t I, int act,
                     float threshold, int num_threads) {
   // One partial out per chunk of neurons, summed in chunk order: the result does not depend on
   // which thread ran which chunk (dynamic scheduling), so repeated calls are bitwise equal.
@@ -264,6 +279,13 @@ void sparse_ffn_row(const float* x, const typename D::T* w_gate, const typename 
   // a chunk zeroes its partial when its first neuron fires, and only such chunks are summed.
   std::unique_ptr<float[]> partial(new float[num_chunks * H]);
   std::vector<uint8_t> used(num_chunks, 0);
+  std::vector<int64_t> chunk_read(3 * num_chunks, 0);   // gate, up, down rows per chunk
+  // The prefetch hints the loop below issues (dot_rows' and axpy_rows' AVX2 loops only): with a
+  // predictor every visited neuron's down row and, after an active neuron, the next one's up row;
+  // in exact mode (not drelu) the down row of a neuron whose gate survived.
+  const bool down_ahead = predicted != nullptr && dot_prefetches(H);
+  const bool up_ahead = predicted != nullptr && axpy_prefetches(H);
+  const bool alive_down_ahead = predicted == nullptr && act != ACT_DRELU && dot_prefetches(H);
 #pragma omp parallel num_threads(num_threads)
   {
     const int row0 = 0;
@@ -275,9 +297,16 @@ void sparse_ffn_row(const float* x, const typename D::T* w_gate, const typename 
       std::memset(h + c, 0, sizeof(float) * (end - c));
       std::memset(active + c, 0, end - c);
       int64_t i = c;
+      // The chunk's rows read are counted from these after the loop.
+      int64_t num_visited = 0, num_alive = 0, num_fired = 0;
+      int64_t num_up_unread = 0;   // up rows prefetched for a neuron whose gate then failed
+      bool up_fetched = false;     // the current neuron's up row was prefetched
       if (predicted != nullptr)
         while (i < end && !predicted[i]) ++i;
-      if (predicted != nullptr && i < end) prefetch_row<D>(w_up + i * H, H);
+      if (predicted != nullptr && i < end) {
+        prefetch_row<D>(w_up + i * H, H);
+        up_fetched = true;
+      }
       while (i < end) {
         int64_t next = i + 1;
         if (predicted != nullptr)
@@ -288,10 +317,13 @@ void sparse_ffn_row(const float* x, const typename D::T* w_gate, const typename 
         // previous down). In exact mode most gates fail: only the next gate row is fetched
         // ahead, and for drelu the down row is needed only if u > 0 too.
         const typename D::T* next_up = next < end ? w_up + next * H : nullptr;
+        ++num_visited;
         dot_rows<D, 1>(w_gate + i * H, x, &row0, H, &g,
                        predicted != nullptr ? w_down_t + i * H : next_gate);
+        bool next_up_fetched = false;
         const float a = activate(act, g, threshold);
         if (a != 0.f) {
+          ++num_alive;
           dot_rows<D, 1>(w_up + i * H, x, &row0, H, &u,
                          predicted != nullptr || act == ACT_DRELU ? next_gate
                                                                   : w_down_t + i * H);
@@ -303,12 +335,20 @@ void sparse_ffn_row(const float* x, const typename D::T* w_gate, const typename 
               std::memset(acc, 0, sizeof(float) * H);
               used[ci] = 1;
             }
+            ++num_fired;
             axpy_rows<D, 1>(w_down_t + i * H, &v, acc, &row0, H, H,
                             predicted != nullptr ? next_up : next_gate);
+            next_up_fetched = up_ahead && next_up != nullptr;
           }
+        } else {
+          num_up_unread += up_fetched;
         }
+        up_fetched = next_up_fetched;
         i = next;
       }
+      chunk_read[3 * ci] = num_visited;
+      chunk_read[3 * ci + 1] = num_alive + num_up_unread;
+      chunk_read[3 * ci + 2] = down_ahead ? num_visited : alive_down_ahead ? num_alive : num_fired;
     }  // implicit barrier: the reduction reads every chunk's partial
     const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
     const int64_t slice = ((H + nt - 1) / nt + 15) / 16 * 16;
@@ -318,25 +358,32 @@ void sparse_ffn_row(const float* x, const typename D::T* w_gate, const typename 
       if (used[ci])
         for (int64_t k = lo; k < hi; ++k) out[k] += partial[ci * H + k];
   }
+  for (int kind = 0; kind < 3; ++kind) {
+    read[kind] = 0;
+    for (int64_t ci = 0; ci < num_chunks; ++ci) read[kind] += chunk_read[3 * ci + kind];
+  }
 }
 
 template <typename D>
 void sparse_ffn(const float* x, const typename D::T* w_gate, const typename D::T* w_up,
                 const typename D::T* w_down_t, const uint8_t* predicted, float* h,
-                uint8_t* active, uint8_t* any_active, float* out, int64_t T, int64_t H,
-                int64_t I, int act, float threshold, int num_threads) {
+                uint8_t* active, uint8_t* any_active, float* out, int64_t* read, int64_t T,
+                int64_t H, int64_t I, int act, float threshold, int num_threads) {
   if (T == 1) {
-    sparse_ffn_row<D>(x, w_gate, w_up, w_down_t, predicted, h, active, out, H, I, act, threshold,
-                      num_threads);
+    sparse_ffn_row<D>(x, w_gate, w_up, w_down_t, predicted, h, active, out, read, H, I, act,
+                      threshold, num_threads);
     return;
   }
   std::memset(out, 0, sizeof(float) * T * H);
+  // With a predictor the gate pass prefetches each candidate's up row (dot_rows' AVX2 loop).
+  const bool up_ahead = predicted != nullptr && dot_prefetches(H);
+  int64_t gate_read = 0, up_read = 0, down_read = 0;
 #pragma omp parallel num_threads(num_threads)
   {
     float g[kMaxBatch], a[kMaxBatch], u[kMaxBatch];
     int rows[kMaxBatch], up_rows[kMaxBatch];
     // NOTE: dynamic chunks balance threads when the active neurons cluster in one range.
-#pragma omp for schedule(dynamic, 256)
+#pragma omp for schedule(dynamic, 256) reduction(+ : gate_read, up_read, down_read)
     for (int64_t i = 0; i < I; ++i) {
       int num_rows = 0, num_up = 0;
       for (int64_t t = 0; t < T; ++t) {
@@ -345,6 +392,8 @@ void sparse_ffn(const float* x, const typename D::T* w_gate, const typename D::T
         if (predicted == nullptr || predicted[t * I + i] != 0) rows[num_rows++] = (int)t;
       }
       // With a predictor, a predicted neuron usually fires: fetch its up row during the gate.
+      gate_read += num_rows > 0;
+      up_read += num_rows > 0 && up_ahead;
       if (num_rows > 0)
         dot_many<D>(w_gate + i * H, x, rows, num_rows, H, g,
                     predicted != nullptr ? w_up + i * H : nullptr);
@@ -358,6 +407,7 @@ void sparse_ffn(const float* x, const typename D::T* w_gate, const typename D::T
       bool any = false;
       if (num_up > 0) {
         // Only rows whose gate survived read the up row (and only if at least one did).
+        up_read += !up_ahead;
         dot_many<D>(w_up + i * H, x, up_rows, num_up, H, u,
                     next_candidate(predicted, i, T, I) < I
                         ? w_gate + next_candidate(predicted, i, T, I) * H : nullptr);
@@ -370,6 +420,7 @@ void sparse_ffn(const float* x, const typename D::T* w_gate, const typename D::T
         }
       }
       any_active[i] = any;
+      down_read += any;   // phase 2 reads exactly these rows (each thread a slice of each)
     }  // implicit barrier: phase 2 reads every neuron's h
 
     // Phase 2: each thread owns a contiguous, 16-aligned slice of the hidden dimension, walked
@@ -410,6 +461,9 @@ void sparse_ffn(const float* x, const typename D::T* w_gate, const typename D::T
       }
     }
   }
+  read[0] = gate_read;
+  read[1] = up_read;
+  read[2] = down_read;
 }
 
 // out[t, n] = dot(w[n], x[t]) for a dense [N, K] weight: the predictor's two small GEMVs, which
@@ -444,28 +498,29 @@ int linear_cpu(const float* x, const void* w, float* out, int64_t T, int64_t K, 
 }
 
 // dtype: 0 = float32, 1 = bfloat16, 2 = float16 (weights); x, h and out are always float32.
+// read [3] (written): the gate, up and down rows the kernel read or prefetched.
 // Returns 0 on success, 1 for an unsupported dtype, 2 for T > kMaxBatch.
 int sparse_ffn_cpu(const float* x, const void* w_gate, const void* w_up, const void* w_down_t,
                    const uint8_t* predicted, float* h, uint8_t* active, uint8_t* any_active,
-                   float* out, int64_t T, int64_t H, int64_t I, int act, float threshold,
-                   int dtype, int num_threads) {
+                   float* out, int64_t* read, int64_t T, int64_t H, int64_t I, int act,
+                   float threshold, int dtype, int num_threads) {
   if (T > kMaxBatch) return 2;
   switch (dtype) {
     case 0:
       sparse_ffn<F32>(x, static_cast<const float*>(w_gate), static_cast<const float*>(w_up),
                       static_cast<const float*>(w_down_t), predicted, h, active, any_active, out,
-                      T, H, I, act, threshold, num_threads);
+                      read, T, H, I, act, threshold, num_threads);
       return 0;
     case 1:
       sparse_ffn<BF16>(x, static_cast<const uint16_t*>(w_gate),
                        static_cast<const uint16_t*>(w_up), static_cast<const uint16_t*>(w_down_t),
-                       predicted, h, active, any_active, out, T, H, I, act, threshold,
+                       predicted, h, active, any_active, out, read, T, H, I, act, threshold,
                        num_threads);
       return 0;
     case 2:
       sparse_ffn<F16>(x, static_cast<const uint16_t*>(w_gate), static_cast<const uint16_t*>(w_up),
                       static_cast<const uint16_t*>(w_down_t), predicted, h, active, any_active,
-                      out, T, H, I, act, threshold, num_threads);
+                      out, read, T, H, I, act, threshold, num_threads);
       return 0;
     default:
       return 1;
@@ -473,5 +528,10 @@ int sparse_ffn_cpu(const float* x, const void* w_gate, const void* w_up, const v
 }
 
 int sparse_ffn_cpu_max_batch() { return kMaxBatch; }
+
+// What the rows-read counts depend on besides the inputs (for tests that recount them from the
+// inputs): whether this build prefetches (its AVX2 loops), and the batch-1 path's chunk size.
+int sparse_ffn_cpu_prefetches() { return kPrefetches ? 1 : 0; }
+int sparse_ffn_cpu_row_chunk() { return static_cast<int>(kRowChunk); }
 
 }  // extern "C"

@@ -90,7 +90,9 @@ def test_active_counts_equal_independent_count(tmp_path):
     for x, mlp, activity in zip(captured, model.mlps, activities):
         h = F.relu(x @ mlp.gate_proj.weight.t()) * (x @ mlp.up_proj.weight.t())
         assert torch.equal(activity.active_counts, (h != 0).sum(-1).to(torch.int32))
-        assert int(activity.union_count) == int((h != 0).any(0).sum())
+        # sparse_kernels=False is the plain eager path: it reads every gate, up and down row
+        assert activity.rows_read.tolist() == [mlp.gate_proj.out_features] * 3
+        assert activity.predictor_params_read == 0
     counts = torch.stack([a.active_counts for a in activities])
     assert 0 < counts.float().mean() < model.config.intermediate_size   # relu really is sparse here
 
@@ -115,3 +117,5 @@ def test_active_counts_with_predictor(tmp_path):
         active = (h != 0) & (predicted.t() > 0)
         assert torch.equal(activity.active_counts, active.sum(-1).to(torch.int32))
         assert (activity.active_counts < (h != 0).sum(-1)).any()   # the predictor really removed some
+        assert activity.rows_read.tolist() == [mlp.gate_proj.out_features] * 3   # dense: all rows
+        assert activity.predictor_params_read == mlp.predictor.fc1.weight.numel() + mlp.predictor.fc2.weight.numel()

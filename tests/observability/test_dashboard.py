@@ -94,6 +94,8 @@ def test_dashboard_uses_the_provisioned_datasource_and_a_sane_layout():
     ("FFN sparsity per layer", "sparseserve_ffn_sparsity"),
     ("own vs computed", "sparseserve_computed_params_total"),
     ("Predictor recall", "sparseserve_predictor_recall"),
+    ("bytes read per generated token vs dense", "sparseserve_read_bytes_total"),
+    ("bytes read per generated token vs dense", "sparseserve_model_weight_bytes"),
 ])
 def test_dashboard_covers_the_issue(needle, metric):
     matching = [p for p in panels(load_dashboard()) if needle.lower() in p["title"].lower()]

@@ -239,9 +239,17 @@ def test_live_metrics_match_the_traffic(live):
         traffic.total("activated_params"), abs=0.5 * num_requests + 1e-6)
     total_params = traffic.usages[0]["total_params"]
     assert metric("model_params") == total_params
-    # dReLU is sparse: fewer params than the model, and the batch computed at least each request's own.
+    # dReLU is sparse: fewer params than the model. Computed params (what each token's step read:
+    # predictors and, at shadow rate 1.0, a dense check pass included) are at least each
+    # request's own; the counter sums what the responses said.
     assert 0 < metric("activated_params_total") < total_params * tokens
-    assert metric("activated_params_total") <= metric("computed_params_total") <= total_params * tokens
+    assert all(u["computed_params"] >= u["activated_params"] for u in traffic.usages)
+    assert metric("activated_params_total") <= metric("computed_params_total")
+    assert metric("computed_params_total") == pytest.approx(
+        sum(u["computed_params"] * u["completion_tokens"] for u in traffic.usages), abs=0.5 * tokens + 1e-6)
+    # Every step's reads, shared among its requests by tokens, add up to the responses' shares.
+    assert metric("read_params_total") == pytest.approx(traffic.total("read_params"), abs=0.5 * num_requests + 1e-6)
+    assert metric("read_bytes_total") == pytest.approx(traffic.total("read_bytes"), abs=0.5 * num_requests + 1e-6)
 
     # Predictor shadow check at rate 1.0: every step checked, recall/precision per layer in [0, 1].
     num_steps = metric("batch_size_count")

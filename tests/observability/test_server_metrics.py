@@ -6,7 +6,7 @@ import logging
 import pytest
 
 from sparse_serve.engine.core.outputs import EngineStats, RequestStats, StepStats
-from sparse_serve.server.metrics import LAYER_EMA_ALPHA, PREDICTOR_EMA_ALPHA, ServerMetrics, computed_params_per_token
+from sparse_serve.server.metrics import LAYER_EMA_ALPHA, PREDICTOR_EMA_ALPHA, ServerMetrics
 
 from .exposition import bucket, sample_names, samples, value
 
@@ -15,12 +15,16 @@ MODEL = "tiny-sparse"
 
 def make_request(arrival: float = 100.0, num_generated: int = 4, sparsity: float = 0.75,
                  computed: float = 0.5, total: int = 10_000, ffn: int = 8_000, **extra) -> RequestStats:
-    """A request whose activated params follow the engine's definition for an FFN of `ffn` params."""
+    """A request whose activated and computed params follow the engine's definitions for an FFN of
+    `ffn` params (computed: the share `computed` of the FFN rows read), at 2 bytes a weight."""
     token_times = [arrival + 0.3 + 0.1 * i for i in range(num_generated)]
+    computed_params = total - ffn + computed * ffn
     fields = dict(arrival_time=arrival, scheduled_time=arrival + 0.05, first_token_time=token_times[0] if token_times else None,
                   finished_time=arrival + 1.0, num_prompt_tokens=7, num_generated_tokens=num_generated,
                   total_params=total, mean_activated_params=total - sparsity * ffn, mean_ffn_sparsity=sparsity,
-                  mean_computed_fraction=computed, token_times=token_times)
+                  mean_computed_fraction=computed, mean_computed_params=computed_params,
+                  read_params=computed_params * num_generated / 2, read_bytes=computed_params * num_generated,
+                  token_times=token_times)
     fields.update(extra)
     return RequestStats(**fields)
 
@@ -62,9 +66,14 @@ def test_finished_requests_counts_and_sums():
         sum(s.mean_computed_fraction for s in fed))
     assert value(text, "sparseserve_activated_params_total", **m) == pytest.approx(
         sum(s.mean_activated_params * s.num_generated_tokens for s in fed))
-    # computed per token = total - (1 - computed_fraction) * ffn_params, with ffn_params = 8000.
+    # The engine's computed params per token, times the tokens; nothing re-derived here.
     assert value(text, "sparseserve_computed_params_total", **m) == pytest.approx(
-        sum((10_000 - (1 - s.mean_computed_fraction) * 8_000) * s.num_generated_tokens for s in fed))
+        sum(s.mean_computed_params * s.num_generated_tokens for s in fed))
+    assert value(text, "sparseserve_request_read_bytes_per_token_count", **m) == 3
+    assert value(text, "sparseserve_request_read_bytes_per_token_sum", **m) == pytest.approx(
+        sum(s.read_bytes / s.num_generated_tokens for s in fed))
+    # Per-step read counters move with steps only (each step once), never with requests.
+    assert value(text, "sparseserve_read_bytes_total", **m) == 0
     assert value(text, "sparseserve_model_params", **m) == 10_000
 
 
@@ -98,27 +107,17 @@ def test_request_without_tokens_reports_no_sparsity():
     assert value(text, "sparseserve_activated_params_total", **m) == 0
 
 
-def test_computed_params_matches_per_token_definition():
-    """Simulate tokens at the engine's definition and check the formula on the request means."""
-    hidden, num_neurons, dense = 8, 50, 1_000
-    ffn = 3 * hidden * num_neurons
-    total = dense + ffn
-    own_inactive = [40, 45, 30, 48]          # per token
-    union_active = [20, 12, 35, 9]           # neurons the batch computed at each token's step
-    n = len(own_inactive)
-    stats = RequestStats(arrival_time=0.0, num_generated_tokens=n, total_params=total,
-                         mean_activated_params=sum(total - i * 3 * hidden for i in own_inactive) / n,
-                         mean_ffn_sparsity=sum(i / num_neurons for i in own_inactive) / n,
-                         mean_computed_fraction=sum(u / num_neurons for u in union_active) / n)
-    expected = sum(dense + u * 3 * hidden for u in union_active) / n
-    assert computed_params_per_token(stats) == pytest.approx(expected)
-    dense_stats = RequestStats(arrival_time=0.0, num_generated_tokens=2, total_params=total,
-                               mean_activated_params=total, mean_ffn_sparsity=0.0, mean_computed_fraction=1.0)
-    assert computed_params_per_token(dense_stats) == total
-    # Rounding that would put the union below the request's own neurons is clamped.
-    skewed = RequestStats(arrival_time=0.0, num_generated_tokens=1, total_params=total,
-                          mean_activated_params=total - 0.5 * ffn, mean_ffn_sparsity=0.5, mean_computed_fraction=0.49)
-    assert computed_params_per_token(skewed) == pytest.approx(total - 0.5 * ffn)
+def test_read_counters_add_each_step_once():
+    metrics = ServerMetrics(MODEL, num_layers=1)
+    for read in (1_000, 2_500):
+        metrics.observe_step(StepStats(duration_s=0.01, num_seqs=2, num_prefill_tokens=0, num_decode_tokens=2,
+                                       num_generated_tokens=2, read_params=read, read_bytes=2 * read,
+                                       dense_bytes=20_000))
+    text = render(metrics)
+    m = {"model_name": MODEL}
+    assert value(text, "sparseserve_read_params_total", **m) == 3_500
+    assert value(text, "sparseserve_read_bytes_total", **m) == 7_000
+    assert value(text, "sparseserve_model_weight_bytes", **m) == 20_000
 
 
 def test_steps_phases_batches_and_layer_ema():
