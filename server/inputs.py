@@ -1,5 +1,6 @@
-"""From a request body to engine requests: the checks every generation route makes first, and
-the input processor's work run off the event loop with its errors as OpenAI 400s."""
+"""From a request body to engine requests: the checks every generation route makes first, the
+structured-output grammar compiled (off the event loop and the engine), and the input
+processor's work run off the event loop, with their errors as OpenAI 400s."""
 from __future__ import annotations
 
 import logging
@@ -19,15 +20,29 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def accept_request(body: Any, request: Request) -> tuple[EngineClient, SamplingParams]:
-    """Engine ready, model name, supported fields; returns (engine, params) or raises an
-    OpenAI error. The params are validated by the input processor, with the prompt."""
-    engine = get_state(request).ready_engine()
+async def accept_request(body: Any, request: Request) -> tuple[EngineClient, SamplingParams]:
+    """Engine ready, model name, supported fields, the output grammar compiled; returns
+    (engine, params) or raises an OpenAI error. The params are validated by the input
+    processor, with the prompt."""
+    state = get_state(request)
+    engine = state.ready_engine()
     check_model(body.model, engine.model_name)
     body.check_supported()
     params = body.to_sampling_params()
     if body.user:   # OpenAI's end-user id: for abuse tracing, so it goes to the log
         logger.info("%s request from user %r", request.url.path, body.user)
+    if params.structured is not None:
+        try:
+            params.validate(engine.processor.vocab_size)   # before paying for a compile
+            compiled = await engine.processor.grammars.compile(params.structured)
+        except ValueError as exc:
+            raise from_engine_error(exc) from None
+        # NOTE: `params` is this request's own object (fresh from its body); the processor
+        # copies it, grammar included, into the engine request.
+        params.grammar = compiled.grammar
+        if state.metrics is not None:
+            state.metrics.observe_structured(params.structured.metric_kind,
+                                             None if compiled.cached else compiled.seconds)
     return engine, params
 
 

@@ -8,10 +8,12 @@ from sparse_serve.server.generation import PromptResult
 
 
 def usage(results: list[PromptResult], engine_total_params: int) -> dict[str, Any]:
-    """OpenAI usage plus our extension: activated_params (mean per generated token, over all
-    prompts and choices), total_params and ffn_sparsity (mean per generated token)."""
+    """OpenAI usage plus our extension (docs/SPARSITY.md): activated_params and computed_params
+    (means per generated token, over all prompts and choices), total_params, ffn_sparsity (mean
+    per generated token), and read_params / read_bytes (the request's share of what its steps
+    read, summed)."""
     prompt_tokens = completion_tokens = cached_tokens = 0
-    activated_sum = sparsity_sum = 0.0
+    activated_sum = sparsity_sum = computed_sum = read_params = read_bytes = 0.0
     total_params = engine_total_params
     for result in results:
         stats: RequestStats | None = result.stats
@@ -25,6 +27,9 @@ def usage(results: list[PromptResult], engine_total_params: int) -> dict[str, An
         cached_tokens += stats.num_cached_tokens
         activated_sum += stats.mean_activated_params * stats.num_generated_tokens
         sparsity_sum += stats.mean_ffn_sparsity * stats.num_generated_tokens
+        computed_sum += stats.mean_computed_params * stats.num_generated_tokens
+        read_params += stats.read_params
+        read_bytes += stats.read_bytes
         total_params = stats.total_params or total_params
     weighted = completion_tokens or 1
     return {
@@ -35,7 +40,19 @@ def usage(results: list[PromptResult], engine_total_params: int) -> dict[str, An
         "activated_params": round(activated_sum / weighted),
         "total_params": total_params,
         "ffn_sparsity": round(sparsity_sum / weighted, 6),
+        "computed_params": round(computed_sum / weighted),
+        "read_params": round(read_params),
+        "read_bytes": round(read_bytes),
     }
+
+
+# NOTE: a token a grammar (or the sampler) ruled out has logprob -inf, which JSON cannot carry;
+# it is sent as this floor instead (vLLM's choice too).
+LOGPROB_FLOOR = -9999.0
+
+
+def _finite(logprob: float) -> float:
+    return logprob if logprob > LOGPROB_FLOOR else LOGPROB_FLOOR
 
 
 def _token_bytes(token: str) -> list[int]:
@@ -48,10 +65,10 @@ def chat_logprobs(logprobs: list[TokenLogprob] | None) -> dict[str, Any] | None:
     content = [
         {
             "token": lp.token,
-            "logprob": lp.logprob,
+            "logprob": _finite(lp.logprob),
             "bytes": _token_bytes(lp.token),
             "top_logprobs": [
-                {"token": top.token, "logprob": top.logprob, "bytes": _token_bytes(top.token)}
+                {"token": top.token, "logprob": _finite(top.logprob), "bytes": _token_bytes(top.token)}
                 for top in lp.top
             ],
         }
@@ -68,8 +85,8 @@ def completion_logprobs(logprobs: list[TokenLogprob] | None, text_offset: int) -
     tokens, token_logprobs, tops, offsets = [], [], [], []
     for lp in logprobs:
         tokens.append(lp.token)
-        token_logprobs.append(lp.logprob)
-        tops.append({top.token: top.logprob for top in lp.top})
+        token_logprobs.append(_finite(lp.logprob))
+        tops.append({top.token: _finite(top.logprob) for top in lp.top})
         offsets.append(text_offset)
         text_offset += len(lp.token)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops,

@@ -26,7 +26,7 @@ router = APIRouter()
 
 @router.post("/v1/completions")
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
-    engine, params = accept_request(body, request)
+    engine, params = await accept_request(body, request)
     prompts = body.prompts()
     request_id = f"cmpl-{uuid.uuid4().hex}"
     requests = await process(engine, engine.processor.completion_requests, prompts, params,

@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any
+
+from sparse_serve.engine.structured.params import StructuredOutputs
 
 _MAX_LOGPROBS = 20  # OpenAI's own cap on top_logprobs
 # NOTE: the sampler seeds a torch.Generator with seed + choice index; int64 keeps that in the
@@ -35,6 +38,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None          # None: no logprobs; k >= 0: sampled token + top-k
     skip_special_tokens: bool = True
+    # What the output must match (None: free text), and the compiled grammar the input
+    # processor attaches to the engine's copy (an engine.structured.compiler.Grammar).
+    structured: StructuredOutputs | None = None
+    grammar: Any = field(default=None, repr=False, compare=False)
 
     @property
     def greedy(self) -> bool:
@@ -98,6 +105,12 @@ class SamplingParams:
         for token_id in self.stop_token_ids:
             if vocab_size is not None and not 0 <= token_id < vocab_size:
                 bad("stop_token_ids", f"token id {token_id} is outside the vocabulary (size {vocab_size})")
+        if self.structured is not None:
+            # NOTE: a finished grammar allows only EOS; banning EOS would leave nothing to sample.
+            if self.ignore_eos:
+                bad("ignore_eos", f"cannot be combined with a constrained output ('{self.structured.source}')")
+            if self.min_tokens:
+                bad("min_tokens", f"cannot be combined with a constrained output ('{self.structured.source}')")
 
 
 def check_text(name: str, text: str) -> None:

@@ -247,6 +247,7 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
+        seq.grammar_state = None   # structured outputs: release its matcher
         siblings = self._unfinished.get(seq.request_id)
         if siblings is not None:
             siblings.remove(seq)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from typing import Any
 
 from sparse_serve.engine.core.sampling_params import SamplingParams
 
@@ -43,6 +44,9 @@ class Sequence:
         self.arrival_time = time.time() if arrival_time is None else arrival_time
         self.scheduled_time: float | None = None   # first admission (time.time()), for queue time
         self.num_preemptions = 0
+        # Structured outputs: this choice's grammar matcher (engine/structured/bitmask.py),
+        # created when it first samples, dropped when it finishes.
+        self.grammar_state: Any = None
 
     @property
     def prompt_token_ids(self) -> list[int]:

@@ -142,19 +142,26 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return self._chat_template is not None
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    @property
+    def template_supports_tools(self) -> bool:
+        """The template reads the `tools` variable (else the server renders tools as text)."""
+        return self._chat_template is not None and "tools" in self._chat_template
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
         if self._chat_template is None:
             raise ChatTemplateError(
                 "this model's tokenizer has no chat template; use the completions endpoint or "
                 "start the server with a chat template file")
         try:
             return self.hf.apply_chat_template(messages, chat_template=self._chat_template, tokenize=False,
-                                               add_generation_prompt=add_generation_prompt)
+                                               add_generation_prompt=add_generation_prompt, tools=tools)
         except jinja2.TemplateError as exc:
             # the template's raise_exception, and sandbox violations (SecurityError), land here
             raise ChatTemplateError(f"chat template failed to render: {exc}") from exc
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
         """Renders and encodes a conversation with exactly one BOS where the tokenizer wants one.
 
         Templates usually write the BOS text themselves; encoding with special tokens would
@@ -165,15 +172,16 @@ class Tokenizer:
         token's text (`<|im_start|>system...`) has that content tokenized as plain text.
         """
         if any(self.special_token_in(m.get("content") or "") for m in messages):
-            ids = self._encode_chat_contents_as_text(messages, add_generation_prompt)
+            ids = self._encode_chat_contents_as_text(messages, add_generation_prompt, tools)
         else:
-            prompt = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+            prompt = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools)
             ids = self.encode(prompt, add_special_tokens=False)
         if self._adds_bos and (not ids or ids[0] != self.bos_token_id):
             ids.insert(0, self.bos_token_id)
         return ids
 
-    def _encode_chat_contents_as_text(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    def _encode_chat_contents_as_text(self, messages: list[dict], add_generation_prompt: bool,
+                                      tools: list[dict] | None = None) -> list[int]:
         """Render with a placeholder per content, check that putting the contents back gives
         the real rendering (the template copied them verbatim), then tokenize the template's
         pieces with control tokens and the contents without.
@@ -182,9 +190,9 @@ class Tokenizer:
         from tokenizing the whole string; only prompts that carry control-token text pay that."""
         placeholders = [f"\ue000{i}\ue001" for i in range(len(messages))]
         marked = [{**m, "content": p} for m, p in zip(messages, placeholders)]
-        rendered = self.apply_chat_template(marked, add_generation_prompt=add_generation_prompt)
+        rendered = self.apply_chat_template(marked, add_generation_prompt=add_generation_prompt, tools=tools)
         contents = [m.get("content") or "" for m in messages]
-        real = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        real = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools)
         pieces = re.split("\ue000(\\d+)\ue001", rendered)
         rebuilt = "".join(contents[int(piece)] if i % 2 else piece for i, piece in enumerate(pieces))
         if rebuilt != real:

@@ -16,9 +16,9 @@ from sparse_serve.engine.core.scheduler import SchedulerOutput
 from sparse_serve.engine.models.arch_config import ModelArchConfig
 from sparse_serve.engine.models.attention import AttentionMetadata
 from sparse_serve.engine.models.llama import CausalLM
+from sparse_serve.engine.structured.bitmask import apply_grammar_bitmasks
 from sparse_serve.engine.worker.activity import RunnerOutput, read_activity
-from sparse_serve.engine.worker.decode_graphs import (DEFAULT_MAX_CAPTURE_LEN, DecodeGraphs, HostBatch,
-                                                      padding_is_silent)
+from sparse_serve.engine.worker.decode_graphs import DEFAULT_MAX_CAPTURE_LEN, DecodeGraphs, HostBatch, padding_is_silent
 from sparse_serve.engine.worker.host_staging import HostStaging
 from sparse_serve.engine.worker.huge_pages import huge_page_bytes, pack_on_huge_pages
 from sparse_serve.engine.worker.sampler import Sampler, make_generator
@@ -58,6 +58,7 @@ class ModelRunner:
             packed = pack_on_huge_pages(model)
             logger.info("weights packed into a huge-page arena: %.1f MiB", packed / 2**20)
         self.eos_token_ids: set[int] = set()   # set by the engine once EOS ids are known
+        self.num_text_tokens: int | None = None   # the tokenizer's size, set by the engine
 
     # ---- KV cache -------------------------------------------------------------------------
     def profile_num_blocks(self) -> int:
@@ -188,7 +189,9 @@ class ModelRunner:
         result = RunnerOutput(sampled={})
         if rows:
             seqs = [item.seq for item in sample_items]
+            self._mask_padded_vocab(logits)
             self._ban_early_stops(logits, seqs)
+            apply_grammar_bitmasks(logits, seqs)   # structured outputs: constrained rows only
             tensors = self._sampling_tensors(seqs, logits.shape[1])
             penalised = tensors.repetition is not None or tensors.frequency is not None \
                 or tensors.presence is not None
@@ -212,6 +215,12 @@ class ModelRunner:
             self._sampling = SamplingTensors.build([seq.params for seq in seqs], vocab_size, self.device)
             self._sampling_key = key
         return self._sampling
+
+    def _mask_padded_vocab(self, logits: torch.Tensor) -> None:
+        """Embedding rows past the tokenizer (TurboSparse pads 32002 tokens to 32064) have no
+        text: they are never sampled."""
+        if self.num_text_tokens is not None and self.num_text_tokens < logits.shape[1]:
+            logits[:, self.num_text_tokens:] = float("-inf")
 
     def _ban_early_stops(self, logits: torch.Tensor, seqs) -> None:
         """Below min_tokens, EOS and stop tokens cannot be sampled at all (as in vLLM), so the

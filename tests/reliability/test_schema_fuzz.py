@@ -14,7 +14,9 @@ from schemathesis.checks import not_a_server_error
 
 from tests.reliability import LONG, scaled
 
-MAX_EXAMPLES = scaled(15, 150)
+# NOTE: 40, not fewer: with the structured-output and tool fields in the schema, most generated
+# bodies combine fields into a 400, and the seeded draw needs about this many to reach a 200.
+MAX_EXAMPLES = scaled(40, 150)
 
 
 def test_no_generated_request_gets_a_server_error(live_server):

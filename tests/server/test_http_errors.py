@@ -51,10 +51,8 @@ def test_unknown_field_is_named(http):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("tool_choice", "auto"),
+    ("tool_choice", "auto"),            # without tools (tools themselves: tests/structured)
     ("functions", [{"name": "f"}]),
-    ("response_format", {"type": "json_object"}),
     ("audio", {"voice": "alloy", "format": "wav"}),
     ("modalities", ["text", "audio"]),
     ("store", True),
@@ -92,8 +90,8 @@ def test_non_text_content_part_is_rejected(http):
     assert http.post(CHAT, json={"messages": text_parts, "max_tokens": 1}).status_code == 200
 
 
-def test_tool_messages_rejected(http):
-    messages = MESSAGES + [{"role": "tool", "content": "42", "tool_call_id": "c1"}]
+def test_legacy_function_messages_rejected(http):
+    messages = MESSAGES + [{"role": "function", "content": "42", "name": "f"}]
     assert_error(http.post(CHAT, json={"messages": messages}), 400, param="messages.1.role")
 
 

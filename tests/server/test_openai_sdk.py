@@ -146,8 +146,9 @@ def test_sdk_error_types(client):
     assert bad.value.body["param"] == "temperature"
     with pytest.raises(openai.BadRequestError) as tools:
         client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[
-            {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
-    assert tools.value.body["param"] == "tools"
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+            tool_choice={"type": "function", "function": {"name": "g"}})
+    assert tools.value.body["param"] == "tool_choice"
 
 
 @pytest.mark.parametrize("engine_config", [{"server.api_keys": [API_KEY]}], indirect=True)
