@@ -1,7 +1,10 @@
 """Load a local HF-style checkpoint folder into the native model. No network, ever.
 
 Accepts one `model.safetensors` or a sharded `model.safetensors.index.json`; every error names
-the file (and tensor) at fault.
+the file (and tensor) at fault. With `model.checkpoint_family` set, the folder must also match
+that family's published layout (engine/checkpoints/families.py). Tensors are read straight into
+the parameters that hold them (engine/checkpoints/safetensors_io.py), so the peak memory of a
+load is about the model's own size.
 """
 from __future__ import annotations
 
@@ -10,8 +13,9 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
+from sparse_serve.engine.checkpoints.families import check_config, check_tensors, get_family, predictor_names
+from sparse_serve.engine.checkpoints.safetensors_io import TensorEntry, read_header, read_into
 from sparse_serve.engine.core.config import DTYPE_NAMES, ModelConfig
 from sparse_serve.engine.core.errors import ModelLoadError
 from sparse_serve.engine.models.arch_config import ModelArchConfig
@@ -39,36 +43,78 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def checkpoint_files(folder: Path) -> dict[str, Path]:
     """Map every tensor name to the safetensors file holding it."""
+    return {name: entry.path for name, entry in checkpoint_entries(folder).items()}
+
+
+def index_path(folder: Path) -> Path:
+    """The file that lists the folder's tensors (the index, or the single model.safetensors)."""
+    index = folder / "model.safetensors.index.json"
+    return index if index.is_file() else folder / "model.safetensors"
+
+
+def checkpoint_entries(folder: Path) -> dict[str, TensorEntry]:
+    """Every tensor of the checkpoint (file, dtype, shape, byte range), from the shards' headers.
+    A sharded index must agree with its shards: every listed tensor in the shard it names."""
     index = folder / "model.safetensors.index.json"
     single = folder / "model.safetensors"
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ModelLoadError(f"{index}: not a valid safetensors index ({exc})") from exc
-        return {name: folder / shard for name, shard in weight_map.items()}
+        headers = {shard: read_header(folder / shard) for shard in sorted(set(weight_map.values()))}
+        entries = {}
+        for name, shard in weight_map.items():
+            if name not in headers[shard]:
+                raise ModelLoadError(f"{folder / shard}: tensor {name!r} is listed in the index but "
+                                     "not in this file")
+            entries[name] = headers[shard][name]
+        return entries
     if single.is_file():
-        return {name: single for name in _tensor_names(single)}
+        return read_header(single)
     raise ModelLoadError(f"{folder}: no model.safetensors or model.safetensors.index.json found")
 
 
-def _tensor_names(path: Path) -> list[str]:
+def read_config_json(folder: Path) -> dict:
+    path = folder / "config.json"
     if not path.is_file():
-        raise ModelLoadError(f"{path}: safetensors shard listed in the index is missing")
+        raise ModelLoadError(f"{path}: config.json not found in the model folder")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: corrupt or unreadable safetensors file ({exc})") from exc
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{path}: top level must be a JSON object")
+    return raw
 
 
-def load_arch_config(cfg: ModelConfig, folder: Path, tensor_names) -> ModelArchConfig:
-    arch = ModelArchConfig.from_folder(folder, ffn_act_override=cfg.ffn_act,
-                                       act_threshold_override=cfg.act_threshold)
-    fc1 = "model.layers.0.mlp.predictor.fc1.weight"
-    if fc1 in tensor_names:
-        with safe_open(str(tensor_names[fc1]), framework="pt") as f:
-            arch.predictor_rank = f.get_slice(fc1).get_shape()[0]
+def load_arch_config(cfg: ModelConfig, folder: Path, entries: dict[str, TensorEntry]) -> ModelArchConfig:
+    """config.json (checked against cfg.checkpoint_family when set) plus each layer's predictor
+    width, read from its fc1 tensor (published predictors may differ in width per layer)."""
+    raw = read_config_json(folder)
+    if cfg.checkpoint_family:
+        family = get_family(cfg.checkpoint_family)
+        check_config(family, raw, folder / "config.json")
+        check_tensors(family, raw, entries, index_path(folder))
+    arch = ModelArchConfig.from_dict(raw, source=str(folder / "config.json"),
+                                     ffn_act_override=cfg.ffn_act,
+                                     act_threshold_override=cfg.act_threshold)
+    ranks = []
+    for i in range(arch.num_layers):
+        fc1, fc2 = (entries.get(n) for n in predictor_names(i))
+        if (fc1 is None) != (fc2 is None):
+            present, absent = (fc1, predictor_names(i)[1]) if fc1 else (fc2, predictor_names(i)[0])
+            raise ModelLoadError(f"{present.path}: layer {i} has one predictor tensor without the "
+                                 f"other ({absent!r} is missing)")
+        if fc1 is not None and len(fc1.shape) != 2:
+            raise ModelLoadError(f"{fc1.path}: tensor {predictor_names(i)[0]!r} has shape {fc1.shape}, "
+                                 f"expected (rank, {arch.hidden_size})")
+        ranks.append(fc1.shape[0] if fc1 is not None else None)
+    if any(r is not None for r in ranks):
+        arch.predictor_ranks = ranks
+        arch.predictor_rank = max(r for r in ranks if r is not None)
     return arch
 
 
@@ -78,15 +124,15 @@ def load_model(cfg: ModelConfig, folder: str | Path) -> tuple[CausalLM, ModelArc
         raise ModelLoadError(f"{folder}: model folder does not exist")
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    files = checkpoint_files(folder)
-    arch = load_arch_config(cfg, folder, files)
+    entries = checkpoint_entries(folder)
+    arch = load_arch_config(cfg, folder, entries)
     with torch.device("meta"):
-        model = CausalLM(arch)
+        # NOTE: cast while on meta, so to_empty allocates each weight once, in its final dtype
+        model = CausalLM(arch).to(dtype)
     model.to_empty(device=device)
-    model = model.to(dtype)
     if arch.tie_word_embeddings:   # to_empty() gives each module its own storage: re-tie
         model.lm_head.weight = model.model.embed_tokens.weight
-    _copy_weights(model, files, device, dtype)
+    _copy_weights(model, entries, index_path(folder))
     for mlp in model.mlps:
         mlp.use_predictor = cfg.use_predictor and mlp.predictor is not None
         mlp.predictor_threshold = cfg.predictor_threshold
@@ -94,6 +140,13 @@ def load_model(cfg: ModelConfig, folder: str | Path) -> tuple[CausalLM, ModelArc
         mlp.dense_fallback_fraction = cfg.dense_fallback_fraction
         mlp.prepare_for_inference()
     model.eval().requires_grad_(False)
+    if cfg.quantization:
+        from sparse_serve.engine.models.quantized import quantize_model
+
+        try:
+            quantize_model(model, cfg.quantization)
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from exc
     if cfg.sparsity_file:
         from sparse_serve.engine.checkpoints.sparsity_file import apply_sparsity_file
 
@@ -101,40 +154,34 @@ def load_model(cfg: ModelConfig, folder: str | Path) -> tuple[CausalLM, ModelArc
         logger.info("sparsity: %s thresholds from %s (target %.2f, calibrated %.3f)",
                     sidecar.method, cfg.sparsity_file, sidecar.target_sparsity,
                     sidecar.mean_layer_sparsity)
-    logger.info("loaded %s (%s, ffn=%s, predictor rank=%s) from %s: %.1fM params, %s on %s",
-                arch.architecture, arch.model_type, arch.ffn_act, arch.predictor_rank, folder,
-                model.num_params() / 1e6, dtype, device)
+    logger.info("loaded %s (%s, ffn=%s, predictor ranks=%s) from %s: %.1fM params, %s on %s%s",
+                arch.architecture, arch.model_type, arch.ffn_act, _ranks_text(arch.predictor_ranks), folder,
+                model.num_params() / 1e6, dtype, device,
+                f", {cfg.quantization} dense linears" if cfg.quantization else "")
     return model, arch
 
 
-def _copy_weights(model: CausalLM, files: dict[str, Path], device, dtype) -> None:
+def _ranks_text(ranks: list[int | None] | None) -> str:
+    if not ranks:
+        return "none"
+    distinct = sorted({r for r in ranks if r is not None})
+    return str(distinct[0]) if len(distinct) == 1 and None not in ranks else str(ranks)
+
+
+def _copy_weights(model: CausalLM, entries: dict[str, TensorEntry], listing: Path) -> None:
+    """Each parameter read from its file (one tensor at a time, see safetensors_io.py)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = model.config.tie_word_embeddings
     expected = {n for n in params if not (tied and n == "lm_head.weight")}
-    missing = sorted(expected - files.keys())
+    missing = sorted(expected - entries.keys())
     if missing:
-        raise ModelLoadError(f"checkpoint is missing tensor {missing[0]!r}"
+        raise ModelLoadError(f"{listing}: checkpoint is missing tensor {missing[0]!r}"
                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    by_file: dict[Path, list[str]] = {}
-    for name, path in files.items():
-        if name in expected:
-            by_file.setdefault(path, []).append(name)
-        elif not name.endswith(_IGNORED_SUFFIXES) and not (tied and name == "lm_head.weight"):
-            logger.warning("ignoring unexpected tensor %s in %s", name, path.name)
-    for path, names in by_file.items():
-        if not path.is_file():
-            raise ModelLoadError(f"{path}: safetensors shard listed in the index is missing")
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                available = set(f.keys())
-                for name in names:
-                    if name not in available:
-                        raise ModelLoadError(f"{path}: tensor {name!r} is listed in the index but not in this file")
-                    tensor = f.get_tensor(name)
-                    target = params[name]
-                    if tuple(tensor.shape) != tuple(target.shape):
-                        raise ModelLoadError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                             f"config.json implies {tuple(target.shape)}")
-                    target.data.copy_(tensor.to(device=device, dtype=dtype))
-        except (SafetensorError, OSError) as exc:
-            raise ModelLoadError(f"{path}: corrupt or unreadable safetensors file ({exc})") from exc
+    for name, entry in entries.items():
+        ignorable = name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight")
+        if name not in expected and not ignorable:
+            logger.warning("ignoring unexpected tensor %s in %s", name, entry.path.name)
+    # NOTE: file order, then offset order: each shard is read front to back once.
+    for name in sorted(expected, key=lambda n: (str(entries[n].path), entries[n].start)):
+        with torch.no_grad():
+            read_into(entries[name], params[name].data, name)

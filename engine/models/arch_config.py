@@ -13,8 +13,14 @@ from typing import Any
 
 from sparse_serve.engine.core.errors import ModelLoadError
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "BambooForCausalLM")
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "bamboo")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "BambooForCausalLM",
+                           "SparseLlamaForCausalLM")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "bamboo", "sparsellama")
+# NOTE: "SparseLlamaForCausalLM" names several unrelated research models; only ProSparse's
+# (model_type "sparsellama": a Llama with FATReLU) is the one implemented here.
+_ARCH_MODEL_TYPES = {"SparseLlamaForCausalLM": ("sparsellama",)}
+_ARCH_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                       "bamboo": "BambooForCausalLM", "sparsellama": "SparseLlamaForCausalLM"}
 
 
 @dataclass
@@ -40,6 +46,13 @@ class ModelArchConfig:
     bos_token_id: int | None
     eos_token_ids: list[int]
     predictor_rank: int | None = None # set by the loader when the checkpoint has predictors
+    # per layer (None: no predictor on that layer); published predictors may differ in width
+    predictor_ranks: list[int | None] | None = None
+
+    def predictor_rank_of(self, layer: int) -> int | None:
+        if self.predictor_ranks is not None:
+            return self.predictor_ranks[layer]
+        return self.predictor_rank
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json",
@@ -47,15 +60,15 @@ class ModelArchConfig:
                   act_threshold_override: float | None = None) -> "ModelArchConfig":
         architectures = raw.get("architectures") or []
         model_type = raw.get("model_type", "")
-        arch = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
+        arch = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES
+                     and model_type in _ARCH_MODEL_TYPES.get(a, (model_type,))), None)
         if arch is None and model_type not in SUPPORTED_MODEL_TYPES:
             raise ModelLoadError(
                 f"{source}: unsupported architecture {architectures or model_type!r}; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} "
                 f"(model_type {', '.join(SUPPORTED_MODEL_TYPES)})")
         if arch is None:
-            arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                    "bamboo": "BambooForCausalLM"}[model_type]
+            arch = _ARCH_OF_MODEL_TYPE[model_type]
 
         def need(key: str) -> Any:
             if key not in raw:

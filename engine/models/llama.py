@@ -17,14 +17,14 @@ from sparse_serve.engine.models.layers import RMSNorm, RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelArchConfig, rope: RotaryEmbedding):
+    def __init__(self, cfg: ModelArchConfig, rope: RotaryEmbedding, layer: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                                    rope, cfg.sliding_window)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SparseMLP(cfg.hidden_size, cfg.intermediate_size, cfg.ffn_act, cfg.act_threshold,
-                             cfg.predictor_rank)
+                             cfg.predictor_rank_of(layer))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
         x = x + self.self_attn(self.input_layernorm(x), positions, meta)
@@ -39,7 +39,7 @@ class DecoderModel(nn.Module):
         rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings,
                                cfg.rope_scaling_factor)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rope) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rope, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 

@@ -1,0 +1,1 @@
+"""Activation predictors trained for models that ship none (`sparse-serve train-predictors`)."""
