@@ -1,5 +1,6 @@
-"""Builds and loads the small native CPU kernels: the sparse FFN (kernels/csrc/sparse_ffn_cpu.cpp)
-and the paged-attention decode (kernels/csrc/paged_attention_cpu.cpp), one shared library.
+"""Builds and loads the small native CPU kernels: the sparse FFN (kernels/csrc/sparse_ffn_cpu.cpp),
+the paged-attention decode (kernels/csrc/paged_attention_cpu.cpp) and the weight-only int8 linear
+(kernels/csrc/linear_int8_cpu.cpp), one shared library.
 
 NOTE: a plain shared library loaded with ctypes, not a torch C++ extension: it includes no torch
 headers, so it compiles in a few seconds with the system g++ on first use (which `make test`
@@ -25,7 +26,8 @@ from sparse_serve.kernels.cache import cache_root
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("sparse_ffn_cpu.cpp", "paged_attention_cpu.cpp")]
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("sparse_ffn_cpu.cpp", "paged_attention_cpu.cpp",
+                                                                   "linear_int8_cpu.cpp")]
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -76,7 +78,7 @@ def _build(target: Path) -> None:
 
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, c_int, c_float = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    lib.sparse_ffn_cpu.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i64, c_int, c_float,
+    lib.sparse_ffn_cpu.argtypes = [p, p, p, p, p, p, p, p, p, p, i64, i64, i64, c_int, c_float,
                                    c_int, c_int]
     lib.sparse_ffn_cpu.restype = c_int
     lib.linear_cpu.argtypes = [p, p, p, i64, i64, i64, c_int, c_int]
@@ -84,8 +86,13 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.paged_attention_decode_cpu.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, c_float, i64,
                                                c_int]
     lib.paged_attention_decode_cpu.restype = c_int
+    lib.linear_int8_cpu.argtypes = [p, p, p, p, i64, i64, i64, c_int, c_int]
+    lib.linear_int8_cpu.restype = c_int
     lib.sparse_ffn_cpu_max_batch.argtypes = []
     lib.sparse_ffn_cpu_max_batch.restype = c_int
+    for name in ("sparse_ffn_cpu_prefetches", "sparse_ffn_cpu_row_chunk"):
+        getattr(lib, name).argtypes = []
+        getattr(lib, name).restype = c_int
 
 
 def load() -> ctypes.CDLL | None:

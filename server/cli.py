@@ -1,8 +1,8 @@
-"""`sparse-serve` (also `python -m sparse_serve.server`): serve, convert, calibrate.
+"""`sparse-serve` (also `python -m sparse_serve.server`): serve, convert, calibrate, train-predictors.
 
 `serve` maps its flags onto the one config tree (`EngineConfig.load(*--config, overrides=...)`),
 starts uvicorn at once (so /health answers 503 while the model loads) and loads the model in a
-background thread. `convert` and `calibrate` hand their arguments to the engine's tools,
+background thread. `convert`, `calibrate` and `train-predictors` hand their arguments to the engine's tools,
 imported only when used.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sparse_serve.engine.core.config import CONFIG_DIR, MODEL_DTYPES, EngineConfig
+from sparse_serve.engine.core.config import CONFIG_DIR, MODEL_DTYPES, QUANTIZATIONS, EngineConfig
+from sparse_serve.server.tools.parsers import PARSERS as TOOL_CALL_PARSERS
 
 logger = logging.getLogger("sparse_serve")
 
@@ -50,12 +51,14 @@ def parse_rate(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparse-serve",
                                      description="OpenAI-compatible server for activation-sparse LLMs")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,convert,calibrate}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,convert,calibrate,train-predictors}")
     serve = sub.add_parser("serve", help="run the HTTP server")
     sub.add_parser("convert", help="convert a GGUF checkpoint (see `sparse-serve convert --help`)",
                    add_help=False)
     sub.add_parser("calibrate", help="calibrate per-layer sparsity thresholds "
                    "(see `sparse-serve calibrate --help`)", add_help=False)
+    sub.add_parser("train-predictors", help="train activation predictors for a model without them "
+                   "(see `sparse-serve train-predictors --help`)", add_help=False)
 
     model = serve.add_argument_group("model")
     model.add_argument("--model", help="local model folder (default: the embedded default model)")
@@ -64,8 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--served-model-name", help="the name clients send as `model`")
     model.add_argument("--chat-template", metavar="FILE", help="Jinja chat template overriding the tokenizer's")
     model.add_argument("--sparsity", metavar="FILE", help="calibrated sparsity thresholds (JSON)")
+    model.add_argument("--predictor-threshold", type=float, metavar="FLOAT",
+                       help="a neuron runs iff its predictor logit exceeds this (default 0.0); higher "
+                            "skips more neurons (faster, lower recall)")
     model.add_argument("--dtype", choices=MODEL_DTYPES)
     model.add_argument("--device", help="auto, cpu or cuda[:N]")
+    model.add_argument("--quantization", choices=[q for q in QUANTIZATIONS if q],
+                       help="weight-only int8 for the attention projections and lm_head (CPU only; "
+                            "quality: docs/benchmarks/quantization.md)")
     model.add_argument("--max-model-len", type=int, help="context window (default: the model's)")
 
     engine = serve.add_argument_group("engine")
@@ -88,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--allowed-origins", nargs="+", metavar="ORIGIN",
                       help="turn CORS on for these origins ('*' for any)")
     http.add_argument("--log-level", choices=LOG_LEVELS)
+    http.add_argument("--tool-call-parser", choices=sorted(TOOL_CALL_PARSERS),
+                      help="how tool_choice 'auto' reads the model's calls (default hermes: <tool_call> JSON)")
     return parser
 
 
@@ -105,8 +116,10 @@ def config_overrides(args: argparse.Namespace, environ: dict[str, str] | None = 
         "model.served_model_name": args.served_model_name,
         "model.chat_template": args.chat_template,
         "model.sparsity_file": args.sparsity,
+        "model.predictor_threshold": args.predictor_threshold,
         "model.dtype": args.dtype,
         "model.device": args.device,
+        "model.quantization": args.quantization,
         "model.max_model_len": args.max_model_len,
         "scheduler.max_num_seqs": args.max_num_seqs,
         "scheduler.max_num_batched_tokens": args.max_num_batched_tokens,
@@ -120,6 +133,7 @@ def config_overrides(args: argparse.Namespace, environ: dict[str, str] | None = 
         "server.api_keys": api_keys,
         "server.allowed_origins": args.allowed_origins,
         "server.log_level": args.log_level,
+        "server.tool_call_parser": args.tool_call_parser,
     }
 
 
@@ -168,6 +182,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sparse_serve.engine.calibration.calibrate import main_calibrate
 
         return main_calibrate(argv[1:]) or 0
+    if argv and argv[0] == "train-predictors":
+        from sparse_serve.engine.predictors.cli import main_train_predictors
+
+        return main_train_predictors(argv[1:]) or 0
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -23,11 +23,15 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 # torch dtypes); "auto" picks one per device.
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 MODEL_DTYPES = ("auto", *DTYPE_NAMES)
+# Weight quantizations a model can be served with (None: the weights stay in the model dtype).
+QUANTIZATIONS = (None, "int8")
 
 
 @dataclass
 class ModelConfig:
     path: str | None = None                 # local HF-style folder; None: the embedded default
+    checkpoint_family: str | None = None    # check the folder against a published layout
+                                            # (engine/checkpoints/families.py)
     dtype: str = "auto"                     # auto | float32 | bfloat16 | float16
     device: str = "auto"                    # auto | cpu | cuda
     served_model_name: str | None = None    # defaults to the folder name
@@ -41,6 +45,8 @@ class ModelConfig:
     dense_fallback_fraction: float | None = None  # active fraction above which dense wins
     chat_template: str | None = None        # path to a Jinja file overriding the tokenizer's
     enforce_eager: bool = False             # True: no CUDA graphs for decode steps
+    quantization: str | None = None         # None | int8: weight-only int8 dense linears (CPU;
+                                            # engine/models/quantized.py)
     seed: int = 0
 
 
@@ -70,6 +76,7 @@ class ServerConfig:
     shutdown_timeout_s: float = 30.0
     log_level: str = "info"
     predictor_shadow_rate: float = 0.0      # fraction of steps checked against exact activation
+    tool_call_parser: str = "hermes"        # tool_choice "auto": hermes | mistral | llama3_json
 
 
 @dataclass
@@ -117,6 +124,11 @@ class EngineConfig:
             raise ValueError(f"model.ffn_act must be one of {ACTIVATIONS}, got {self.model.ffn_act!r}")
         if self.model.dtype not in MODEL_DTYPES:
             raise ValueError(f"model.dtype must be one of {MODEL_DTYPES}, got {self.model.dtype!r}")
+        if self.model.quantization not in QUANTIZATIONS:
+            raise ValueError(f"model.quantization must be one of {QUANTIZATIONS}, got {self.model.quantization!r}")
+        if self.model.quantization is not None and self.model.device.startswith("cuda"):
+            raise ValueError(f"model.quantization {self.model.quantization!r} (--quantization) runs on the CPU "
+                             "only for now; use --device cpu or drop --quantization")
         if self.cache.block_size < 1:
             raise ValueError("cache.block_size must be positive")
         if self.scheduler.max_num_seqs < 1 or self.scheduler.max_num_batched_tokens < 1:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_serve.engine.models.layers import RotaryEmbedding
-from sparse_serve.kernels import dispatch, paged_attention_cpu
+from sparse_serve.kernels import dispatch, linear_int8_cpu, paged_attention_cpu
 from sparse_serve.kernels.paged_attention import paged_attention_decode
 
 
@@ -115,6 +115,8 @@ class Attention(nn.Module):
         self.scale = head_dim ** -0.5
         # [Hq*D + 2*Hkv*D, H], filled by fuse_qkv(); not persistent, so checkpoints keep HF names.
         self.register_buffer("w_qkv", None, persistent=False)
+        # [Hq*D + 2*Hkv*D] float32 per-row scales when w_qkv holds int8 (engine/models/quantized.py).
+        self.register_buffer("w_qkv_scale", None, persistent=False)
         # Set by the model runner: (k_cache, v_cache), each [num_blocks, block_size, Hkv, D].
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -142,7 +144,7 @@ class Attention(nn.Module):
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         cos, sin = meta.rope_tables(self.rope, positions)
         if self.w_qkv is not None:
-            qkv = F.linear(x, self.w_qkv)                                        # [T, (Hq+2Hkv)*D]
+            qkv = self._project_qkv(x)                                           # [T, (Hq+2Hkv)*D]
             # q and k are rotated together: one set of elementwise ops for both.
             qk = rotate(qkv[:, :(hq + hkv) * d].view(num_tokens, hq + hkv, d), cos, sin)
             q, k = qk[:, :hq], qk[:, hq:]                                        # [T, Hq, D], [T, Hkv, D]
@@ -163,6 +165,12 @@ class Attention(nn.Module):
             else:
                 out = self._attend_paged(q, k_cache, v_cache, meta)
         return self.o_proj(out.reshape(num_tokens, hq * d))
+
+    def _project_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] through the fused weight: int8 weight-only when quantized, else F.linear."""
+        if self.w_qkv_scale is not None:
+            return linear_int8_cpu.linear_int8(x, self.w_qkv, self.w_qkv_scale)
+        return F.linear(x, self.w_qkv)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """q: [B, Hq, Q, D], k/v: [B, Hkv, K, D], mask: bool broadcastable to [B, Hq, Q, K]."""

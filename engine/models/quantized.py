@@ -1,0 +1,81 @@
+"""Weight-only int8 for the dense linears (`model.quantization: int8`, CPU only).
+
+After loading, `quantize_model` swaps attention's fused q/k/v weight, o_proj and lm_head for
+int8 weights with one fp32 scale per output row (kernels/linear_int8_cpu.py); activations,
+norms, the embedding and the KV cache keep the model dtype. The sparse FFN's weights are not
+touched here (they are read row by row by their own kernel).
+
+Parameter counts do not change: each int8 weight is a non-grad Parameter named `weight` of the
+same shape, so CausalLM.num_params and the activated-params accounting stay as they were.
+A tied head (lm_head shares the embedding) gets its own int8 copy: the embedding keeps the
+model dtype for its row lookups, and the copy adds 1 byte per weight (a quarter of an fp32
+embedding, half of a bf16 one) while the head, the largest single matrix of a small model,
+reads 4x fewer bytes per token. That copy is a buffer, not a Parameter, so the tied weight
+is still counted once.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparse_serve.engine.models.attention import Attention
+from sparse_serve.kernels.linear_int8_cpu import linear_int8, quantize_int8
+
+QUANTIZATION_METHODS = ("int8",)
+
+
+class QuantizedLinear(nn.Module):
+    """y = x @ (weight * scale[:, None]).T with weight int8 [N, K], scale float32 [N]; y in x's dtype."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, counted: bool = True):
+        super().__init__()
+        assert weight.dtype == torch.int8 and weight.dim() == 2, (weight.dtype, weight.shape)
+        assert scale.dtype == torch.float32 and scale.shape == weight.shape[:1], (scale.dtype, scale.shape)
+        self.out_features, self.in_features = weight.shape
+        if counted:
+            self.weight = nn.Parameter(weight, requires_grad=False)
+        else:   # a copy of a weight counted elsewhere (the tied head)
+            self.register_buffer("weight", weight)
+        self.register_buffer("scale", scale)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, counted: bool = True) -> QuantizedLinear:
+        if linear.bias is not None:
+            raise ValueError("int8 quantization supports linears without bias only")
+        return cls(*quantize_int8(linear.weight), counted=counted)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_int8(x, self.weight, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row scales"
+
+
+@torch.no_grad()
+def quantize_attention(attn: Attention) -> None:
+    """The fused [q; k; v] weight and o_proj to int8. q/k/v_proj become int8 views of the fused
+    int8 weight (their HF names and counts stay), so no floating copy stays alive."""
+    attn.fuse_qkv()
+    w_q, scale = quantize_int8(attn.w_qkv)                                 # [Nq+2Nkv, H], [Nq+2Nkv]
+    start = 0
+    for name in ("q_proj", "k_proj", "v_proj"):
+        rows = getattr(attn, name).weight.shape[0]
+        setattr(attn, name, QuantizedLinear(w_q[start:start + rows], scale[start:start + rows]))
+        start += rows
+    attn.w_qkv, attn.w_qkv_scale = w_q, scale
+    attn.o_proj = QuantizedLinear.from_linear(attn.o_proj)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, method: str) -> None:
+    """Quantize a loaded CausalLM (engine/models/llama.py) in place."""
+    if method not in QUANTIZATION_METHODS:
+        raise ValueError(f"unknown quantization {method!r} (choices: {', '.join(QUANTIZATION_METHODS)})")
+    device = model.lm_head.weight.device
+    if device.type != "cpu":
+        raise ValueError(f"--quantization {method} runs on the CPU only for now; the model is on {device} "
+                         "(serve it without --quantization, or with --device cpu)")
+    for layer in model.model.layers:
+        quantize_attention(layer.self_attn)
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    model.lm_head = QuantizedLinear.from_linear(model.lm_head, counted=not tied)

@@ -1,0 +1,75 @@
+"""Weight-only int8 linear on the CPU: the native kernel (kernels/csrc/linear_int8_cpu.cpp), its
+torch reference, and the per-row quantizer both read.
+
+A weight W [N, K] is stored as int8 w_q [N, K] and one fp32 scale per output row (symmetric, per
+channel): W ~= w_q * scale[:, None], |w_q| <= 127. Activations stay in the model dtype and the
+products accumulate in fp32, so only the weight bytes shrink (4x against fp32).
+NOTE: our own kernel because torch's CPU `aten._weight_int8pack_mm` measured 10-100x slower than
+fp32 F.linear on this AVX-512 host (docs/benchmarks/quantization.md).
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sparse_serve.kernels import cpu_native
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+@torch.no_grad()
+def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w [N, K] float -> (w_q int8 [N, K] contiguous, scale float32 [N]), symmetric per row.
+    An all-zero row gets scale 1 (its int8 row is zero either way)."""
+    w32 = w.float()
+    amax = w32.abs().amax(dim=1)                                          # [N]
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))    # [N]
+    w_q = torch.round(w32 / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
+    return w_q, scale.contiguous()
+
+
+def linear_int8_ref(x: Tensor, w_q: Tensor, scale: Tensor) -> Tensor:
+    """The definition: dequantise, then an fp32 matmul. x [..., K] -> [..., N] in x.dtype."""
+    w = w_q.float() * scale[:, None]                                      # [N, K]
+    return F.linear(x.float(), w).to(x.dtype)
+
+
+def native_supported(x: Tensor) -> bool:
+    """A CPU activation of a dtype the kernel reads, and a library that built."""
+    return x.device.type == "cpu" and x.dtype in _DTYPE_CODES and cpu_native.available()
+
+
+def linear_int8_native(x: Tensor, w_q: Tensor, scale: Tensor, out: Tensor | None = None) -> Tensor:
+    """x [M, K] float32/bfloat16 (any M >= 0); w_q int8 [N, K] contiguous; scale float32 [N].
+    Returns [M, N] in x.dtype, written into `out` when given. Reads w_q once per 64 rows of x."""
+    M, K = x.shape
+    N = w_q.shape[0]
+    assert x.device.type == "cpu" and x.dtype in _DTYPE_CODES, (x.device, x.dtype)
+    assert w_q.dtype == torch.int8 and w_q.shape == (N, K) and w_q.is_contiguous(), (w_q.dtype, w_q.shape)
+    assert scale.dtype == torch.float32 and scale.shape == (N,) and scale.is_contiguous(), (scale.dtype, scale.shape)
+    x = x.contiguous()
+    if out is None:
+        out = torch.empty(M, N, dtype=x.dtype)
+    assert out.shape == (M, N) and out.dtype == x.dtype and out.is_contiguous(), (out.shape, out.dtype)
+    if M == 0:
+        return out
+    lib = cpu_native.load()
+    rc = lib.linear_int8_cpu(ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(w_q.data_ptr()),
+                             ctypes.c_void_p(scale.data_ptr()), ctypes.c_void_p(out.data_ptr()), M, K, N,
+                             _DTYPE_CODES[x.dtype], torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"linear_int8_cpu failed ({rc})")
+    return out
+
+
+def linear_int8(x: Tensor, w_q: Tensor, scale: Tensor) -> Tensor:
+    """x [..., K] @ (w_q * scale).T -> [..., N] in x.dtype: the native kernel where it runs,
+    else the reference (correct, slower: it dequantises the whole weight per call)."""
+    if not native_supported(x):
+        return linear_int8_ref(x, w_q, scale)
+    lead = x.shape[:-1]
+    out = linear_int8_native(x.reshape(-1, x.shape[-1]), w_q, scale)
+    return out.view(*lead, w_q.shape[0])

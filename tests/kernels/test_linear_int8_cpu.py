@@ -1,0 +1,100 @@
+"""The native weight-only int8 linear (kernels/linear_int8_cpu.py) against its torch reference:
+random data, decode batches 1..64 and a prefill-sized batch past one 64-row block, K not a
+multiple of the vector width, odd N (a partial tile of output rows), float32 and bfloat16
+activations, a NaN-poisoned output buffer; and the quantizer's own contract."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparse_serve.kernels import cpu_native, linear_int8_cpu
+from sparse_serve.kernels.linear_int8_cpu import linear_int8_ref, quantize_int8
+from tests.kernels.kernel_cases import assert_close
+
+native = pytest.mark.skipif(not cpu_native.available(), reason="the native CPU kernels did not build")
+
+# (M, K, N): K = 100 and 37 leave tails of 4 and 5 past the vector loop, N = 13 and 7 a partial tile
+SHAPES = [(1, 64, 32), (1, 100, 13), (3, 37, 7), (16, 100, 13), (64, 96, 33), (70, 50, 9)]
+
+
+def _case(M: int, K: int, N: int, dtype: torch.dtype, seed: int = 5):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    w = torch.randn(N, K, generator=gen) / K ** 0.5
+    w_q, scale = quantize_int8(w)
+    return x, w, w_q, scale
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_native_matches_reference(shape, dtype):
+    x, _, w_q, scale = _case(*shape, dtype)
+    ref = linear_int8_ref(x, w_q, scale)
+    out = torch.full((shape[0], shape[2]), float("nan"), dtype=dtype)
+    result = linear_int8_cpu.linear_int8_native(x, w_q, scale, out=out)
+    assert result is out
+    assert_close(out, ref, dtype)
+
+
+@native
+def test_native_reads_strided_input_and_keeps_leading_dims():
+    x, _, w_q, scale = _case(8, 40, 11, torch.float32)
+    wide = torch.cat([x, torch.randn(8, 24)], dim=1)[:, :40]          # not contiguous
+    out = linear_int8_cpu.linear_int8(wide.view(2, 4, 40), w_q, scale)
+    assert out.shape == (2, 4, 11)
+    assert_close(out.view(8, 11), linear_int8_ref(x, w_q, scale), torch.float32)
+
+
+def test_quantization_error_and_reference():
+    """Per-row symmetric int8: |W - w_q * scale| <= scale / 2 elementwise, each row's largest
+    weight maps to +-127, and the product differs from the fp32 one by well under 1%."""
+    x, w, w_q, scale = _case(4, 200, 31, torch.float32)
+    assert w_q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (31,)
+    assert int(w_q.abs().amax(dim=1).min()) == 127
+    assert ((w - w_q.float() * scale[:, None]).abs() <= scale[:, None] / 2 + 1e-7).all()
+    exact = x @ w.T
+    rel = (linear_int8_ref(x, w_q, scale) - exact).norm() / exact.norm()
+    assert 0 < rel < 0.01, rel
+
+
+def test_zero_row_and_fallback_dtype():
+    w = torch.randn(3, 16)
+    w[1] = 0
+    w_q, scale = quantize_int8(w)
+    assert scale[1] == 1.0 and (w_q[1] == 0).all()
+    x = torch.randn(2, 16, dtype=torch.float16)                         # no native fp16 path
+    assert not linear_int8_cpu.native_supported(x)
+    out = linear_int8_cpu.linear_int8(x, w_q, scale)
+    assert out.dtype == torch.float16 and (out[:, 1] == 0).all()
+
+
+@native
+def test_refuses_bad_layout():
+    x, _, w_q, scale = _case(2, 32, 8, torch.float32)
+    with pytest.raises(AssertionError):
+        linear_int8_cpu.linear_int8_native(x, w_q.t().contiguous().t(), scale)   # not row-major
+    with pytest.raises(AssertionError):
+        linear_int8_cpu.linear_int8_native(x, w_q.float(), scale)                # not int8
+
+
+@native
+def test_fallback_matches_native(monkeypatch):
+    """Where the library did not build, linear_int8 runs the reference: same results."""
+    x, _, w_q, scale = _case(5, 70, 9, torch.float32)
+    native_out = linear_int8_cpu.linear_int8(x, w_q, scale)
+    monkeypatch.setattr(linear_int8_cpu.cpu_native, "available", lambda: False)
+    assert not linear_int8_cpu.native_supported(x)
+    assert_close(linear_int8_cpu.linear_int8(x, w_q, scale), native_out, torch.float32)
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rows_do_not_depend_on_the_batch(dtype):
+    """Each output element is one fixed-order dot product: a row's result is bitwise the same
+    alone or in any batch (greedy decoding stays batch invariant under int8)."""
+    x, _, w_q, scale = _case(70, 100, 13, dtype)
+    together = linear_int8_cpu.linear_int8_native(x, w_q, scale)
+    for i in (0, 5, 69):
+        assert torch.equal(linear_int8_cpu.linear_int8_native(x[i:i + 1], w_q, scale), together[i:i + 1])
+    assert torch.equal(linear_int8_cpu.linear_int8_native(x[3:10], w_q, scale), together[3:10])
