@@ -24,7 +24,6 @@ import argparse
 import datetime
 import logging
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from sparse_serve.bench.throughput import machine
 from sparse_serve.engine.calibration.calibration_data import load_windows
 from sparse_serve.engine.calibration.perplexity import evaluate
 from sparse_serve.engine.checkpoints.loader import load_model
@@ -179,18 +179,6 @@ def kernel_table(calls: int = 40) -> list[str]:
                          f"{ref[0] / q[0]:.2f}x |")
             logger.info(lines[-1])
     return lines
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def report(settings: list[Setting], args, info: dict) -> str:
