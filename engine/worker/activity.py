@@ -1,10 +1,12 @@
-"""What one step's FFN activity becomes on the host: the runner's output record and the single
-read-back of every layer's counts."""
+"""What one step's FFN activity becomes on the host: the runner's output record, and every
+layer's counts queued on the step's single read-back (engine/worker/readback.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+
+from sparse_serve.engine.worker.readback import StepReadback
 
 
 @dataclass
@@ -23,27 +25,30 @@ class RunnerOutput:
     predictor_precision: list[float] | None = None
 
 
-def read_activity(activities, sample_seq_ids: list[int], rows: list[int], num_tokens: int, intermediate_size: int,
-                  result: RunnerOutput) -> None:
-    """One host transfer for every layer's counts."""
+def register_activity(activities, readback: StepReadback) -> list[int]:
+    """Queues every layer's counts on the step's read-back (no host sync here)."""
     counts = torch.stack([a.active_counts for a in activities])            # [L, T]
-    rows_read = torch.stack([a.rows_read for a in activities]).sum(dim=1)  # [L]: gate + up + down
-    per_token_all = counts.sum(dim=0)                                       # [T]
-    num_layers = len(activities)
-    host = torch.cat([per_token_all.to(torch.float64), rows_read.to(torch.float64),
-                      counts.to(torch.float64).mean(dim=1)]).tolist()
-    per_token = host[:num_tokens]
-    layer_rows = [int(r) for r in host[num_tokens:num_tokens + num_layers]]
-    layer_mean = host[num_tokens + num_layers:]
+    parts = [counts.sum(dim=0),                                             # [T] active per token
+             torch.stack([a.rows_read for a in activities]).sum(dim=1),     # [L] gate + up + down
+             counts.to(torch.float64).mean(dim=1)]                          # [L]
+    if activities[0].shadow_recall is not None:
+        parts += [torch.stack([a.shadow_recall for a in activities]),
+                  torch.stack([a.shadow_precision for a in activities])]
+    return [readback.add(part) for part in parts]
+
+
+def apply_activity(host: list[list], handles: list[int], activities, sample_seq_ids: list[int],
+                   rows: list[int], intermediate_size: int, result: RunnerOutput) -> None:
+    """Fills `result` from the read-back values of register_activity's tensors."""
+    per_token, layer_rows, layer_mean = (host[h] for h in handles[:3])
     for seq_id, row in zip(sample_seq_ids, rows):
         result.num_active[seq_id] = int(per_token[row])
+    layer_rows = [int(r) for r in layer_rows]
     layer_rows_all = 3 * intermediate_size
     result.num_rows_read = sum(layer_rows)
     result.num_predictor_params_read = sum(a.predictor_params_read for a in activities)
     result.per_layer_active_fraction = [c / intermediate_size for c in layer_mean]
     result.per_layer_computed_fraction = [r / layer_rows_all for r in layer_rows]
-    result.computed_fraction = result.num_rows_read / (layer_rows_all * num_layers)
-    if activities[0].shadow_recall is not None:
-        recall = torch.stack([a.shadow_recall for a in activities]).tolist()
-        precision = torch.stack([a.shadow_precision for a in activities]).tolist()
-        result.predictor_recall, result.predictor_precision = recall, precision
+    result.computed_fraction = result.num_rows_read / (layer_rows_all * len(activities))
+    if len(handles) > 3:
+        result.predictor_recall, result.predictor_precision = host[handles[3]], host[handles[4]]

@@ -1,8 +1,9 @@
 """The only place where scheduled sequences become tensors.
 
-`execute(SchedulerOutput)` builds token ids, positions, slot mapping and block tables, runs the
-model, samples one token for each sequence that caught up with its tokens, and reads the FFN
-activity counts back once per step, after the sampler's own read-back of the sampled ids.
+`execute(SchedulerOutput)` builds token ids, positions, slot mapping and block tables (through
+pinned, non-blocking copies), runs the model (decode steps as CUDA graphs where captured),
+samples one token for each sequence that caught up with its tokens, and reads the sampled ids,
+logprobs and every layer's FFN counts back in one transfer per step.
 """
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ from sparse_serve.engine.models.arch_config import ModelArchConfig
 from sparse_serve.engine.models.attention import AttentionMetadata
 from sparse_serve.engine.models.llama import CausalLM
 from sparse_serve.engine.structured.bitmask import apply_grammar_bitmasks
-from sparse_serve.engine.worker.activity import RunnerOutput, read_activity
+from sparse_serve.engine.worker.activity import RunnerOutput, apply_activity, register_activity
 from sparse_serve.engine.worker.decode_graphs import DEFAULT_MAX_CAPTURE_LEN, DecodeGraphs, HostBatch, padding_is_silent
 from sparse_serve.engine.worker.host_staging import HostStaging
 from sparse_serve.engine.worker.huge_pages import huge_page_bytes, pack_on_huge_pages
+from sparse_serve.engine.worker.readback import StepReadback
 from sparse_serve.engine.worker.sampler import Sampler, make_generator
 from sparse_serve.engine.worker.sampling_tensors import SamplingTensors
 from sparse_serve.engine.worker.token_counts import TokenCounts
@@ -187,6 +189,8 @@ class ModelRunner:
                 selected = hidden[self.staging.to_device("sample_rows", rows, torch.long)]
             logits = self.model.compute_logits(selected) if rows else None      # [S, V]
         result = RunnerOutput(sampled={})
+        readback = StepReadback()   # the step's one device-to-host transfer
+        sampled = None
         if rows:
             seqs = [item.seq for item in sample_items]
             self._mask_padded_vocab(logits)
@@ -195,17 +199,23 @@ class ModelRunner:
             tensors = self._sampling_tensors(seqs, logits.shape[1])
             penalised = tensors.repetition is not None or tensors.frequency is not None \
                 or tensors.presence is not None
-            sampled = self.sampler(logits, [s.params for s in seqs], [s.prompt_token_ids for s in seqs],
-                                   [s.output_token_ids for s in seqs], [self._generator(s) for s in seqs],
-                                   tensors=tensors, token_stats=self.token_counts.rows(seqs) if penalised else None)
+            sampled = self.sampler.sample(logits, [s.params for s in seqs], [s.prompt_token_ids for s in seqs],
+                                          [s.output_token_ids for s in seqs], [self._generator(s) for s in seqs],
+                                          tensors=tensors,
+                                          token_stats=self.token_counts.rows(seqs) if penalised else None)
             if penalised:
-                self.token_counts.record(seqs, sampled.device_token_ids)
-            for seq, token_id, logprob in zip(seqs, sampled.token_ids, sampled.logprobs):
+                self.token_counts.record(seqs, sampled.token_ids)
+            sample_handles = sampled.register(readback)
+        activity_handles = register_activity(activities, readback)
+        host = readback.fetch()
+        if sampled is not None:
+            output = sampled.output(host, sample_handles)
+            for seq, token_id, logprob in zip(seqs, output.token_ids, output.logprobs):
                 result.sampled[seq.seq_id] = token_id
                 if logprob is not None:
                     result.logprobs[seq.seq_id] = logprob
-        read_activity(activities, [item.seq.seq_id for item in sample_items], rows, len(batch.token_ids),
-                      self.arch.intermediate_size, result)
+        apply_activity(host, activity_handles, activities, [item.seq.seq_id for item in sample_items], rows,
+                       self.arch.intermediate_size, result)
         return result
 
     def _sampling_tensors(self, seqs, vocab_size: int) -> SamplingTensors:

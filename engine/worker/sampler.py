@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from sparse_serve.engine.core.sampling_params import SamplingParams
+from sparse_serve.engine.worker.readback import StepReadback
 from sparse_serve.engine.worker.sampling_tensors import SamplingTensors
 
 logger = logging.getLogger(__name__)
@@ -175,12 +176,13 @@ def _sample_rows(logits: torch.Tensor, tensors: SamplingTensors,
 class Sampler:
     """Stateless; per-sequence state (generators, token statistics) is passed in each call."""
 
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
-                 prompt_token_ids: list[list[int]], output_token_ids: list[list[int]],
-                 generators: list[torch.Generator | None], *, tensors: SamplingTensors | None = None,
-                 token_stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> SamplerOutput:
-        """tensors: this batch's SamplingTensors (built here when None); token_stats: (seen,
-        counts) kept on the device by the engine (built from the histories when None)."""
+    def sample(self, logits: torch.Tensor, params: list[SamplingParams],
+               prompt_token_ids: list[list[int]], output_token_ids: list[list[int]],
+               generators: list[torch.Generator | None], *, tensors: SamplingTensors | None = None,
+               token_stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> DeviceSample:
+        """One token per row, left on the device (no host sync). tensors: this batch's
+        SamplingTensors (built here when None); token_stats: (seen, counts) kept on the device by
+        the engine (built from the histories when None)."""
         num_rows, vocab_size = logits.shape
         assert logits.dim() == 2, f"logits must be [S, V], got {tuple(logits.shape)}"
         assert len(params) == len(prompt_token_ids) == len(output_token_ids) \
@@ -213,27 +215,47 @@ class Sampler:
                 logits[sampled_index], tensors.rows(sampled_rows, sampled_index),
                 [generators[i] for i in sampled_rows])
 
-        return SamplerOutput(
-            token_ids=token_ids.tolist(), device_token_ids=token_ids,
-            logprobs=self._gather_logprobs(logprobs, logprob_rows, token_ids, params, num_rows),
-        )
+        sampled = DeviceSample(token_ids, logprob_rows, [params[i].logprobs for i in logprob_rows])
+        if logprobs is not None:
+            row_index = torch.tensor(logprob_rows, device=token_ids.device)
+            sampled.chosen = logprobs.gather(1, token_ids[row_index].unsqueeze(1)).squeeze(1)  # [L]
+            max_k = max(sampled.top_k)
+            if max_k > 0:
+                top = logprobs.topk(max_k, dim=-1)
+                sampled.top_values, sampled.top_ids = top.values, top.indices           # [L, K]
+        return sampled
 
-    @staticmethod
-    def _gather_logprobs(logprobs: torch.Tensor | None, logprob_rows: list[int],
-                         token_ids: torch.Tensor, params: list[SamplingParams],
-                         num_rows: int) -> list[TokenLogprobs | None]:
-        result: list[TokenLogprobs | None] = [None] * num_rows
-        if logprobs is None:
-            return result
-        row_index = torch.tensor(logprob_rows, device=token_ids.device)
-        chosen = logprobs.gather(1, token_ids[row_index].unsqueeze(1)).squeeze(1)  # [L]
-        max_k = max(params[i].logprobs for i in logprob_rows)
-        chosen_list = chosen.tolist()
-        if max_k > 0:
-            top = logprobs.topk(max_k, dim=-1)
-            top_values, top_ids = top.values.tolist(), top.indices.tolist()
-        for j, row in enumerate(logprob_rows):
-            k = params[row].logprobs
-            top_list = list(zip(top_ids[j][:k], top_values[j][:k])) if k > 0 else []
-            result[row] = (chosen_list[j], top_list)
-        return result
+    def __call__(self, *args, **kwargs) -> SamplerOutput:
+        """sample() and its own read-back (the runner shares one read-back with its counts)."""
+        readback = StepReadback()
+        sampled = self.sample(*args, **kwargs)
+        handles = sampled.register(readback)
+        return sampled.output(readback.fetch(), handles)
+
+
+@dataclass
+class DeviceSample:
+    """A step's sampled ids and logprobs, still on the device until the step's read-back."""
+    token_ids: torch.Tensor                        # [S] int64
+    logprob_rows: list[int]
+    top_k: list[int]                               # per logprob row: top logprobs asked for
+    chosen: torch.Tensor | None = None             # [L] logprob of each chosen token
+    top_values: torch.Tensor | None = None         # [L, K]
+    top_ids: torch.Tensor | None = None            # [L, K]
+
+    def register(self, readback: StepReadback) -> list[int]:
+        return [readback.add(t) for t in (self.token_ids, self.chosen, self.top_values, self.top_ids)
+                if t is not None]
+
+    def output(self, host: list[list], handles: list[int]) -> SamplerOutput:
+        parts = iter(host[h] for h in handles)
+        token_ids = [int(t) for t in next(parts)]
+        logprobs: list[TokenLogprobs | None] = [None] * len(token_ids)
+        if self.chosen is not None:
+            chosen = next(parts)
+            top_values, top_ids = (next(parts), next(parts)) if self.top_values is not None else (None, None)
+            for j, row in enumerate(self.logprob_rows):
+                k = self.top_k[j]
+                top = [(int(i), v) for i, v in zip(top_ids[j][:k], top_values[j][:k])] if k > 0 else []
+                logprobs[row] = (chosen[j], top)
+        return SamplerOutput(token_ids=token_ids, logprobs=logprobs, device_token_ids=self.token_ids)
