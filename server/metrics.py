@@ -127,6 +127,10 @@ class ServerMetrics:
         self.num_requests_waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
         self.kv_cache_usage = gauge("kv_cache_usage_perc",
                                     "KV cache usage as a fraction 0-1 (used blocks / all blocks).")
+        # vLLM's info gauge (value 1, the facts in labels), which load-aware routers read for the
+        # cache geometry; num_gpu_blocks keeps vLLM's label name on a CPU too.
+        self.cache_config_info = gauge("cache_config_info", "KV cache configuration (value 1; the labels).",
+                                       m + ("block_size", "num_gpu_blocks"))
         self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
         self.num_preemptions = counter("num_preemptions", "Sequences preempted (KV blocks reclaimed).")
@@ -281,6 +285,9 @@ class ServerMetrics:
         self.num_requests_running.labels(model_name=name).set(stats.num_running)
         self.num_requests_waiting.labels(model_name=name).set(stats.num_waiting)
         self.kv_cache_usage.labels(model_name=name).set(stats.kv_cache_usage)
+        if stats.num_total_blocks and stats.block_size:
+            self.cache_config_info.labels(model_name=name, block_size=str(stats.block_size),
+                                          num_gpu_blocks=str(stats.num_total_blocks)).set(1)
         self.engine_dead.labels(model_name=name).set(int(stats.dead))
         with self._lock:
             for key, value, counter in (("preemptions", stats.num_preemptions, self.num_preemptions),

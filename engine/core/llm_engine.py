@@ -189,6 +189,6 @@ class LLMEngine:
     def get_stats(self) -> EngineStats:
         bm = self.block_manager
         return EngineStats(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
-                           num_total_blocks=bm.num_blocks, num_free_blocks=bm.num_free_blocks,
+                           num_total_blocks=bm.num_blocks, num_free_blocks=bm.num_free_blocks, block_size=bm.block_size,
                            kv_cache_usage=bm.usage, num_preemptions=self.scheduler.num_preemptions,
                            prefix_cache_queries=bm.prefix_cache_queries, prefix_cache_hits=bm.prefix_cache_hits)

@@ -88,6 +88,7 @@ class EngineStats:
     num_waiting: int = 0
     num_total_blocks: int = 0
     num_free_blocks: int = 0
+    block_size: int = 0                        # tokens per KV block
     kv_cache_usage: float = 0.0                # used blocks / all blocks
     num_preemptions: int = 0                   # since start
     prefix_cache_queries: int = 0              # tokens looked up, since start

@@ -186,6 +186,9 @@ def test_engine_stats_gauges_and_monotonic_counters():
         assert value(text, "sparseserve_num_requests_waiting", **m) == preempt
     assert value(text, "sparseserve_num_requests_running", **m) == 2
     assert value(text, "sparseserve_kv_cache_usage_perc", **m) == 0.25
+    assert "sparseserve_cache_config_info" not in sample_names(text)      # no cache geometry known yet
+    metrics.update_engine_stats(EngineStats(num_total_blocks=64, num_free_blocks=64, block_size=16))
+    assert value(render(metrics), "sparseserve_cache_config_info", block_size="16", num_gpu_blocks="64", **m) == 1
 
 
 def test_http_requests_by_route_and_status():
