@@ -15,7 +15,9 @@ def test_smoke_run_fills_every_row(tmp_path, capsys):
     assert variants == ["sparse"] * 2 + ["eager"] * 2 + ["dense"] * 2 + ["transformers"] * 2
     for row in rows:
         cells = [c.strip() for c in row.split("|")[1:-1]]
-        assert float(cells[2]) > 0 and float(cells[4]) > 0                  # step ms, byte floor
+        assert float(cells[4]) > 0                                           # byte floor
+        # step ms; transformers' is a difference of two timings, which a busy host can swallow
+        assert float(cells[2]) > 0 or (cells[0] == "transformers" and "too short to time" in cells[-1]), row
     dense_active = [float(r.split("|")[8]) for r in rows if "| dense |" in r]
     sparse_active = [float(r.split("|")[8]) for r in rows if "| sparse |" in r]
     assert max(sparse_active) < min(dense_active)                          # the predictor cut neurons
