@@ -18,7 +18,7 @@ from sparse_serve.engine.checkpoints.families import check_config, check_tensors
 from sparse_serve.engine.checkpoints.safetensors_io import TensorEntry, read_header, read_into
 from sparse_serve.engine.core.config import DTYPE_NAMES, ModelConfig
 from sparse_serve.engine.core.errors import ModelLoadError
-from sparse_serve.engine.models.arch_config import ModelArchConfig
+from sparse_serve.engine.models.arch_config import ModelArchConfig, read_config_json
 from sparse_serve.engine.models.llama import CausalLM
 
 logger = logging.getLogger(__name__)
@@ -75,19 +75,6 @@ def checkpoint_entries(folder: Path) -> dict[str, TensorEntry]:
     if single.is_file():
         return read_header(single)
     raise ModelLoadError(f"{folder}: no model.safetensors or model.safetensors.index.json found")
-
-
-def read_config_json(folder: Path) -> dict:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise ModelLoadError(f"{path}: config.json not found in the model folder")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise ModelLoadError(f"{path}: top level must be a JSON object")
-    return raw
 
 
 def load_arch_config(cfg: ModelConfig, folder: Path, entries: dict[str, TensorEntry]) -> ModelArchConfig:

@@ -23,6 +23,20 @@ _ARCH_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausal
                        "bamboo": "BambooForCausalLM", "sparsellama": "SparseLlamaForCausalLM"}
 
 
+def read_config_json(folder: Path) -> dict[str, Any]:
+    """A model folder's config.json as a dict; ModelLoadError naming the file otherwise."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: config.json not found in the model folder")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{path}: top level must be a JSON object")
+    return raw
+
+
 @dataclass
 class ModelArchConfig:
     architecture: str
@@ -111,14 +125,7 @@ class ModelArchConfig:
 
     @classmethod
     def from_folder(cls, folder: str | Path, **overrides: Any) -> "ModelArchConfig":
-        path = Path(folder) / "config.json"
-        if not path.is_file():
-            raise ModelLoadError(f"{path}: config.json not found in the model folder")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ModelLoadError(f"{path}: not valid JSON ({exc})") from exc
-        return cls.from_dict(raw, source=str(path), **overrides)
+        return cls.from_dict(read_config_json(Path(folder)), source=str(Path(folder) / "config.json"), **overrides)
 
 
 def _rope(raw: dict[str, Any], source: str) -> tuple[float, float]:
