@@ -92,25 +92,6 @@ def apply_penalties(logits: torch.Tensor, tensors: SamplingTensors, seen: torch.
             logits -= tensors.presence * (counts > 0).to(logits.dtype)
 
 
-def apply_repetition_penalty(logits: torch.Tensor, params: list[SamplingParams],
-                             prompt_token_ids: list[list[int]],
-                             output_token_ids: list[list[int]]) -> None:
-    """In place, the repetition penalty alone, from the histories (see apply_penalties)."""
-    tensors = SamplingTensors.build(params, logits.shape[1], logits.device)
-    tensors.frequency = tensors.presence = None
-    seen, counts = history_stats(params, prompt_token_ids, output_token_ids, logits.shape[1], logits.device)
-    apply_penalties(logits, tensors, seen, counts)
-
-
-def apply_presence_frequency_penalties(logits: torch.Tensor, params: list[SamplingParams],
-                                       output_token_ids: list[list[int]]) -> None:
-    """In place, presence and frequency penalties alone, from the histories."""
-    tensors = SamplingTensors.build(params, logits.shape[1], logits.device)
-    tensors.repetition = None
-    seen, counts = history_stats(params, [[] for _ in params], output_token_ids, logits.shape[1], logits.device)
-    apply_penalties(logits, tensors, seen, counts)
-
-
 def _top_k_top_p(logits: torch.Tensor, tensors: SamplingTensors) -> torch.Tensor:
     """Masks (to -inf) tokens outside each row's top_k, then outside its top_p nucleus of the
     renormalised remainder. top_k <= 0 and top_p == 1 mean off for that row."""

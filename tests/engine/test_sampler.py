@@ -11,10 +11,11 @@ from sparse_serve.engine.core.sampling_params import SamplingParams
 from sparse_serve.engine.worker.sampler import (
     Sampler,
     SamplerOutput,
-    apply_presence_frequency_penalties,
-    apply_repetition_penalty,
+    apply_penalties,
+    history_stats,
     make_generator,
 )
+from sparse_serve.engine.worker.sampling_tensors import SamplingTensors
 
 V = 32
 
@@ -212,9 +213,10 @@ def test_penalties_vectorised_fast_enough_at_batch_64():
                              presence_penalty=0.2, frequency_penalty=0.1, logprobs=5)] * rows
 
     def penalties():
+        # the offline path: statistics rebuilt from the histories, then every penalty
         work = logits.clone()
-        apply_repetition_penalty(work, params, prompts, outputs)
-        apply_presence_frequency_penalties(work, params, outputs)
+        seen, counts = history_stats(params, prompts, outputs, vocab, work.device)
+        apply_penalties(work, SamplingTensors.build(params, vocab, work.device), seen, counts)
 
     penalties()  # warm-up
     start = time.perf_counter()
