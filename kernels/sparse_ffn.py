@@ -32,7 +32,13 @@ from torch import Tensor
 
 from sparse_serve.kernels import cpu_native, dispatch, sparse_ffn_cpu
 from sparse_serve.kernels.activations import check_act
-from sparse_serve.kernels.sparse_ffn_ref import dense_ffn, group_counts_ref, predict_active_ref, prediction_groups
+from sparse_serve.kernels.sparse_ffn_ref import (
+    RowScales,
+    dense_ffn,
+    group_counts_ref,
+    predict_active_ref,
+    prediction_groups,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +91,8 @@ def sparse_ffn(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act: s
                threshold: float = 0.0, predicted: Tensor | None = None,
                dense_fallback_fraction: float | None = None,
                predicted_group_counts: Tensor | None = None,
-               rows_read: Tensor | None = None) -> tuple[Tensor, Tensor]:
+               rows_read: Tensor | None = None,
+               row_scales: RowScales | None = None) -> tuple[Tensor, Tensor]:
     """Gated FFN that reads only the active neurons' weights.
 
     x [T, H] normed FFN input; w_gate, w_up [I, H] and w_down_t [I, H] (down_proj.weight
@@ -94,6 +101,8 @@ def sparse_ffn(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act: s
     CUDA kernels then skip their compaction launch (the other paths have no use for it).
     Returns (out [T, H] in x.dtype, active [T, I] bool). The batch reads the union of its rows'
     active neurons; each row's own `active` is returned. rows_read: see the module docstring.
+    row_scales: the per-row fp32 scales of weight-only int8 weights (CPU only): the native
+    kernel reads the int8 rows, in chunks of its maximum batch (64 rows of x) for a prefill.
     """
     check_act(act)
     _check_inputs(x, w_gate, w_up, w_down_t, predicted)
@@ -105,6 +114,9 @@ def sparse_ffn(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act: s
     T, H = x.shape
     fallback = (default_dense_fallback(x.device, w_gate.dtype, T, H)
                 if dense_fallback_fraction is None else dense_fallback_fraction)
+    if row_scales is not None:
+        return _sparse_ffn_int8_cpu(x, w_gate, w_up, w_down_t, act, threshold, predicted, fallback,
+                                    rows_read, row_scales)
     if dispatch.runs_triton(x):
         if T > CUDA_SPARSE_MAX_ROWS:
             return dense_ffn(x, w_gate, w_up, w_down_t, act, threshold, predicted, rows_read)
@@ -136,6 +148,36 @@ def _sparse_ffn_cpu(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, a
         return dense_ffn(x, w_gate, w_up, w_down_t, act, threshold, predicted, rows_read)
     return sparse_ffn_cpu.sparse_ffn_torch(x, w_gate, w_up, w_down_t, act, threshold, predicted,
                                            rows_read)
+
+
+def _sparse_ffn_int8_cpu(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act: str,
+                         threshold: float, predicted: Tensor | None, fallback: float,
+                         rows_read: Tensor | None, row_scales: RowScales) -> tuple[Tensor, Tensor]:
+    """int8 weights: the native kernel (there is no int8 BLAS to fall back to), a prefill in
+    chunks of MAX_NATIVE_BATCH rows of x (each chunk reads its own union of rows, counted);
+    the dequantizing reference where the kernel cannot run or a dense fallback is asked for."""
+    if x.is_cuda:
+        raise ValueError("int8 FFN weights run on the CPU only")
+    if fallback < 1.0 or not cpu_native.available():
+        return dense_ffn(x, w_gate, w_up, w_down_t, act, threshold, predicted, rows_read, row_scales)
+    chunk = sparse_ffn_cpu.MAX_NATIVE_BATCH
+    if x.shape[0] <= chunk:
+        return sparse_ffn_cpu.sparse_ffn_native(x, w_gate, w_up, w_down_t, act, threshold, predicted,
+                                                rows_read, row_scales)
+    outs, actives = [], []
+    chunk_read = torch.empty(3, dtype=torch.int64)                        # [3] per chunk
+    if rows_read is not None:
+        rows_read.zero_()
+    for start in range(0, x.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        out, active = sparse_ffn_cpu.sparse_ffn_native(
+            x[rows], w_gate, w_up, w_down_t, act, threshold,
+            None if predicted is None else predicted[rows], chunk_read, row_scales)
+        outs.append(out)
+        actives.append(active)
+        if rows_read is not None:
+            rows_read += chunk_read
+    return torch.cat(outs), torch.cat(actives)
 
 
 def new_group_counts(num_neurons: int, device: torch.device) -> Tensor:

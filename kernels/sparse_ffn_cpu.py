@@ -16,9 +16,9 @@ from torch import Tensor
 
 from sparse_serve.kernels import cpu_native
 from sparse_serve.kernels.activations import ACT_CODES, check_act
-from sparse_serve.kernels.sparse_ffn_ref import apply_activation
+from sparse_serve.kernels.sparse_ffn_ref import RowScales, apply_activation
 
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}
 MAX_NATIVE_BATCH = 64
 
 
@@ -31,13 +31,26 @@ def native_supported(x: Tensor, w_gate: Tensor) -> bool:
             and cpu_native.available())
 
 
+def _check_scales(w: Tensor, scale: Tensor | None, name: str, dim: int = 0) -> None:
+    """int8 weights need their fp32 scales (one per row: dim 0, or per column: dim 1); float
+    weights take none."""
+    if w.dtype != torch.int8:
+        assert scale is None, f"{name}: scales given for {w.dtype} weights"
+        return
+    assert scale is not None, f"{name}: int8 weights need their scales"
+    assert (scale.dtype == torch.float32 and scale.shape == w.shape[dim:dim + 1] and scale.is_contiguous()
+            and not scale.is_cuda), (name, scale.dtype, scale.shape)
+
+
 def sparse_ffn_native(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act: str,
                       threshold: float = 0.0, predicted: Tensor | None = None,
-                      rows_read: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                      rows_read: Tensor | None = None,
+                      row_scales: RowScales | None = None) -> tuple[Tensor, Tensor]:
     """Copy-free sparse FFN on CPU tensors.
 
     x [T, H] (any float dtype, T <= 64); w_gate, w_up, w_down_t [I, H] contiguous, one dtype of
-    float32 / bfloat16 / float16; predicted [T, I] bool or None. Returns (out [T, H] in x.dtype,
+    float32 / bfloat16 / float16 / int8 (int8 with row_scales: gate and up [I] per neuron, down
+    [H] per hidden channel; kernels/sparse_ffn_ref.py RowScales); predicted [T, I] bool or None. Returns (out [T, H] in x.dtype,
     active [T, I] bool). Reads a gate row only for predicted neurons (all in exact mode), an up
     row only where the gate survived for some batch row, and a down row only where h != 0; and
     prefetches some rows ahead of use that may then go unused (the kernel's comments say which).
@@ -55,6 +68,9 @@ def sparse_ffn_native(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
         assert w.shape == (I, H) and w.is_contiguous() and w.dtype == w_gate.dtype, (
             w.shape, w.dtype)
     assert w_gate.dtype in _DTYPE_CODES, w_gate.dtype
+    scales = row_scales if row_scales is not None else RowScales(None, None, None)
+    for name, w, scale, dim in zip(("gate", "up", "down"), (w_gate, w_up, w_down_t), scales, (0, 0, 1)):
+        _check_scales(w, scale, name, dim)
     xf = x.float().contiguous()                       # [T, H]
     pred = None
     if predicted is not None:
@@ -69,7 +85,7 @@ def sparse_ffn_native(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
     assert (rows_read.shape == (3,) and rows_read.dtype == torch.int64 and not rows_read.is_cuda
             and rows_read.is_contiguous()), (rows_read.dtype, rows_read.shape)
     rc = lib.sparse_ffn_cpu(
-        _ptr(xf), _ptr(w_gate), _ptr(w_up), _ptr(w_down_t), _ptr(pred), _ptr(h),
+        _ptr(xf), _ptr(w_gate), _ptr(w_up), _ptr(w_down_t), *map(_ptr, scales), _ptr(pred), _ptr(h),
         _ptr(active), _ptr(any_active), _ptr(out), _ptr(rows_read), T, H, I, ACT_CODES[act],
         float(threshold), _DTYPE_CODES[w_gate.dtype], torch.get_num_threads())
     if rc != 0:
@@ -77,8 +93,9 @@ def sparse_ffn_native(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
     return out.to(x.dtype), active
 
 
-def linear_native(x: Tensor, w: Tensor) -> Tensor:
-    """x [T, K] (T <= 64) @ w [N, K].T -> [T, N] float32, reading w once as stored."""
+def linear_native(x: Tensor, w: Tensor, scale: Tensor | None = None) -> Tensor:
+    """x [T, K] (T <= 64) @ w [N, K].T -> [T, N] float32, reading w once as stored (int8 w
+    with its per-row fp32 scale [N])."""
     lib = cpu_native.load()
     if lib is None:
         raise RuntimeError("native CPU kernel is not available")
@@ -86,9 +103,10 @@ def linear_native(x: Tensor, w: Tensor) -> Tensor:
     N = w.shape[0]
     assert not x.is_cuda and 1 <= T <= MAX_NATIVE_BATCH, x.shape
     assert w.shape == (N, K) and w.is_contiguous() and w.dtype in _DTYPE_CODES, (w.shape, w.dtype)
+    _check_scales(w, scale, "w")
     xf = x.float().contiguous()                       # [T, K]
     out = torch.empty(T, N, dtype=torch.float32)      # [T, N], fully written
-    rc = lib.linear_cpu(_ptr(xf), _ptr(w), _ptr(out), T, K, N, _DTYPE_CODES[w.dtype],
+    rc = lib.linear_cpu(_ptr(xf), _ptr(w), _ptr(scale), _ptr(out), T, K, N, _DTYPE_CODES[w.dtype],
                         torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"native linear kernel failed with code {rc}")

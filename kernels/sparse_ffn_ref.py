@@ -7,11 +7,23 @@ on any device, so they double as the dense path of last resort.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from sparse_serve.kernels.activations import check_act
+
+
+class RowScales(NamedTuple):
+    """fp32 scales of weight-only int8 FFN weights (w_gate, w_up, w_down_t all int8 [I, H]):
+    gate [I] and up [I] per neuron row; down [H] per hidden channel, i.e. per column of w_down_t
+    (down_proj's output channels: a neuron's down row spans the residual stream's outlier
+    channels, which would set a per-row scale; docs/benchmarks/quantization.md)."""
+    gate: Tensor
+    up: Tensor
+    down: Tensor
 
 
 def apply_activation(g: Tensor, u: Tensor, act: str, threshold: float) -> Tensor:
@@ -27,32 +39,49 @@ def apply_activation(g: Tensor, u: Tensor, act: str, threshold: float) -> Tensor
     return torch.where(g > threshold, g, torch.zeros_like(g)) * u  # fatrelu
 
 
+def dequantize(w: Tensor, scale: Tensor | None, dim: int = 0) -> Tensor:
+    """w [N, K] as float32: int8 times its fp32 scales along `dim` (0: one per row [N], 1: one
+    per column [K]; weight-only int8), else w."""
+    if scale is None:
+        return w.float()
+    assert w.dtype == torch.int8 and scale.shape == w.shape[dim:dim + 1], (w.dtype, w.shape, scale.shape)
+    return w.float() * (scale.float()[:, None] if dim == 0 else scale.float()[None, :])
+
+
 def sparse_ffn_ref(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act: str,
-                   threshold: float = 0.0, predicted: Tensor | None = None
-                   ) -> tuple[Tensor, Tensor]:
-    """(out [T, H] in x.dtype, active [T, I] bool); see kernels/sparse_ffn.py for the contract."""
+                   threshold: float = 0.0, predicted: Tensor | None = None,
+                   row_scales: RowScales | None = None) -> tuple[Tensor, Tensor]:
+    """(out [T, H] in x.dtype, active [T, I] bool); see kernels/sparse_ffn.py for the contract.
+    row_scales: the per-row scales of int8 weights (each weight is dequantized first)."""
+    sg, su, sd = row_scales if row_scales is not None else (None, None, None)
     xf = x.float()                                   # [T, H]
-    g = xf @ w_gate.float().t()                      # [T, I]
-    u = xf @ w_up.float().t()                        # [T, I]
+    g = xf @ dequantize(w_gate, sg).t()              # [T, I]
+    u = xf @ dequantize(w_up, su).t()                # [T, I]
     h = apply_activation(g, u, act, threshold)       # [T, I]
     if predicted is not None:
         h = torch.where(predicted, h, torch.zeros_like(h))
     active = h != 0
-    out = h @ w_down_t.float()                       # [T, H]
+    out = h @ dequantize(w_down_t, sd, dim=1)        # [T, H]
     return out.to(x.dtype), active
 
 
 def dense_ffn(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act: str,
               threshold: float = 0.0, predicted: Tensor | None = None,
-              rows_read: Tensor | None = None) -> tuple[Tensor, Tensor]:
+              rows_read: Tensor | None = None,
+              row_scales: RowScales | None = None) -> tuple[Tensor, Tensor]:
     """The dense fallback: every weight read once with the BLAS of the weights' dtype.
 
     Same semantics as the reference, but computed in the weights' dtype (no float32 copies of
     the weights), so it is what the dispatcher uses when most neurons are active. rows_read
     (int64 [3], optional) receives the (gate, up, down) rows read: all I of each.
+    int8 weights (row_scales given) have no BLAS: they go through the reference, which
+    dequantizes every weight (correct, slow: the serving path never takes it, see
+    kernels/sparse_ffn.py).
     """
     if rows_read is not None:
         rows_read.fill_(w_gate.shape[0])
+    if row_scales is not None:
+        return sparse_ffn_ref(x, w_gate, w_up, w_down_t, act, threshold, predicted, row_scales)
     xw = x.to(w_gate.dtype)
     g = F.linear(xw, w_gate)                         # [T, I]
     u = F.linear(xw, w_up)                           # [T, I]

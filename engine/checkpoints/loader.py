@@ -144,7 +144,7 @@ def load_model(cfg: ModelConfig, folder: str | Path) -> tuple[CausalLM, ModelArc
     logger.info("loaded %s (%s, ffn=%s, predictor ranks=%s) from %s: %.1fM params, %s on %s%s",
                 arch.architecture, arch.model_type, arch.ffn_act, _ranks_text(arch.predictor_ranks), folder,
                 model.num_params() / 1e6, dtype, device,
-                f", {cfg.quantization} dense linears" if cfg.quantization else "")
+                f", {cfg.quantization} weights" if cfg.quantization else "")
     return model, arch
 
 

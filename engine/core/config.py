@@ -45,8 +45,8 @@ class ModelConfig:
     dense_fallback_fraction: float | None = None  # active fraction above which dense wins
     chat_template: str | None = None        # path to a Jinja file overriding the tokenizer's
     enforce_eager: bool = False             # True: no CUDA graphs for decode steps
-    quantization: str | None = None         # None | int8: weight-only int8 dense linears (CPU;
-                                            # engine/models/quantized.py)
+    quantization: str | None = None         # None | int8: weight-only int8 linears and FFN rows
+                                            # (CPU; engine/models/quantized.py)
     seed: int = 0
 
 

@@ -10,7 +10,8 @@ Three quantities, each defined once here (formulas and examples: docs/SPARSITY.m
   they ran; everything outside the FFNs counts whole, as in total_params:
       computed = total_params - ffn_params + rows_read * hidden + predictor_params_read
 - read bytes, per step: the same reads in bytes of the weights as stored (the FFN's and the
-  predictors' dtype; outside the FFNs each weight at its own, e.g. int8 dense linears):
+  predictors' dtype; outside the FFNs each weight at its own, e.g. int8 linears; the scales of
+  int8 weights, the FFNs' included, count whole every step):
       read_bytes = non_ffn_bytes + rows_read * hidden * ffn_weight_bytes
                    + predictor_params_read * predictor_weight_bytes
 """
@@ -42,7 +43,9 @@ class SparsityAccounting:
             if hasattr(mlp, "down_proj"):   # until prepare_for_inference moves it to w_down_t
                 skip.add(id(mlp.down_proj.weight))
         # NOTE: parameters() lists a tied weight once, as num_params counts it. A quantized
-        # linear's per-row scales, and the int8 copy of a tied head (a buffer named `weight`, so
+        # linear's per-row scales, an int8 FFN's scales (buffers named *_scale; counted whole,
+        # though a step reads only its rows' ones: 4 bytes a row against `hidden` bytes), and
+        # the int8 copy of a tied head (a buffer named `weight`, so
         # the tied parameter is still counted once: engine/models/quantized.py), are read too;
         # q/k/v_proj's scales are views of the fused w_qkv_scale, so each storage counts once.
         non_ffn_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in skip)

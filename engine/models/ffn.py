@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from sparse_serve.kernels.sparse_ffn import group_counts_for, predict_active, sparse_ffn
-from sparse_serve.kernels.sparse_ffn_ref import dense_ffn, predict_active_ref
+from sparse_serve.kernels.sparse_ffn_ref import RowScales, dense_ffn, predict_active_ref
 
 
 class Predictor(nn.Module):
@@ -74,12 +74,24 @@ class SparseMLP(nn.Module):
         self.shadow_check = False          # set by the runner on sampled steps
         # [I, H], filled by prepare_for_inference(); a buffer so .to() moves it
         self.register_buffer("w_down_t", None, persistent=False)
+        # weight-only int8 (engine/models/quantized.py): gate/up/w_down_t hold int8 rows and these
+        # their fp32 scales [I]; None for float weights
+        self.register_buffer("gate_scale", None, persistent=False)
+        self.register_buffer("up_scale", None, persistent=False)
+        self.register_buffer("down_scale", None, persistent=False)
 
     def prepare_for_inference(self) -> None:
         """Store down_proj transposed ([I, H]: a neuron's column is one contiguous row) and
         drop the original, so sparse kernels read only active neurons' rows."""
         self.w_down_t = self.down_proj.weight.detach().t().contiguous()
         del self.down_proj
+
+    @property
+    def row_scales(self) -> RowScales | None:
+        """The int8 weights' per-row scales, or None for float weights."""
+        if self.gate_scale is None:
+            return None
+        return RowScales(self.gate_scale, self.up_scale, self.down_scale)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, FFNActivity]:
         """x: [T, H] normed input; residual: [T, H] stream before the norm (predictor input)."""
@@ -95,19 +107,21 @@ class SparseMLP(nn.Module):
         w_down_t = self.w_down_t if self.w_down_t is not None else self.down_proj.weight.t()
         args = (x, self.gate_proj.weight, self.up_proj.weight, w_down_t, self.act, self.act_threshold)
         rows_read = torch.empty(3, dtype=torch.int64, device=x.device)   # gate, up, down rows
+        row_scales = self.row_scales
         if self.use_sparse_kernels:
             out, active = sparse_ffn(*args, predicted=predicted,
                                      dense_fallback_fraction=self.dense_fallback_fraction,
-                                     predicted_group_counts=group_counts, rows_read=rows_read)
+                                     predicted_group_counts=group_counts, rows_read=rows_read,
+                                     row_scales=row_scales)
         else:   # the plain eager path: every weight read, same math
-            out, active = dense_ffn(*args, predicted=predicted, rows_read=rows_read)
+            out, active = dense_ffn(*args, predicted=predicted, rows_read=rows_read, row_scales=row_scales)
         activity = FFNActivity(active_counts=active.sum(dim=-1, dtype=torch.int32),
                                rows_read=rows_read,
                                predictor_params_read=self.predictor.num_params if predicted is not None else 0)
         if self.shadow_check and predicted is not None:
             # NOTE: the check is a second, dense pass over the layer: its reads are the step's too.
             shadow_read = torch.empty(3, dtype=torch.int64, device=x.device)
-            _, exact = dense_ffn(*args, predicted=None, rows_read=shadow_read)
+            _, exact = dense_ffn(*args, predicted=None, rows_read=shadow_read, row_scales=row_scales)
             activity.rows_read = rows_read + shadow_read
             hits = (exact & predicted).sum().float()
             activity.shadow_recall = hits / exact.sum().clamp(min=1)

@@ -1,9 +1,11 @@
-"""Weight-only int8 for the dense linears (`model.quantization: int8`, CPU only).
+"""Weight-only int8 (`model.quantization: int8`, CPU only).
 
 After loading, `quantize_model` swaps attention's fused q/k/v weight, o_proj and lm_head for
-int8 weights with one fp32 scale per output row (kernels/linear_int8_cpu.py); activations,
-norms, the embedding and the KV cache keep the model dtype. The sparse FFN's weights are not
-touched here (they are read row by row by their own kernel).
+int8 weights with one fp32 scale per output row (kernels/linear_int8_cpu.py), and each FFN's
+gate, up and (transposed) down weights for int8 (gate and up with one fp32 scale per neuron,
+down with one per output channel), which the native sparse FFN kernel reads row by row as
+before (kernels/csrc/sparse_ffn_cpu.cpp): so sparsity and quantization multiply. Activations, norms, the embedding, the predictors and the
+KV cache keep the model dtype.
 
 Parameter counts do not change: each int8 weight is a non-grad Parameter named `weight` of the
 same shape, so CausalLM.num_params and the activated-params accounting stay as they were.
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 from sparse_serve.engine.models.attention import Attention
+from sparse_serve.engine.models.ffn import SparseMLP
 from sparse_serve.kernels.linear_int8_cpu import linear_int8, quantize_int8
 
 QUANTIZATION_METHODS = ("int8",)
@@ -67,6 +70,22 @@ def quantize_attention(attn: Attention) -> None:
 
 
 @torch.no_grad()
+def quantize_mlp(mlp: SparseMLP) -> None:
+    """gate_proj, up_proj and w_down_t (one row per neuron each) to int8: gate and up with a scale
+    per row (neuron), w_down_t with one per column (down_proj's output channel; why:
+    kernels/sparse_ffn_ref.py RowScales). The int8 gate/up weights replace the Parameters (same
+    names and shapes, so the parameter counts and the activity accounting stay as they were;
+    1 byte per weight read)."""
+    assert mlp.w_down_t is not None, "quantize after prepare_for_inference()"
+    for proj, name in ((mlp.gate_proj, "gate_scale"), (mlp.up_proj, "up_scale")):
+        w_q, scale = quantize_int8(proj.weight)
+        proj.weight = nn.Parameter(w_q, requires_grad=False)
+        setattr(mlp, name, scale)
+    down_q, mlp.down_scale = quantize_int8(mlp.w_down_t.t())             # [H, I], [H]
+    mlp.w_down_t = down_q.t().contiguous()                                # [I, H]
+
+
+@torch.no_grad()
 def quantize_model(model: nn.Module, method: str) -> None:
     """Quantize a loaded CausalLM (engine/models/llama.py) in place."""
     if method not in QUANTIZATION_METHODS:
@@ -77,5 +96,7 @@ def quantize_model(model: nn.Module, method: str) -> None:
                          "(serve it without --quantization, or with --device cpu)")
     for layer in model.model.layers:
         quantize_attention(layer.self_attn)
+    for mlp in model.mlps:
+        quantize_mlp(mlp)
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     model.lm_head = QuantizedLinear.from_linear(model.lm_head, counted=not tied)

@@ -41,6 +41,9 @@ enum Act { ACT_SILU = 0, ACT_RELU = 1, ACT_DRELU = 2, ACT_FATRELU = 3 };
 struct F32 { using T = float; };
 struct BF16 { using T = uint16_t; };
 struct F16 { using T = uint16_t; };
+// Weight-only int8: gate, up (and predictor) rows have one fp32 scale per row, applied to the
+// row's dot product; W_down_t has one per hidden channel (column), applied to out (RowScales).
+struct I8 { using T = int8_t; };
 
 inline float scalar_load(const float* p) { return *p; }
 
@@ -76,6 +79,7 @@ template <typename D> inline float load1(const typename D::T* p);
 template <> inline float load1<F32>(const float* p) { return *p; }
 template <> inline float load1<BF16>(const uint16_t* p) { return bf16_to_f32(*p); }
 template <> inline float load1<F16>(const uint16_t* p) { return f16_to_f32(*p); }
+template <> inline float load1<I8>(const int8_t* p) { return static_cast<float>(*p); }
 
 #ifdef SPARSE_FFN_AVX2
 template <typename D> inline __m256 load8(const typename D::T* p);
@@ -86,6 +90,9 @@ template <> inline __m256 load8<BF16>(const uint16_t* p) {
 }
 template <> inline __m256 load8<F16>(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+template <> inline __m256 load8<I8>(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -244,6 +251,20 @@ inline float activate(int act, float g, float threshold) {
   }
 }
 
+// fp32 scales of int8 weights (null for float weights: scale 1, and x * 1.f == x, so the float
+// paths compute exactly what they did before). gate/up: one per neuron, multiplying its dot
+// products. down: one per hidden channel k (a column of W_down_t, i.e. per output channel of
+// down_proj), multiplying out[:, k] once all neurons are summed.
+// NOTE: per neuron row, W_down_t's rows span the hidden channels, and the few outlier channels
+// of the residual stream set each row's scale: measured +2.8% perplexity on SmolLM2 against
+// +0.0% per channel (docs/benchmarks/quantization.md).
+struct RowScales {
+  const float* gate = nullptr;
+  const float* up = nullptr;
+  const float* down = nullptr;
+  static float at(const float* s, int64_t i) { return s != nullptr ? s[i] : 1.f; }
+};
+
 constexpr int kMaxBatch = 64;
 // Bytes of out one thread accumulates at a time in phase 2 (half of a 32 KiB L1d).
 constexpr int64_t kOutBlockBytes = 16 << 10;
@@ -269,9 +290,9 @@ inline int64_t next_candidate(const uint8_t* predicted, int64_t i, int64_t T, in
 // docs/benchmarks/kernels.md#native-cpu-kernel-designs.
 template <typename D>
 void sparse_ffn_row(const float* x, const typename D::T* w_gate, const typename D::T* w_up,
-                    const typename D::T* w_down_t, const uint8_t* predicted, float* h,
-                    uint8_t* active, float* out, int64_t* read, int64_t H, int64_t I, int act,
-                    float threshold, int num_threads) {
+                    const typename D::T* w_down_t, const RowScales& scales, const uint8_t* predicted,
+                    float* h, uint8_t* active, float* out, int64_t* read, int64_t H, int64_t I,
+                    int act, float threshold, int num_threads) {
   // One partial out per chunk of neurons, summed in chunk order: the result does not depend on
   // which thread ran which chunk (dynamic scheduling), so repeated calls are bitwise equal.
   const int64_t num_chunks = (I + kRowChunk - 1) / kRowChunk;
@@ -320,6 +341,7 @@ void sparse_ffn_row(const float* x, const typename D::T* w_gate, const typename 
         ++num_visited;
         dot_rows<D, 1>(w_gate + i * H, x, &row0, H, &g,
                        predicted != nullptr ? w_down_t + i * H : next_gate);
+        g *= RowScales::at(scales.gate, i);
         bool next_up_fetched = false;
         const float a = activate(act, g, threshold);
         if (a != 0.f) {
@@ -327,6 +349,7 @@ void sparse_ffn_row(const float* x, const typename D::T* w_gate, const typename 
           dot_rows<D, 1>(w_up + i * H, x, &row0, H, &u,
                          predicted != nullptr || act == ACT_DRELU ? next_gate
                                                                   : w_down_t + i * H);
+          u *= RowScales::at(scales.up, i);
           const float v = a * ((act == ACT_DRELU && u < 0.f) ? 0.f : u);
           h[i] = v;
           active[i] = v != 0.f;
@@ -357,6 +380,8 @@ void sparse_ffn_row(const float* x, const typename D::T* w_gate, const typename 
     for (int64_t ci = 0; ci < num_chunks; ++ci)
       if (used[ci])
         for (int64_t k = lo; k < hi; ++k) out[k] += partial[ci * H + k];
+    if (scales.down != nullptr)
+      for (int64_t k = lo; k < hi; ++k) out[k] *= scales.down[k];
   }
   for (int kind = 0; kind < 3; ++kind) {
     read[kind] = 0;
@@ -366,12 +391,12 @@ void sparse_ffn_row(const float* x, const typename D::T* w_gate, const typename 
 
 template <typename D>
 void sparse_ffn(const float* x, const typename D::T* w_gate, const typename D::T* w_up,
-                const typename D::T* w_down_t, const uint8_t* predicted, float* h,
-                uint8_t* active, uint8_t* any_active, float* out, int64_t* read, int64_t T,
-                int64_t H, int64_t I, int act, float threshold, int num_threads) {
+                const typename D::T* w_down_t, const RowScales& scales, const uint8_t* predicted,
+                float* h, uint8_t* active, uint8_t* any_active, float* out, int64_t* read,
+                int64_t T, int64_t H, int64_t I, int act, float threshold, int num_threads) {
   if (T == 1) {
-    sparse_ffn_row<D>(x, w_gate, w_up, w_down_t, predicted, h, active, out, read, H, I, act,
-                      threshold, num_threads);
+    sparse_ffn_row<D>(x, w_gate, w_up, w_down_t, scales, predicted, h, active, out, read, H, I,
+                      act, threshold, num_threads);
     return;
   }
   std::memset(out, 0, sizeof(float) * T * H);
@@ -397,8 +422,9 @@ void sparse_ffn(const float* x, const typename D::T* w_gate, const typename D::T
       if (num_rows > 0)
         dot_many<D>(w_gate + i * H, x, rows, num_rows, H, g,
                     predicted != nullptr ? w_up + i * H : nullptr);
+      const float gate_scale = RowScales::at(scales.gate, i);
       for (int j = 0; j < num_rows; ++j) {
-        const float v = activate(act, g[j], threshold);
+        const float v = activate(act, g[j] * gate_scale, threshold);
         if (v != 0.f) {
           a[num_up] = v;
           up_rows[num_up++] = rows[j];
@@ -411,8 +437,10 @@ void sparse_ffn(const float* x, const typename D::T* w_gate, const typename D::T
         dot_many<D>(w_up + i * H, x, up_rows, num_up, H, u,
                     next_candidate(predicted, i, T, I) < I
                         ? w_gate + next_candidate(predicted, i, T, I) * H : nullptr);
+        const float up_scale = RowScales::at(scales.up, i);
         for (int j = 0; j < num_up; ++j) {
-          const float uj = (act == ACT_DRELU && u[j] < 0.f) ? 0.f : u[j];
+          const float uu = u[j] * up_scale;
+          const float uj = (act == ACT_DRELU && uu < 0.f) ? 0.f : uu;
           const float v = a[j] * uj;
           h[up_rows[j] * I + i] = v;
           active[up_rows[j] * I + i] = v != 0.f;
@@ -458,6 +486,9 @@ void sparse_ffn(const float* x, const typename D::T* w_gate, const typename D::T
                        pair_rows.data() + offsets[j], offsets[j + 1] - offsets[j], H, len,
                        j + 1 < num_ids ? w_down_t + (int64_t)ids[j + 1] * H + b : nullptr);
         }
+        if (scales.down != nullptr)
+          for (int64_t t = 0; t < T; ++t)
+            for (int64_t k = b; k < b + len; ++k) out[t * H + k] *= scales.down[k];
       }
     }
   }
@@ -469,15 +500,16 @@ void sparse_ffn(const float* x, const typename D::T* w_gate, const typename D::T
 // out[t, n] = dot(w[n], x[t]) for a dense [N, K] weight: the predictor's two small GEMVs, which
 // torch runs slowly for 16-bit weights on CPUs without bf16 units.
 template <typename D>
-void linear_rows(const float* x, const typename D::T* w, float* out, int64_t T, int64_t K,
-                 int64_t N, int num_threads) {
+void linear_rows(const float* x, const typename D::T* w, const float* scale, float* out, int64_t T,
+                 int64_t K, int64_t N, int num_threads) {
   int rows[kMaxBatch];
   for (int t = 0; t < T; ++t) rows[t] = t;
 #pragma omp parallel for schedule(static) num_threads(num_threads)
   for (int64_t n = 0; n < N; ++n) {
     float acc[kMaxBatch];
     dot_many<D>(w + n * K, x, rows, (int)T, K, acc, n + 1 < N ? w + (n + 1) * K : nullptr);
-    for (int64_t t = 0; t < T; ++t) out[t * N + n] = acc[t];
+    const float s = RowScales::at(scale, n);
+    for (int64_t t = 0; t < T; ++t) out[t * N + n] = acc[t] * s;
   }
 }
 
@@ -485,43 +517,62 @@ void linear_rows(const float* x, const typename D::T* w, float* out, int64_t T, 
 
 extern "C" {
 
-// out [T, N] float32 = x [T, K] float32 @ w [N, K].T; same dtype codes and return codes as below.
-int linear_cpu(const float* x, const void* w, float* out, int64_t T, int64_t K, int64_t N,
-               int dtype, int num_threads) {
+// out [T, N] float32 = (x [T, K] float32 @ w [N, K].T) * scale [N]; same dtype codes and return
+// codes as below; scale is read for int8 weights only (may be null otherwise).
+int linear_cpu(const float* x, const void* w, const float* scale, float* out, int64_t T, int64_t K,
+               int64_t N, int dtype, int num_threads) {
   if (T > kMaxBatch) return 2;
   switch (dtype) {
-    case 0: linear_rows<F32>(x, static_cast<const float*>(w), out, T, K, N, num_threads); return 0;
-    case 1: linear_rows<BF16>(x, static_cast<const uint16_t*>(w), out, T, K, N, num_threads); return 0;
-    case 2: linear_rows<F16>(x, static_cast<const uint16_t*>(w), out, T, K, N, num_threads); return 0;
+    case 0: linear_rows<F32>(x, static_cast<const float*>(w), nullptr, out, T, K, N, num_threads); return 0;
+    case 1: linear_rows<BF16>(x, static_cast<const uint16_t*>(w), nullptr, out, T, K, N, num_threads); return 0;
+    case 2: linear_rows<F16>(x, static_cast<const uint16_t*>(w), nullptr, out, T, K, N, num_threads); return 0;
+    case 3:
+      if (scale == nullptr) return 3;
+      linear_rows<I8>(x, static_cast<const int8_t*>(w), scale, out, T, K, N, num_threads);
+      return 0;
     default: return 1;
   }
 }
 
-// dtype: 0 = float32, 1 = bfloat16, 2 = float16 (weights); x, h and out are always float32.
-// read [3] (written): the gate, up and down rows the kernel read or prefetched.
-// Returns 0 on success, 1 for an unsupported dtype, 2 for T > kMaxBatch.
+// dtype: 0 = float32, 1 = bfloat16, 2 = float16, 3 = int8 with fp32 scales (weights); x, h and
+// out are always float32. scale_gate/up [I] (per neuron) and scale_down [H] (per hidden
+// channel): read for int8 only (may be null otherwise). read [3] (written): the gate, up and down rows the kernel read or prefetched.
+// Returns 0 on success, 1 for an unsupported dtype, 2 for T > kMaxBatch, 3 for int8 without scales.
 int sparse_ffn_cpu(const float* x, const void* w_gate, const void* w_up, const void* w_down_t,
+                   const float* scale_gate, const float* scale_up, const float* scale_down,
                    const uint8_t* predicted, float* h, uint8_t* active, uint8_t* any_active,
                    float* out, int64_t* read, int64_t T, int64_t H, int64_t I, int act,
                    float threshold, int dtype, int num_threads) {
   if (T > kMaxBatch) return 2;
+  const RowScales none;
   switch (dtype) {
     case 0:
       sparse_ffn<F32>(x, static_cast<const float*>(w_gate), static_cast<const float*>(w_up),
-                      static_cast<const float*>(w_down_t), predicted, h, active, any_active, out,
-                      read, T, H, I, act, threshold, num_threads);
+                      static_cast<const float*>(w_down_t), none, predicted, h, active, any_active,
+                      out, read, T, H, I, act, threshold, num_threads);
       return 0;
     case 1:
       sparse_ffn<BF16>(x, static_cast<const uint16_t*>(w_gate),
                        static_cast<const uint16_t*>(w_up), static_cast<const uint16_t*>(w_down_t),
-                       predicted, h, active, any_active, out, read, T, H, I, act, threshold,
+                       none, predicted, h, active, any_active, out, read, T, H, I, act, threshold,
                        num_threads);
       return 0;
     case 2:
       sparse_ffn<F16>(x, static_cast<const uint16_t*>(w_gate), static_cast<const uint16_t*>(w_up),
-                      static_cast<const uint16_t*>(w_down_t), predicted, h, active, any_active,
-                      out, read, T, H, I, act, threshold, num_threads);
+                      static_cast<const uint16_t*>(w_down_t), none, predicted, h, active,
+                      any_active, out, read, T, H, I, act, threshold, num_threads);
       return 0;
+    case 3: {
+      if (scale_gate == nullptr || scale_up == nullptr || scale_down == nullptr) return 3;
+      RowScales scales;
+      scales.gate = scale_gate;
+      scales.up = scale_up;
+      scales.down = scale_down;
+      sparse_ffn<I8>(x, static_cast<const int8_t*>(w_gate), static_cast<const int8_t*>(w_up),
+                     static_cast<const int8_t*>(w_down_t), scales, predicted, h, active,
+                     any_active, out, read, T, H, I, act, threshold, num_threads);
+      return 0;
+    }
     default:
       return 1;
   }
