@@ -194,29 +194,33 @@ def group_counts_for(x: Tensor, num_neurons: int) -> Tensor | None:
 
 
 def predict_active(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float = 0.0,
-                   group_counts: Tensor | None = None) -> Tensor:
+                   group_counts: Tensor | None = None,
+                   scales: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """TurboSparse predictor: [T, I] bool, fc2(relu(fc1 x)) > threshold.
 
     x [T, H] is the residual stream before the post-attention norm; fc1 [r, H]; fc2 [I, r].
     group_counts (new_group_counts(I, x.device)), if given, is filled with the number of
     neurons some row predicts in each group of prediction_groups(I) (group_counts_ref): the
     CUDA kernel counts them as it writes the mask, and sparse_ffn(predicted_group_counts=...)
-    then skips a launch.
+    then skips a launch. scales: the per-row fp32 scales ([r], [I]) of int8 fc1/fc2 (CPU only).
     """
     assert x.dim() == 2 and fc1.dim() == 2 and fc2.dim() == 2, (x.shape, fc1.shape, fc2.shape)
     assert fc1.shape[1] == x.shape[1] and fc2.shape[1] == fc1.shape[0], (
         f"fc1 must be [r, H={x.shape[1]}] and fc2 [I, r]; got {tuple(fc1.shape)}, {tuple(fc2.shape)}")
-    if dispatch.runs_triton(x) and x.shape[0] <= MAX_SPARSE_BATCH:
+    if scales is not None and x.is_cuda:
+        raise ValueError("int8 predictor weights run on the CPU only")
+    if dispatch.runs_triton(x) and x.shape[0] <= MAX_SPARSE_BATCH and scales is None:
         from sparse_serve.kernels import predictor_triton
         return predictor_triton.predict_active_triton(x, fc1, fc2, threshold,
                                                       group_counts=group_counts)
-    predicted = _predict_active_no_triton(x, fc1, fc2, threshold)
+    predicted = _predict_active_no_triton(x, fc1, fc2, threshold, scales)
     if group_counts is not None:
         group_counts.copy_(group_counts_ref(predicted))
     return predicted
 
 
-def _predict_active_no_triton(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float) -> Tensor:
+def _predict_active_no_triton(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float,
+                              scales: tuple[Tensor, Tensor] | None) -> Tensor:
     if x.is_cuda:   # prefill: compute-bound, cuBLAS
         return predict_active_ref(x, fc1, fc2, threshold)
     # NOTE: on the CPU the native kernel reads the weights once at full speed for any decode
@@ -224,5 +228,5 @@ def _predict_active_no_triton(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: fl
     # (docs/benchmarks/kernels.md#dispatch-thresholds); the reference is the fallback.
     if (x.shape[0] <= sparse_ffn_cpu.MAX_NATIVE_BATCH
             and fc1.is_contiguous() and fc2.is_contiguous() and cpu_native.available()):
-        return sparse_ffn_cpu.predict_active_native(x, fc1, fc2, threshold)
-    return predict_active_ref(x, fc1, fc2, threshold)
+        return sparse_ffn_cpu.predict_active_native(x, fc1, fc2, threshold, scales)
+    return predict_active_ref(x, fc1, fc2, threshold, scales)

@@ -113,10 +113,13 @@ def linear_native(x: Tensor, w: Tensor, scale: Tensor | None = None) -> Tensor:
     return out
 
 
-def predict_active_native(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float = 0.0) -> Tensor:
-    """[T, I] bool, fc2(relu(fc1 x)) > threshold, with both GEMVs in the native kernel."""
-    z = torch.relu(linear_native(x, fc1))             # [T, r] float32
-    return linear_native(z, fc2) > threshold          # [T, I]
+def predict_active_native(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float = 0.0,
+                          scales: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """[T, I] bool, fc2(relu(fc1 x)) > threshold, with both GEMVs in the native kernel (int8
+    fc1/fc2 with their per-row scales ([r], [I]) given)."""
+    s1, s2 = scales if scales is not None else (None, None)
+    z = torch.relu(linear_native(x, fc1, s1))         # [T, r] float32
+    return linear_native(z, fc2, s2) > threshold      # [T, I]
 
 
 def sparse_ffn_torch(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act: str,

@@ -127,7 +127,10 @@ def group_counts_ref(predicted: Tensor) -> Tensor:
     return union.view(groups, group).sum(1, dtype=torch.int32)
 
 
-def predict_active_ref(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float = 0.0) -> Tensor:
-    """[T, I] bool: fc2(relu(fc1 x)) > threshold, computed in float32."""
-    z = torch.relu(x.float() @ fc1.float().t())      # [T, r]
-    return (z @ fc2.float().t()) > threshold         # [T, I]
+def predict_active_ref(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float = 0.0,
+                       scales: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """[T, I] bool: fc2(relu(fc1 x)) > threshold, computed in float32. scales: the per-row fp32
+    scales ([r], [I]) of int8 fc1 and fc2."""
+    s1, s2 = scales if scales is not None else (None, None)
+    z = torch.relu(x.float() @ dequantize(fc1, s1).t())   # [T, r]
+    return (z @ dequantize(fc2, s2).t()) > threshold      # [T, I]

@@ -26,6 +26,10 @@ class Predictor(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(hidden_size, rank, bias=False)
         self.fc2 = nn.Linear(rank, intermediate_size, bias=False)
+        # weight-only int8 (engine/models/quantized.py): fc1/fc2 hold int8 rows and these their
+        # fp32 scales ([r], [I]); None for float weights
+        self.register_buffer("fc1_scale", None, persistent=False)
+        self.register_buffer("fc2_scale", None, persistent=False)
 
     @property
     def num_params(self) -> int:
@@ -36,10 +40,11 @@ class Predictor(nn.Module):
                 group_counts: torch.Tensor | None = None) -> torch.Tensor:
         """x: [T, H] residual stream before the post-attention norm -> [T, I] bool.
         group_counts (kernel path only): filled as kernels.sparse_ffn.predict_active does."""
+        scales = None if self.fc1_scale is None else (self.fc1_scale, self.fc2_scale)
         if use_kernel:
-            return predict_active(x, self.fc1.weight, self.fc2.weight, threshold, group_counts)
+            return predict_active(x, self.fc1.weight, self.fc2.weight, threshold, group_counts, scales)
         assert group_counts is None, "the reference path does not count groups"
-        return predict_active_ref(x, self.fc1.weight, self.fc2.weight, threshold)
+        return predict_active_ref(x, self.fc1.weight, self.fc2.weight, threshold, scales)
 
 
 @dataclass

@@ -4,8 +4,9 @@ After loading, `quantize_model` swaps attention's fused q/k/v weight, o_proj and
 int8 weights with one fp32 scale per output row (kernels/linear_int8_cpu.py), and each FFN's
 gate, up and (transposed) down weights for int8 (gate and up with one fp32 scale per neuron,
 down with one per output channel), which the native sparse FFN kernel reads row by row as
-before (kernels/csrc/sparse_ffn_cpu.cpp): so sparsity and quantization multiply. Activations, norms, the embedding, the predictors and the
-KV cache keep the model dtype.
+before (kernels/csrc/sparse_ffn_cpu.cpp): so sparsity and quantization multiply. The predictors' fc1/fc2 become int8 with per-row scales
+(they cost under 0.01 points of recall: docs/BENCHMARKS.md, bench/predictor_precision.py).
+Activations, norms, the embedding and the KV cache keep the model dtype.
 
 Parameter counts do not change: each int8 weight is a non-grad Parameter named `weight` of the
 same shape, so CausalLM.num_params and the activated-params accounting stay as they were.
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from sparse_serve.engine.models.attention import Attention
-from sparse_serve.engine.models.ffn import SparseMLP
+from sparse_serve.engine.models.ffn import Predictor, SparseMLP
 from sparse_serve.kernels.linear_int8_cpu import linear_int8, quantize_int8
 
 QUANTIZATION_METHODS = ("int8",)
@@ -86,6 +87,15 @@ def quantize_mlp(mlp: SparseMLP) -> None:
 
 
 @torch.no_grad()
+def quantize_predictor(predictor: Predictor) -> None:
+    """fc1 and fc2 to int8 rows with per-row scales (same Parameter names and shapes)."""
+    for fc, name in ((predictor.fc1, "fc1_scale"), (predictor.fc2, "fc2_scale")):
+        w_q, scale = quantize_int8(fc.weight)
+        fc.weight = nn.Parameter(w_q, requires_grad=False)
+        setattr(predictor, name, scale)
+
+
+@torch.no_grad()
 def quantize_model(model: nn.Module, method: str) -> None:
     """Quantize a loaded CausalLM (engine/models/llama.py) in place."""
     if method not in QUANTIZATION_METHODS:
@@ -98,5 +108,7 @@ def quantize_model(model: nn.Module, method: str) -> None:
         quantize_attention(layer.self_attn)
     for mlp in model.mlps:
         quantize_mlp(mlp)
+        if mlp.predictor is not None:
+            quantize_predictor(mlp.predictor)
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     model.lm_head = QuantizedLinear.from_linear(model.lm_head, counted=not tied)

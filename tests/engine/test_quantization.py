@@ -110,3 +110,26 @@ def test_refuses_a_model_off_the_cpu():
         quantize_model(model, "int8")
     with pytest.raises(ValueError, match="unknown quantization"):
         quantize_model(model, "int4")
+
+
+def test_int8_predictor_model(tmp_path):
+    """A TurboSparse-style checkpoint (dReLU + predictors) under int8: the predictors' fc1/fc2
+    are int8 too, the step's read bytes count 1 byte per predictor and FFN weight, and the
+    greedy tokens mostly agree with fp32."""
+    folder = make_tiny_checkpoint(tmp_path / "m", "drelu", predictor_rank=16)
+    params = SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True)
+    runs = {}
+    for quantization in (None, "int8"):
+        llm = LLM(str(folder), **{"model.device": "cpu", "model.dtype": "float32",
+                                  "model.quantization": quantization})
+        runs[quantization] = (llm, [r.completions[0].token_ids for r in llm.generate(_prompts(), params)])
+    fp32, int8 = runs[None][0].engine, runs["int8"][0].engine
+    for mlp in int8.model.mlps:
+        predictor = mlp.predictor
+        assert predictor.fc1.weight.dtype == predictor.fc2.weight.dtype == torch.int8
+        assert predictor.fc1_scale.shape == (16,) and predictor.fc2_scale.shape == (mlp.gate_proj.out_features,)
+    assert (int8.accounting.ffn_weight_bytes, int8.accounting.predictor_weight_bytes) == (1, 1)
+    assert (fp32.accounting.ffn_weight_bytes, fp32.accounting.predictor_weight_bytes) == (4, 4)
+    assert int8.accounting.predictor_params == fp32.accounting.predictor_params
+    matched = [_matched_prefix(a, b) / NUM_TOKENS for a, b in zip(runs[None][1], runs["int8"][1])]
+    assert sum(matched) / len(matched) >= MIN_MATCHED_PREFIX, matched

@@ -117,3 +117,29 @@ def test_native_cpu_predictor(monkeypatch, dtype):
 
 def test_group_counts_are_asked_for_only_where_the_kernels_use_them():
     assert group_counts_for(torch.zeros(1, 8), 300) is None   # CPU: the native kernel lists its own
+
+
+@pytest.mark.parametrize("T", [1, 5, 64])
+def test_int8_cpu_predictor(monkeypatch, T):
+    """int8 fc1/fc2 with per-row scales (`--quantization int8`): the native kernel and the
+    dispatch give the reference's mask on the same int8 weights, and the int8 model's logits
+    stay within a few int8 steps of the fp32 weights' (a wrong scale would move them by O(1))."""
+    from sparse_serve.kernels import cpu_native, sparse_ffn_cpu
+    from sparse_serve.kernels.linear_int8_cpu import quantize_int8
+
+    x, fc1, fc2 = _case(T, 77, 20, 90, torch.float32, seed=T)
+    (q1, s1), (q2, s2) = quantize_int8(fc1), quantize_int8(fc2)
+    ref = predict_active_ref(x, q1, q2, 0.1, scales=(s1, s2))
+    assert 0 < ref.sum() < ref.numel()
+    poison_allocations(monkeypatch, sparse_ffn_cpu)
+    paths = [predict_active(x, q1, q2, 0.1, scales=(s1, s2))]
+    if cpu_native.available():
+        paths.append(sparse_ffn_cpu.predict_active_native(x, q1, q2, 0.1, scales=(s1, s2)))
+    for pred in paths:
+        assert pred.view(torch.uint8).max().item() <= 1, "mask holds poison (never written)"
+        assert torch.equal(pred, ref)
+    dequantized = torch.relu(x @ (q1.float() * s1[:, None]).t()) @ (q2.float() * s2[:, None]).t()
+    exact = torch.relu(x @ fc1.t()) @ fc2.t()
+    assert (dequantized - exact).abs().max() < 0.05
+    with pytest.raises(AssertionError, match="need their scales"):
+        sparse_ffn_cpu.linear_native(x, q1)
