@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).parent / "csrc" / name for name in ("sparse_ffn_cpu.cpp", "paged_attention_cpu.cpp",
                                                                    "linear_int8_cpu.cpp")]
+# Headers the sources include: they enter the build key, not the command line.
+_HEADERS = [Path(__file__).parent / "csrc" / name for name in ("int8_rows.h",)]
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -41,7 +43,7 @@ def _cache_dir() -> Path:
 def _library_path() -> Path:
     # The key covers the source, the flags and the host CPU (-march=native output is host-specific).
     key = hashlib.sha256()
-    for source in _SOURCES:
+    for source in (*_SOURCES, *_HEADERS):
         key.update(source.read_bytes())
     key.update(" ".join(_FLAGS).encode())
     key.update(platform.machine().encode())

@@ -25,60 +25,16 @@
 #include <type_traits>
 #include <vector>
 #include <omp.h>
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-#include <immintrin.h>
-#endif
+
+#include "int8_rows.h"
 
 namespace {
 
+using int8_rows::kTileM;
+using int8_rows::kTileN;
+using int8_rows::pick_tile;
+
 constexpr int64_t kRowBlock = 64;   // rows of x per pass over the weight
-constexpr int kTileN = 4;           // output rows (weight rows) per tile
-
-// One SIMD width's worth of operations: widen int8 weights, load fp32 x, FMA, horizontal sum.
-#if defined(__AVX512F__)
-struct Vec {
-  static constexpr int W = 16;
-  using R = __m512;
-  static R zero() { return _mm512_setzero_ps(); }
-  static R load_w(const int8_t* p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-  }
-  static R load_x(const float* p) { return _mm512_loadu_ps(p); }
-  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
-  static float sum(R v) { return _mm512_reduce_add_ps(v); }
-};
-#elif defined(__AVX2__) && defined(__FMA__)
-struct Vec {
-  static constexpr int W = 8;
-  using R = __m256;
-  static R zero() { return _mm256_setzero_ps(); }
-  static R load_w(const int8_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-  }
-  static R load_x(const float* p) { return _mm256_loadu_ps(p); }
-  static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
-  static float sum(R v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-  }
-};
-#else
-struct Vec {
-  static constexpr int W = 1;
-  using R = float;
-  static R zero() { return 0.f; }
-  static R load_w(const int8_t* p) { return static_cast<float>(*p); }
-  static R load_x(const float* p) { return *p; }
-  static R fma(R a, R b, R c) { return a * b + c; }
-  static float sum(R v) { return v; }
-};
-#endif
-
-// x rows per inner step: 4 x 6 accumulators + 4 weight vectors + 1 x vector fill AVX-512's 32
-// registers; AVX2 has 16, so 4 x 2 there (a wider tile would spill accumulators to the stack).
-constexpr int kTileM = Vec::W == 16 ? 6 : 2;
 
 inline float bf16_to_f32(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -98,46 +54,6 @@ inline uint16_t f32_to_bf16(float f) {
 
 inline void store(float* out, float v) { *out = v; }
 inline void store(uint16_t* out, float v) { *out = f32_to_bf16(v); }
-
-// acc[n][m] = dot(w row n, x row m) for NR weight rows (stride K) and MR x rows (stride K): each
-// widened weight vector feeds MR FMAs, each x vector NR.
-template <int NR, int MR>
-void tile(const int8_t* w, const float* x, int64_t K, float acc[kTileN][kTileM]) {
-  typename Vec::R a[NR][MR];
-  for (int n = 0; n < NR; ++n)
-    for (int m = 0; m < MR; ++m) a[n][m] = Vec::zero();
-  int64_t k = 0;
-  for (; k + Vec::W <= K; k += Vec::W) {
-    typename Vec::R wv[NR];
-    for (int n = 0; n < NR; ++n) wv[n] = Vec::load_w(w + n * K + k);
-    for (int m = 0; m < MR; ++m) {
-      const typename Vec::R xv = Vec::load_x(x + m * K + k);
-      for (int n = 0; n < NR; ++n) a[n][m] = Vec::fma(wv[n], xv, a[n][m]);
-    }
-  }
-  for (int n = 0; n < NR; ++n)
-    for (int m = 0; m < MR; ++m) acc[n][m] = Vec::sum(a[n][m]);
-  for (; k < K; ++k)   // K not a multiple of the vector width
-    for (int n = 0; n < NR; ++n)
-      for (int m = 0; m < MR; ++m) acc[n][m] += static_cast<float>(w[n * K + k]) * x[m * K + k];
-}
-
-using TileFn = void (*)(const int8_t*, const float*, int64_t, float[kTileN][kTileM]);
-
-template <int NR>
-constexpr TileFn tile_for(int mr) {
-  return mr == 1 ? tile<NR, 1> : mr == 2 ? tile<NR, 2> : mr == 3 ? tile<NR, 3> : mr == 4 ? tile<NR, 4>
-         : mr == 5 ? tile<NR, 5> : tile<NR, 6>;
-}
-
-inline TileFn pick_tile(int nr, int mr) {
-  switch (nr) {
-    case 1: return tile_for<1>(mr);
-    case 2: return tile_for<2>(mr);
-    case 3: return tile_for<3>(mr);
-    default: return tile_for<4>(mr);
-  }
-}
 
 template <typename T>
 void linear_int8(const T* x, const int8_t* w, const float* scale, T* out, int64_t M, int64_t K, int64_t N,
@@ -163,9 +79,11 @@ void linear_int8(const T* x, const int8_t* w, const float* scale, T* out, int64_
         const int64_t n0 = t * kTileN;
         const int nr = static_cast<int>(N - n0 < kTileN ? N - n0 : kTileN);
         float acc[kTileN][kTileM];
+        const int8_t* rows_of_tile[kTileN];
+        for (int i = 0; i < nr; ++i) rows_of_tile[i] = w + (n0 + i) * K;
         for (int64_t m = 0; m < rows; m += kTileM) {
           const int mr = static_cast<int>(rows - m < kTileM ? rows - m : kTileM);
-          pick_tile(nr, mr)(w + n0 * K, xb + m * K, K, acc);
+          pick_tile(nr, mr)(rows_of_tile, xb + m * K, K, acc);
           for (int j = 0; j < mr; ++j)
             for (int i = 0; i < nr; ++i) store(out + (m0 + m + j) * N + n0 + i, acc[i][j] * scale[n0 + i]);
         }

@@ -28,6 +28,8 @@
 #include <memory>
 #include <vector>
 #include <omp.h>
+
+#include "int8_rows.h"
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define SPARSE_FFN_AVX2 1
@@ -389,6 +391,232 @@ void sparse_ffn_row(const float* x, const typename D::T* w_gate, const typename 
   }
 }
 
+// Phase 2 of the batched paths, run by every thread of their parallel region after the barrier
+// that ends phase 1: out[t] += h[t, i] * W_down_t[i] for every neuron with any_active[i].
+// Each thread owns a contiguous, 16-aligned slice of the hidden dimension, walked
+// in blocks of kOutBlockBytes of out (all T rows) so that the block being accumulated stays
+// in L1 across every active neuron. NOTE: without the blocking, T rows of a half-H slice
+// spill out of L1 from T = 4 (Mistral) / T = 32 (SmolLM2) and every FMA pays an L2 load
+// and store of out (docs/benchmarks/kernels.md#native-cpu-kernel-designs).
+template <typename D>
+void accumulate_down(const float* h, const uint8_t* any_active, const typename D::T* w_down_t,
+                     const RowScales& scales, float* out, int64_t T, int64_t H, int64_t I) {
+  const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+  const int64_t chunk = ((H + nt - 1) / nt + 15) / 16 * 16;
+  const int64_t lo = tid * chunk, hi = lo + chunk < H ? lo + chunk : H;
+  if (lo < hi) {
+    // The (neuron, row, h) triples with h != 0, compacted once since every block revisits them.
+    std::vector<int> ids, offsets{0}, pair_rows;
+    std::vector<float> pair_h;
+    for (int64_t i = 0; i < I; ++i) {
+      if (!any_active[i]) continue;
+      ids.push_back((int)i);
+      for (int64_t t = 0; t < T; ++t) {
+        const float v = h[t * I + i];
+        if (v != 0.f) {
+          pair_h.push_back(v);
+          pair_rows.push_back((int)t);
+        }
+      }
+      offsets.push_back((int)pair_h.size());
+    }
+    const int64_t per_block = kOutBlockBytes / (int64_t)sizeof(float) / T / 16 * 16;
+    const int64_t block = per_block > 64 ? per_block : 64;
+    const int num_ids = (int)ids.size();
+    for (int64_t b = lo; b < hi; b += block) {
+      const int64_t len = b + block < hi ? block : hi - b;
+      for (int j = 0; j < num_ids; ++j) {
+        const int64_t i = ids[j];
+        axpy_many<D>(w_down_t + i * H + b, pair_h.data() + offsets[j], out + b,
+                     pair_rows.data() + offsets[j], offsets[j + 1] - offsets[j], H, len,
+                     j + 1 < num_ids ? w_down_t + (int64_t)ids[j + 1] * H + b : nullptr);
+      }
+      if (scales.down != nullptr)
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t k = b; k < b + len; ++k) out[t * H + k] *= scales.down[k];
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+// out[t0 : t0 + MR, k0 : k0 + 16 * NV] = (sum over the listed neurons j of hp[j, t] * W_down_t[ids[j],
+// k]) * scale[k]: the outer-product form, with the whole out tile in registers (MR x NV
+// accumulators) while the neurons stream past, so each widened weight vector feeds MR FMAs and
+// out is stored once, instead of loaded and stored per neuron as axpy_rows does.
+template <int NV, int MR>
+void down_tile_i8(const int8_t* w_down_t, const int* ids, const float* hp, int num_ids, int64_t T,
+                  int64_t t0, int64_t H, int64_t k0, const float* scale, float* out) {
+  __m512 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int j = 0; j < num_ids; ++j) {
+    const int8_t* w = w_down_t + (int64_t)ids[j] * H + k0;
+    __m512 wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = int8_rows::Vec::load_w(w + 16 * v);
+    const float* hj = hp + (int64_t)j * T + t0;
+    for (int r = 0; r < MR; ++r) {
+      const __m512 hb = _mm512_set1_ps(hj[r]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(wv[v], hb, acc[r][v]);
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    const __m512 sv = scale != nullptr ? _mm512_loadu_ps(scale + k0 + 16 * v) : _mm512_set1_ps(1.f);
+    for (int r = 0; r < MR; ++r)
+      _mm512_storeu_ps(out + (t0 + r) * H + k0 + 16 * v, _mm512_mul_ps(acc[r][v], sv));
+  }
+}
+
+using DownTileFn = void (*)(const int8_t*, const int*, const float*, int, int64_t, int64_t, int64_t,
+                            int64_t, const float*, float*);
+
+template <int NV>
+constexpr DownTileFn down_tile_for(int mr) {
+  return mr == 1 ? down_tile_i8<NV, 1> : mr == 2 ? down_tile_i8<NV, 2> : mr == 3 ? down_tile_i8<NV, 3>
+                                                                                : down_tile_i8<NV, 4>;
+}
+
+constexpr int kDownRows = 4;   // out rows per tile: 4 x 4 accumulators + 4 weight vectors + 1
+#endif
+
+// Phase 2 for int8 weights (every thread of the parallel region, after phase 1's barrier): out
+// in register tiles of kDownRows rows x 64 hidden channels where AVX-512 is built (AVX2 builds
+// take accumulate_down's axpy path). Threads own 16-aligned slices of the hidden dimension.
+void accumulate_down_i8(const float* h, const uint8_t* any_active, const int8_t* w_down_t,
+                        const RowScales& scales, float* out, int64_t T, int64_t H, int64_t I) {
+#if defined(__AVX512F__)
+  const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+  const int64_t slice = ((H + nt - 1) / nt + 15) / 16 * 16;
+  const int64_t lo = tid * slice, hi = lo + slice < H ? lo + slice : H;
+  if (lo >= hi) return;
+  // The active neurons and their h, packed [neuron][row] so a tile's broadcasts are sequential.
+  std::vector<int> ids;
+  std::vector<float> hp;
+  for (int64_t i = 0; i < I; ++i) {
+    if (!any_active[i]) continue;
+    ids.push_back((int)i);
+    for (int64_t t = 0; t < T; ++t) hp.push_back(h[t * I + i]);
+  }
+  const int num_ids = (int)ids.size();
+  const int64_t vec_end = lo + (hi - lo) / 16 * 16;
+  for (int64_t k0 = lo; k0 < vec_end; k0 += 64) {
+    const int nv = (int)((vec_end - k0) / 16 < 4 ? (vec_end - k0) / 16 : 4);
+    for (int64_t t0 = 0; t0 < T; t0 += kDownRows) {
+      const int mr = (int)(T - t0 < kDownRows ? T - t0 : kDownRows);
+      const DownTileFn fn = nv == 4 ? down_tile_for<4>(mr) : nv == 3 ? down_tile_for<3>(mr)
+                            : nv == 2 ? down_tile_for<2>(mr) : down_tile_for<1>(mr);
+      fn(w_down_t, ids.data(), hp.data(), num_ids, T, t0, H, k0, scales.down, out);
+    }
+  }
+  for (int64_t k = vec_end; k < hi; ++k)    // H not a multiple of 16: the last slice's tail
+    for (int64_t t = 0; t < T; ++t) {
+      float acc = 0.f;
+      for (int j = 0; j < num_ids; ++j) acc += hp[(int64_t)j * T + t] * w_down_t[(int64_t)ids[j] * H + k];
+      out[t * H + k] = acc * RowScales::at(scales.down, k);
+    }
+#else
+  accumulate_down<I8>(h, any_active, w_down_t, scales, out, T, H, I);
+#endif
+}
+
+// Batch > 1 with int8 weights: phase 1 in register tiles (int8_rows.h) of 4 neurons x up to 6
+// batch rows, instead of one neuron's dot products at a time. Threads take chunks of kI8Chunk
+// neurons; in a chunk, the gate rows of the candidates (all neurons, or those some row predicts)
+// are read once for every batch row, then the up rows of the neurons whose gate survived for
+// some (predicted) row, again for every row. h holds the activated gate between the two passes.
+// NOTE: a tile computes all T rows of its neurons, also rows that were not predicted or whose
+// gate failed (their products are discarded): compute, not bytes, and at 2+ rows the per-neuron
+// dots were compute-bound (measured 2.8x slower than these tiles at 16 rows on SmolLM2's FFN:
+// docs/benchmarks/quantization.md). No rows are prefetched: each count is the rows read.
+constexpr int64_t kI8Chunk = 64;
+
+void sparse_ffn_i8_batch(const float* x, const int8_t* w_gate, const int8_t* w_up,
+                         const int8_t* w_down_t, const RowScales& scales, const uint8_t* predicted,
+                         float* h, uint8_t* active, uint8_t* any_active, float* out, int64_t* read,
+                         int64_t T, int64_t H, int64_t I, int act, float threshold, int num_threads) {
+  using int8_rows::kTileM;
+  using int8_rows::kTileN;
+  std::memset(out, 0, sizeof(float) * T * H);
+  const int64_t num_chunks = (I + kI8Chunk - 1) / kI8Chunk;
+  int64_t gate_read = 0, up_read = 0, down_read = 0;
+#pragma omp parallel num_threads(num_threads)
+  {
+    int ids[kI8Chunk];
+    float acc[kTileN][kTileM];
+#pragma omp for schedule(dynamic, 1) reduction(+ : gate_read, up_read, down_read)
+    for (int64_t ci = 0; ci < num_chunks; ++ci) {
+      const int64_t c = ci * kI8Chunk, end = c + kI8Chunk < I ? c + kI8Chunk : I;
+      int num_ids = 0;
+      for (int64_t i = c; i < end; ++i) {
+        any_active[i] = 0;
+        bool candidate = predicted == nullptr;
+        for (int64_t t = 0; t < T; ++t) {
+          h[t * I + i] = 0.f;
+          active[t * I + i] = 0;
+          candidate |= predicted != nullptr && predicted[t * I + i] != 0;
+        }
+        if (candidate) ids[num_ids++] = (int)i;
+      }
+      gate_read += num_ids;
+      // Gate pass: h[t, i] = the activated gate of the rows that may fire, 0 elsewhere.
+      int num_alive = 0;
+      for (int j = 0; j < num_ids; j += kTileN) {
+        const int nr = num_ids - j < kTileN ? num_ids - j : kTileN;
+        const int8_t* rows[kTileN];
+        for (int n = 0; n < nr; ++n) rows[n] = w_gate + (int64_t)ids[j + n] * H;
+        for (int64_t m = 0; m < T; m += kTileM) {
+          const int mr = (int)(T - m < kTileM ? T - m : kTileM);
+          int8_rows::pick_tile(nr, mr)(rows, x + m * H, H, acc);
+          for (int n = 0; n < nr; ++n) {
+            const int64_t i = ids[j + n];
+            const float gate_scale = RowScales::at(scales.gate, i);
+            for (int r = 0; r < mr; ++r) {
+              const int64_t t = m + r;
+              if (predicted != nullptr && !predicted[t * I + i]) continue;
+              h[t * I + i] = activate(act, acc[n][r] * gate_scale, threshold);
+            }
+          }
+        }
+      }
+      for (int j = 0; j < num_ids; ++j) {    // keep the neurons some row's gate let through
+        const int64_t i = ids[j];
+        bool alive = false;
+        for (int64_t t = 0; t < T && !alive; ++t) alive = h[t * I + i] != 0.f;
+        if (alive) ids[num_alive++] = (int)i;
+      }
+      up_read += num_alive;
+      // Up pass: h[t, i] = activated gate * up (dReLU: * relu(up)) where the gate let it through.
+      for (int j = 0; j < num_alive; j += kTileN) {
+        const int nr = num_alive - j < kTileN ? num_alive - j : kTileN;
+        const int8_t* rows[kTileN];
+        for (int n = 0; n < nr; ++n) rows[n] = w_up + (int64_t)ids[j + n] * H;
+        for (int64_t m = 0; m < T; m += kTileM) {
+          const int mr = (int)(T - m < kTileM ? T - m : kTileM);
+          int8_rows::pick_tile(nr, mr)(rows, x + m * H, H, acc);
+          for (int n = 0; n < nr; ++n) {
+            const int64_t i = ids[j + n];
+            const float up_scale = RowScales::at(scales.up, i);
+            for (int r = 0; r < mr; ++r) {
+              const int64_t t = m + r;
+              const float a = h[t * I + i];
+              if (a == 0.f) continue;
+              const float u = acc[n][r] * up_scale;
+              const float v = a * ((act == ACT_DRELU && u < 0.f) ? 0.f : u);
+              h[t * I + i] = v;
+              active[t * I + i] = v != 0.f;
+              any_active[i] |= v != 0.f;
+            }
+          }
+        }
+      }
+      for (int j = 0; j < num_alive; ++j) down_read += any_active[ids[j]];
+    }  // implicit barrier: phase 2 reads every neuron's h
+    accumulate_down_i8(h, any_active, w_down_t, scales, out, T, H, I);
+  }
+  read[0] = gate_read;
+  read[1] = up_read;
+  read[2] = down_read;
+}
+
 template <typename D>
 void sparse_ffn(const float* x, const typename D::T* w_gate, const typename D::T* w_up,
                 const typename D::T* w_down_t, const RowScales& scales, const uint8_t* predicted,
@@ -451,46 +679,7 @@ void sparse_ffn(const float* x, const typename D::T* w_gate, const typename D::T
       down_read += any;   // phase 2 reads exactly these rows (each thread a slice of each)
     }  // implicit barrier: phase 2 reads every neuron's h
 
-    // Phase 2: each thread owns a contiguous, 16-aligned slice of the hidden dimension, walked
-    // in blocks of kOutBlockBytes of out (all T rows) so that the block being accumulated stays
-    // in L1 across every active neuron. NOTE: without the blocking, T rows of a half-H slice
-    // spill out of L1 from T = 4 (Mistral) / T = 32 (SmolLM2) and every FMA pays an L2 load
-    // and store of out (docs/benchmarks/kernels.md#native-cpu-kernel-designs).
-    const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
-    const int64_t chunk = ((H + nt - 1) / nt + 15) / 16 * 16;
-    const int64_t lo = tid * chunk, hi = lo + chunk < H ? lo + chunk : H;
-    if (lo < hi) {
-      // The (neuron, row, h) triples with h != 0, compacted once since every block revisits them.
-      std::vector<int> ids, offsets{0}, pair_rows;
-      std::vector<float> pair_h;
-      for (int64_t i = 0; i < I; ++i) {
-        if (!any_active[i]) continue;
-        ids.push_back((int)i);
-        for (int64_t t = 0; t < T; ++t) {
-          const float v = h[t * I + i];
-          if (v != 0.f) {
-            pair_h.push_back(v);
-            pair_rows.push_back((int)t);
-          }
-        }
-        offsets.push_back((int)pair_h.size());
-      }
-      const int64_t per_block = kOutBlockBytes / (int64_t)sizeof(float) / T / 16 * 16;
-      const int64_t block = per_block > 64 ? per_block : 64;
-      const int num_ids = (int)ids.size();
-      for (int64_t b = lo; b < hi; b += block) {
-        const int64_t len = b + block < hi ? block : hi - b;
-        for (int j = 0; j < num_ids; ++j) {
-          const int64_t i = ids[j];
-          axpy_many<D>(w_down_t + i * H + b, pair_h.data() + offsets[j], out + b,
-                       pair_rows.data() + offsets[j], offsets[j + 1] - offsets[j], H, len,
-                       j + 1 < num_ids ? w_down_t + (int64_t)ids[j + 1] * H + b : nullptr);
-        }
-        if (scales.down != nullptr)
-          for (int64_t t = 0; t < T; ++t)
-            for (int64_t k = b; k < b + len; ++k) out[t * H + k] *= scales.down[k];
-      }
-    }
+    accumulate_down<D>(h, any_active, w_down_t, scales, out, T, H, I);
   }
   read[0] = gate_read;
   read[1] = up_read;
@@ -568,9 +757,14 @@ int sparse_ffn_cpu(const float* x, const void* w_gate, const void* w_up, const v
       scales.gate = scale_gate;
       scales.up = scale_up;
       scales.down = scale_down;
-      sparse_ffn<I8>(x, static_cast<const int8_t*>(w_gate), static_cast<const int8_t*>(w_up),
-                     static_cast<const int8_t*>(w_down_t), scales, predicted, h, active,
-                     any_active, out, read, T, H, I, act, threshold, num_threads);
+      if (T == 1)
+        sparse_ffn<I8>(x, static_cast<const int8_t*>(w_gate), static_cast<const int8_t*>(w_up),
+                       static_cast<const int8_t*>(w_down_t), scales, predicted, h, active,
+                       any_active, out, read, T, H, I, act, threshold, num_threads);
+      else
+        sparse_ffn_i8_batch(x, static_cast<const int8_t*>(w_gate), static_cast<const int8_t*>(w_up),
+                            static_cast<const int8_t*>(w_down_t), scales, predicted, h, active,
+                            any_active, out, read, T, H, I, act, threshold, num_threads);
       return 0;
     }
     default:

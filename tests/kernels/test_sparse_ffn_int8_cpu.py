@@ -8,7 +8,13 @@ from sparse_serve.kernels import cpu_native, sparse_ffn_cpu
 from sparse_serve.kernels import sparse_ffn as dispatch
 from sparse_serve.kernels.activations import ACTIVATIONS
 from sparse_serve.kernels.linear_int8_cpu import quantize_int8
-from sparse_serve.kernels.sparse_ffn_ref import RowScales, dense_ffn, dequantize, sparse_ffn_ref
+from sparse_serve.kernels.sparse_ffn_ref import (
+    RowScales,
+    apply_activation,
+    dense_ffn,
+    dequantize,
+    sparse_ffn_ref,
+)
 from tests.kernels.kernel_cases import (
     SPARSITIES,
     THRESHOLD,
@@ -23,9 +29,10 @@ from tests.kernels.kernel_cases import (
 pytestmark = pytest.mark.skipif(not cpu_native.available(),
                                 reason="native CPU kernel could not be built (no g++?)")
 
-# (T, H, I) as tests/kernels/test_sparse_ffn_cpu.py SHAPES: batch 1 over several neuron chunks,
-# batches > 1 over several hidden blocks of phase 2, H off the vector widths.
-SHAPES = [(1, 77, 130), (1, 40, 600), (4, 256, 96), (16, 600, 50), (64, 40, 33)]
+# (T, H, I): batch 1 (the float kernels' row path) over several neuron chunks; batches > 1 (the
+# int8 tiles) with row counts off the tile heights (6 for gate/up, 4 for down), several neuron
+# chunks (64), and H off the 16-wide vectors (phase 2's scalar tail).
+SHAPES = [(1, 77, 130), (1, 40, 600), (4, 256, 96), (5, 96, 70), (16, 600, 50), (33, 128, 300), (64, 40, 33)]
 
 
 def int8_ffn(T: int, H: int, I: int, seed: int):
@@ -41,6 +48,20 @@ def int8_ffn(T: int, H: int, I: int, seed: int):
     scales = RowScales(gs, us, ds)
     dequantized = [dequantize(gq, gs), dequantize(uq, us), dequantize(weights[2], ds, dim=1)]
     return x, weights, scales, dequantized
+
+
+def expected_rows(x, weights, scales, act, predicted, float_path_rows) -> list[int]:
+    """The rows the int8 kernel reads. Batch 1 runs the float kernels' row path (prefetches
+    included): the float kernel on the dequantized weights reads the same rows. Batches > 1 run
+    the int8 tiles, which prefetch nothing: gate rows of the candidates, up rows where some
+    (predicted) row's gate let the neuron through, down rows of neurons active in some row."""
+    if x.shape[0] == 1:
+        return float_path_rows
+    g = x @ dequantize(weights[0], scales.gate).t()                       # [T, I]
+    passed = apply_activation(g, torch.ones_like(g), act, THRESHOLD[act]) != 0
+    candidates = torch.ones_like(passed) if predicted is None else predicted
+    _, active = sparse_ffn_ref(x, *weights, act, THRESHOLD[act], predicted, row_scales=scales)
+    return [int(candidates.any(0).sum()), int((passed & candidates).any(0).sum()), int(active.any(0).sum())]
 
 
 def run_native(x, weights, act, predicted, scales):
@@ -62,9 +83,7 @@ def test_int8_predicted(monkeypatch, shape, sparsity):
         ref, ref_active = sparse_ffn_ref(x, *weights, act, THRESHOLD[act], pred, row_scales=scales)
         assert_close(out, ref, torch.float32)
         assert_mask_equal(active, ref_active)
-        # the int8 path reads the rows the float path reads on the dequantized weights
-        _, _, float_rows = run_native(x, dequantized, act, pred, None)
-        assert rows == float_rows
+        assert rows == expected_rows(x, weights, scales, act, pred, run_native(x, dequantized, act, pred, None)[2])
         if sparsity == 1.0:
             assert out.abs().max().item() == 0.0 and rows[1:] == [0, 0]
 
@@ -80,7 +99,7 @@ def test_int8_exact(monkeypatch, shape, act):
     assert_close(out, ref, torch.float32)
     assert_mask_equal(active, ref_active)
     assert 0 < ref_active.sum() < ref_active.numel()
-    assert rows == run_native(x, dequantized, act, None, None)[2]
+    assert rows == expected_rows(x, weights, scales, act, None, run_native(x, dequantized, act, None, None)[2])
     # the reference's dequantization is the int8 model: far from the fp32 weights it came from
     # would mean a wrong scale axis (the outlier channels make per-row down scales visibly worse)
     fp32 = ffn_weights(T, H, I, torch.float32, torch.Generator().manual_seed(9))
