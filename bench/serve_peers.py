@@ -1,7 +1,7 @@
 """`python -P bench/serve.py compare`: ours against peer servers, one after the other, same load.
 
 For each server in turn: start it on 127.0.0.1 at a free port (its log goes to a temporary
-file), wait until /health and /v1/models answer, run the same loads (closed loop at 1 and 16
+file), wait until /health (where it exists) and /v1/models answer, run the same loads (closed loop at 1 and 16
 clients by default, 64 output tokens per request, greedy, the same seeded prompts), stop it
 (SIGTERM, then SIGKILL), and finally print one markdown table with each peer's ratios to ours.
 Only one server runs at a time, so none competes with another for the 2 cores.
@@ -174,7 +174,9 @@ class Running:
                     raise Skip(f"exited with code {self.proc.returncode} while starting:\n"
                                f"{self.log_tail()}")
                 try:
-                    if (client.get("/health").status_code == 200
+                    # NOTE: 404: a server without a health route (llama-cpp-python 0.3.x);
+                    # its /v1/models answering is the readiness signal there.
+                    if (client.get("/health").status_code in (200, 404)
                             and client.get("/v1/models").status_code == 200):
                         return
                 except httpx.HTTPError:

@@ -13,6 +13,7 @@ from torch import nn
 from sparse_serve.engine.models.arch_config import ModelArchConfig
 from sparse_serve.engine.models.attention import Attention, AttentionMetadata
 from sparse_serve.engine.models.ffn import FFNActivity, SparseMLP
+from sparse_serve.engine.models.fused_decode_cpu import FusedDecode
 from sparse_serve.engine.models.layers import RMSNorm, RotaryEmbedding
 
 
@@ -51,6 +52,10 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # CPU decode steps of an int8 model through one native call (engine/models/fused_decode_cpu.py);
+        # False: always layer by layer (tests compare the two)
+        self.fused_cpu_decode = True
+        self._fused = FusedDecode(self)
 
     @property
     def mlps(self) -> list[SparseMLP]:
@@ -62,6 +67,10 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)                                  # [T, H]
         if meta.real_rows is not None:   # padding rows stay exactly zero through every layer
             x = x * meta.real_rows
+        if self.fused_cpu_decode:
+            activities = self._fused.run(x, positions, meta)
+            if activities is not None:
+                return self.model.norm(x), activities
         activities = []
         for layer in self.model.layers:
             x, activity = layer(x, positions, meta)

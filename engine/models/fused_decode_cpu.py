@@ -1,0 +1,115 @@
+"""Decode steps of a weight-only int8 model on the CPU through one native call for all layers
+(kernels/decode_layers_cpu.py), instead of ~25 Python-level ops per layer.
+
+`FusedDecode.run` is what CausalLM.forward calls; it returns None where the step does not
+qualify, and the model then runs its layers one by one as before. A step qualifies when it is
+decode-only on the CPU in float32, every layer is int8 (`model.quantization: int8`) with an
+fp32 paged KV cache, the FFN takes its sparse kernel (no forced dense fallback, no shadow
+check this step), and the layers share one norm epsilon, sliding window, activation and
+predictor threshold. The per-layer counts (active neurons per token, rows read, predictor
+weights read) are the ones the layer-by-layer path reports: the same kernels count them.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import nn
+
+from sparse_serve.engine.models.attention import AttentionMetadata
+from sparse_serve.engine.models.ffn import FFNActivity
+from sparse_serve.kernels import decode_layers_cpu
+from sparse_serve.kernels.activations import ACT_CODES
+
+
+class FusedDecode:
+    """The pointer table of one model's layers, rebuilt when the KV cache changes."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._key: tuple | None = None
+        self._layers: ctypes.Array | None = None
+        self._geometry: decode_layers_cpu.Geometry | None = None
+
+    def _static_ok(self) -> bool:
+        """The model side of the conditions (see the module docstring), per step: the runner
+        flips shadow checks and a user may change thresholds or the sparse-kernel switch."""
+        layers = self.model.model.layers
+        first = layers[0]
+        for layer in layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if attn.w_qkv_scale is None or getattr(attn.o_proj, "scale", None) is None:
+                return False
+            if attn.kv_cache is None or attn.kv_cache[0].dtype != torch.float32:
+                return False
+            if mlp.row_scales is None or not mlp.use_sparse_kernels or mlp.shadow_check:
+                return False
+            if mlp.dense_fallback_fraction is not None and mlp.dense_fallback_fraction < 1.0:
+                return False
+            if mlp.use_predictor and mlp.predictor is not None and mlp.predictor.fc1_scale is None:
+                return False
+            if (attn.sliding_window != first.self_attn.sliding_window or mlp.act != first.mlp.act
+                    or layer.input_layernorm.eps != first.input_layernorm.eps
+                    or layer.post_attention_layernorm.eps != first.input_layernorm.eps
+                    or mlp.predictor_threshold != first.mlp.predictor_threshold):
+                return False
+        return decode_layers_cpu.available()
+
+    def _build(self) -> None:
+        layers = self.model.model.layers
+        key = tuple((layer.self_attn.kv_cache[0].data_ptr(), layer.mlp.use_predictor,
+                     layer.mlp.act_threshold) for layer in layers)
+        if key == self._key:
+            return
+        table = (decode_layers_cpu.LayerPointers * len(layers))()
+        for i, layer in enumerate(layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            predictor = mlp.predictor if mlp.use_predictor else None
+            k_cache, v_cache = attn.kv_cache
+            table[i] = decode_layers_cpu.layer_pointers(dict(
+                input_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight,
+                w_qkv=attn.w_qkv, s_qkv=attn.w_qkv_scale, w_o=attn.o_proj.weight, s_o=attn.o_proj.scale,
+                k_cache=k_cache, v_cache=v_cache, w_gate=mlp.gate_proj.weight, w_up=mlp.up_proj.weight,
+                w_down_t=mlp.w_down_t, s_gate=mlp.gate_scale, s_up=mlp.up_scale, s_down=mlp.down_scale,
+                fc1=None if predictor is None else predictor.fc1.weight,
+                fc2=None if predictor is None else predictor.fc2.weight,
+                s_fc1=None if predictor is None else predictor.fc1_scale,
+                s_fc2=None if predictor is None else predictor.fc2_scale),
+                rank=0 if predictor is None else predictor.fc1.weight.shape[0], act_threshold=mlp.act_threshold)
+        first, cfg = layers[0], self.model.config
+        self._geometry = decode_layers_cpu.Geometry(
+            hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, num_heads=first.self_attn.num_heads,
+            num_kv_heads=first.self_attn.num_kv_heads, head_dim=first.self_attn.head_dim,
+            block_size=first.self_attn.kv_cache[0].shape[1], eps=first.input_layernorm.eps,
+            attn_scale=first.self_attn.scale, window=first.self_attn.sliding_window or 0,
+            act_code=ACT_CODES[first.mlp.act], predictor_threshold=first.mlp.predictor_threshold)
+        self._layers, self._key = table, key
+
+    def run(self, x: torch.Tensor, positions: torch.Tensor,
+            meta: AttentionMetadata) -> list[FFNActivity] | None:
+        """x [T, H]: the embeddings, updated in place to the last layer's output. None (x
+        untouched) when the step does not qualify."""
+        num_rows = x.shape[0]
+        if (x.device.type != "cpu" or x.dtype != torch.float32 or not meta.is_decode_only
+                or meta.real_rows is not None or meta.slot_mapping is None
+                or not 1 <= num_rows <= decode_layers_cpu.MAX_ROWS or not self._static_ok()):
+            return None
+        self._build()
+        first = self.model.model.layers[0].self_attn
+        cos, sin = meta.rope_tables(first.rope, positions)                      # [T, 1, D] each
+        lens = meta.seq_lens_tensor
+        max_blocks = meta.block_tables.shape[1]
+        # NOTE: the kernel trusts these bounds (raw pointers); one check per step, not per layer.
+        assert int(lens.min()) >= 1 and int(lens.max()) <= max_blocks * self._geometry.block_size, \
+            "context lengths out of the block table's range"
+        counts, rows_read = decode_layers_cpu.decode_layers(
+            x, cos.reshape(num_rows, -1).contiguous(), sin.reshape(num_rows, -1).contiguous(),
+            meta.slot_mapping.contiguous(), meta.block_tables.contiguous(), lens.contiguous(), self._layers,
+            self._geometry, max_blocks)
+        activities = []
+        for i, layer in enumerate(self.model.model.layers):
+            mlp = layer.mlp
+            used = mlp.predictor is not None and mlp.use_predictor
+            activities.append(FFNActivity(active_counts=counts[i], rows_read=rows_read[i],
+                                          predictor_params_read=mlp.predictor.num_params if used else 0))
+        return activities

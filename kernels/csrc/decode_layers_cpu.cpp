@@ -1,0 +1,157 @@
+// Every decoder layer of a decode-only step of a weight-only int8 model on the CPU, in one call.
+//
+// Each layer: RMSNorm -> fused q/k/v int8 linear -> rotate-half RoPE of q and k -> k, v into the
+// paged KV cache -> paged attention decode -> o_proj int8 linear -> residual add -> RMSNorm ->
+// (predictor) -> sparse FFN on int8 rows -> residual add, with the per-layer FFN counts the
+// Python path reports (active neurons per token, rows read). The kernels are the ones the
+// Python path calls one by one (linear_int8_cpu, paged_attention_decode_cpu, linear_cpu,
+// sparse_ffn_cpu); what this file adds is the glue (norms, RoPE, cache writes, adds) and one
+// call per step instead of ~25 Python-level ops per layer.
+// NOTE: at batch 1 on SmolLM2 (30 layers) those ops cost ~6 of a 16 ms step: more than the
+// attention and FFN weight reads they surround (docs/benchmarks/quantization.md).
+//
+// Numerics: fp32 throughout, as the Python path computes them for fp32 activations, but the
+// norms and RoPE are summed in another order (and may contract to FMAs), so results agree to
+// fp32 rounding, not bit for bit (tests/kernels/test_decode_layers_cpu.py).
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#include <omp.h>
+
+extern "C" {
+int linear_int8_cpu(const void* x, const int8_t* w, const float* scale, void* out, int64_t M, int64_t K,
+                    int64_t N, int dtype, int num_threads);
+int linear_cpu(const float* x, const void* w, const float* scale, float* out, int64_t T, int64_t K,
+               int64_t N, int dtype, int num_threads);
+int paged_attention_decode_cpu(const void* q, const void* k_cache, const void* v_cache, const int32_t* block_tables,
+                               const int32_t* context_lens, void* out, int64_t S, int64_t Hq, int64_t Hkv,
+                               int64_t D, int64_t block_size, int64_t max_blocks, float scale, int64_t window,
+                               int dtype);
+int sparse_ffn_cpu(const float* x, const void* w_gate, const void* w_up, const void* w_down_t,
+                   const float* scale_gate, const float* scale_up, const float* scale_down,
+                   const uint8_t* predicted, float* h, uint8_t* active, uint8_t* any_active,
+                   float* out, int64_t* read, int64_t T, int64_t H, int64_t I, int act,
+                   float threshold, int dtype, int num_threads);
+}
+
+namespace {
+
+constexpr int kInt8 = 3;     // sparse_ffn_cpu / linear_cpu weight dtype code
+constexpr int kFloat32 = 0;  // linear_int8_cpu / paged_attention_decode_cpu activation dtype code
+
+// One layer's weights and cache, as raw pointers (kernels/decode_layers_cpu.py builds them).
+struct Layer {
+  const float* input_norm;     // [H]
+  const float* post_norm;      // [H]
+  const int8_t* w_qkv;         // [(Hq + 2 Hkv) D, H]
+  const float* s_qkv;          // [(Hq + 2 Hkv) D]
+  const int8_t* w_o;           // [H, Hq D]
+  const float* s_o;            // [H]
+  float* k_cache;              // [num_blocks, block_size, Hkv, D]
+  float* v_cache;
+  const int8_t* w_gate;        // [I, H]
+  const int8_t* w_up;          // [I, H]
+  const int8_t* w_down_t;      // [I, H]
+  const float* s_gate;         // [I]
+  const float* s_up;           // [I]
+  const float* s_down;         // [H]
+  const int8_t* fc1;           // [r, H] or null (no predictor in use)
+  const int8_t* fc2;           // [I, r]
+  const float* s_fc1;          // [r]
+  const float* s_fc2;          // [I]
+  int64_t rank;
+  float act_threshold;
+};
+static_assert(sizeof(Layer) == 20 * 8, "Layer must match kernels/decode_layers_cpu.py LAYER_FIELDS");
+
+// out[t] = weight * (x[t] * rsqrt(mean(x[t]^2) + eps)), as engine/models/layers.py RMSNorm.
+void rms_norm(const float* x, const float* weight, float* out, int64_t T, int64_t H, float eps) {
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xt = x + t * H;
+    float sum = 0.f;
+    for (int64_t k = 0; k < H; ++k) sum += xt[k] * xt[k];
+    const float inv = 1.f / std::sqrt(sum / static_cast<float>(H) + eps);
+    for (int64_t k = 0; k < H; ++k) out[t * H + k] = weight[k] * (xt[k] * inv);
+  }
+}
+
+// dst[i] = src[i] * cos[i] + src[(i + D/2) % D] * sin_signed[i]: rotate-half RoPE of one head,
+// with the sign folded into sin as AttentionMetadata.rope_tables builds it.
+inline void rotate_head(const float* src, const float* cos, const float* sin_signed, float* dst, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < D; ++i) dst[i] = src[i] * cos[i] + src[i < half ? i + half : i - half] * sin_signed[i];
+}
+
+}  // namespace
+
+extern "C" {
+
+// x [T, H] float32 (the residual stream after the embedding; updated in place to the last
+// layer's output). cos, sin_signed [T, D]; slots [T] int64 (flat KV-cache slots of the new
+// tokens); block_tables [T, max_blocks] int32; context_lens [T] int32 (including the new token).
+// layers: num_layers Layer structs. act: ACT_CODES; predictor_threshold: logit threshold.
+// active_counts [num_layers, T] int32 and rows_read [num_layers, 3] int64 are written.
+// Returns 0, or the failing kernel's code + 10 * (its index: 1 qkv, 2 attention, 3 o_proj,
+// 4 predictor, 5 ffn).
+int decode_layers_cpu(float* x, const float* cos, const float* sin_signed, const int64_t* slots,
+                      const int32_t* block_tables, const int32_t* context_lens, const Layer* layers,
+                      int64_t num_layers, int64_t T, int64_t H, int64_t I, int64_t Hq, int64_t Hkv,
+                      int64_t D, int64_t block_size, int64_t max_blocks, float eps, float attn_scale,
+                      int64_t window, int act, float predictor_threshold, int32_t* active_counts,
+                      int64_t* rows_read, int num_threads) {
+  const int64_t nq = Hq * D, nkv = Hkv * D, nqkv = nq + 2 * nkv;
+  std::vector<float> xn(T * H), qkv(T * nqkv), q(T * nq), attn(T * nq), o(T * H), ffn(T * H), h(T * I);
+  std::vector<uint8_t> active(T * I), any_active(I), predicted;
+  std::vector<float> z, logits;
+  for (int64_t l = 0; l < num_layers; ++l) {
+    const Layer& L = layers[l];
+    rms_norm(x, L.input_norm, xn.data(), T, H, eps);
+    int rc = linear_int8_cpu(xn.data(), L.w_qkv, L.s_qkv, qkv.data(), T, H, nqkv, kFloat32, num_threads);
+    if (rc != 0) return rc + 10;
+    for (int64_t t = 0; t < T; ++t) {
+      const float* row = qkv.data() + t * nqkv;
+      const float* c = cos + t * D;
+      const float* s = sin_signed + t * D;
+      for (int64_t hd = 0; hd < Hq; ++hd) rotate_head(row + hd * D, c, s, q.data() + t * nq + hd * D, D);
+      float* k_slot = L.k_cache + slots[t] * nkv;
+      float* v_slot = L.v_cache + slots[t] * nkv;
+      for (int64_t hd = 0; hd < Hkv; ++hd) rotate_head(row + nq + hd * D, c, s, k_slot + hd * D, D);
+      std::memcpy(v_slot, row + nq + nkv, sizeof(float) * nkv);
+    }
+    rc = paged_attention_decode_cpu(q.data(), L.k_cache, L.v_cache, block_tables, context_lens, attn.data(), T, Hq,
+                                    Hkv, D, block_size, max_blocks, attn_scale, window, kFloat32);
+    if (rc != 0) return rc + 20;
+    rc = linear_int8_cpu(attn.data(), L.w_o, L.s_o, o.data(), T, nq, H, kFloat32, num_threads);
+    if (rc != 0) return rc + 30;
+    for (int64_t k = 0; k < T * H; ++k) x[k] += o[k];
+    rms_norm(x, L.post_norm, xn.data(), T, H, eps);
+    const uint8_t* pred = nullptr;
+    if (L.fc1 != nullptr) {   // NOTE: the predictor reads the residual stream before the norm
+      z.resize(T * L.rank);
+      logits.resize(T * I);
+      predicted.resize(T * I);
+      rc = linear_cpu(x, L.fc1, L.s_fc1, z.data(), T, H, L.rank, kInt8, num_threads);
+      if (rc == 0) {
+        for (float& v : z) v = v > 0.f ? v : 0.f;
+        rc = linear_cpu(z.data(), L.fc2, L.s_fc2, logits.data(), T, L.rank, I, kInt8, num_threads);
+      }
+      if (rc != 0) return rc + 40;
+      for (int64_t k = 0; k < T * I; ++k) predicted[k] = logits[k] > predictor_threshold;
+      pred = predicted.data();
+    }
+    rc = sparse_ffn_cpu(xn.data(), L.w_gate, L.w_up, L.w_down_t, L.s_gate, L.s_up, L.s_down, pred, h.data(),
+                        active.data(), any_active.data(), ffn.data(), rows_read + 3 * l, T, H, I, act,
+                        L.act_threshold, kInt8, num_threads);
+    if (rc != 0) return rc + 50;
+    for (int64_t k = 0; k < T * H; ++k) x[k] += ffn[k];
+    for (int64_t t = 0; t < T; ++t) {
+      int32_t count = 0;
+      for (int64_t i = 0; i < I; ++i) count += active[t * I + i];
+      active_counts[l * T + t] = count;
+    }
+  }
+  return 0;
+}
+
+}  // extern "C"
