@@ -1,7 +1,11 @@
 """Async front of the engine: one background task steps the core; per-request queues.
 
-Model steps run in a worker thread (`asyncio.to_thread`) so the event loop keeps serving HTTP
-while the model computes. Adds and aborts are applied by the loop between steps, never during
+Model steps run in one dedicated worker thread so the event loop keeps serving HTTP while the
+model computes. NOTE: always the same thread, not asyncio.to_thread's pool: the OpenMP runtime
+keeps a team of worker threads per calling thread, and steps alternating between pool threads
+left the idle team spinning on a core the active one needed: on the 2-core host, int8 SmolLM2
+at 1 client, 16.7 ms between tokens with the pool, 10.2 ms with one thread
+(docs/benchmarks/serving.md). Adds and aborts are applied by the loop between steps, never during
 one, so the core is only ever touched by one thread at a time.
 
 No single request takes the engine down: a step that raises fails the requests of its batch
@@ -14,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from sparse_serve.engine.core.config import EngineConfig
 from sparse_serve.engine.core.errors import EngineDeadError, EngineOverloadedError, RequestFailedError, StepFailedError
@@ -54,6 +59,7 @@ class AsyncEngine:
         self._dead: BaseException | None = None
         self._step_failures = 0          # in a row
         self.num_step_failures = 0       # since start
+        self._step_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "AsyncEngine":
@@ -84,6 +90,7 @@ class AsyncEngine:
                 pass
             self._loop_task = None
         self.processor.close()
+        self._step_thread.shutdown(wait=False)
 
     @property
     def num_unfinished(self) -> int:
@@ -193,7 +200,7 @@ class AsyncEngine:
                         await self._wakeup.wait()
                     continue
                 try:
-                    result = await asyncio.to_thread(self.core.step)
+                    result = await asyncio.get_running_loop().run_in_executor(self._step_thread, self.core.step)
                 except StepFailedError as exc:
                     self._fail_step(exc)
                     continue
