@@ -8,12 +8,17 @@ The rule from the issue: keep a lower precision only if mean recall stays within
 
     sparse-serve train-predictors --rank 128 --sparsity configs/smollm2-sparsity.json --out /tmp/smol-pred
     python bench/predictor_precision.py --model /tmp/smol-pred --sparsity configs/smollm2-sparsity.json
+
+`--time` measures the other half on this CPU: the native predictor (kernels/sparse_ffn_cpu.py,
+what `--quantization int8` serves) at TurboSparse-Mistral-7B's shape with bf16 weights and with
+their int8 copies, batch 1, best of 15 over 4 layers' weights (no files needed).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import sys
+import time
 
 import torch
 
@@ -23,12 +28,14 @@ from sparse_serve.engine.core.config import ModelConfig
 from sparse_serve.engine.predictors.collect import collect
 from sparse_serve.engine.predictors.train import evaluate_layer
 from sparse_serve.engine.text.tokenizer import Tokenizer
+from sparse_serve.kernels import sparse_ffn_cpu
+from sparse_serve.kernels.linear_int8_cpu import quantize_int8
+from sparse_serve.kernels.sparse_ffn_ref import dequantize
 
 
 def int8_copy(w: torch.Tensor) -> torch.Tensor:
-    """Symmetric per-row int8, dequantised."""
-    scale = w.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
-    return torch.round(w.float() / scale).clamp(-127, 127) * scale
+    """Symmetric per-row int8 as `--quantization int8` stores it, dequantised."""
+    return dequantize(*quantize_int8(w))
 
 
 def fp8_copy(w: torch.Tensor) -> torch.Tensor:
@@ -40,14 +47,48 @@ def fp8_copy(w: torch.Tensor) -> torch.Tensor:
 VARIANTS = {"as stored": lambda w: w.float(), "int8": int8_copy, "fp8 e4m3": fp8_copy}
 
 
+def time_predictor(hidden: int = 4096, neurons: int = 14336, rank: int = 1024, layers: int = 4,
+                   repeats: int = 15) -> str:
+    """ms per layer of the native CPU predictor at batch 1, bf16 weights against their int8 copies."""
+    gen = torch.Generator().manual_seed(0)
+    weights = []
+    for _ in range(layers):
+        fc1 = (torch.randn(rank, hidden, generator=gen) / hidden ** 0.5).to(torch.bfloat16)
+        fc2 = (torch.randn(neurons, rank, generator=gen) / rank ** 0.5).to(torch.bfloat16)
+        (q1, s1), (q2, s2) = quantize_int8(fc1), quantize_int8(fc2)
+        weights.append(((fc1, fc2, None), (q1, q2, (s1, s2))))
+    x = torch.randn(1, hidden, generator=gen)
+
+    def best_ms(variant: int) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for pair in weights:
+                fc1, fc2, scales = pair[variant]
+                sparse_ffn_cpu.predict_active_native(x, fc1, fc2, 0.0, scales)
+            best = min(best, time.perf_counter() - start)
+        return best * 1e3 / layers
+
+    bf16, int8 = best_ms(0), best_ms(1)
+    return (f"predictor fc1 [{rank}, {hidden}] + fc2 [{neurons}, {rank}], batch 1, "
+            f"{torch.get_num_threads()} threads, best of {repeats}: bf16 {bf16:.3f} ms, int8 {int8:.3f} ms "
+            f"per layer ({bf16 / int8:.2f}x)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a folder written by train-predictors")
+    parser.add_argument("--model", help="a folder written by train-predictors (required without --time)")
+    parser.add_argument("--time", action="store_true", help="only the CPU predictor's time, bf16 vs int8")
     parser.add_argument("--sparsity", help="its calibrated thresholds (SwiGLU models)")
     parser.add_argument("--threshold", type=float, default=0.0)
     parser.add_argument("--heldout-windows", type=int, default=8)
     parser.add_argument("--window", type=int, default=256)
     args = parser.parse_args(argv)
+    if args.time:
+        print(time_predictor())
+        return 0
+    if args.model is None:
+        parser.error("--model is required (or --time)")
     cfg = ModelConfig(dtype="float32", device="cpu", sparse_kernels=False, sparsity_file=args.sparsity)
     model, _ = load_model(cfg, args.model)
     windows = load_windows(Tokenizer.from_pretrained(args.model), "heldout", args.window, args.heldout_windows)

@@ -187,10 +187,11 @@ def report(settings: list[Setting], args, info: dict) -> str:
              f"Command: `{info['command']}`", "",
              "What is int8: attention's fused q/k/v projection, o_proj and lm_head (a tied head gets its own "
              "int8 copy; the embedding lookups stay fp32) with per-output-row symmetric scales "
-             "(kernels/csrc/linear_int8_cpu.cpp), and each FFN's gate and up rows (a scale per neuron) "
+             "(kernels/csrc/linear_int8_cpu.cpp), each FFN's gate and up rows (a scale per neuron) "
              "and down rows (a scale per hidden channel) read by the sparse FFN kernel "
-             "(kernels/csrc/sparse_ffn_cpu.cpp); fp32 activations and accumulation "
-             "(engine/models/quantized.py).", "",
+             "(kernels/csrc/sparse_ffn_cpu.cpp), and the predictors' fc1/fc2 (a scale per row); fp32 "
+             "activations and accumulation (engine/models/quantized.py). Decode-only steps run all "
+             "layers in one native call (kernels/csrc/decode_layers_cpu.cpp).", "",
              "## Quality", "",
              f"Perplexity: held-out split of the calibration text, {args.windows} windows of {args.window} "
              f"tokens. Greedy: {len(PROMPTS)} chat prompts (one user turn each, the model's chat template) x "
