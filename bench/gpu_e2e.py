@@ -39,6 +39,7 @@ from sparse_serve.engine.core.sampling_params import SamplingParams
 from sparse_serve.engine.models.arch_config import ModelArchConfig
 from sparse_serve.engine.models.attention import AttentionMetadata
 from sparse_serve.engine.models.llama import CausalLM
+from sparse_serve.engine.models.quantized import quantize_model
 
 logger = logging.getLogger("sparse_serve.bench.gpu_e2e")
 
@@ -76,6 +77,7 @@ class Context:
     model: CausalLM
     tokenizer_path: str
     bandwidth: float = 0.0                 # bytes/s, copy
+    weight_bytes: int = 0                  # per weight as served (1 under --quantization int8)
     rows: list[Row] = field(default_factory=list)
 
 
@@ -142,23 +144,33 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / min(times)                                   # read + write
 
 
+def quantize_for_serving(model: CausalLM, method: str) -> None:
+    """What the loader does for `--quantization`: int8 in place (each bf16 weight is freed as its
+    int8 copy replaces it); the rest (norms, the embedding) becomes float32, the activation dtype
+    the int8 kernels and the one-call decode take."""
+    quantize_model(model, method)
+    gc.collect()
+    model.float()
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def floor_ms(ctx: Context, batch: int, ffn_fraction: float, with_predictor: bool) -> float:
-    """Bytes one decode step must read / copy bandwidth."""
-    arch, elem = ctx.arch, ctx.dtype.itemsize
+    """Bytes one decode step must read / copy bandwidth (weights at their served size, the KV
+    cache and embedding rows in the engine's dtype)."""
+    arch, elem, weight = ctx.arch, ctx.dtype.itemsize, ctx.weight_bytes or ctx.dtype.itemsize
     h, inter, layers = arch.hidden_size, arch.intermediate_size, arch.num_layers
     qkv = (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim * h
     attn = layers * (qkv + arch.num_heads * arch.head_dim * h)
     ffn = layers * 3 * h * inter * ffn_fraction
     predictor = layers * arch.predictor_rank * (h + inter) if with_predictor else 0
-    head = arch.vocab_size * h + batch * h                           # lm_head + the batch's embedding rows
+    head = arch.vocab_size * h                                       # lm_head
     context = ctx.args.prompt_len + ctx.args.gen_len / 2
-    kv = batch * context * 2 * layers * arch.num_kv_heads * arch.head_dim
-    return (attn + ffn + predictor + head + kv) * elem / ctx.bandwidth * 1e3
+    kv = batch * context * 2 * layers * arch.num_kv_heads * arch.head_dim + batch * h   # + embedding rows
+    return ((attn + ffn + predictor + head) * weight + kv * elem) / ctx.bandwidth * 1e3
 
 
 def engine_config(ctx: Context, variant: str) -> EngineConfig:
@@ -303,15 +315,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transformers-budget-s", type=float, default=150.0,
                         help="batch sizes of the transformers baseline started after this are skipped")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quantization", choices=("int8",),
+                        help="CPU only: serve the model as `--quantization int8` does (weights int8, built "
+                             "from the random --dtype weights in place; activations and KV cache float32); "
+                             "the sparse variant only")
     parser.add_argument("--out", help="write the markdown table here")
     args = parser.parse_args(argv)
+    if args.quantization and (args.device != "cpu" or set(args.variants) != {"sparse"}):
+        parser.error("--quantization int8 runs on --device cpu with --variants sparse only (int8 has no "
+                     "dense BLAS path to compare, and no GPU kernels)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     arch = shape_arch(SHAPES[args.shape], args.prompt_len + args.gen_len + 16)
     started = time.perf_counter()
     model = random_model(arch, device, dtype, args.seed)
     calibrate_predictors(model, args.predicted, args.prompt_len, args.seed)
-    ctx = Context(args, device, dtype, arch, model, default_model_path())
+    weight_bytes = 0
+    if args.quantization:
+        quantize_for_serving(model, args.quantization)
+        dtype, weight_bytes = torch.float32, 1
+    ctx = Context(args, device, dtype, arch, model, default_model_path(), weight_bytes=weight_bytes)
     ctx.bandwidth = copy_bandwidth(device)
     logger.info("model built and calibrated in %.1f s; copy bandwidth %.0f GB/s",
                 time.perf_counter() - started, ctx.bandwidth / 1e9)

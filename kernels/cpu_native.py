@@ -92,7 +92,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.linear_int8_cpu.argtypes = [p, p, p, p, i64, i64, i64, c_int, c_int]
     lib.linear_int8_cpu.restype = c_int
     lib.decode_layers_cpu.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, i64, i64, c_float,
-                                      c_float, i64, c_int, c_float, p, p, c_int]
+                                      c_float, i64, c_int, p, p, c_int]
     lib.decode_layers_cpu.restype = c_int
     lib.sparse_ffn_cpu_max_batch.argtypes = []
     lib.sparse_ffn_cpu_max_batch.restype = c_int

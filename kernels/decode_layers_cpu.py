@@ -22,7 +22,7 @@ class LayerPointers(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in (
         "input_norm", "post_norm", "w_qkv", "s_qkv", "w_o", "s_o", "k_cache", "v_cache",
         "w_gate", "w_up", "w_down_t", "s_gate", "s_up", "s_down", "fc1", "fc2", "s_fc1", "s_fc2")] + [
-        ("rank", ctypes.c_int64), ("act_threshold", ctypes.c_float)]
+        ("rank", ctypes.c_int64), ("act_threshold", ctypes.c_float), ("predictor_threshold", ctypes.c_float)]
 
 
 @dataclass(frozen=True)
@@ -37,21 +37,21 @@ class Geometry:
     attn_scale: float
     window: int            # 0: no sliding window
     act_code: int
-    predictor_threshold: float
 
 
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def layer_pointers(tensors: dict[str, Tensor | None], rank: int, act_threshold: float) -> LayerPointers:
+def layer_pointers(tensors: dict[str, Tensor | None], rank: int, act_threshold: float,
+                   predictor_threshold: float) -> LayerPointers:
     """A LayerPointers from the named tensors (the fields above; None for an unused predictor).
     The caller keeps the tensors alive as long as the pointers are used."""
     for name, t in tensors.items():
         if t is not None:
             assert t.device.type == "cpu" and t.is_contiguous(), (name, t.device, t.stride())
     return LayerPointers(**{name: _ptr(t) for name, t in tensors.items()}, rank=rank,
-                         act_threshold=act_threshold)
+                         act_threshold=act_threshold, predictor_threshold=predictor_threshold)
 
 
 def available() -> bool:
@@ -82,7 +82,7 @@ def decode_layers(x: Tensor, cos: Tensor, sin_signed: Tensor, slots: Tensor, blo
         x.data_ptr(), cos.data_ptr(), sin_signed.data_ptr(), slots.data_ptr(), block_tables.data_ptr(),
         context_lens.data_ptr(), ctypes.addressof(layers), num_layers, T, H, g.intermediate, g.num_heads,
         g.num_kv_heads, g.head_dim, g.block_size, block_tables.shape[1], g.eps, g.attn_scale, g.window,
-        g.act_code, g.predictor_threshold, active_counts.data_ptr(), rows_read.data_ptr(),
+        g.act_code, active_counts.data_ptr(), rows_read.data_ptr(),
         torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"decode_layers_cpu failed ({rc}: kernel {rc // 10}, code {rc % 10})")

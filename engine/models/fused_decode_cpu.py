@@ -5,13 +5,14 @@
 qualify, and the model then runs its layers one by one as before. A step qualifies when it is
 decode-only on the CPU in float32, every layer is int8 (`model.quantization: int8`) with an
 fp32 paged KV cache, the FFN takes its sparse kernel (no forced dense fallback, no shadow
-check this step), and the layers share one norm epsilon, sliding window, activation and
-predictor threshold. The per-layer counts (active neurons per token, rows read, predictor
+check this step), and the layers share one norm epsilon, sliding window and activation
+(thresholds may differ per layer). The per-layer counts (active neurons per token, rows read, predictor
 weights read) are the ones the layer-by-layer path reports: the same kernels count them.
 """
 from __future__ import annotations
 
 import ctypes
+import logging
 
 import torch
 from torch import nn
@@ -20,6 +21,8 @@ from sparse_serve.engine.models.attention import AttentionMetadata
 from sparse_serve.engine.models.ffn import FFNActivity
 from sparse_serve.kernels import decode_layers_cpu
 from sparse_serve.kernels.activations import ACT_CODES
+
+logger = logging.getLogger(__name__)
 
 
 class FusedDecode:
@@ -50,15 +53,14 @@ class FusedDecode:
                 return False
             if (attn.sliding_window != first.self_attn.sliding_window or mlp.act != first.mlp.act
                     or layer.input_layernorm.eps != first.input_layernorm.eps
-                    or layer.post_attention_layernorm.eps != first.input_layernorm.eps
-                    or mlp.predictor_threshold != first.mlp.predictor_threshold):
+                    or layer.post_attention_layernorm.eps != first.input_layernorm.eps):
                 return False
         return decode_layers_cpu.available()
 
     def _build(self) -> None:
         layers = self.model.model.layers
         key = tuple((layer.self_attn.kv_cache[0].data_ptr(), layer.mlp.use_predictor,
-                     layer.mlp.act_threshold) for layer in layers)
+                     layer.mlp.act_threshold, layer.mlp.predictor_threshold) for layer in layers)
         if key == self._key:
             return
         table = (decode_layers_cpu.LayerPointers * len(layers))()
@@ -75,14 +77,17 @@ class FusedDecode:
                 fc2=None if predictor is None else predictor.fc2.weight,
                 s_fc1=None if predictor is None else predictor.fc1_scale,
                 s_fc2=None if predictor is None else predictor.fc2_scale),
-                rank=0 if predictor is None else predictor.fc1.weight.shape[0], act_threshold=mlp.act_threshold)
+                rank=0 if predictor is None else predictor.fc1.weight.shape[0], act_threshold=mlp.act_threshold,
+                predictor_threshold=mlp.predictor_threshold)
         first, cfg = layers[0], self.model.config
         self._geometry = decode_layers_cpu.Geometry(
             hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, num_heads=first.self_attn.num_heads,
             num_kv_heads=first.self_attn.num_kv_heads, head_dim=first.self_attn.head_dim,
             block_size=first.self_attn.kv_cache[0].shape[1], eps=first.input_layernorm.eps,
             attn_scale=first.self_attn.scale, window=first.self_attn.sliding_window or 0,
-            act_code=ACT_CODES[first.mlp.act], predictor_threshold=first.mlp.predictor_threshold)
+            act_code=ACT_CODES[first.mlp.act])
+        if self._key is None:
+            logger.info("int8 decode steps on the CPU: one native call for all %d layers", len(layers))
         self._layers, self._key = table, key
 
     def run(self, x: torch.Tensor, positions: torch.Tensor,

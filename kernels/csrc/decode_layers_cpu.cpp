@@ -61,9 +61,10 @@ struct Layer {
   const float* s_fc1;          // [r]
   const float* s_fc2;          // [I]
   int64_t rank;
-  float act_threshold;
+  float act_threshold;         // the FFN activation's (SparseMLP.act_threshold)
+  float predictor_threshold;   // a neuron is predicted iff its logit exceeds it (per layer: calibrated)
 };
-static_assert(sizeof(Layer) == 20 * 8, "Layer must match kernels/decode_layers_cpu.py LAYER_FIELDS");
+static_assert(sizeof(Layer) == 20 * 8, "Layer must match kernels/decode_layers_cpu.py LayerPointers");
 
 // out[t] = weight * (x[t] * rsqrt(mean(x[t]^2) + eps)), as engine/models/layers.py RMSNorm.
 void rms_norm(const float* x, const float* weight, float* out, int64_t T, int64_t H, float eps) {
@@ -90,7 +91,7 @@ extern "C" {
 // x [T, H] float32 (the residual stream after the embedding; updated in place to the last
 // layer's output). cos, sin_signed [T, D]; slots [T] int64 (flat KV-cache slots of the new
 // tokens); block_tables [T, max_blocks] int32; context_lens [T] int32 (including the new token).
-// layers: num_layers Layer structs. act: ACT_CODES; predictor_threshold: logit threshold.
+// layers: num_layers Layer structs. act: ACT_CODES.
 // active_counts [num_layers, T] int32 and rows_read [num_layers, 3] int64 are written.
 // Returns 0, or the failing kernel's code + 10 * (its index: 1 qkv, 2 attention, 3 o_proj,
 // 4 predictor, 5 ffn).
@@ -98,7 +99,7 @@ int decode_layers_cpu(float* x, const float* cos, const float* sin_signed, const
                       const int32_t* block_tables, const int32_t* context_lens, const Layer* layers,
                       int64_t num_layers, int64_t T, int64_t H, int64_t I, int64_t Hq, int64_t Hkv,
                       int64_t D, int64_t block_size, int64_t max_blocks, float eps, float attn_scale,
-                      int64_t window, int act, float predictor_threshold, int32_t* active_counts,
+                      int64_t window, int act, int32_t* active_counts,
                       int64_t* rows_read, int num_threads) {
   const int64_t nq = Hq * D, nkv = Hkv * D, nqkv = nq + 2 * nkv;
   std::vector<float> xn(T * H), qkv(T * nqkv), q(T * nq), attn(T * nq), o(T * H), ffn(T * H), h(T * I);
@@ -137,7 +138,7 @@ int decode_layers_cpu(float* x, const float* cos, const float* sin_signed, const
         rc = linear_cpu(z.data(), L.fc2, L.s_fc2, logits.data(), T, L.rank, I, kInt8, num_threads);
       }
       if (rc != 0) return rc + 40;
-      for (int64_t k = 0; k < T * I; ++k) predicted[k] = logits[k] > predictor_threshold;
+      for (int64_t k = 0; k < T * I; ++k) predicted[k] = logits[k] > L.predictor_threshold;
       pred = predicted.data();
     }
     rc = sparse_ffn_cpu(xn.data(), L.w_gate, L.w_up, L.w_down_t, L.s_gate, L.s_up, L.s_down, pred, h.data(),

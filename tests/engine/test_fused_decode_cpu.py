@@ -21,6 +21,8 @@ CASES = {
     "relu": ("relu", {}),
     "silu-cats": ("silu", {"act_threshold": 0.05}),
     "drelu-predictor": ("drelu", {"predictor_rank": 16}),
+    # thresholds calibrated per layer (bench/gpu_e2e.py does so), set after loading
+    "per-layer-thresholds": ("drelu", {"predictor_rank": 16}),
     "sliding-window": ("relu", {"sliding_window": 8}),
 }
 
@@ -83,6 +85,10 @@ def test_fused_steps_equal_layer_by_layer(tmp_path, case):
     llm = LLM(str(folder), **{"model.device": "cpu", "model.dtype": "float32", "model.quantization": "int8",
                               "cache.kv_cache_bytes": 2 << 20})
     model = llm.engine.model
+    if case == "per-layer-thresholds":
+        for i, mlp in enumerate(model.mlps):
+            mlp.predictor_threshold = 0.2 * i - 0.1
+            mlp.act_threshold = 0.05 * i
     checker = StepChecker(model)
     model.forward = checker
     params = SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True)
