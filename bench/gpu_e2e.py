@@ -296,9 +296,9 @@ def table(ctx: Context) -> str:
     lines = ["| variant | batch | decode ms/step | tok/s | byte floor ms | x floor | vs dense | active | computed "
              "| note |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in ctx.rows:
-        vs = dense.get(r.batch, math.nan) / r.step_ms
+        vs = f"{dense[r.batch] / r.step_ms:.2f}x" if r.batch in dense else "—"   # no dense run of this batch
         lines.append(f"| {r.variant} | {r.batch} | {r.step_ms:.2f} | {r.tok_s:.0f} | {r.floor_ms:.2f} | "
-                     f"{r.step_ms / r.floor_ms:.2f} | {vs:.2f}x | {r.active:.3f} | {r.computed:.3f} | {r.note} |")
+                     f"{r.step_ms / r.floor_ms:.2f} | {vs} | {r.active:.3f} | {r.computed:.3f} | {r.note} |")
     return "\n".join(lines)
 
 
