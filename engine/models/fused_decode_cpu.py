@@ -26,12 +26,17 @@ logger = logging.getLogger(__name__)
 
 
 class FusedDecode:
-    """The pointer table of one model's layers, rebuilt when the KV cache changes."""
+    """The pointer table of one model's layers, rebuilt when the KV cache, the weights' memory
+    (the model runner packs them onto huge pages, again for each engine built on the model) or
+    a threshold changes."""
 
     def __init__(self, model: nn.Module):
         self.model = model
         self._key: tuple | None = None
         self._layers: ctypes.Array | None = None
+        # NOTE: the table's tensors, held so that no allocation can reuse their addresses while
+        # the key (which compares addresses) still names them.
+        self._tensors: list[torch.Tensor] = []
         self._geometry: decode_layers_cpu.Geometry | None = None
 
     def _static_ok(self) -> bool:
@@ -59,16 +64,18 @@ class FusedDecode:
 
     def _build(self) -> None:
         layers = self.model.model.layers
-        key = tuple((layer.self_attn.kv_cache[0].data_ptr(), layer.mlp.use_predictor,
+        key = tuple((layer.self_attn.kv_cache[0].data_ptr(), layer.self_attn.w_qkv.data_ptr(),
+                     layer.mlp.gate_proj.weight.data_ptr(), layer.mlp.use_predictor,
                      layer.mlp.act_threshold, layer.mlp.predictor_threshold) for layer in layers)
         if key == self._key:
             return
         table = (decode_layers_cpu.LayerPointers * len(layers))()
+        held: list[torch.Tensor] = []
         for i, layer in enumerate(layers):
             attn, mlp = layer.self_attn, layer.mlp
             predictor = mlp.predictor if mlp.use_predictor else None
             k_cache, v_cache = attn.kv_cache
-            table[i] = decode_layers_cpu.layer_pointers(dict(
+            tensors = dict(
                 input_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight,
                 w_qkv=attn.w_qkv, s_qkv=attn.w_qkv_scale, w_o=attn.o_proj.weight, s_o=attn.o_proj.scale,
                 k_cache=k_cache, v_cache=v_cache, w_gate=mlp.gate_proj.weight, w_up=mlp.up_proj.weight,
@@ -76,9 +83,11 @@ class FusedDecode:
                 fc1=None if predictor is None else predictor.fc1.weight,
                 fc2=None if predictor is None else predictor.fc2.weight,
                 s_fc1=None if predictor is None else predictor.fc1_scale,
-                s_fc2=None if predictor is None else predictor.fc2_scale),
-                rank=0 if predictor is None else predictor.fc1.weight.shape[0], act_threshold=mlp.act_threshold,
-                predictor_threshold=mlp.predictor_threshold)
+                s_fc2=None if predictor is None else predictor.fc2_scale)
+            held.extend(t for t in tensors.values() if t is not None)
+            rank = 0 if predictor is None else predictor.fc1.weight.shape[0]
+            table[i] = decode_layers_cpu.layer_pointers(tensors, rank=rank, act_threshold=mlp.act_threshold,
+                                                        predictor_threshold=mlp.predictor_threshold)
         first, cfg = layers[0], self.model.config
         self._geometry = decode_layers_cpu.Geometry(
             hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, num_heads=first.self_attn.num_heads,
@@ -88,7 +97,7 @@ class FusedDecode:
             act_code=ACT_CODES[first.mlp.act])
         if self._key is None:
             logger.info("int8 decode steps on the CPU: one native call for all %d layers", len(layers))
-        self._layers, self._key = table, key
+        self._layers, self._key, self._tensors = table, key, held
 
     def run(self, x: torch.Tensor, positions: torch.Tensor,
             meta: AttentionMetadata) -> list[FFNActivity] | None:

@@ -120,3 +120,19 @@ def test_steps_it_leaves_to_the_layers(tmp_path):
     model.mlps[1].shadow_check = False
     model.mlps[0].dense_fallback_fraction = 0.5
     assert not model._fused._static_ok()
+
+
+def test_a_second_engine_on_the_same_model_rebuilds_the_table(tmp_path):
+    """Each engine allocates its own KV cache (and packs weights that are not on huge pages yet):
+    the pointer table must follow (bench/gpu_e2e.py builds several engines on one model)."""
+    from sparse_serve.engine.core.llm_engine import LLMEngine
+
+    folder = make_tiny_checkpoint(tmp_path / "m", "drelu", predictor_rank=16)
+    llm = LLM(str(folder), **{"model.device": "cpu", "model.dtype": "float32", "model.quantization": "int8"})
+    params = SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True)
+    first = [r.completions[0].token_ids for r in llm.generate(_prompts(3), params)]
+    model, fused = llm.engine.model, llm.engine.model._fused
+    old_key = fused._key
+    llm.engine = LLMEngine(llm.engine.config, str(folder), loaded=(model, llm.engine.arch))
+    assert [r.completions[0].token_ids for r in llm.generate(_prompts(3), params)] == first
+    assert fused._key != old_key
