@@ -4,8 +4,9 @@ After loading, `quantize_model` swaps attention's fused q/k/v weight, o_proj and
 int8 weights with one fp32 scale per output row (kernels/linear_int8_cpu.py), and each FFN's
 gate, up and (transposed) down weights for int8 (gate and up with one fp32 scale per neuron,
 down with one per output channel), which the native sparse FFN kernel reads row by row as
-before (kernels/csrc/sparse_ffn_cpu.cpp): so sparsity and quantization multiply. The predictors' fc1/fc2 become int8 with per-row scales
-(they cost under 0.01 points of recall: docs/BENCHMARKS.md, bench/predictor_precision.py).
+before (kernels/csrc/sparse_ffn_cpu.cpp): so sparsity and quantization multiply. The
+predictors' fc1/fc2 become int8 with per-row scales (they cost under 0.01 points of recall:
+docs/BENCHMARKS.md, bench/predictor_precision.py).
 Activations, norms, the embedding and the KV cache keep the model dtype.
 
 Parameter counts do not change: each int8 weight is a non-grad Parameter named `weight` of the
