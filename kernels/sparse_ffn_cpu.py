@@ -51,9 +51,10 @@ def sparse_ffn_native(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
     x [T, H] (any float dtype, T <= 64); w_gate, w_up, w_down_t [I, H] contiguous, one dtype of
     float32 / bfloat16 / float16 / int8 (int8 with row_scales: gate and up [I] per neuron, down
     [H] per hidden channel; kernels/sparse_ffn_ref.py RowScales); predicted [T, I] bool or None.
-    Returns (out [T, H] in x.dtype, active [T, I] bool). Reads a gate row only for predicted neurons (all in exact mode), an up
-    row only where the gate survived for some batch row, and a down row only where h != 0; and
-    prefetches some rows ahead of use that may then go unused (the kernel's comments say which).
+    Returns (out [T, H] in x.dtype, active [T, I] bool). Reads a gate row only for predicted
+    neurons (all in exact mode), an up row only where the gate survived for some batch row, and a
+    down row only where h != 0; and prefetches some rows ahead of use that may then go unused (the
+    kernel's comments say which).
     rows_read (int64 [3], optional) receives the (gate, up, down) rows read or prefetched, as
     the kernel counted them (kernels/csrc/sparse_ffn_cpu.cpp).
     """
