@@ -297,7 +297,8 @@ def table(ctx: Context) -> str:
              "| note |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in ctx.rows:
         vs = f"{dense[r.batch] / r.step_ms:.2f}x" if r.batch in dense else "—"   # no dense run of this batch
-        lines.append(f"| {r.variant} | {r.batch} | {r.step_ms:.2f} | {r.tok_s:.0f} | {r.floor_ms:.2f} | "
+        # NOTE: 4 significant digits for the floor: the tiny smoke shape's is a few microseconds
+        lines.append(f"| {r.variant} | {r.batch} | {r.step_ms:.2f} | {r.tok_s:.0f} | {r.floor_ms:.4g} | "
                      f"{r.step_ms / r.floor_ms:.2f} | {vs} | {r.active:.3f} | {r.computed:.3f} | {r.note} |")
     return "\n".join(lines)
 
