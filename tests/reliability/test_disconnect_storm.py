@@ -21,8 +21,11 @@ MAX_TOKENS = 200          # far more than any client reads: every request must e
 
 pytestmark = [
     pytest.mark.timeout(TEST_TIMEOUT_S),
+    # NOTE: room for every engine request at once: a client asks for n = 1 or 2 choices, each an
+    # engine request of its own, so 50 clients can queue up to 100 (a CI run with 54 waiting
+    # got a 429 when this was NUM_CLIENTS).
     pytest.mark.parametrize("engine_config", [{"scheduler.max_num_seqs": 8,
-                                               "scheduler.max_queued_requests": NUM_CLIENTS}],
+                                               "scheduler.max_queued_requests": 2 * NUM_CLIENTS}],
                             indirect=True),
 ]
 
