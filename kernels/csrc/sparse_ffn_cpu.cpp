@@ -15,6 +15,10 @@
 // Phase 2 (threads split the hidden dimension, so no reduction is needed): for each neuron active
 //   in any batch row, out[t, slice] += h[t, i] * W_down_t[i, slice].
 //
+// Weights: float32, bfloat16, float16, or int8 with fp32 scales (RowScales: per neuron for gate
+// and up, per hidden channel for down). int8 at batch > 1 runs the same two phases in register
+// tiles (sparse_ffn_i8_batch, int8_rows.h), which prefetch nothing.
+//
 // Rows read: both paths count the gate, up and down rows they read or software-prefetch (a
 // prefetch moves the row from memory as a load does, costing the same bytes, so it counts; a row
 // prefetched and then read counts once) into READ [3], with a few adds per neuron in registers
