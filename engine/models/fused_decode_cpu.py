@@ -26,22 +26,32 @@ logger = logging.getLogger(__name__)
 
 
 class FusedDecode:
-    """The pointer table of one model's layers, rebuilt when the KV cache, the weights' memory
-    (the model runner packs them onto huge pages, again for each engine built on the model) or
-    a threshold changes."""
+    """The pointer table of one model's layers. The conditions are checked, and the table
+    rebuilt, only when the step's state key changes: the KV cache, the weights' memory (the model
+    runner packs them onto huge pages, again for each engine built on the model), a threshold or
+    a switch (the runner flips shadow checks per step)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
         self._key: tuple | None = None
+        self._ok = False
         self._layers: ctypes.Array | None = None
+        self._predictor_reads: list[int] = []
         # NOTE: the table's tensors, held so that no allocation can reuse their addresses while
         # the key (which compares addresses) still names them.
         self._tensors: list[torch.Tensor] = []
         self._geometry: decode_layers_cpu.Geometry | None = None
 
+    def _state_key(self) -> tuple:
+        """What the conditions and the table depend on, per layer (cheap: read every step)."""
+        return tuple((None if layer.self_attn.kv_cache is None else layer.self_attn.kv_cache[0].data_ptr(),
+                      None if layer.self_attn.w_qkv is None else layer.self_attn.w_qkv.data_ptr(),
+                      layer.mlp.gate_proj.weight.data_ptr(), layer.mlp.use_predictor, layer.mlp.act_threshold,
+                      layer.mlp.predictor_threshold, layer.mlp.use_sparse_kernels, layer.mlp.shadow_check,
+                      layer.mlp.dense_fallback_fraction) for layer in self.model.model.layers)
+
     def _static_ok(self) -> bool:
-        """The model side of the conditions (see the module docstring), per step: the runner
-        flips shadow checks and a user may change thresholds or the sparse-kernel switch."""
+        """The model side of the conditions (see the module docstring)."""
         layers = self.model.model.layers
         first = layers[0]
         for layer in layers:
@@ -64,11 +74,6 @@ class FusedDecode:
 
     def _build(self) -> None:
         layers = self.model.model.layers
-        key = tuple((layer.self_attn.kv_cache[0].data_ptr(), layer.self_attn.w_qkv.data_ptr(),
-                     layer.mlp.gate_proj.weight.data_ptr(), layer.mlp.use_predictor,
-                     layer.mlp.act_threshold, layer.mlp.predictor_threshold) for layer in layers)
-        if key == self._key:
-            return
         table = (decode_layers_cpu.LayerPointers * len(layers))()
         held: list[torch.Tensor] = []
         for i, layer in enumerate(layers):
@@ -95,9 +100,11 @@ class FusedDecode:
             block_size=first.self_attn.kv_cache[0].shape[1], eps=first.input_layernorm.eps,
             attn_scale=first.self_attn.scale, window=first.self_attn.sliding_window or 0,
             act_code=ACT_CODES[first.mlp.act])
-        if self._key is None:
+        if self._layers is None:
             logger.info("int8 decode steps on the CPU: one native call for all %d layers", len(layers))
-        self._layers, self._key, self._tensors = table, key, held
+        self._predictor_reads = [mlp.predictor.num_params if mlp.predictor is not None and mlp.use_predictor
+                                 else 0 for mlp in (layer.mlp for layer in layers)]
+        self._layers, self._tensors = table, held
 
     def run(self, x: torch.Tensor, positions: torch.Tensor,
             meta: AttentionMetadata) -> list[FFNActivity] | None:
@@ -106,9 +113,16 @@ class FusedDecode:
         num_rows = x.shape[0]
         if (x.device.type != "cpu" or x.dtype != torch.float32 or not meta.is_decode_only
                 or meta.real_rows is not None or meta.slot_mapping is None
-                or not 1 <= num_rows <= decode_layers_cpu.MAX_ROWS or not self._static_ok()):
+                or not 1 <= num_rows <= decode_layers_cpu.MAX_ROWS):
             return None
-        self._build()
+        key = self._state_key()
+        if key != self._key:
+            self._ok = self._static_ok()
+            if self._ok:
+                self._build()
+            self._key = key
+        if not self._ok:
+            return None
         first = self.model.model.layers[0].self_attn
         cos, sin = meta.rope_tables(first.rope, positions)                      # [T, 1, D] each
         lens = meta.seq_lens_tensor
@@ -120,10 +134,5 @@ class FusedDecode:
             x, cos.reshape(num_rows, -1).contiguous(), sin.reshape(num_rows, -1).contiguous(),
             meta.slot_mapping.contiguous(), meta.block_tables.contiguous(), lens.contiguous(), self._layers,
             self._geometry, max_blocks)
-        activities = []
-        for i, layer in enumerate(self.model.model.layers):
-            mlp = layer.mlp
-            used = mlp.predictor is not None and mlp.use_predictor
-            activities.append(FFNActivity(active_counts=counts[i], rows_read=rows_read[i],
-                                          predictor_params_read=mlp.predictor.num_params if used else 0))
-        return activities
+        return [FFNActivity(active_counts=counts[i], rows_read=rows_read[i], predictor_params_read=reads)
+                for i, reads in enumerate(self._predictor_reads)]

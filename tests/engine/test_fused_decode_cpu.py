@@ -136,3 +136,19 @@ def test_a_second_engine_on_the_same_model_rebuilds_the_table(tmp_path):
     llm.engine = LLMEngine(llm.engine.config, str(folder), loaded=(model, llm.engine.arch))
     assert [r.completions[0].token_ids for r in llm.generate(_prompts(3), params)] == first
     assert fused._key != old_key
+
+
+def test_shadow_check_steps_run_layer_by_layer(tmp_path):
+    """The runner flips shadow checks per step: those steps (a second, dense pass per layer)
+    leave the fused path, and the steps around them take it again."""
+    folder = make_tiny_checkpoint(tmp_path / "m", "drelu", predictor_rank=16)
+    llm = LLM(str(folder), **{"model.device": "cpu", "model.dtype": "float32", "model.quantization": "int8",
+                              "server.predictor_shadow_rate": 0.5})
+    model = llm.engine.model
+    fused, run, calls = model._fused, model._fused.run, []
+    fused.run = lambda x, positions, meta: calls.append(
+        (meta.is_decode_only, model.mlps[0].shadow_check, run(x, positions, meta))) or calls[-1][2]
+    llm.generate(_prompts(2), SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True))
+    decode = [(shadow, result is not None) for is_decode, shadow, result in calls if is_decode]
+    assert {shadow for shadow, _ in decode} == {True, False}
+    assert all(took != shadow for shadow, took in decode)
