@@ -1,8 +1,8 @@
 """Compile every Triton kernel launch for a GPU target, on a machine without a GPU.
 
 Runs each launcher (sparse FFN in both modes, from the mask alone and from the predictor's
-group counts, with the reduction fused and not; the predictor, counting groups and not; paged
-attention) on CPU tensors of the real shapes with the kernel launches recorded instead of run,
+group counts, with the reduction fused and not; the predictor, counting groups and not, and with
+int8 weights; paged attention) on CPU tensors of the real shapes with the kernel launches recorded instead of run,
 then compiles each recorded launch for the target with Triton's own compiler and bundled ptxas
 (specialised as a launch would be), and reads the compiled kernel's resources back (ptxas -v).
 What it catches before any device time is spent: code the interpreter accepts but the compiler
@@ -126,6 +126,7 @@ def record_cases(dtypes: list[torch.dtype]) -> list[Launch]:
             name = TORCH_TO_TRITON[dtype]
             w = zeros(INTERMEDIATE, HIDDEN, dtype=dtype)
             fc1, fc2 = zeros(1024, HIDDEN, dtype=dtype), zeros(INTERMEDIATE, 1024, dtype=dtype)
+            fc1_q, fc2_q = zeros(1024, HIDDEN, dtype=torch.int8), zeros(INTERMEDIATE, 1024, dtype=torch.int8)
             for T in (1, 2, 4):
                 x = zeros(T, HIDDEN, dtype=dtype)
                 mask = zeros(T, INTERMEDIATE, dtype=torch.bool)
@@ -142,6 +143,11 @@ def record_cases(dtypes: list[torch.dtype]) -> list[Launch]:
                 predictor_triton.predict_active_triton(x, fc1, fc2)
                 case[0] = f"predictor {name} T={T}, counting groups"
                 predictor_triton.predict_active_triton(x, fc1, fc2, group_counts=counts)
+                if dtype != torch.float32:   # int8 predictor copies (gpu_e2e's sparse-int8pred)
+                    case[0] = f"predictor int8 weights, {name} activations T={T}, counting groups"
+                    predictor_triton.predict_active_triton(
+                        x, fc1_q, fc2_q, group_counts=counts,
+                        scales=(zeros(1024, dtype=torch.float32), zeros(INTERMEDIATE, dtype=torch.float32)))
                 # the reduction the tuned tiles do not use (fused or a launch of its own)
                 variant = dict(down_fused_reduce=not default_config(T).down_fused_reduce)
                 case[0] = f"ffn predicted {name} T={T} {variant}"

@@ -202,17 +202,15 @@ def predict_active(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float = 0.0,
     group_counts (new_group_counts(I, x.device)), if given, is filled with the number of
     neurons some row predicts in each group of prediction_groups(I) (group_counts_ref): the
     CUDA kernel counts them as it writes the mask, and sparse_ffn(predicted_group_counts=...)
-    then skips a launch. scales: the per-row fp32 scales ([r], [I]) of int8 fc1/fc2 (CPU only).
+    then skips a launch. scales: the per-row fp32 scales ([r], [I]) of int8 fc1/fc2.
     """
     assert x.dim() == 2 and fc1.dim() == 2 and fc2.dim() == 2, (x.shape, fc1.shape, fc2.shape)
     assert fc1.shape[1] == x.shape[1] and fc2.shape[1] == fc1.shape[0], (
         f"fc1 must be [r, H={x.shape[1]}] and fc2 [I, r]; got {tuple(fc1.shape)}, {tuple(fc2.shape)}")
-    if scales is not None and x.is_cuda:
-        raise ValueError("int8 predictor weights run on the CPU only")
-    if dispatch.runs_triton(x) and x.shape[0] <= MAX_SPARSE_BATCH and scales is None:
+    if dispatch.runs_triton(x) and x.shape[0] <= MAX_SPARSE_BATCH:
         from sparse_serve.kernels import predictor_triton
         return predictor_triton.predict_active_triton(x, fc1, fc2, threshold,
-                                                      group_counts=group_counts)
+                                                      group_counts=group_counts, scales=scales)
     predicted = _predict_active_no_triton(x, fc1, fc2, threshold, scales)
     if group_counts is not None:
         group_counts.copy_(group_counts_ref(predicted))
@@ -221,8 +219,8 @@ def predict_active(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float = 0.0,
 
 def _predict_active_no_triton(x: Tensor, fc1: Tensor, fc2: Tensor, threshold: float,
                               scales: tuple[Tensor, Tensor] | None) -> Tensor:
-    if x.is_cuda:   # prefill: compute-bound, cuBLAS
-        return predict_active_ref(x, fc1, fc2, threshold)
+    if x.is_cuda:   # prefill: compute-bound, cuBLAS (int8 weights dequantized first)
+        return predict_active_ref(x, fc1, fc2, threshold, scales)
     # NOTE: on the CPU the native kernel reads the weights once at full speed for any decode
     # batch, where torch's 16-bit and small-M float32 GEMMs are slower
     # (docs/benchmarks/kernels.md#dispatch-thresholds); the reference is the fallback.

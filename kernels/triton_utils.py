@@ -77,7 +77,8 @@ def linear_tile(X, W, offs_n, mask_n, T, K, stride_xt, stride_xk, stride_wn, str
                 BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """[BLOCK_T, BLOCK_N] float32: rows 0..T-1 of X [T, K] times rows offs_n of W [N, K]
     transposed, streaming K in BLOCK_K steps (multiply-reduce in registers below the tl.dot
-    batch size, tl.dot from there; DOT_FP32 as in dot_in_fp32)."""
+    batch size, tl.dot from there; DOT_FP32 as in dot_in_fp32). An int8 W (weight-only int8,
+    its scales applied by the caller) enters tl.dot as bfloat16, which holds every int8 exactly."""
     offs_t = tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
     offs_k = tl.arange(0, BLOCK_K)
@@ -94,6 +95,8 @@ def linear_tile(X, W, offs_n, mask_n, T, K, stride_xt, stride_xk, stride_wn, str
             acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
         elif DOT_FP32:
             acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        elif W.dtype.element_ty == tl.int8:
+            acc += tl.dot(x.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)))
         else:
             acc += tl.dot(x.to(w.dtype), tl.trans(w))
     return acc

@@ -143,3 +143,30 @@ def test_int8_cpu_predictor(monkeypatch, T):
     assert (dequantized - exact).abs().max() < 0.05
     with pytest.raises(AssertionError, match="need their scales"):
         sparse_ffn_cpu.linear_native(x, q1)
+
+
+@pytest.mark.parametrize("shape", [(1, 100, 24, 70), (6, 64, 40, 130)], ids=str)
+def test_triton_predictor_int8(monkeypatch, shape):
+    """int8 fc1/fc2 with per-row scales through the Triton predictor: the reference's mask on the
+    same int8 weights, and the group counts of that mask (bench/gpu_e2e.py's sparse-int8pred)."""
+    pytest.importorskip("triton")
+    from sparse_serve.kernels import predictor_triton
+    from sparse_serve.kernels.linear_int8_cpu import quantize_int8
+    from sparse_serve.kernels.sparse_ffn_ref import group_counts_ref
+
+    T, H, r, I = shape
+    x, fc1, fc2 = _case(T, H, r, I, torch.float32, seed=T)
+    (q1, s1), (q2, s2) = quantize_int8(fc1), quantize_int8(fc2)
+    device = triton_device()
+    x, q1, q2, s1, s2 = (t.to(device) for t in (x, q1, q2, s1, s2))
+    poison_allocations(monkeypatch, predictor_triton)
+    for threshold in (0.0, 0.3):
+        counts = new_group_counts(I, device).fill_(POISON_INT)
+        pred = predictor_triton.predict_active_triton(x, q1, q2, threshold, group_counts=counts,
+                                                      scales=(s1, s2))
+        ref = predict_active_ref(x, q1, q2, threshold, scales=(s1, s2))
+        assert pred.view(torch.uint8).max().item() <= 1
+        assert torch.equal(pred.cpu(), ref.cpu()) and 0 < ref.sum() < ref.numel()
+        assert torch.equal(counts.cpu(), group_counts_ref(ref).cpu())
+    with pytest.raises(AssertionError, match="per-row scales"):
+        predictor_triton.predict_active_triton(x, q1, q2)
