@@ -79,8 +79,8 @@ class SparseMLP(nn.Module):
         self.shadow_check = False          # set by the runner on sampled steps
         # [I, H], filled by prepare_for_inference(); a buffer so .to() moves it
         self.register_buffer("w_down_t", None, persistent=False)
-        # weight-only int8 (engine/models/quantized.py): gate/up/w_down_t hold int8 rows and these
-        # their fp32 scales [I]; None for float weights
+        # weight-only int8 (engine/models/quantized.py): gate/up/w_down_t hold int8 and these their
+        # fp32 scales (gate, up [I] per neuron; down [H] per hidden channel); None for float weights
         self.register_buffer("gate_scale", None, persistent=False)
         self.register_buffer("up_scale", None, persistent=False)
         self.register_buffer("down_scale", None, persistent=False)
