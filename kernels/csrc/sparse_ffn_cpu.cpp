@@ -533,19 +533,38 @@ void accumulate_down_i8(const float* h, const uint8_t* any_active, const int8_t*
 // docs/benchmarks/quantization.md). No rows are prefetched: each count is the rows read.
 constexpr int64_t kI8Chunk = 64;
 
+// use(i, t, dot) for every listed neuron i = ids[0..n) and batch row t < T, dot = W[i] . x[t]
+// (unscaled), the neurons kTileN and the rows kTileM at a time in register tiles.
+template <typename Use>
+inline void for_each_tile_dot(const int8_t* w, const int* ids, int n, const float* x, int64_t T,
+                              int64_t H, Use&& use) {
+  using int8_rows::kTileM;
+  using int8_rows::kTileN;
+  float acc[kTileN][kTileM];
+  for (int j = 0; j < n; j += kTileN) {
+    const int nr = n - j < kTileN ? n - j : kTileN;
+    const int8_t* rows[kTileN];
+    for (int k = 0; k < nr; ++k) rows[k] = w + (int64_t)ids[j + k] * H;
+    for (int64_t m = 0; m < T; m += kTileM) {
+      const int mr = (int)(T - m < kTileM ? T - m : kTileM);
+      int8_rows::pick_tile(nr, mr)(rows, x + m * H, H, acc);
+      for (int k = 0; k < nr; ++k)
+        for (int r = 0; r < mr; ++r) use((int64_t)ids[j + k], m + r, acc[k][r]);
+    }
+  }
+}
+
 void sparse_ffn_i8_batch(const float* x, const int8_t* w_gate, const int8_t* w_up,
                          const int8_t* w_down_t, const RowScales& scales, const uint8_t* predicted,
                          float* h, uint8_t* active, uint8_t* any_active, float* out, int64_t* read,
                          int64_t T, int64_t H, int64_t I, int act, float threshold, int num_threads) {
-  using int8_rows::kTileM;
-  using int8_rows::kTileN;
+  // NOTE: AVX-512 builds write every element of out in phase 2; AVX2 ones add to it
   std::memset(out, 0, sizeof(float) * T * H);
   const int64_t num_chunks = (I + kI8Chunk - 1) / kI8Chunk;
   int64_t gate_read = 0, up_read = 0, down_read = 0;
 #pragma omp parallel num_threads(num_threads)
   {
     int ids[kI8Chunk];
-    float acc[kTileN][kTileM];
 #pragma omp for schedule(dynamic, 1) reduction(+ : gate_read, up_read, down_read)
     for (int64_t ci = 0; ci < num_chunks; ++ci) {
       const int64_t c = ci * kI8Chunk, end = c + kI8Chunk < I ? c + kI8Chunk : I;
@@ -562,25 +581,11 @@ void sparse_ffn_i8_batch(const float* x, const int8_t* w_gate, const int8_t* w_u
       }
       gate_read += num_ids;
       // Gate pass: h[t, i] = the activated gate of the rows that may fire, 0 elsewhere.
+      for_each_tile_dot(w_gate, ids, num_ids, x, T, H, [&](int64_t i, int64_t t, float g) {
+        if (predicted == nullptr || predicted[t * I + i])
+          h[t * I + i] = activate(act, g * RowScales::at(scales.gate, i), threshold);
+      });
       int num_alive = 0;
-      for (int j = 0; j < num_ids; j += kTileN) {
-        const int nr = num_ids - j < kTileN ? num_ids - j : kTileN;
-        const int8_t* rows[kTileN];
-        for (int n = 0; n < nr; ++n) rows[n] = w_gate + (int64_t)ids[j + n] * H;
-        for (int64_t m = 0; m < T; m += kTileM) {
-          const int mr = (int)(T - m < kTileM ? T - m : kTileM);
-          int8_rows::pick_tile(nr, mr)(rows, x + m * H, H, acc);
-          for (int n = 0; n < nr; ++n) {
-            const int64_t i = ids[j + n];
-            const float gate_scale = RowScales::at(scales.gate, i);
-            for (int r = 0; r < mr; ++r) {
-              const int64_t t = m + r;
-              if (predicted != nullptr && !predicted[t * I + i]) continue;
-              h[t * I + i] = activate(act, acc[n][r] * gate_scale, threshold);
-            }
-          }
-        }
-      }
       for (int j = 0; j < num_ids; ++j) {    // keep the neurons some row's gate let through
         const int64_t i = ids[j];
         bool alive = false;
@@ -589,29 +594,15 @@ void sparse_ffn_i8_batch(const float* x, const int8_t* w_gate, const int8_t* w_u
       }
       up_read += num_alive;
       // Up pass: h[t, i] = activated gate * up (dReLU: * relu(up)) where the gate let it through.
-      for (int j = 0; j < num_alive; j += kTileN) {
-        const int nr = num_alive - j < kTileN ? num_alive - j : kTileN;
-        const int8_t* rows[kTileN];
-        for (int n = 0; n < nr; ++n) rows[n] = w_up + (int64_t)ids[j + n] * H;
-        for (int64_t m = 0; m < T; m += kTileM) {
-          const int mr = (int)(T - m < kTileM ? T - m : kTileM);
-          int8_rows::pick_tile(nr, mr)(rows, x + m * H, H, acc);
-          for (int n = 0; n < nr; ++n) {
-            const int64_t i = ids[j + n];
-            const float up_scale = RowScales::at(scales.up, i);
-            for (int r = 0; r < mr; ++r) {
-              const int64_t t = m + r;
-              const float a = h[t * I + i];
-              if (a == 0.f) continue;
-              const float u = acc[n][r] * up_scale;
-              const float v = a * ((act == ACT_DRELU && u < 0.f) ? 0.f : u);
-              h[t * I + i] = v;
-              active[t * I + i] = v != 0.f;
-              any_active[i] |= v != 0.f;
-            }
-          }
-        }
-      }
+      for_each_tile_dot(w_up, ids, num_alive, x, T, H, [&](int64_t i, int64_t t, float dot) {
+        const float a = h[t * I + i];
+        if (a == 0.f) return;
+        const float u = dot * RowScales::at(scales.up, i);
+        const float v = a * ((act == ACT_DRELU && u < 0.f) ? 0.f : u);
+        h[t * I + i] = v;
+        active[t * I + i] = v != 0.f;
+        any_active[i] |= v != 0.f;
+      });
       for (int j = 0; j < num_alive; ++j) down_read += any_active[ids[j]];
     }  // implicit barrier: phase 2 reads every neuron's h
     accumulate_down_i8(h, any_active, w_down_t, scales, out, T, H, I);
