@@ -71,6 +71,14 @@ def quantize_attention(attn: Attention) -> None:
     attn.o_proj = QuantizedLinear.from_linear(attn.o_proj)
 
 
+def _int8_rows_in_place(linear: nn.Linear) -> torch.Tensor:
+    """linear.weight becomes its int8 rows (a non-grad Parameter of the same name and shape, so
+    parameter counts stay as they were); returns the per-row fp32 scales for the caller to keep."""
+    w_q, scale = quantize_int8(linear.weight)
+    linear.weight = nn.Parameter(w_q, requires_grad=False)
+    return scale
+
+
 @torch.no_grad()
 def quantize_mlp(mlp: SparseMLP) -> None:
     """gate_proj, up_proj and w_down_t (one row per neuron each) to int8: gate and up with a scale
@@ -79,10 +87,8 @@ def quantize_mlp(mlp: SparseMLP) -> None:
     names and shapes, so the parameter counts and the activity accounting stay as they were;
     1 byte per weight read)."""
     assert mlp.w_down_t is not None, "quantize after prepare_for_inference()"
-    for proj, name in ((mlp.gate_proj, "gate_scale"), (mlp.up_proj, "up_scale")):
-        w_q, scale = quantize_int8(proj.weight)
-        proj.weight = nn.Parameter(w_q, requires_grad=False)
-        setattr(mlp, name, scale)
+    mlp.gate_scale = _int8_rows_in_place(mlp.gate_proj)
+    mlp.up_scale = _int8_rows_in_place(mlp.up_proj)
     down_q, mlp.down_scale = quantize_int8(mlp.w_down_t.t())             # [H, I], [H]
     mlp.w_down_t = down_q.t().contiguous()                                # [I, H]
 
@@ -90,10 +96,8 @@ def quantize_mlp(mlp: SparseMLP) -> None:
 @torch.no_grad()
 def quantize_predictor(predictor: Predictor) -> None:
     """fc1 and fc2 to int8 rows with per-row scales (same Parameter names and shapes)."""
-    for fc, name in ((predictor.fc1, "fc1_scale"), (predictor.fc2, "fc2_scale")):
-        w_q, scale = quantize_int8(fc.weight)
-        fc.weight = nn.Parameter(w_q, requires_grad=False)
-        setattr(predictor, name, scale)
+    predictor.fc1_scale = _int8_rows_in_place(predictor.fc1)
+    predictor.fc2_scale = _int8_rows_in_place(predictor.fc2)
 
 
 @torch.no_grad()
