@@ -91,6 +91,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.paged_attention_decode_cpu.restype = c_int
     lib.linear_int8_cpu.argtypes = [p, p, p, p, i64, i64, i64, c_int, c_int]
     lib.linear_int8_cpu.restype = c_int
+    lib.int8_rows_x_max.argtypes = [i64]
+    lib.int8_rows_x_max.restype = c_int
     lib.decode_layers_cpu.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, i64, i64, c_float,
                                       c_float, i64, c_int, p, p, c_int]
     lib.decode_layers_cpu.restype = c_int

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sparse_serve.kernels.activation_grid import on_grid
 from sparse_serve.kernels.activations import check_act
 
 
@@ -52,9 +53,10 @@ def sparse_ffn_ref(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, ac
                    threshold: float = 0.0, predicted: Tensor | None = None,
                    row_scales: RowScales | None = None) -> tuple[Tensor, Tensor]:
     """(out [T, H] in x.dtype, active [T, I] bool); see kernels/sparse_ffn.py for the contract.
-    row_scales: the per-row scales of int8 weights (each weight is dequantized first)."""
+    row_scales: the per-row scales of int8 weights (each weight is dequantized first, and x
+    rounded to its grid for the gate and up products as the int8 kernels read it)."""
     sg, su, sd = row_scales if row_scales is not None else (None, None, None)
-    xf = x.float()                                   # [T, H]
+    xf = x.float() if row_scales is None else on_grid(x)   # [T, H]
     g = xf @ dequantize(w_gate, sg).t()              # [T, I]
     u = xf @ dequantize(w_up, su).t()                # [T, I]
     h = apply_activation(g, u, act, threshold)       # [T, I]

@@ -1,28 +1,26 @@
-// Weight-only int8 linear for the CPU: out[m, n] = scale[n] * sum_k x[m, k] * w[n, k].
+// int8 linear for the CPU: out[m, n] = scale[n] * sum_k x[m, k] * w[n, k].
 //
 // w is int8 [N, K] row-major with one fp32 scale per output row (symmetric, per channel; see
 // kernels/linear_int8_cpu.py quantize_int8); x is fp32 or bf16 [M, K], out [M, N] in x's dtype.
-// Accumulation is fp32: each int8 weight is widened to fp32 in registers (never written back),
-// so a decode step reads 1 byte per weight instead of 4 (fp32) or 2 (bf16).
+// Each row of x is first put on its own 14-bit grid (int8_rows.h quantize_row), and the dot
+// products are exact int32 sums of int8 x int16 products (AVX-512 VNNI where built), scaled once
+// at the end: a decode step reads 1 byte per weight instead of 4 (fp32) or 2 (bf16), and a
+// batched step does twice the products per instruction of fp32 FMAs.
 //
 // Work split: rows of x in blocks of kRowBlock (one block for any decode batch); within a block
 // the threads split the output rows into tiles of up to 4, and each tile is computed against the
 // block's rows kTileM at a time (6 with AVX-512, 2 with AVX2: what fits the vector registers).
 // A tile's weight rows (4 * K bytes) stay in L1 while every group of x rows
 // passes over them, so the weight is read from memory once per row block; the x rows
-// (kRowBlock * K floats at most) stay in L2.
-// NOTE: 6 x rows per step measured on par with 4 here; widening each tile's weight rows to an
-// fp32 L1 buffer once per row block (instead of in registers per group of rows) measured slower
-// (0.7x vs 0.8x of MKL's fp32 rate at M = 64 on cache-resident weights). The kernel wins wherever
-// the weight comes from memory (docs/benchmarks/quantization.md).
-// NOTE: int8 activations (VNNI) would read no fewer weight bytes and change the numerics; the
-// decode step is bound by the weight bytes, not by the FMAs.
+// (kRowBlock * K int16 at most) stay in L2.
+// NOTE: with fp32 activations 6 x rows per step measured on par with 4, and widening each
+// tile's weight rows to an fp32 L1 buffer once per row block measured slower than widening in
+// registers (docs/benchmarks/quantization.md).
 //
 // Built with the other native kernels by kernels/cpu_native.py (g++ -O3 -march=native -fopenmp):
-// AVX-512 where the compiler targets it, else AVX2 + FMA, else scalar code.
+// AVX-512 where the compiler targets it, else AVX2, else scalar code.
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 #include <omp.h>
 
@@ -55,40 +53,50 @@ inline uint16_t f32_to_bf16(float f) {
 inline void store(float* out, float v) { *out = v; }
 inline void store(uint16_t* out, float v) { *out = f32_to_bf16(v); }
 
+inline float to_f32(float v) { return v; }
+inline float to_f32(uint16_t v) { return bf16_to_f32(v); }
+
 template <typename T>
 void linear_int8(const T* x, const int8_t* w, const float* scale, T* out, int64_t M, int64_t K, int64_t N,
                  int num_threads) {
   const int64_t num_tiles = (N + kTileN - 1) / kTileN;
-  // fp32 copy of one row block of x (bf16 input only; fp32 input is read in place)
-  std::vector<float> xf(std::is_same<T, float>::value ? 0 : (M < kRowBlock ? M : kRowBlock) * K);
+  const int64_t ldx = int8_rows::padded(K);
+  const int qmax = int8_rows::x_max(K);
+  // one row block of x on its grid, and each row's step
+  const int64_t block_rows = M < kRowBlock ? M : kRowBlock;
+  std::vector<int16_t> xq(block_rows * ldx);
+  std::vector<float> xs(block_rows);
 #pragma omp parallel num_threads(num_threads)
   {
     for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
       const int64_t rows = M - m0 < kRowBlock ? M - m0 : kRowBlock;
-      const float* xb;
-      if constexpr (std::is_same<T, float>::value) {
-        xb = x + m0 * K;
-      } else {
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t k = 0; k < K; ++k) xf[r * K + k] = bf16_to_f32(x[(m0 + r) * K + k]);
-        xb = xf.data();   // the implicit barrier above: every row is converted
-      }
+      for (int64_t r = 0; r < rows; ++r)
+        xs[r] = int8_rows::quantize_row(x + (m0 + r) * K, K, ldx, qmax, xq.data() + r * ldx,
+                                        [](T v) { return to_f32(v); });
+      // the implicit barrier above: every row is on its grid
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < num_tiles; ++t) {
         const int64_t n0 = t * kTileN;
         const int nr = static_cast<int>(N - n0 < kTileN ? N - n0 : kTileN);
-        float acc[kTileN][kTileM];
+        int64_t acc[kTileN][kTileM];
         const int8_t* rows_of_tile[kTileN];
         for (int i = 0; i < nr; ++i) rows_of_tile[i] = w + (n0 + i) * K;
+        if (n0 + kTileN < N) {   // the next tile's rows (this thread's next under the static split)
+          const int next_nr = static_cast<int>(N - n0 - kTileN < kTileN ? N - n0 - kTileN : kTileN);
+          const int8_t* next[kTileN];
+          for (int i = 0; i < next_nr; ++i) next[i] = w + (n0 + kTileN + i) * K;
+          int8_rows::prefetch_rows(next, next_nr, K);
+        }
         for (int64_t m = 0; m < rows; m += kTileM) {
           const int mr = static_cast<int>(rows - m < kTileM ? rows - m : kTileM);
-          pick_tile(nr, mr)(rows_of_tile, xb + m * K, K, acc);
+          pick_tile(nr, mr)(rows_of_tile, xq.data() + m * ldx, K, ldx, acc);
           for (int j = 0; j < mr; ++j)
-            for (int i = 0; i < nr; ++i) store(out + (m0 + m + j) * N + n0 + i, acc[i][j] * scale[n0 + i]);
+            for (int i = 0; i < nr; ++i)
+              store(out + (m0 + m + j) * N + n0 + i, static_cast<float>(acc[i][j]) * xs[m + j] * scale[n0 + i]);
         }
       }
-      // the implicit barrier of the loop above: the next block may overwrite xf
+      // the implicit barrier of the loop above: the next block may overwrite xq
     }
   }
 }
@@ -113,5 +121,9 @@ int linear_int8_cpu(const void* x, const int8_t* w, const float* scale, void* ou
       return 1;
   }
 }
+
+// The largest |xq| of the activation grid for rows of length K (int8_rows.h x_max), for the
+// torch twin of the grid (kernels/linear_int8_cpu.py).
+int int8_rows_x_max(int64_t K) { return int8_rows::x_max(K); }
 
 }  // extern "C"

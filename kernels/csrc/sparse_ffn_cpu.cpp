@@ -456,7 +456,7 @@ void down_tile_i8(const int8_t* w_down_t, const int* ids, const float* hp, int n
   for (int j = 0; j < num_ids; ++j) {
     const int8_t* w = w_down_t + (int64_t)ids[j] * H + k0;
     __m512 wv[NV];
-    for (int v = 0; v < NV; ++v) wv[v] = int8_rows::Vec::load_w(w + 16 * v);
+    for (int v = 0; v < NV; ++v) wv[v] = int8_rows::widen16(w + 16 * v);
     const float* hj = hp + (int64_t)j * T + t0;
     for (int r = 0; r < MR; ++r) {
       const __m512 hb = _mm512_set1_ps(hj[r]);
@@ -534,22 +534,29 @@ void accumulate_down_i8(const float* h, const uint8_t* any_active, const int8_t*
 constexpr int64_t kI8Chunk = 64;
 
 // use(i, t, dot) for every listed neuron i = ids[0..n) and batch row t < T, dot = W[i] . x[t]
-// (unscaled), the neurons kTileN and the rows kTileM at a time in register tiles.
+// with x[t] on its grid (xq [T, ldx], step xs [T]; int8_rows.h), unscaled by W's row scales;
+// the neurons kTileN and the rows kTileM at a time in register tiles.
 template <typename Use>
-inline void for_each_tile_dot(const int8_t* w, const int* ids, int n, const float* x, int64_t T,
-                              int64_t H, Use&& use) {
+inline void for_each_tile_dot(const int8_t* w, const int* ids, int n, const int16_t* xq, const float* xs,
+                              int64_t ldx, int64_t T, int64_t H, Use&& use) {
   using int8_rows::kTileM;
   using int8_rows::kTileN;
-  float acc[kTileN][kTileM];
+  int64_t acc[kTileN][kTileM];
   for (int j = 0; j < n; j += kTileN) {
     const int nr = n - j < kTileN ? n - j : kTileN;
     const int8_t* rows[kTileN];
     for (int k = 0; k < nr; ++k) rows[k] = w + (int64_t)ids[j + k] * H;
+    if (j + kTileN < n) {
+      const int next_nr = n - j - kTileN < kTileN ? n - j - kTileN : kTileN;
+      const int8_t* next[kTileN];
+      for (int k = 0; k < next_nr; ++k) next[k] = w + (int64_t)ids[j + kTileN + k] * H;
+      int8_rows::prefetch_rows(next, next_nr, H);
+    }
     for (int64_t m = 0; m < T; m += kTileM) {
       const int mr = (int)(T - m < kTileM ? T - m : kTileM);
-      int8_rows::pick_tile(nr, mr)(rows, x + m * H, H, acc);
+      int8_rows::pick_tile(nr, mr)(rows, xq + m * ldx, H, ldx, acc);
       for (int k = 0; k < nr; ++k)
-        for (int r = 0; r < mr; ++r) use((int64_t)ids[j + k], m + r, acc[k][r]);
+        for (int r = 0; r < mr; ++r) use((int64_t)ids[j + k], m + r, static_cast<float>(acc[k][r]) * xs[m + r]);
     }
   }
 }
@@ -562,9 +569,16 @@ void sparse_ffn_i8_batch(const float* x, const int8_t* w_gate, const int8_t* w_u
   std::memset(out, 0, sizeof(float) * T * H);
   const int64_t num_chunks = (I + kI8Chunk - 1) / kI8Chunk;
   int64_t gate_read = 0, up_read = 0, down_read = 0;
+  const int64_t ldx = int8_rows::padded(H);
+  std::vector<int16_t> xq(T * ldx);   // x on its grid (int8_rows.h), for the gate and up tiles
+  std::vector<float> xs(T);
+  const int qmax = int8_rows::x_max(H);
 #pragma omp parallel num_threads(num_threads)
   {
     int ids[kI8Chunk];
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; ++t)
+      xs[t] = int8_rows::quantize_row(x + t * H, H, ldx, qmax, xq.data() + t * ldx, [](float v) { return v; });
 #pragma omp for schedule(dynamic, 1) reduction(+ : gate_read, up_read, down_read)
     for (int64_t ci = 0; ci < num_chunks; ++ci) {
       const int64_t c = ci * kI8Chunk, end = c + kI8Chunk < I ? c + kI8Chunk : I;
@@ -581,7 +595,7 @@ void sparse_ffn_i8_batch(const float* x, const int8_t* w_gate, const int8_t* w_u
       }
       gate_read += num_ids;
       // Gate pass: h[t, i] = the activated gate of the rows that may fire, 0 elsewhere.
-      for_each_tile_dot(w_gate, ids, num_ids, x, T, H, [&](int64_t i, int64_t t, float g) {
+      for_each_tile_dot(w_gate, ids, num_ids, xq.data(), xs.data(), ldx, T, H, [&](int64_t i, int64_t t, float g) {
         if (predicted == nullptr || predicted[t * I + i])
           h[t * I + i] = activate(act, g * RowScales::at(scales.gate, i), threshold);
       });
@@ -594,7 +608,7 @@ void sparse_ffn_i8_batch(const float* x, const int8_t* w_gate, const int8_t* w_u
       }
       up_read += num_alive;
       // Up pass: h[t, i] = activated gate * up (dReLU: * relu(up)) where the gate let it through.
-      for_each_tile_dot(w_up, ids, num_alive, x, T, H, [&](int64_t i, int64_t t, float dot) {
+      for_each_tile_dot(w_up, ids, num_alive, xq.data(), xs.data(), ldx, T, H, [&](int64_t i, int64_t t, float dot) {
         const float a = h[t * I + i];
         if (a == 0.f) return;
         const float u = dot * RowScales::at(scales.up, i);
@@ -752,14 +766,22 @@ int sparse_ffn_cpu(const float* x, const void* w_gate, const void* w_up, const v
       scales.gate = scale_gate;
       scales.up = scale_up;
       scales.down = scale_down;
-      if (T == 1)
-        sparse_ffn<I8>(x, static_cast<const int8_t*>(w_gate), static_cast<const int8_t*>(w_up),
+      if (T == 1) {
+        // the row path's fp32 dots, on x's grid (the values the batched tiles' integer dots see)
+        const int64_t ldx = int8_rows::padded(H);
+        std::vector<int16_t> xq(ldx);
+        std::vector<float> xg(H);
+        const float step = int8_rows::quantize_row(x, H, ldx, int8_rows::x_max(H), xq.data(),
+                                                   [](float v) { return v; });
+        for (int64_t k = 0; k < H; ++k) xg[k] = static_cast<float>(xq[k]) * step;
+        sparse_ffn<I8>(xg.data(), static_cast<const int8_t*>(w_gate), static_cast<const int8_t*>(w_up),
                        static_cast<const int8_t*>(w_down_t), scales, predicted, h, active,
                        any_active, out, read, T, H, I, act, threshold, num_threads);
-      else
+      } else {
         sparse_ffn_i8_batch(x, static_cast<const int8_t*>(w_gate), static_cast<const int8_t*>(w_up),
                             static_cast<const int8_t*>(w_down_t), scales, predicted, h, active,
                             any_active, out, read, T, H, I, act, threshold, num_threads);
+      }
       return 0;
     }
     default:

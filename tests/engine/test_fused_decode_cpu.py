@@ -15,6 +15,10 @@ from tests.tiny_checkpoint import make_tiny_checkpoint
 pytestmark = pytest.mark.skipif(not decode_layers_cpu.available(), reason="native CPU kernels did not build")
 
 NUM_TOKENS = 12
+# The two paths norm in different orders, so an activation an fp32 rounding apart may land on
+# the next point of its 14-bit grid (1/8191 of its row's largest value; kernels/activation_grid.py)
+# in one path and not the other: relative errors of a few grid steps, not fp32 rounding.
+GRID_TOLERANCE = 1e-3
 # (activation, checkpoint options): exact-mode ReLU, CATS-thresholded SwiGLU, dReLU with
 # predictors (TurboSparse), and a Mistral sliding window shorter than the generations.
 CASES = {
@@ -41,6 +45,7 @@ class StepChecker:
         self.model, self.forward = model, model.forward
         self.fused_steps = self.other_steps = 0
         self.max_error = 0.0
+        self.max_kv_error = 0.0
 
     def __call__(self, input_ids, positions, meta):
         caches = [layer.self_attn.kv_cache for layer in self.model.model.layers]
@@ -67,9 +72,11 @@ class StepChecker:
         scale = max(1.0, ref_hidden.abs().max().item())
         error = (hidden - ref_hidden).abs().max().item() / scale
         self.max_error = max(self.max_error, error)
-        assert error < 1e-4, error
+        assert error < GRID_TOLERANCE, error
         for (k, v), (rk, rv) in zip(caches, ref_caches):
-            assert torch.allclose(k, rk, atol=1e-5) and torch.allclose(v, rv, atol=1e-5)
+            kv_error = max((k - rk).abs().max().item(), (v - rv).abs().max().item()) / scale
+            self.max_kv_error = max(self.max_kv_error, kv_error)
+            assert kv_error < GRID_TOLERANCE, kv_error
         for got, want in zip(activities, ref_activities, strict=True):
             assert torch.equal(got.active_counts, want.active_counts)
             assert got.rows_read.tolist() == want.rows_read.tolist()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sparse_serve.kernels import cpu_native, linear_int8_cpu
+from sparse_serve.kernels.activation_grid import on_grid, x_max
 from sparse_serve.kernels.linear_int8_cpu import linear_int8_ref, quantize_int8
 from tests.kernels.kernel_cases import assert_close
 
@@ -98,3 +99,38 @@ def test_rows_do_not_depend_on_the_batch(dtype):
     for i in (0, 5, 69):
         assert torch.equal(linear_int8_cpu.linear_int8_native(x[i:i + 1], w_q, scale), together[i:i + 1])
     assert torch.equal(linear_int8_cpu.linear_int8_native(x[3:10], w_q, scale), together[3:10])
+
+
+def _identity(K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An int8 weight that returns its input: 127 * I with scale 1/127 per row."""
+    return (torch.eye(K) * 127).to(torch.int8), torch.full((K,), 1 / 127)
+
+
+@native
+@pytest.mark.parametrize("K", [5, 64, 100, 576])
+def test_kernel_reads_x_on_the_torch_grid(K):
+    """Through an identity weight the kernel returns x as it read it: exactly on_grid(x), one
+    grid step (amax / 8191) from x at most, with zero rows zero and a NaN poisoning only its row."""
+    x = torch.randn(6, K, generator=torch.Generator().manual_seed(K)) * torch.tensor([1, 1e-3, 1e3, 1, 1, 1])[:, None]
+    x[3] = 0
+    x[4, K // 2] = float("nan")
+    x[5, 0] = float("inf")
+    out = linear_int8_cpu.linear_int8_native(x, *_identity(K))
+    grid = on_grid(x)
+    # the same grid point: fp32 rounding of the scales apart (a grid step is ~1e-4 of the row)
+    assert torch.allclose(out[:4], grid[:4], rtol=1e-6, atol=0)
+    assert (out[3] == 0).all() and out[4:].isnan().all() and grid[4:].isnan().all()
+    step = x[:3].abs().amax(dim=1, keepdim=True) / 8191
+    assert ((grid[:3] - x[:3]).abs() <= step / 2 * (1 + 1e-5)).all()
+    assert 0 < (grid[:3] - x[:3]).abs().max()       # a real rounding, not a pass-through
+
+
+@native
+def test_grid_bound_is_the_same_rule_in_both():
+    """x_max keeps every int32 lane below 2^31: 8191 up to ~17k per row, less beyond, the same
+    number in the kernel and in torch."""
+    lib = cpu_native.load()
+    for k in (1, 576, 14336, 16912, 16913, 40000, 1 << 20):
+        assert lib.int8_rows_x_max(k) == x_max(k), k
+        assert 127 * x_max(k) * -(-k // 8) < 2 ** 31
+    assert x_max(14336) == 8191 and x_max(40000) < 8191
