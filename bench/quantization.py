@@ -1,14 +1,14 @@
-"""Weight-only int8 (`--quantization int8`) against fp32 on one model: quality and decode speed.
+"""int8 weights (`--quantization int8` and `w8a8`) against fp32 on one model: quality and decode speed.
 
 For the dense model and for the served configuration (configs/smollm2.yaml: the calibrated
 sparsity sidecar) when the default model is used:
-- perplexity on the held-out split of the calibration text (engine/calibration), fp32 vs int8;
-- greedy agreement through the offline engine: 5 chat prompts x 32 tokens, int8 against fp32
+- perplexity on the held-out split of the calibration text (engine/calibration), fp32 vs each;
+- greedy agreement through the offline engine: 5 chat prompts x 32 tokens, each against fp32
   (identical sequences, mean matched prefix before the first different token, and positions
   equal);
 and, in the served configuration, decode ms per step at batch 1 and 16 through the offline
-engine (decode-only steps as the engine times them), the fp32 and int8 engines stepped in turn
-(one step each) so that load from other processes hits both alike; medians over all steps of
+engine (decode-only steps as the engine times them), the fp32, int8 and w8a8 engines stepped in
+turn (one step each) so that load from other processes hits all alike; medians over all steps of
 all rounds (the machine may be shared: the load average is reported with the table).
 
     .venv/bin/python -P bench/quantization.py --out docs/benchmarks/quantization.md
@@ -51,7 +51,8 @@ PROMPTS = [
     "What is the capital of France, and why is it famous?",
     "Describe the water cycle to a ten year old.",
 ]
-VARIANTS = (None, "int8")
+VARIANTS = (None, "int8", "w8a8")
+QUANTIZED = VARIANTS[1:]
 NOTES_HEADING = "## Notes"
 
 
@@ -182,29 +183,32 @@ def kernel_table(calls: int = 40) -> list[str]:
 
 
 def report(settings: list[Setting], args, info: dict) -> str:
-    lines = ["# Weight-only int8 (`--quantization int8`) vs fp32", "",
+    lines = ["# int8 weights (`--quantization int8` / `w8a8`) vs fp32", "",
              f"{datetime.date.today().isoformat()}, {machine()}; model `{info['model']}`.",
              f"Command: `{info['command']}`", "",
              "What is int8: attention's fused q/k/v projection, o_proj and lm_head (a tied head gets its own "
              "int8 copy; the embedding lookups stay fp32) with per-output-row symmetric scales "
              "(kernels/csrc/linear_int8_cpu.cpp), each FFN's gate and up rows (a scale per neuron) "
              "and down rows (a scale per hidden channel) read by the sparse FFN kernel "
-             "(kernels/csrc/sparse_ffn_cpu.cpp), and the predictors' fc1/fc2 (a scale per row); fp32 "
-             "activations and accumulation (engine/models/quantized.py). Decode-only steps run all "
-             "layers in one native call (kernels/csrc/decode_layers_cpu.cpp).", "",
+             "(kernels/csrc/sparse_ffn_cpu.cpp), and the predictors' fc1/fc2 (a scale per row) "
+             "(engine/models/quantized.py). The inputs of q/k/v, o_proj, lm_head and the FFN's gate and up "
+             "products are put on a per-row grid (kernels/activation_grid.py): 14 bits for `int8`, 8 bits "
+             "for `w8a8`; the products are exact integer sums, accumulated in int32 and scaled in fp32. "
+             "Decode-only steps run all layers in one native call (kernels/csrc/decode_layers_cpu.cpp).", "",
              "## Quality", "",
              f"Perplexity: held-out split of the calibration text, {args.windows} windows of {args.window} "
              f"tokens. Greedy: {len(PROMPTS)} chat prompts (one user turn each, the model's chat template) x "
-             f"{args.agree_tokens} tokens through the offline engine, int8 against fp32: sequences "
+             f"{args.agree_tokens} tokens through the offline engine, each variant against fp32: sequences "
              "identical, the mean fraction of each fp32 sequence reproduced before the first different "
              "token, and the positions equal.", "",
-             "| setting | ppl fp32 | ppl int8 | delta | identical sequences | matched prefix | positions equal |",
-             "|---|---|---|---|---|---|---|"]
+             "| setting | variant | ppl fp32 | ppl variant | delta | identical sequences | matched prefix | "
+             "positions equal |", "|---|---|---|---|---|---|---|---|"]
     for s in settings:
-        identical, prefix, equal = agreement(s.tokens[None], s.tokens["int8"])
-        delta = (s.ppl["int8"] / s.ppl[None] - 1) * 100
-        lines.append(f"| {s.name} | {s.ppl[None]:.3f} | {s.ppl['int8']:.3f} | {delta:+.2f}% | "
-                     f"{identical}/{len(PROMPTS)} | {prefix:.0%} | {equal:.0%} |")
+        for v in QUANTIZED:
+            identical, prefix, equal = agreement(s.tokens[None], s.tokens[v])
+            delta = (s.ppl[v] / s.ppl[None] - 1) * 100
+            lines.append(f"| {s.name} | {v} | {s.ppl[None]:.3f} | {s.ppl[v]:.3f} | {delta:+.2f}% | "
+                         f"{identical}/{len(PROMPTS)} | {prefix:.0%} | {equal:.0%} |")
     if len(settings) == 2:
         identical, prefix, equal = agreement(settings[0].tokens[None], settings[1].tokens[None])
         lines += ["", f"For scale, the calibrated sparsity alone (served fp32 against dense fp32) keeps "
@@ -212,20 +216,26 @@ def report(settings: list[Setting], args, info: dict) -> str:
                       f"{equal:.0%} of positions."]
     served = next((s for s in settings if s.step_ms), None)
     if served is not None:
+        header = " | ".join(f"{v} ms/step | speed-up" for v in QUANTIZED)
         lines += ["", "## Decode speed", "",
                   f"Offline engine, `{served.name}` setting, {args.output_len} output tokens per request, "
-                  f"{args.rounds} rounds, the fp32 and int8 engines stepped in turn; {torch.get_num_threads()} torch "
+                  f"{args.rounds} rounds, the engines stepped in turn; {torch.get_num_threads()} torch "
                   "thread(s); median ms of a decode-only step "
                   "(one token for every running sequence) over all steps of all rounds, and the interquartile range. "
                   f"Load average before {info['load_before']}, after {info['load_after']} "
                   f"({os.cpu_count()} cores).", "",
-                  "| batch | fp32 ms/step | int8 ms/step | speed-up | fp32 tok/s | int8 tok/s |",
-                  "|---|---|---|---|---|---|"]
+                  f"| batch | fp32 ms/step | {header} | tok/s fp32 / " + " / ".join(QUANTIZED) + " |",
+                  "|---|---|" + "---|---|" * len(QUANTIZED) + "---|"]
         for batch in sorted({b for _, b in served.step_ms}):
-            ref, q = served.step_ms[(None, batch)], served.step_ms[("int8", batch)]
-            m_ref, m_q = statistics.median(ref), statistics.median(q)
-            lines.append(f"| {batch} | {m_ref:.2f} ({_iqr(ref)}) | {m_q:.2f} ({_iqr(q)}) | {m_ref / m_q:.2f}x | "
-                         f"{batch * 1e3 / m_ref:.1f} | {batch * 1e3 / m_q:.1f} |")
+            ref = served.step_ms[(None, batch)]
+            m_ref = statistics.median(ref)
+            cells, rates = [], [f"{batch * 1e3 / m_ref:.1f}"]
+            for v in QUANTIZED:
+                q = served.step_ms[(v, batch)]
+                m_q = statistics.median(q)
+                cells.append(f"{m_q:.2f} ({_iqr(q)}) | {m_ref / m_q:.2f}x")
+                rates.append(f"{batch * 1e3 / m_q:.1f}")
+            lines.append(f"| {batch} | {m_ref:.2f} ({_iqr(ref)}) | " + " | ".join(cells) + f" | {' / '.join(rates)} |")
     return "\n".join(lines) + "\n"
 
 

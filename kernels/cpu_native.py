@@ -82,19 +82,19 @@ def _build(target: Path) -> None:
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, c_int, c_float = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.sparse_ffn_cpu.argtypes = [p, p, p, p, p, p, p, p, p, p, p, p, p, i64, i64, i64, c_int, c_float,
-                                   c_int, c_int]
+                                   c_int, c_int, c_int]
     lib.sparse_ffn_cpu.restype = c_int
     lib.linear_cpu.argtypes = [p, p, p, p, i64, i64, i64, c_int, c_int]
     lib.linear_cpu.restype = c_int
     lib.paged_attention_decode_cpu.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, c_float, i64,
                                                c_int]
     lib.paged_attention_decode_cpu.restype = c_int
-    lib.linear_int8_cpu.argtypes = [p, p, p, p, i64, i64, i64, c_int, c_int]
+    lib.linear_int8_cpu.argtypes = [p, p, p, p, i64, i64, i64, c_int, c_int, c_int]
     lib.linear_int8_cpu.restype = c_int
-    lib.int8_rows_x_max.argtypes = [i64]
+    lib.int8_rows_x_max.argtypes = [i64, c_int]
     lib.int8_rows_x_max.restype = c_int
     lib.decode_layers_cpu.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, i64, i64, c_float,
-                                      c_float, i64, c_int, p, p, c_int]
+                                      c_float, i64, c_int, c_int, p, p, c_int]
     lib.decode_layers_cpu.restype = c_int
     lib.sparse_ffn_cpu_max_batch.argtypes = []
     lib.sparse_ffn_cpu_max_batch.restype = c_int

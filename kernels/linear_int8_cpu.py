@@ -34,11 +34,11 @@ def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     return w_q, scale.contiguous()
 
 
-def linear_int8_ref(x: Tensor, w_q: Tensor, scale: Tensor) -> Tensor:
-    """The definition: x on its grid and w dequantised, then an fp32 matmul.
+def linear_int8_ref(x: Tensor, w_q: Tensor, scale: Tensor, x_bits: int = 16) -> Tensor:
+    """The definition: x on its x_bits grid and w dequantised, then an fp32 matmul.
     x [..., K] -> [..., N] in x.dtype."""
     w = w_q.float() * scale[:, None]                                      # [N, K]
-    return F.linear(on_grid(x), w).to(x.dtype)
+    return F.linear(on_grid(x, x_bits), w).to(x.dtype)
 
 
 def native_supported(x: Tensor) -> bool:
@@ -46,8 +46,10 @@ def native_supported(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in _DTYPE_CODES and cpu_native.available()
 
 
-def linear_int8_native(x: Tensor, w_q: Tensor, scale: Tensor, out: Tensor | None = None) -> Tensor:
-    """x [M, K] float32/bfloat16 (any M >= 0); w_q int8 [N, K] contiguous; scale float32 [N].
+def linear_int8_native(x: Tensor, w_q: Tensor, scale: Tensor, out: Tensor | None = None,
+                       x_bits: int = 16) -> Tensor:
+    """x [M, K] float32/bfloat16 (any M >= 0), put on its x_bits grid (16 or 8); w_q int8 [N, K]
+    contiguous; scale float32 [N].
     Returns [M, N] in x.dtype, written into `out` when given. Reads w_q once per 64 rows of x."""
     M, K = x.shape
     N = w_q.shape[0]
@@ -63,17 +65,17 @@ def linear_int8_native(x: Tensor, w_q: Tensor, scale: Tensor, out: Tensor | None
     lib = cpu_native.load()
     rc = lib.linear_int8_cpu(ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(w_q.data_ptr()),
                              ctypes.c_void_p(scale.data_ptr()), ctypes.c_void_p(out.data_ptr()), M, K, N,
-                             _DTYPE_CODES[x.dtype], torch.get_num_threads())
+                             _DTYPE_CODES[x.dtype], x_bits, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"linear_int8_cpu failed ({rc})")
     return out
 
 
-def linear_int8(x: Tensor, w_q: Tensor, scale: Tensor) -> Tensor:
+def linear_int8(x: Tensor, w_q: Tensor, scale: Tensor, x_bits: int = 16) -> Tensor:
     """x [..., K] @ (w_q * scale).T -> [..., N] in x.dtype: the native kernel where it runs,
     else the reference (correct, slower: it dequantises the whole weight per call)."""
     if not native_supported(x):
-        return linear_int8_ref(x, w_q, scale)
+        return linear_int8_ref(x, w_q, scale, x_bits)
     lead = x.shape[:-1]
-    out = linear_int8_native(x.reshape(-1, x.shape[-1]), w_q, scale)
+    out = linear_int8_native(x.reshape(-1, x.shape[-1]), w_q, scale, x_bits=x_bits)
     return out.view(*lead, w_q.shape[0])

@@ -86,9 +86,9 @@ def sparse_ffn_native(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
     assert (rows_read.shape == (3,) and rows_read.dtype == torch.int64 and not rows_read.is_cuda
             and rows_read.is_contiguous()), (rows_read.dtype, rows_read.shape)
     rc = lib.sparse_ffn_cpu(
-        _ptr(xf), _ptr(w_gate), _ptr(w_up), _ptr(w_down_t), *map(_ptr, scales), _ptr(pred), _ptr(h),
+        _ptr(xf), _ptr(w_gate), _ptr(w_up), _ptr(w_down_t), *map(_ptr, scales[:3]), _ptr(pred), _ptr(h),
         _ptr(active), _ptr(any_active), _ptr(out), _ptr(rows_read), T, H, I, ACT_CODES[act],
-        float(threshold), _DTYPE_CODES[w_gate.dtype], torch.get_num_threads())
+        float(threshold), _DTYPE_CODES[w_gate.dtype], scales.x_bits, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"native sparse FFN kernel failed with code {rc}")
     return out.to(x.dtype), active

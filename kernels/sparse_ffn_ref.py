@@ -25,6 +25,7 @@ class RowScales(NamedTuple):
     gate: Tensor
     up: Tensor
     down: Tensor
+    x_bits: int = 16   # the grid x is put on for the gate and up products (kernels/activation_grid.py)
 
 
 def apply_activation(g: Tensor, u: Tensor, act: str, threshold: float) -> Tensor:
@@ -55,8 +56,8 @@ def sparse_ffn_ref(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, ac
     """(out [T, H] in x.dtype, active [T, I] bool); see kernels/sparse_ffn.py for the contract.
     row_scales: the per-row scales of int8 weights (each weight is dequantized first, and x
     rounded to its grid for the gate and up products as the int8 kernels read it)."""
-    sg, su, sd = row_scales if row_scales is not None else (None, None, None)
-    xf = x.float() if row_scales is None else on_grid(x)   # [T, H]
+    sg, su, sd, x_bits = row_scales if row_scales is not None else (None, None, None, None)
+    xf = x.float() if row_scales is None else on_grid(x, x_bits)   # [T, H]
     g = xf @ dequantize(w_gate, sg).t()              # [T, I]
     u = xf @ dequantize(w_up, su).t()                # [T, I]
     h = apply_activation(g, u, act, threshold)       # [T, I]

@@ -24,7 +24,9 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 MODEL_DTYPES = ("auto", *DTYPE_NAMES)
 # Weight quantizations a model can be served with (None: the weights stay in the model dtype).
-QUANTIZATIONS = (None, "int8")
+# int8: int8 weights, activations on a 14-bit grid; w8a8: int8 weights and 8-bit activations
+# (engine/models/quantized.py).
+QUANTIZATIONS = (None, "int8", "w8a8")
 
 
 @dataclass
@@ -45,7 +47,7 @@ class ModelConfig:
     dense_fallback_fraction: float | None = None  # active fraction above which dense wins
     chat_template: str | None = None        # path to a Jinja file overriding the tokenizer's
     enforce_eager: bool = False             # True: no CUDA graphs for decode steps
-    quantization: str | None = None         # None | int8: weight-only int8 linears and FFN rows
+    quantization: str | None = None         # None | int8 | w8a8: int8 linears and FFN rows
                                             # (CPU; engine/models/quantized.py)
     seed: int = 0
 

@@ -117,6 +117,7 @@ class Attention(nn.Module):
         self.register_buffer("w_qkv", None, persistent=False)
         # [Hq*D + 2*Hkv*D] float32 per-row scales when w_qkv holds int8 (engine/models/quantized.py).
         self.register_buffer("w_qkv_scale", None, persistent=False)
+        self.w_qkv_x_bits = 16   # the activation grid of the int8 w_qkv (kernels/activation_grid.py)
         # Set by the model runner: (k_cache, v_cache), each [num_blocks, block_size, Hkv, D].
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -169,7 +170,7 @@ class Attention(nn.Module):
     def _project_qkv(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] through the fused weight: int8 weight-only when quantized, else F.linear."""
         if self.w_qkv_scale is not None:
-            return linear_int8_cpu.linear_int8(x, self.w_qkv, self.w_qkv_scale)
+            return linear_int8_cpu.linear_int8(x, self.w_qkv, self.w_qkv_scale, self.w_qkv_x_bits)
         return F.linear(x, self.w_qkv)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -84,6 +84,7 @@ class SparseMLP(nn.Module):
         self.register_buffer("gate_scale", None, persistent=False)
         self.register_buffer("up_scale", None, persistent=False)
         self.register_buffer("down_scale", None, persistent=False)
+        self.x_bits = 16   # the grid of x for the int8 gate and up products (kernels/activation_grid.py)
 
     def prepare_for_inference(self) -> None:
         """Store down_proj transposed ([I, H]: a neuron's column is one contiguous row) and
@@ -96,7 +97,7 @@ class SparseMLP(nn.Module):
         """The int8 weights' per-row scales, or None for float weights."""
         if self.gate_scale is None:
             return None
-        return RowScales(self.gate_scale, self.up_scale, self.down_scale)
+        return RowScales(self.gate_scale, self.up_scale, self.down_scale, self.x_bits)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, FFNActivity]:
         """x: [T, H] normed input; residual: [T, H] stream before the norm (predictor input)."""

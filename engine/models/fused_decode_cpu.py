@@ -3,8 +3,8 @@
 
 `FusedDecode.run` is what CausalLM.forward calls; it returns None where the step does not
 qualify, and the model then runs its layers one by one as before. A step qualifies when it is
-decode-only on the CPU in float32, every layer is int8 (`model.quantization: int8`) with an
-fp32 paged KV cache, the FFN takes its sparse kernel (no forced dense fallback, no shadow
+decode-only on the CPU in float32, every layer is int8 (`model.quantization: int8` or `w8a8`,
+one activation grid for all) with an fp32 paged KV cache, the FFN takes its sparse kernel (no forced dense fallback, no shadow
 check this step), and the layers share one norm epsilon, sliding window and activation
 (thresholds may differ per layer). The per-layer counts (active neurons per token, rows read, predictor
 weights read) are the ones the layer-by-layer path reports: the same kernels count them.
@@ -66,6 +66,8 @@ class FusedDecode:
                 return False
             if mlp.use_predictor and mlp.predictor is not None and mlp.predictor.fc1_scale is None:
                 return False
+            if not attn.w_qkv_x_bits == attn.o_proj.x_bits == mlp.x_bits == first.mlp.x_bits:
+                return False
             if (attn.sliding_window != first.self_attn.sliding_window or mlp.act != first.mlp.act
                     or layer.input_layernorm.eps != first.input_layernorm.eps
                     or layer.post_attention_layernorm.eps != first.input_layernorm.eps):
@@ -99,7 +101,7 @@ class FusedDecode:
             num_kv_heads=first.self_attn.num_kv_heads, head_dim=first.self_attn.head_dim,
             block_size=first.self_attn.kv_cache[0].shape[1], eps=first.input_layernorm.eps,
             attn_scale=first.self_attn.scale, window=first.self_attn.sliding_window or 0,
-            act_code=ACT_CODES[first.mlp.act])
+            act_code=ACT_CODES[first.mlp.act], x_bits=first.mlp.x_bits)
         if self._layers is None:
             logger.info("int8 decode steps on the CPU: one native call for all %d layers", len(layers))
         self._predictor_reads = [mlp.predictor.num_params if mlp.predictor is not None and mlp.use_predictor

@@ -1,4 +1,6 @@
-"""Weight-only int8 (`model.quantization: int8`, CPU only).
+"""int8 weights on the CPU: `model.quantization: int8` (activations on a 14-bit grid) or `w8a8`
+(8-bit activations: twice the products per instruction, for a measured quality cost;
+docs/benchmarks/quantization.md). kernels/activation_grid.py defines the grids.
 
 After loading, `quantize_model` swaps attention's fused q/k/v weight, o_proj and lm_head for
 int8 weights with one fp32 scale per output row (kernels/linear_int8_cpu.py), and each FFN's
@@ -7,7 +9,9 @@ down with one per output channel), which the native sparse FFN kernel reads row 
 before (kernels/csrc/sparse_ffn_cpu.cpp): so sparsity and quantization multiply. The
 predictors' fc1/fc2 become int8 with per-row scales (they cost under 0.01 points of recall:
 docs/BENCHMARKS.md, bench/predictor_precision.py).
-Activations, norms, the embedding and the KV cache keep the model dtype.
+The method's activation grid applies to the inputs of q/k/v, o_proj, lm_head and the FFN's gate
+and up products; the FFN's down products and the predictors read fp32 activations. Norms, the
+embedding and the KV cache keep the model dtype.
 
 Parameter counts do not change: each int8 weight is a non-grad Parameter named `weight` of the
 same shape, so CausalLM.num_params and the activated-params accounting stay as they were.
@@ -26,13 +30,16 @@ from sparse_serve.engine.models.attention import Attention
 from sparse_serve.engine.models.ffn import Predictor, SparseMLP
 from sparse_serve.kernels.linear_int8_cpu import linear_int8, quantize_int8
 
-QUANTIZATION_METHODS = ("int8",)
+# method -> the activation grid (bits) of its int8 products
+ACTIVATION_BITS = {"int8": 16, "w8a8": 8}
+QUANTIZATION_METHODS = tuple(ACTIVATION_BITS)
 
 
 class QuantizedLinear(nn.Module):
-    """y = x @ (weight * scale[:, None]).T with weight int8 [N, K], scale float32 [N]; y in x's dtype."""
+    """y = on_grid(x, x_bits) @ (weight * scale[:, None]).T with weight int8 [N, K], scale float32
+    [N]; y in x's dtype."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, counted: bool = True):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, counted: bool = True, x_bits: int = 16):
         super().__init__()
         assert weight.dtype == torch.int8 and weight.dim() == 2, (weight.dtype, weight.shape)
         assert scale.dtype == torch.float32 and scale.shape == weight.shape[:1], (scale.dtype, scale.shape)
@@ -42,22 +49,24 @@ class QuantizedLinear(nn.Module):
         else:   # a copy of a weight counted elsewhere (the tied head)
             self.register_buffer("weight", weight)
         self.register_buffer("scale", scale)
+        self.x_bits = x_bits
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, counted: bool = True) -> QuantizedLinear:
+    def from_linear(cls, linear: nn.Linear, counted: bool = True, x_bits: int = 16) -> QuantizedLinear:
         if linear.bias is not None:
             raise ValueError("int8 quantization supports linears without bias only")
-        return cls(*quantize_int8(linear.weight), counted=counted)
+        return cls(*quantize_int8(linear.weight), counted=counted, x_bits=x_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear_int8(x, self.weight, self.scale)
+        return linear_int8(x, self.weight, self.scale, self.x_bits)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row scales"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row scales, "
+                f"{self.x_bits}-bit activation grid")
 
 
 @torch.no_grad()
-def quantize_attention(attn: Attention) -> None:
+def quantize_attention(attn: Attention, x_bits: int = 16) -> None:
     """The fused [q; k; v] weight and o_proj to int8. q/k/v_proj become int8 views of the fused
     int8 weight (their HF names and counts stay), so no floating copy stays alive."""
     attn.fuse_qkv()
@@ -65,10 +74,10 @@ def quantize_attention(attn: Attention) -> None:
     start = 0
     for name in ("q_proj", "k_proj", "v_proj"):
         rows = getattr(attn, name).weight.shape[0]
-        setattr(attn, name, QuantizedLinear(w_q[start:start + rows], scale[start:start + rows]))
+        setattr(attn, name, QuantizedLinear(w_q[start:start + rows], scale[start:start + rows], x_bits=x_bits))
         start += rows
-    attn.w_qkv, attn.w_qkv_scale = w_q, scale
-    attn.o_proj = QuantizedLinear.from_linear(attn.o_proj)
+    attn.w_qkv, attn.w_qkv_scale, attn.w_qkv_x_bits = w_q, scale, x_bits
+    attn.o_proj = QuantizedLinear.from_linear(attn.o_proj, x_bits=x_bits)
 
 
 def _int8_rows_in_place(linear: nn.Linear) -> torch.Tensor:
@@ -80,7 +89,7 @@ def _int8_rows_in_place(linear: nn.Linear) -> torch.Tensor:
 
 
 @torch.no_grad()
-def quantize_mlp(mlp: SparseMLP) -> None:
+def quantize_mlp(mlp: SparseMLP, x_bits: int = 16) -> None:
     """gate_proj, up_proj and w_down_t (one row per neuron each) to int8: gate and up with a scale
     per row (neuron), w_down_t with one per column (down_proj's output channel; why:
     kernels/sparse_ffn_ref.py RowScales). The int8 gate/up weights replace the Parameters (same
@@ -91,6 +100,7 @@ def quantize_mlp(mlp: SparseMLP) -> None:
     mlp.up_scale = _int8_rows_in_place(mlp.up_proj)
     down_q, mlp.down_scale = quantize_int8(mlp.w_down_t.t())             # [H, I], [H]
     mlp.w_down_t = down_q.t().contiguous()                                # [I, H]
+    mlp.x_bits = x_bits
 
 
 @torch.no_grad()
@@ -109,11 +119,12 @@ def quantize_model(model: nn.Module, method: str) -> None:
     if device.type != "cpu":
         raise ValueError(f"--quantization {method} runs on the CPU only for now; the model is on {device} "
                          "(serve it without --quantization, or with --device cpu)")
+    x_bits = ACTIVATION_BITS[method]
     for layer in model.model.layers:
-        quantize_attention(layer.self_attn)
+        quantize_attention(layer.self_attn, x_bits)
     for mlp in model.mlps:
-        quantize_mlp(mlp)
+        quantize_mlp(mlp, x_bits)
         if mlp.predictor is not None:
             quantize_predictor(mlp.predictor)
     tied = model.lm_head.weight is model.model.embed_tokens.weight
-    model.lm_head = QuantizedLinear.from_linear(model.lm_head, counted=not tied)
+    model.lm_head = QuantizedLinear.from_linear(model.lm_head, counted=not tied, x_bits=x_bits)

@@ -21,7 +21,7 @@
 
 extern "C" {
 int linear_int8_cpu(const void* x, const int8_t* w, const float* scale, void* out, int64_t M, int64_t K,
-                    int64_t N, int dtype, int num_threads);
+                    int64_t N, int dtype, int x_bits, int num_threads);
 int linear_cpu(const float* x, const void* w, const float* scale, float* out, int64_t T, int64_t K,
                int64_t N, int dtype, int num_threads);
 int paged_attention_decode_cpu(const void* q, const void* k_cache, const void* v_cache, const int32_t* block_tables,
@@ -32,7 +32,7 @@ int sparse_ffn_cpu(const float* x, const void* w_gate, const void* w_up, const v
                    const float* scale_gate, const float* scale_up, const float* scale_down,
                    const uint8_t* predicted, float* h, uint8_t* active, uint8_t* any_active,
                    float* out, int64_t* read, int64_t T, int64_t H, int64_t I, int act,
-                   float threshold, int dtype, int num_threads);
+                   float threshold, int dtype, int x_bits, int num_threads);
 }
 
 namespace {
@@ -91,7 +91,8 @@ extern "C" {
 // x [T, H] float32 (the residual stream after the embedding; updated in place to the last
 // layer's output). cos, sin_signed [T, D]; slots [T] int64 (flat KV-cache slots of the new
 // tokens); block_tables [T, max_blocks] int32; context_lens [T] int32 (including the new token).
-// layers: num_layers Layer structs. act: ACT_CODES.
+// layers: num_layers Layer structs. act: ACT_CODES. x_bits: the activation grid of the int8
+// linears and FFN gate/up products (16 or 8; int8_rows.h).
 // active_counts [num_layers, T] int32 and rows_read [num_layers, 3] int64 are written.
 // Returns 0, or the failing kernel's code + 10 * (its index: 1 qkv, 2 attention, 3 o_proj,
 // 4 predictor, 5 ffn).
@@ -99,7 +100,7 @@ int decode_layers_cpu(float* x, const float* cos, const float* sin_signed, const
                       const int32_t* block_tables, const int32_t* context_lens, const Layer* layers,
                       int64_t num_layers, int64_t T, int64_t H, int64_t I, int64_t Hq, int64_t Hkv,
                       int64_t D, int64_t block_size, int64_t max_blocks, float eps, float attn_scale,
-                      int64_t window, int act, int32_t* active_counts,
+                      int64_t window, int act, int x_bits, int32_t* active_counts,
                       int64_t* rows_read, int num_threads) {
   const int64_t nq = Hq * D, nkv = Hkv * D, nqkv = nq + 2 * nkv;
   std::vector<float> xn(T * H), qkv(T * nqkv), q(T * nq), attn(T * nq), o(T * H), ffn(T * H), h(T * I);
@@ -108,7 +109,7 @@ int decode_layers_cpu(float* x, const float* cos, const float* sin_signed, const
   for (int64_t l = 0; l < num_layers; ++l) {
     const Layer& L = layers[l];
     rms_norm(x, L.input_norm, xn.data(), T, H, eps);
-    int rc = linear_int8_cpu(xn.data(), L.w_qkv, L.s_qkv, qkv.data(), T, H, nqkv, kFloat32, num_threads);
+    int rc = linear_int8_cpu(xn.data(), L.w_qkv, L.s_qkv, qkv.data(), T, H, nqkv, kFloat32, x_bits, num_threads);
     if (rc != 0) return rc + 10;
     for (int64_t t = 0; t < T; ++t) {
       const float* row = qkv.data() + t * nqkv;
@@ -123,7 +124,7 @@ int decode_layers_cpu(float* x, const float* cos, const float* sin_signed, const
     rc = paged_attention_decode_cpu(q.data(), L.k_cache, L.v_cache, block_tables, context_lens, attn.data(), T, Hq,
                                     Hkv, D, block_size, max_blocks, attn_scale, window, kFloat32);
     if (rc != 0) return rc + 20;
-    rc = linear_int8_cpu(attn.data(), L.w_o, L.s_o, o.data(), T, nq, H, kFloat32, num_threads);
+    rc = linear_int8_cpu(attn.data(), L.w_o, L.s_o, o.data(), T, nq, H, kFloat32, x_bits, num_threads);
     if (rc != 0) return rc + 30;
     for (int64_t k = 0; k < T * H; ++k) x[k] += o[k];
     rms_norm(x, L.post_norm, xn.data(), T, H, eps);
@@ -143,7 +144,7 @@ int decode_layers_cpu(float* x, const float* cos, const float* sin_signed, const
     }
     rc = sparse_ffn_cpu(xn.data(), L.w_gate, L.w_up, L.w_down_t, L.s_gate, L.s_up, L.s_down, pred, h.data(),
                         active.data(), any_active.data(), ffn.data(), rows_read + 3 * l, T, H, I, act,
-                        L.act_threshold, kInt8, num_threads);
+                        L.act_threshold, kInt8, x_bits, num_threads);
     if (rc != 0) return rc + 50;
     for (int64_t k = 0; k < T * H; ++k) x[k] += ffn[k];
     for (int64_t t = 0; t < T; ++t) {

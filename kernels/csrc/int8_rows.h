@@ -3,22 +3,27 @@
 // (sparse_ffn_cpu.cpp). Rows are given by pointer, so a tile may take any set of weight rows (the
 // sparse FFN's candidate neurons) straight from the weight, with no gather copy.
 //
-// Activations enter as int16 on a per-row grid (quantize_row: x ~= xq * scale, |xq| <= x_max(K),
-// 8191 for any K up to ~17k, i.e. 14 bits; kernels/linear_int8_cpu.py quantize_rows is the torch
-// twin). The dot products are then exact integer sums: AVX-512 VNNI's vpdpwssd does 32
-// int16 x int16 products per instruction into int32 lanes, twice the fp32 FMA's 16, and the
-// weights need one sign extension (int8 -> int16) instead of two conversions to fp32.
-// NOTE: at 2+ rows the fp32 tiles were FMA-bound (the weights are shared by the rows); the
-// 14-bit grid moves perplexity by under 0.02% on SmolLM2 (docs/benchmarks/quantization.md),
-// where 8-bit activations (vpdpbusd, 4x) cost +1.3% dense / +1.9% served, so not by default.
+// Activations enter on a per-row grid (XRows: x ~= xq * step, |xq| <= x_max(K, bits);
+// kernels/activation_grid.py is the torch twin), so the dot products are exact integer sums:
+// - 16 bits (`--quantization int8`): |xq| <= 8191 for K up to ~17k (14 bits); AVX-512 VNNI's
+//   vpdpwssd does 32 int16 x int16 products per instruction into int32 lanes, twice the fp32
+//   FMA's 16, and the weights need one sign extension instead of two conversions to fp32;
+// - 8 bits (`--quantization w8a8`): |xq| <= 127, stored as u8 xq + 128 for vpdpbusd (64 u8 x s8
+//   products per instruction, 4x fp32); the + 128 is taken back with 128 * sum(w) per row,
+//   summed from the tile's rows while they are in L1. Builds without VNNI run 8-bit rows
+//   through the 16-bit tiles (same integers, same results).
+// NOTE: at 2+ rows the fp32 tiles were FMA-bound (the weights are shared by the rows). On
+// SmolLM2 the 14-bit grid moves perplexity by under 0.02%; 8 bits cost +1.3% dense / +1.9%
+// served, hence opt-in (docs/benchmarks/quantization.md).
 //
-// A tile: NR <= kTileN weight rows x MR <= kTileM activation rows (row stride ldx, zero padded to
-// a multiple of the step). 4 x 6 accumulators + 4 weight vectors + 1 x vector fill AVX-512's 32
-// registers; AVX2 has 16, so 4 x 2 there (a wider tile would spill).
+// A tile: NR <= kTileN weight rows x MR <= kTileM activation rows (row stride ld, padded to a
+// multiple of the step with xq = 0). 4 x 6 accumulators + 4 weight vectors + 1 x vector fill
+// AVX-512's 32 registers; AVX2 has 16, so 4 x 2 there (a wider tile would spill).
 #pragma once
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -27,20 +32,27 @@ namespace int8_rows {
 
 constexpr int kTileN = 4;           // weight rows per tile
 
-// The activation grid: the largest |xq| for rows of length K. Every int32 lane of the tiles
-// below sums at most ceil(K / 8) products of |w| <= 127 and |xq| <= x_max (8 lanes with AVX2,
-// 16 with AVX-512; the scalar build sums in int64), so x_max keeps that sum under 2^31.
-inline int x_max(int64_t K) {
+// 64 bytes of 1s: the u8 operand that turns a dot product into a row sum (row_sum).
+alignas(64) inline constexpr uint8_t kOnesU8[64] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+                                                   1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+                                                   1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+
+// The activation grid: the largest |xq| for rows of length K. 8 bits: 127. 16 bits: every int32
+// lane of the tiles below sums at most ceil(K / 8) products of |w| <= 127 and |xq| <= x_max (8
+// lanes with AVX2, 16 with AVX-512; the scalar build sums in int64), so x_max keeps that sum
+// under 2^31: 8191 (14 bits) up to K ~ 17k, less beyond.
+inline int x_max(int64_t K, int bits) {
+  if (bits == 8) return 127;
   const int64_t per_lane = (K + 7) / 8;
   const int64_t bound = per_lane > 0 ? (int64_t{2147483647} / 127) / per_lane : 8191;
   return static_cast<int>(bound < 8191 ? bound : 8191);
 }
 
-// xq[0:K] = round(x[0:K] / scale), xq[K:ldx] = 0; returns scale = amax / x_max (0 for a zero
-// row; NaN where x holds a NaN or an infinity, so the outputs of that row are NaN as fp32 math
-// would make them). `load` widens one element of x to fp32.
-template <typename T, typename Load>
-inline float quantize_row(const T* x, int64_t K, int64_t ldx, int qmax, int16_t* xq, Load load) {
+// xq[0:K] = round(x[0:K] / step) + offset, xq[K:ld] = offset; returns step = amax / qmax (0 for
+// a zero row; NaN where x holds a NaN or an infinity, so the outputs of that row are NaN as fp32
+// math would make them). `load` widens one element of x to fp32.
+template <typename Q, typename T, typename Load>
+inline float quantize_row(const T* x, int64_t K, int64_t ld, int qmax, int offset, Q* xq, Load load) {
   float amax = 0.f;
   bool nan = false;
   for (int64_t k = 0; k < K; ++k) {
@@ -50,18 +62,20 @@ inline float quantize_row(const T* x, int64_t K, int64_t ldx, int qmax, int16_t*
   }
   const bool finite = !nan && std::isfinite(amax);
   if (!finite || amax == 0.f) {
-    std::memset(xq, 0, sizeof(int16_t) * ldx);
+    for (int64_t k = 0; k < ld; ++k) xq[k] = static_cast<Q>(offset);
     return finite ? 0.f : NAN;
   }
   const float inv = static_cast<float>(qmax) / amax;
-  for (int64_t k = 0; k < K; ++k) xq[k] = static_cast<int16_t>(std::nearbyint(load(x[k]) * inv));
-  for (int64_t k = K; k < ldx; ++k) xq[k] = 0;
+  for (int64_t k = 0; k < K; ++k) xq[k] = static_cast<Q>(static_cast<int>(std::nearbyint(load(x[k]) * inv)) + offset);
+  for (int64_t k = K; k < ld; ++k) xq[k] = static_cast<Q>(offset);
   return amax / static_cast<float>(qmax);
 }
 
 // One SIMD width of int16 dot products: W elements of k per step, int32 lanes.
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 struct Vec16 {
+  using X = int16_t;
+  static constexpr int kOffset = 0;
   static constexpr int W = 32;
   using R = __m512i;
   static R zero() { return _mm512_setzero_si512(); }
@@ -79,6 +93,8 @@ struct Vec16 {
 };
 #elif defined(__AVX2__)
 struct Vec16 {
+  using X = int16_t;
+  static constexpr int kOffset = 0;
   static constexpr int W = 16;
   using R = __m256i;
   static R zero() { return _mm256_setzero_si256(); }
@@ -99,6 +115,8 @@ struct Vec16 {
 };
 #else
 struct Vec16 {
+  using X = int16_t;
+  static constexpr int kOffset = 0;
   static constexpr int W = 1;
   using R = int64_t;
   static R zero() { return 0; }
@@ -110,54 +128,139 @@ struct Vec16 {
 };
 #endif
 
-constexpr int kStep = Vec16::W;                        // x rows are padded to a multiple of this
+// u8 x s8 dot products (8-bit rows stored as xq + 128): AVX-512 VNNI builds only.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define INT8_ROWS_U8_TILES 1
+struct VecU8 {
+  using X = uint8_t;
+  static constexpr int kOffset = 128;
+  static constexpr int W = 64;
+  using R = __m512i;
+  static R zero() { return _mm512_setzero_si512(); }
+  static R load_w(const int8_t* p) { return _mm512_loadu_si512(p); }
+  static R load_w_tail(const int8_t* p, int n) { return _mm512_maskz_loadu_epi8((__mmask64)((1ull << n) - 1ull), p); }
+  static R load_x(const uint8_t* p) { return _mm512_loadu_si512(p); }
+  static R dot(R acc, R w, R x) { return _mm512_dpbusd_epi32(acc, x, w); }
+  static int64_t sum(R v) { return _mm512_reduce_add_epi32(v); }
+};
+#endif
+
 constexpr int kTileM = Vec16::W == 32 ? 6 : 2;         // x rows per tile (see the top of the file)
 
-inline int64_t padded(int64_t K) { return (K + kStep - 1) / kStep * kStep; }
+// sum(w[0:K]) with V's loads (what kOffset adds per unit of each dot product).
+template <class V>
+inline int64_t row_sum(const int8_t* w, int64_t K) {
+  const typename V::R ones = V::load_x(reinterpret_cast<const typename V::X*>(kOnesU8));
+  typename V::R c = V::zero();
+  int64_t k = 0;
+  for (; k + V::W <= K; k += V::W) c = V::dot(c, V::load_w(w + k), ones);
+  if (k < K) c = V::dot(c, V::load_w_tail(w + k, static_cast<int>(K - k)), ones);
+  return V::sum(c);
+}
 
-// acc[n][m] = dot(w[n][0:K], xq[m * ldx : m * ldx + K]) exactly, for NR weight rows and MR x rows.
-template <int NR, int MR>
-void tile(const int8_t* const* w, const int16_t* x, int64_t K, int64_t ldx, int64_t acc[kTileN][kTileM]) {
-  typename Vec16::R a[NR][MR];
+// acc[n][m] = dot(w[n][0:K], xq[m]) exactly (xq[m] = x[m * ld : m * ld + K] - V::kOffset), for
+// NR weight rows and MR x rows.
+template <class V, int NR, int MR>
+void tile(const int8_t* const* w, const typename V::X* x, int64_t K, int64_t ld, int64_t acc[kTileN][kTileM]) {
+  typename V::R a[NR][MR];
   for (int n = 0; n < NR; ++n)
-    for (int m = 0; m < MR; ++m) a[n][m] = Vec16::zero();
-  auto step = [&](int64_t k, const typename Vec16::R (&wv)[NR]) {
+    for (int m = 0; m < MR; ++m) a[n][m] = V::zero();
+  auto step = [&](int64_t k, const typename V::R (&wv)[NR]) {
     for (int m = 0; m < MR; ++m) {
-      const typename Vec16::R xv = Vec16::load_x(x + m * ldx + k);
-      for (int n = 0; n < NR; ++n) a[n][m] = Vec16::dot(a[n][m], wv[n], xv);
+      const typename V::R xv = V::load_x(x + m * ld + k);
+      for (int n = 0; n < NR; ++n) a[n][m] = V::dot(a[n][m], wv[n], xv);
     }
   };
   int64_t k = 0;
-  for (; k + Vec16::W <= K; k += Vec16::W) {
-    typename Vec16::R wv[NR];
-    for (int n = 0; n < NR; ++n) wv[n] = Vec16::load_w(w[n] + k);
+  for (; k + V::W <= K; k += V::W) {
+    typename V::R wv[NR];
+    for (int n = 0; n < NR; ++n) wv[n] = V::load_w(w[n] + k);
     step(k, wv);
   }
-  if (k < K) {   // the last partial step: weights past K load as 0 (and x is zero padded)
-    typename Vec16::R wv[NR];
-    for (int n = 0; n < NR; ++n) wv[n] = Vec16::load_w_tail(w[n] + k, static_cast<int>(K - k));
+  if (k < K) {   // the last partial step: weights past K load as 0 (x past K is the offset)
+    typename V::R wv[NR];
+    for (int n = 0; n < NR; ++n) wv[n] = V::load_w_tail(w[n] + k, static_cast<int>(K - k));
     step(k, wv);
   }
-  for (int n = 0; n < NR; ++n)
-    for (int m = 0; m < MR; ++m) acc[n][m] = Vec16::sum(a[n][m]);
+  for (int n = 0; n < NR; ++n) {
+    // NOTE: a second pass over the tile's rows, from L1: inline sums would spill the 4 x 6 tile
+    int64_t back = 0;
+    if constexpr (V::kOffset != 0) back = V::kOffset * row_sum<V>(w[n], K);
+    for (int m = 0; m < MR; ++m) acc[n][m] = V::sum(a[n][m]) - back;
+  }
 }
 
-using TileFn = void (*)(const int8_t* const*, const int16_t*, int64_t, int64_t, int64_t[kTileN][kTileM]);
+template <class V>
+using TileFn = void (*)(const int8_t* const*, const typename V::X*, int64_t, int64_t, int64_t[kTileN][kTileM]);
 
-template <int NR>
-constexpr TileFn tile_for(int mr) {
-  return mr == 1 ? tile<NR, 1> : mr == 2 ? tile<NR, 2> : mr == 3 ? tile<NR, 3> : mr == 4 ? tile<NR, 4>
-         : mr == 5 ? tile<NR, 5> : tile<NR, 6>;
+template <class V, int NR>
+constexpr TileFn<V> tile_for(int mr) {
+  return mr == 1 ? tile<V, NR, 1> : mr == 2 ? tile<V, NR, 2> : mr == 3 ? tile<V, NR, 3> : mr == 4 ? tile<V, NR, 4>
+         : mr == 5 ? tile<V, NR, 5> : tile<V, NR, 6>;
 }
 
-inline TileFn pick_tile(int nr, int mr) {
+template <class V>
+inline TileFn<V> pick_tile(int nr, int mr) {
   switch (nr) {
-    case 1: return tile_for<1>(mr);
-    case 2: return tile_for<2>(mr);
-    case 3: return tile_for<3>(mr);
-    default: return tile_for<4>(mr);
+    case 1: return tile_for<V, 1>(mr);
+    case 2: return tile_for<V, 2>(mr);
+    case 3: return tile_for<V, 3>(mr);
+    default: return tile_for<V, 4>(mr);
   }
 }
+
+// Rows of x on their grid, as the tiles read them. Usage: reset() once, then quantize() each row
+// (rows are independent: threads may split them), then dot() tiles of weight rows against them.
+class XRows {
+ public:
+  void reset(int64_t rows, int64_t K, int bits) {
+    K_ = K;
+    qmax_ = x_max(K, bits);
+    u8_ = false;
+#if defined(INT8_ROWS_U8_TILES)
+    u8_ = bits == 8;
+#endif
+    const int64_t step = u8_ ? VecU8::W : Vec16::W;
+    ld_ = (K + step - 1) / step * step;
+    if (u8_)
+      q8_.resize(rows * ld_);
+    else
+      q16_.resize(rows * ld_);
+    step_.resize(rows);
+  }
+
+  template <typename T, typename Load>
+  void quantize(int64_t r, const T* x, Load load) {
+#if defined(INT8_ROWS_U8_TILES)
+    if (u8_) {
+      step_[r] = quantize_row(x, K_, ld_, qmax_, VecU8::kOffset, q8_.data() + r * ld_, load);
+      return;
+    }
+#endif
+    step_[r] = quantize_row(x, K_, ld_, qmax_, 0, q16_.data() + r * ld_, load);
+  }
+
+  float step(int64_t r) const { return step_[r]; }
+
+  // acc[n][j] = dot(w[n], xq[m + j]) for n < nr, j < mr (<= kTileM), exactly.
+  void dot(const int8_t* const* w, int nr, int64_t m, int mr, int64_t acc[kTileN][kTileM]) const {
+#if defined(INT8_ROWS_U8_TILES)
+    if (u8_) {
+      pick_tile<VecU8>(nr, mr)(w, q8_.data() + m * ld_, K_, ld_, acc);
+      return;
+    }
+#endif
+    pick_tile<Vec16>(nr, mr)(w, q16_.data() + m * ld_, K_, ld_, acc);
+  }
+
+ private:
+  int64_t K_ = 0, ld_ = 0;
+  int qmax_ = 0;
+  bool u8_ = false;
+  std::vector<int16_t> q16_;
+  std::vector<uint8_t> q8_;
+  std::vector<float> step_;
+};
 
 // Software prefetch of the next tile's weight rows (one hint per 64-byte line), issued before a
 // tile is computed so their loads overlap its dot products.

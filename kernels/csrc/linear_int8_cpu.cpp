@@ -30,7 +30,6 @@ namespace {
 
 using int8_rows::kTileM;
 using int8_rows::kTileN;
-using int8_rows::pick_tile;
 
 constexpr int64_t kRowBlock = 64;   // rows of x per pass over the weight
 
@@ -58,22 +57,16 @@ inline float to_f32(uint16_t v) { return bf16_to_f32(v); }
 
 template <typename T>
 void linear_int8(const T* x, const int8_t* w, const float* scale, T* out, int64_t M, int64_t K, int64_t N,
-                 int num_threads) {
+                 int x_bits, int num_threads) {
   const int64_t num_tiles = (N + kTileN - 1) / kTileN;
-  const int64_t ldx = int8_rows::padded(K);
-  const int qmax = int8_rows::x_max(K);
-  // one row block of x on its grid, and each row's step
-  const int64_t block_rows = M < kRowBlock ? M : kRowBlock;
-  std::vector<int16_t> xq(block_rows * ldx);
-  std::vector<float> xs(block_rows);
+  int8_rows::XRows xr;   // one row block of x on its grid
+  xr.reset(M < kRowBlock ? M : kRowBlock, K, x_bits);
 #pragma omp parallel num_threads(num_threads)
   {
     for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
       const int64_t rows = M - m0 < kRowBlock ? M - m0 : kRowBlock;
 #pragma omp for schedule(static)
-      for (int64_t r = 0; r < rows; ++r)
-        xs[r] = int8_rows::quantize_row(x + (m0 + r) * K, K, ldx, qmax, xq.data() + r * ldx,
-                                        [](T v) { return to_f32(v); });
+      for (int64_t r = 0; r < rows; ++r) xr.quantize(r, x + (m0 + r) * K, [](T v) { return to_f32(v); });
       // the implicit barrier above: every row is on its grid
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < num_tiles; ++t) {
@@ -90,13 +83,13 @@ void linear_int8(const T* x, const int8_t* w, const float* scale, T* out, int64_
         }
         for (int64_t m = 0; m < rows; m += kTileM) {
           const int mr = static_cast<int>(rows - m < kTileM ? rows - m : kTileM);
-          pick_tile(nr, mr)(rows_of_tile, xq.data() + m * ldx, K, ldx, acc);
+          xr.dot(rows_of_tile, nr, m, mr, acc);
           for (int j = 0; j < mr; ++j)
             for (int i = 0; i < nr; ++i)
-              store(out + (m0 + m + j) * N + n0 + i, static_cast<float>(acc[i][j]) * xs[m + j] * scale[n0 + i]);
+              store(out + (m0 + m + j) * N + n0 + i, static_cast<float>(acc[i][j]) * xr.step(m + j) * scale[n0 + i]);
         }
       }
-      // the implicit barrier of the loop above: the next block may overwrite xq
+      // the implicit barrier of the loop above: the next block may overwrite the rows
     }
   }
 }
@@ -105,17 +98,20 @@ void linear_int8(const T* x, const int8_t* w, const float* scale, T* out, int64_
 
 extern "C" {
 
-// out [M, N] = (x [M, K] @ w [N, K].T) * scale [N]; x and out share the dtype:
-// 0 = float32, 1 = bfloat16. Returns 0, or 1 for an unsupported dtype.
+// out [M, N] = (x [M, K] @ w [N, K].T) * scale [N] with x on its x_bits grid (16 or 8); x and
+// out share the dtype: 0 = float32, 1 = bfloat16. Returns 0, 1 for an unsupported dtype, 2 for
+// unsupported x_bits.
 int linear_int8_cpu(const void* x, const int8_t* w, const float* scale, void* out, int64_t M, int64_t K,
-                    int64_t N, int dtype, int num_threads) {
+                    int64_t N, int dtype, int x_bits, int num_threads) {
+  if (x_bits != 16 && x_bits != 8) return 2;
   switch (dtype) {
     case 0:
-      linear_int8<float>(static_cast<const float*>(x), w, scale, static_cast<float*>(out), M, K, N, num_threads);
+      linear_int8<float>(static_cast<const float*>(x), w, scale, static_cast<float*>(out), M, K, N, x_bits,
+                         num_threads);
       return 0;
     case 1:
       linear_int8<uint16_t>(static_cast<const uint16_t*>(x), w, scale, static_cast<uint16_t*>(out), M, K, N,
-                            num_threads);
+                            x_bits, num_threads);
       return 0;
     default:
       return 1;
@@ -123,7 +119,7 @@ int linear_int8_cpu(const void* x, const int8_t* w, const float* scale, void* ou
 }
 
 // The largest |xq| of the activation grid for rows of length K (int8_rows.h x_max), for the
-// torch twin of the grid (kernels/linear_int8_cpu.py).
-int int8_rows_x_max(int64_t K) { return int8_rows::x_max(K); }
+// torch twin of the grid (kernels/activation_grid.py).
+int int8_rows_x_max(int64_t K, int bits) { return int8_rows::x_max(K, bits); }
 
 }  // extern "C"

@@ -534,11 +534,11 @@ void accumulate_down_i8(const float* h, const uint8_t* any_active, const int8_t*
 constexpr int64_t kI8Chunk = 64;
 
 // use(i, t, dot) for every listed neuron i = ids[0..n) and batch row t < T, dot = W[i] . x[t]
-// with x[t] on its grid (xq [T, ldx], step xs [T]; int8_rows.h), unscaled by W's row scales;
-// the neurons kTileN and the rows kTileM at a time in register tiles.
+// with x[t] on its grid (xr; int8_rows.h), unscaled by W's row scales; the neurons kTileN and
+// the rows kTileM at a time in register tiles.
 template <typename Use>
-inline void for_each_tile_dot(const int8_t* w, const int* ids, int n, const int16_t* xq, const float* xs,
-                              int64_t ldx, int64_t T, int64_t H, Use&& use) {
+inline void for_each_tile_dot(const int8_t* w, const int* ids, int n, const int8_rows::XRows& xr, int64_t T,
+                              int64_t H, Use&& use) {
   using int8_rows::kTileM;
   using int8_rows::kTileN;
   int64_t acc[kTileN][kTileM];
@@ -554,9 +554,9 @@ inline void for_each_tile_dot(const int8_t* w, const int* ids, int n, const int1
     }
     for (int64_t m = 0; m < T; m += kTileM) {
       const int mr = (int)(T - m < kTileM ? T - m : kTileM);
-      int8_rows::pick_tile(nr, mr)(rows, xq + m * ldx, H, ldx, acc);
+      xr.dot(rows, nr, m, mr, acc);
       for (int k = 0; k < nr; ++k)
-        for (int r = 0; r < mr; ++r) use((int64_t)ids[j + k], m + r, static_cast<float>(acc[k][r]) * xs[m + r]);
+        for (int r = 0; r < mr; ++r) use((int64_t)ids[j + k], m + r, static_cast<float>(acc[k][r]) * xr.step(m + r));
     }
   }
 }
@@ -564,21 +564,19 @@ inline void for_each_tile_dot(const int8_t* w, const int* ids, int n, const int1
 void sparse_ffn_i8_batch(const float* x, const int8_t* w_gate, const int8_t* w_up,
                          const int8_t* w_down_t, const RowScales& scales, const uint8_t* predicted,
                          float* h, uint8_t* active, uint8_t* any_active, float* out, int64_t* read,
-                         int64_t T, int64_t H, int64_t I, int act, float threshold, int num_threads) {
+                         int64_t T, int64_t H, int64_t I, int act, float threshold, int x_bits,
+                         int num_threads) {
   // NOTE: AVX-512 builds write every element of out in phase 2; AVX2 ones add to it
   std::memset(out, 0, sizeof(float) * T * H);
   const int64_t num_chunks = (I + kI8Chunk - 1) / kI8Chunk;
   int64_t gate_read = 0, up_read = 0, down_read = 0;
-  const int64_t ldx = int8_rows::padded(H);
-  std::vector<int16_t> xq(T * ldx);   // x on its grid (int8_rows.h), for the gate and up tiles
-  std::vector<float> xs(T);
-  const int qmax = int8_rows::x_max(H);
+  int8_rows::XRows xr;   // x on its grid (int8_rows.h), for the gate and up tiles
+  xr.reset(T, H, x_bits);
 #pragma omp parallel num_threads(num_threads)
   {
     int ids[kI8Chunk];
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < T; ++t)
-      xs[t] = int8_rows::quantize_row(x + t * H, H, ldx, qmax, xq.data() + t * ldx, [](float v) { return v; });
+    for (int64_t t = 0; t < T; ++t) xr.quantize(t, x + t * H, [](float v) { return v; });
 #pragma omp for schedule(dynamic, 1) reduction(+ : gate_read, up_read, down_read)
     for (int64_t ci = 0; ci < num_chunks; ++ci) {
       const int64_t c = ci * kI8Chunk, end = c + kI8Chunk < I ? c + kI8Chunk : I;
@@ -595,7 +593,7 @@ void sparse_ffn_i8_batch(const float* x, const int8_t* w_gate, const int8_t* w_u
       }
       gate_read += num_ids;
       // Gate pass: h[t, i] = the activated gate of the rows that may fire, 0 elsewhere.
-      for_each_tile_dot(w_gate, ids, num_ids, xq.data(), xs.data(), ldx, T, H, [&](int64_t i, int64_t t, float g) {
+      for_each_tile_dot(w_gate, ids, num_ids, xr, T, H, [&](int64_t i, int64_t t, float g) {
         if (predicted == nullptr || predicted[t * I + i])
           h[t * I + i] = activate(act, g * RowScales::at(scales.gate, i), threshold);
       });
@@ -608,7 +606,7 @@ void sparse_ffn_i8_batch(const float* x, const int8_t* w_gate, const int8_t* w_u
       }
       up_read += num_alive;
       // Up pass: h[t, i] = activated gate * up (dReLU: * relu(up)) where the gate let it through.
-      for_each_tile_dot(w_up, ids, num_alive, xq.data(), xs.data(), ldx, T, H, [&](int64_t i, int64_t t, float dot) {
+      for_each_tile_dot(w_up, ids, num_alive, xr, T, H, [&](int64_t i, int64_t t, float dot) {
         const float a = h[t * I + i];
         if (a == 0.f) return;
         const float u = dot * RowScales::at(scales.up, i);
@@ -734,14 +732,18 @@ int linear_cpu(const float* x, const void* w, const float* scale, float* out, in
 
 // dtype: 0 = float32, 1 = bfloat16, 2 = float16, 3 = int8 with fp32 scales (weights); x, h and
 // out are always float32. scale_gate/up [I] (per neuron) and scale_down [H] (per hidden
-// channel): read for int8 only (may be null otherwise). read [3] (written): the gate, up and down rows the kernel read or prefetched.
-// Returns 0 on success, 1 for an unsupported dtype, 2 for T > kMaxBatch, 3 for int8 without scales.
+// channel): read for int8 only (may be null otherwise). x_bits (int8 only): the grid of x for the
+// gate and up dot products, 16 or 8 (int8_rows.h). read [3] (written): the gate, up and down rows
+// the kernel read or prefetched.
+// Returns 0 on success, 1 for an unsupported dtype, 2 for T > kMaxBatch, 3 for int8 without
+// scales, 4 for unsupported x_bits.
 int sparse_ffn_cpu(const float* x, const void* w_gate, const void* w_up, const void* w_down_t,
                    const float* scale_gate, const float* scale_up, const float* scale_down,
                    const uint8_t* predicted, float* h, uint8_t* active, uint8_t* any_active,
                    float* out, int64_t* read, int64_t T, int64_t H, int64_t I, int act,
-                   float threshold, int dtype, int num_threads) {
+                   float threshold, int dtype, int x_bits, int num_threads) {
   if (T > kMaxBatch) return 2;
+  if (dtype == 3 && x_bits != 16 && x_bits != 8) return 4;
   const RowScales none;
   switch (dtype) {
     case 0:
@@ -768,10 +770,9 @@ int sparse_ffn_cpu(const float* x, const void* w_gate, const void* w_up, const v
       scales.down = scale_down;
       if (T == 1) {
         // the row path's fp32 dots, on x's grid (the values the batched tiles' integer dots see)
-        const int64_t ldx = int8_rows::padded(H);
-        std::vector<int16_t> xq(ldx);
+        std::vector<int16_t> xq(H);
         std::vector<float> xg(H);
-        const float step = int8_rows::quantize_row(x, H, ldx, int8_rows::x_max(H), xq.data(),
+        const float step = int8_rows::quantize_row(x, H, H, int8_rows::x_max(H, x_bits), 0, xq.data(),
                                                    [](float v) { return v; });
         for (int64_t k = 0; k < H; ++k) xg[k] = static_cast<float>(xq[k]) * step;
         sparse_ffn<I8>(xg.data(), static_cast<const int8_t*>(w_gate), static_cast<const int8_t*>(w_up),
@@ -780,7 +781,7 @@ int sparse_ffn_cpu(const float* x, const void* w_gate, const void* w_up, const v
       } else {
         sparse_ffn_i8_batch(x, static_cast<const int8_t*>(w_gate), static_cast<const int8_t*>(w_up),
                             static_cast<const int8_t*>(w_down_t), scales, predicted, h, active,
-                            any_active, out, read, T, H, I, act, threshold, num_threads);
+                            any_active, out, read, T, H, I, act, threshold, x_bits, num_threads);
       }
       return 0;
     }

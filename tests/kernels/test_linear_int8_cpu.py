@@ -131,6 +131,7 @@ def test_grid_bound_is_the_same_rule_in_both():
     number in the kernel and in torch."""
     lib = cpu_native.load()
     for k in (1, 576, 14336, 16912, 16913, 40000, 1 << 20):
-        assert lib.int8_rows_x_max(k) == x_max(k), k
+        assert lib.int8_rows_x_max(k, 16) == x_max(k), k
+        assert lib.int8_rows_x_max(k, 8) == x_max(k, 8) == 127, k
         assert 127 * x_max(k) * -(-k // 8) < 2 ** 31
     assert x_max(14336) == 8191 and x_max(40000) < 8191
