@@ -1,5 +1,5 @@
-"""Weight-only int8 (`model.quantization: int8`, engine/models/quantized.py: attention, head and
-the FFN's rows) served end to end on tiny random checkpoints, tied and untied head: greedy tokens mostly agree with fp32, the
+"""int8 weights (`model.quantization: int8` / `w8a8`, engine/models/quantized.py: attention, head
+and the FFN's rows) served end to end on tiny random checkpoints, tied and untied head: greedy tokens mostly agree with fp32, the
 parameter counts and the activated-params accounting are unchanged, and no floating copy of a
 quantized weight stays alive."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ from sparse_serve.engine.core.llm import LLM
 from sparse_serve.engine.core.sampling_params import SamplingParams
 from sparse_serve.engine.models.arch_config import ModelArchConfig
 from sparse_serve.engine.models.llama import CausalLM
-from sparse_serve.engine.models.quantized import QuantizedLinear, quantize_model
+from sparse_serve.engine.models.quantized import ACTIVATION_BITS, QuantizedLinear, quantize_model
 from sparse_serve.server.cli import build_parser, config_overrides
 from tests.tiny_checkpoint import make_tiny_checkpoint
 
@@ -20,8 +20,8 @@ NUM_PROMPTS, NUM_TOKENS = 8, 16
 # Mean fraction of each fp32 greedy sequence that the int8 run reproduces before its first
 # different token. On these 64-wide random models the measured value is 0.71 (untied: 5 of 8
 # sequences identical, one differs at its first token, where fp32's top two logits nearly tie)
-# and 1.0 (tied), with the FFN in int8 too (0.79 with int8 attention and head only); a wrong
-# scale or an unwritten output row drops it to about 0.
+# and 1.0 (tied), with the FFN in int8 too (0.79 with int8 attention and head only), for int8 and
+# w8a8 alike; a wrong scale or an unwritten output row drops it to about 0.
 MIN_MATCHED_PREFIX = 0.6
 
 
@@ -41,15 +41,16 @@ def _matched_prefix(ref: list[int], other: list[int]) -> int:
     return next((i for i, (a, b) in enumerate(zip(ref, other)) if a != b), len(ref))
 
 
-def test_int8_serves_like_fp32(checkpoint):
+@pytest.mark.parametrize("method", ["int8", "w8a8"])
+def test_int8_serves_like_fp32(checkpoint, method):
     params = SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True)
     runs = {}
-    for quantization in (None, "int8"):
+    for quantization in (None, method):
         llm = LLM(str(checkpoint), **{"model.device": "cpu", "model.dtype": "float32",
                                       "model.quantization": quantization})
         tokens = [r.completions[0].token_ids for r in llm.generate(_prompts(), params)]
         runs[quantization] = (llm, tokens)
-    (fp32_llm, fp32_tokens), (int8_llm, int8_tokens) = runs[None], runs["int8"]
+    (fp32_llm, fp32_tokens), (int8_llm, int8_tokens) = runs[None], runs[method]
     fp32, int8 = fp32_llm.engine, int8_llm.engine
 
     for prompt, batched in list(zip(_prompts(), int8_tokens))[:3]:   # batch invariant under int8 too
@@ -80,6 +81,11 @@ def test_int8_serves_like_fp32(checkpoint):
         assert mlp.gate_scale.shape == mlp.up_scale.shape == (model.config.intermediate_size,)
         assert mlp.down_scale.shape == (model.config.hidden_size,)
     assert isinstance(model.lm_head, QuantizedLinear) and model.lm_head.weight.dtype == torch.int8
+    x_bits = ACTIVATION_BITS[method]   # every int8 product reads the method's activation grid
+    assert model.lm_head.x_bits == x_bits
+    for layer in model.model.layers:
+        assert layer.self_attn.w_qkv_x_bits == layer.self_attn.o_proj.x_bits == layer.mlp.x_bits == x_bits
+        assert layer.mlp.row_scales.x_bits == x_bits
     assert model.model.embed_tokens.weight.dtype == torch.float32     # lookups stay in the model dtype
     tied = model.config.tie_word_embeddings
     head_is_parameter = any(p is model.lm_head.weight for p in model.parameters())

@@ -16,6 +16,8 @@ native = pytest.mark.skipif(not cpu_native.available(), reason="the native CPU k
 
 # (M, K, N): K = 100 and 37 leave tails of 4 and 5 past the vector loop, N = 13 and 7 a partial tile
 SHAPES = [(1, 64, 32), (1, 100, 13), (3, 37, 7), (16, 100, 13), (64, 96, 33), (70, 50, 9)]
+# the 8-bit tiles step 64 wide: K = 128 (none left), 130 and 63 (tails of 2 and 63)
+W8A8_SHAPES = [(6, 128, 8), (7, 130, 5), (2, 63, 4)]
 
 
 def _case(M: int, K: int, N: int, dtype: torch.dtype, seed: int = 5):
@@ -27,15 +29,18 @@ def _case(M: int, K: int, N: int, dtype: torch.dtype, seed: int = 5):
 
 
 @native
+@pytest.mark.parametrize("x_bits", [16, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_native_matches_reference(shape, dtype):
+@pytest.mark.parametrize("shape", SHAPES + W8A8_SHAPES, ids=str)
+def test_native_matches_reference(shape, dtype, x_bits):
     x, _, w_q, scale = _case(*shape, dtype)
-    ref = linear_int8_ref(x, w_q, scale)
+    ref = linear_int8_ref(x, w_q, scale, x_bits)
     out = torch.full((shape[0], shape[2]), float("nan"), dtype=dtype)
-    result = linear_int8_cpu.linear_int8_native(x, w_q, scale, out=out)
+    result = linear_int8_cpu.linear_int8_native(x, w_q, scale, out=out, x_bits=x_bits)
     assert result is out
     assert_close(out, ref, dtype)
+    if x_bits == 8:   # a coarser grid than 16 bits: the two results must differ (the grid is used)
+        assert not torch.equal(out, linear_int8_cpu.linear_int8_native(x, w_q, scale))
 
 
 @native
@@ -95,10 +100,12 @@ def test_rows_do_not_depend_on_the_batch(dtype):
     """Each output element is one fixed-order dot product: a row's result is bitwise the same
     alone or in any batch (greedy decoding stays batch invariant under int8)."""
     x, _, w_q, scale = _case(70, 100, 13, dtype)
-    together = linear_int8_cpu.linear_int8_native(x, w_q, scale)
-    for i in (0, 5, 69):
-        assert torch.equal(linear_int8_cpu.linear_int8_native(x[i:i + 1], w_q, scale), together[i:i + 1])
-    assert torch.equal(linear_int8_cpu.linear_int8_native(x[3:10], w_q, scale), together[3:10])
+    for x_bits in (16, 8):
+        together = linear_int8_cpu.linear_int8_native(x, w_q, scale, x_bits=x_bits)
+        for i in (0, 5, 69):
+            alone = linear_int8_cpu.linear_int8_native(x[i:i + 1], w_q, scale, x_bits=x_bits)
+            assert torch.equal(alone, together[i:i + 1])
+        assert torch.equal(linear_int8_cpu.linear_int8_native(x[3:10], w_q, scale, x_bits=x_bits), together[3:10])
 
 
 def _identity(K: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,20 +114,21 @@ def _identity(K: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @native
+@pytest.mark.parametrize("x_bits", [16, 8])
 @pytest.mark.parametrize("K", [5, 64, 100, 576])
-def test_kernel_reads_x_on_the_torch_grid(K):
-    """Through an identity weight the kernel returns x as it read it: exactly on_grid(x), one
-    grid step (amax / 8191) from x at most, with zero rows zero and a NaN poisoning only its row."""
+def test_kernel_reads_x_on_the_torch_grid(K, x_bits):
+    """Through an identity weight the kernel returns x as it read it: on_grid(x), half a grid
+    step (amax / 8191, or / 127) from x at most, with zero rows zero and a NaN poisoning only its row."""
     x = torch.randn(6, K, generator=torch.Generator().manual_seed(K)) * torch.tensor([1, 1e-3, 1e3, 1, 1, 1])[:, None]
     x[3] = 0
     x[4, K // 2] = float("nan")
     x[5, 0] = float("inf")
-    out = linear_int8_cpu.linear_int8_native(x, *_identity(K))
-    grid = on_grid(x)
+    out = linear_int8_cpu.linear_int8_native(x, *_identity(K), x_bits=x_bits)
+    grid = on_grid(x, x_bits)
     # the same grid point: fp32 rounding of the scales apart (a grid step is ~1e-4 of the row)
     assert torch.allclose(out[:4], grid[:4], rtol=1e-6, atol=0)
     assert (out[3] == 0).all() and out[4:].isnan().all() and grid[4:].isnan().all()
-    step = x[:3].abs().amax(dim=1, keepdim=True) / 8191
+    step = x[:3].abs().amax(dim=1, keepdim=True) / x_max(K, x_bits)
     assert ((grid[:3] - x[:3]).abs() <= step / 2 * (1 + 1e-5)).all()
     assert 0 < (grid[:3] - x[:3]).abs().max()       # a real rounding, not a pass-through
 

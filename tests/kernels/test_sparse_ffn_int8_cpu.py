@@ -6,6 +6,7 @@ import torch
 
 from sparse_serve.kernels import cpu_native, sparse_ffn_cpu
 from sparse_serve.kernels import sparse_ffn as dispatch
+from sparse_serve.kernels.activation_grid import on_grid
 from sparse_serve.kernels.activations import ACTIVATIONS
 from sparse_serve.kernels.linear_int8_cpu import quantize_int8
 from sparse_serve.kernels.sparse_ffn_ref import (
@@ -35,9 +36,10 @@ pytestmark = pytest.mark.skipif(not cpu_native.available(),
 SHAPES = [(1, 77, 130), (1, 40, 600), (4, 256, 96), (5, 96, 70), (16, 600, 50), (33, 128, 300), (64, 40, 33)]
 
 
-def int8_ffn(T: int, H: int, I: int, seed: int):
+def int8_ffn(T: int, H: int, I: int, seed: int, x_bits: int = 16):
     """x [T, H] fp32, the int8 weights [I, H] as quantize_mlp makes them (gate/up per row, down
-    per column), their RowScales, and the same weights dequantized to fp32."""
+    per column), their RowScales (x on an x_bits grid for gate and up), and the same weights
+    dequantized to fp32."""
     x, wg, wu, wd = ffn_weights(T, H, I, torch.float32, torch.Generator().manual_seed(seed))
     # a few outlier hidden channels, as in a real residual stream: per-column down scales
     # must keep them, and everything else, exact to the int8 step
@@ -45,19 +47,21 @@ def int8_ffn(T: int, H: int, I: int, seed: int):
     (gq, gs), (uq, us) = quantize_int8(wg), quantize_int8(wu)
     dq_t, ds = quantize_int8(wd.t())                                      # [H, I], [H]
     weights = [gq, uq, dq_t.t().contiguous()]
-    scales = RowScales(gs, us, ds)
+    scales = RowScales(gs, us, ds, x_bits)
     dequantized = [dequantize(gq, gs), dequantize(uq, us), dequantize(weights[2], ds, dim=1)]
     return x, weights, scales, dequantized
 
 
-def expected_rows(x, weights, scales, act, predicted, float_path_rows) -> list[int]:
+def expected_rows(x, weights, scales, dequantized, act, predicted) -> list[int]:
     """The rows the int8 kernel reads. Batch 1 runs the float kernels' row path (prefetches
-    included): the float kernel on the dequantized weights reads the same rows. Batches > 1 run
-    the int8 tiles, which prefetch nothing: gate rows of the candidates, up rows where some
-    (predicted) row's gate let the neuron through, down rows of neurons active in some row."""
+    included): the float kernel on the dequantized weights and x on its grid reads the same rows.
+    Batches > 1 run the int8 tiles, which prefetch nothing: gate rows of the candidates, up rows
+    where some (predicted) row's gate let the neuron through, down rows of neurons active in some
+    row."""
+    xg = on_grid(x, scales.x_bits)
     if x.shape[0] == 1:
-        return float_path_rows
-    g = x @ dequantize(weights[0], scales.gate).t()                       # [T, I]
+        return run_native(xg, dequantized, act, predicted, None)[2]
+    g = xg @ dequantize(weights[0], scales.gate).t()                      # [T, I]
     passed = apply_activation(g, torch.ones_like(g), act, THRESHOLD[act]) != 0
     candidates = torch.ones_like(passed) if predicted is None else predicted
     _, active = sparse_ffn_ref(x, *weights, act, THRESHOLD[act], predicted, row_scales=scales)
@@ -71,11 +75,12 @@ def run_native(x, weights, act, predicted, scales):
     return out, active, rows.tolist()
 
 
+@pytest.mark.parametrize("x_bits", [16, 8])
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_int8_predicted(monkeypatch, shape, sparsity):
+def test_int8_predicted(monkeypatch, shape, sparsity, x_bits):
     T, H, I = shape
-    x, weights, scales, dequantized = int8_ffn(T, H, I, seed=hash((shape, sparsity)) % 2**31)
+    x, weights, scales, dequantized = int8_ffn(T, H, I, seed=hash((shape, sparsity)) % 2**31, x_bits=x_bits)
     pred = predicted_mask(T, I, sparsity, torch.Generator().manual_seed(1))
     poison_allocations(monkeypatch, sparse_ffn_cpu)
     for act in ACTIVATIONS:
@@ -83,23 +88,24 @@ def test_int8_predicted(monkeypatch, shape, sparsity):
         ref, ref_active = sparse_ffn_ref(x, *weights, act, THRESHOLD[act], pred, row_scales=scales)
         assert_close(out, ref, torch.float32)
         assert_mask_equal(active, ref_active)
-        assert rows == expected_rows(x, weights, scales, act, pred, run_native(x, dequantized, act, pred, None)[2])
+        assert rows == expected_rows(x, weights, scales, dequantized, act, pred)
         if sparsity == 1.0:
             assert out.abs().max().item() == 0.0 and rows[1:] == [0, 0]
 
 
+@pytest.mark.parametrize("x_bits", [16, 8])
 @pytest.mark.parametrize("act", ACTIVATIONS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_int8_exact(monkeypatch, shape, act):
+def test_int8_exact(monkeypatch, shape, act, x_bits):
     T, H, I = shape
-    x, weights, scales, dequantized = int8_ffn(T, H, I, seed=9)
+    x, weights, scales, dequantized = int8_ffn(T, H, I, seed=9, x_bits=x_bits)
     poison_allocations(monkeypatch, sparse_ffn_cpu)
     out, active, rows = run_native(x, weights, act, None, scales)
     ref, ref_active = sparse_ffn_ref(x, *weights, act, THRESHOLD[act], row_scales=scales)
     assert_close(out, ref, torch.float32)
     assert_mask_equal(active, ref_active)
     assert 0 < ref_active.sum() < ref_active.numel()
-    assert rows == expected_rows(x, weights, scales, act, None, run_native(x, dequantized, act, None, None)[2])
+    assert rows == expected_rows(x, weights, scales, dequantized, act, None)
     # the reference's dequantization is the int8 model: far from the fp32 weights it came from
     # would mean a wrong scale axis (the outlier channels make per-row down scales visibly worse)
     fp32 = ffn_weights(T, H, I, torch.float32, torch.Generator().manual_seed(9))
