@@ -193,7 +193,8 @@ def report(settings: list[Setting], args, info: dict) -> str:
              "(kernels/csrc/sparse_ffn_cpu.cpp), and the predictors' fc1/fc2 (a scale per row) "
              "(engine/models/quantized.py). The inputs of q/k/v, o_proj, lm_head and the FFN's gate and up "
              "products are put on a per-row grid (kernels/activation_grid.py): 14 bits for `int8`, 8 bits "
-             "for `w8a8`; the products are exact integer sums, accumulated in int32 and scaled in fp32. "
+             "for `w8a8` (but lm_head's, 14 bits under both); the products are exact integer sums, "
+             "accumulated in int32 and scaled in fp32. "
              "Decode-only steps run all layers in one native call (kernels/csrc/decode_layers_cpu.cpp).", "",
              "## Quality", "",
              f"Perplexity: held-out split of the calibration text, {args.windows} windows of {args.window} "

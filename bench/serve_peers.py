@@ -55,7 +55,7 @@ from sparse_serve.bench.serve import (
 )
 
 LEVELS = (1, 16)
-DEFAULT_SERVERS = ("ours", "ours-int8", "transformers-fp32", "transformers-bf16", "llama.cpp")
+DEFAULT_SERVERS = ("ours", "ours-int8", "ours-w8a8", "transformers-fp32", "transformers-bf16", "llama.cpp")
 STARTUP_TIMEOUT_S = 600.0  # ours converts the GGUF on first use; later starts take seconds
 LLAMA_INSTALL = ("python -m venv ~/.venvs/llama && ~/.venvs/llama/bin/pip install "
                  "'llama-cpp-python[server]'")
@@ -143,6 +143,9 @@ def servers(max_tokens: int, llama_python: str) -> dict[str, Server]:
         # Weight-only int8 (attention, head, FFN rows, predictors): the row to hold against
         # llama.cpp's quantized GGUF.
         "ours-int8": Server("ours-int8", _ours("--quantization", "int8"), {"ignore_eos": True}),
+        # int8 weights and 8-bit activations: twice int8's products per instruction, for a
+        # perplexity cost measured in docs/benchmarks/quantization.md.
+        "ours-w8a8": Server("ours-w8a8", _ours("--quantization", "w8a8"), {"ignore_eos": True}),
         # Opt-in (not in DEFAULT_SERVERS): ours in bf16, for CPUs with bf16 units (avx512_bf16).
         "ours-bf16": Server("ours-bf16", _ours("--dtype", "bfloat16"), {"ignore_eos": True}),
     }

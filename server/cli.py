@@ -73,8 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--dtype", choices=MODEL_DTYPES)
     model.add_argument("--device", help="auto, cpu or cuda[:N]")
     model.add_argument("--quantization", choices=[q for q in QUANTIZATIONS if q],
-                       help="weight-only int8 for the attention projections, lm_head and the FFN rows "
-                            "(CPU only; quality: docs/benchmarks/quantization.md)")
+                       help="int8 weights for the attention projections, lm_head, the FFN rows and the "
+                            "predictors, CPU only: int8 reads activations on a 14-bit grid (near-lossless), "
+                            "w8a8 on an 8-bit grid (faster with many users, costs some perplexity; "
+                            "docs/benchmarks/quantization.md)")
     model.add_argument("--max-model-len", type=int, help="context window (default: the model's)")
 
     engine = serve.add_argument_group("engine")

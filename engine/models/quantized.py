@@ -9,8 +9,11 @@ down with one per output channel), which the native sparse FFN kernel reads row 
 before (kernels/csrc/sparse_ffn_cpu.cpp): so sparsity and quantization multiply. The
 predictors' fc1/fc2 become int8 with per-row scales (they cost under 0.01 points of recall:
 docs/BENCHMARKS.md, bench/predictor_precision.py).
-The method's activation grid applies to the inputs of q/k/v, o_proj, lm_head and the FFN's gate
-and up products; the FFN's down products and the predictors read fp32 activations. Norms, the
+The method's activation grid applies to the inputs of q/k/v, o_proj and the FFN's gate and up
+products. lm_head reads its input on the 14-bit grid under both methods: on SmolLM2 its 8-bit
+grid alone cost +1.14% perplexity, more than the three others together (+0.98%), for ~2 ms of a
+45 ms 16-row step (docs/benchmarks/quantization.md). The FFN's down products and the predictors
+read fp32 activations. Norms, the
 embedding and the KV cache keep the model dtype.
 
 Parameter counts do not change: each int8 weight is a non-grad Parameter named `weight` of the
@@ -32,6 +35,7 @@ from sparse_serve.kernels.linear_int8_cpu import linear_int8, quantize_int8
 
 # method -> the activation grid (bits) of its int8 products
 ACTIVATION_BITS = {"int8": 16, "w8a8": 8}
+HEAD_ACTIVATION_BITS = 16   # lm_head's, under either method (see the top of the file)
 QUANTIZATION_METHODS = tuple(ACTIVATION_BITS)
 
 
@@ -127,4 +131,4 @@ def quantize_model(model: nn.Module, method: str) -> None:
         if mlp.predictor is not None:
             quantize_predictor(mlp.predictor)
     tied = model.lm_head.weight is model.model.embed_tokens.weight
-    model.lm_head = QuantizedLinear.from_linear(model.lm_head, counted=not tied, x_bits=x_bits)
+    model.lm_head = QuantizedLinear.from_linear(model.lm_head, counted=not tied, x_bits=HEAD_ACTIVATION_BITS)
