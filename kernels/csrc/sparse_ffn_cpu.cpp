@@ -257,6 +257,49 @@ inline float activate(int act, float g, float threshold) {
   }
 }
 
+#if defined(__AVX512F__)
+// e^x in 16 lanes: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two for an exact n ln2),
+// e^r by Cephes' degree-6 polynomial, times 2^n (vscalefps); within ~2 ulp of expf, and 0 / inf
+// past the float range as expf.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(89.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+// v[0:n] = activate(act, v[k], threshold), in place; 16 lanes at a time where AVX-512 is built
+// (the batched int8 path runs it on every gate value: one scalar expf per value measured ~10 ns).
+inline void activate_n(int act, float* v, int64_t n, float threshold) {
+#if defined(__AVX512F__)
+  const __m512 thr = _mm512_set1_ps(threshold), zero = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 m = n - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - k)) - 1u);
+    const __m512 g = _mm512_maskz_loadu_ps(m, v + k);
+    __m512 r;
+    if (act == ACT_SILU) {
+      const __m512 sg = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(zero, g))));
+      r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_abs_ps(sg), thr, _CMP_GT_OQ), sg);
+    } else {
+      r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(g, act == ACT_FATRELU ? thr : zero, _CMP_GT_OQ), g);
+    }
+    _mm512_mask_storeu_ps(v + k, m, r);
+  }
+#else
+  for (int64_t k = 0; k < n; ++k) v[k] = activate(act, v[k], threshold);
+#endif
+}
+
 // fp32 scales of int8 weights (null for float weights: scale 1, and x * 1.f == x, so the float
 // paths compute exactly what they did before). gate/up: one per neuron, multiplying its dot
 // products. down: one per hidden channel k (a column of W_down_t, i.e. per output channel of
@@ -443,12 +486,12 @@ void accumulate_down(const float* h, const uint8_t* any_active, const typename D
 }
 
 #if defined(__AVX512F__)
-// out[t0 : t0 + MR, k0 : k0 + 16 * NV] = (sum over the listed neurons j of hp[j, t] * W_down_t[ids[j],
-// k]) * scale[k]: the outer-product form, with the whole out tile in registers (MR x NV
+// out[t0 : t0 + MR, k0 : k0 + 16 * NV] = (sum over the listed neurons i = ids[j] of hn[i, t] *
+// W_down_t[i, k]) * scale[k] (hn neuron-major [I, T]): the outer-product form, with the whole out tile in registers (MR x NV
 // accumulators) while the neurons stream past, so each widened weight vector feeds MR FMAs and
 // out is stored once, instead of loaded and stored per neuron as axpy_rows does.
 template <int NV, int MR>
-void down_tile_i8(const int8_t* w_down_t, const int* ids, const float* hp, int num_ids, int64_t T,
+void down_tile_i8(const int8_t* w_down_t, const int* ids, const float* hn, int num_ids, int64_t T,
                   int64_t t0, int64_t H, int64_t k0, const float* scale, float* out) {
   __m512 acc[MR][NV];
   for (int r = 0; r < MR; ++r)
@@ -457,7 +500,7 @@ void down_tile_i8(const int8_t* w_down_t, const int* ids, const float* hp, int n
     const int8_t* w = w_down_t + (int64_t)ids[j] * H + k0;
     __m512 wv[NV];
     for (int v = 0; v < NV; ++v) wv[v] = int8_rows::widen16(w + 16 * v);
-    const float* hj = hp + (int64_t)j * T + t0;
+    const float* hj = hn + (int64_t)ids[j] * T + t0;
     for (int r = 0; r < MR; ++r) {
       const __m512 hb = _mm512_set1_ps(hj[r]);
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(wv[v], hb, acc[r][v]);
@@ -483,23 +526,21 @@ constexpr int kDownRows = 4;   // out rows per tile: 4 x 4 accumulators + 4 weig
 #endif
 
 // Phase 2 for int8 weights (every thread of the parallel region, after phase 1's barrier): out
-// in register tiles of kDownRows rows x 64 hidden channels where AVX-512 is built (AVX2 builds
-// take accumulate_down's axpy path). Threads own 16-aligned slices of the hidden dimension.
-void accumulate_down_i8(const float* h, const uint8_t* any_active, const int8_t* w_down_t,
+// in register tiles of kDownRows rows x 64 hidden channels where AVX-512 is built, reading h
+// neuron-major (hn [I, T]: a neuron's rows side by side, as the tiles broadcast them). Threads
+// own 16-aligned slices of the hidden dimension. AVX2 / scalar builds take accumulate_down's axpy
+// path on h [T, I].
+void accumulate_down_i8(const float* hn, const float* h, const uint8_t* any_active, const int8_t* w_down_t,
                         const RowScales& scales, float* out, int64_t T, int64_t H, int64_t I) {
 #if defined(__AVX512F__)
+  (void)h;
   const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
   const int64_t slice = ((H + nt - 1) / nt + 15) / 16 * 16;
   const int64_t lo = tid * slice, hi = lo + slice < H ? lo + slice : H;
   if (lo >= hi) return;
-  // The active neurons and their h, packed [neuron][row] so a tile's broadcasts are sequential.
-  std::vector<int> ids;
-  std::vector<float> hp;
-  for (int64_t i = 0; i < I; ++i) {
-    if (!any_active[i]) continue;
-    ids.push_back((int)i);
-    for (int64_t t = 0; t < T; ++t) hp.push_back(h[t * I + i]);
-  }
+  std::vector<int> ids;   // the neurons active in some row
+  for (int64_t i = 0; i < I; ++i)
+    if (any_active[i]) ids.push_back((int)i);
   const int num_ids = (int)ids.size();
   const int64_t vec_end = lo + (hi - lo) / 16 * 16;
   for (int64_t k0 = lo; k0 < vec_end; k0 += 64) {
@@ -508,16 +549,17 @@ void accumulate_down_i8(const float* h, const uint8_t* any_active, const int8_t*
       const int mr = (int)(T - t0 < kDownRows ? T - t0 : kDownRows);
       const DownTileFn fn = nv == 4 ? down_tile_for<4>(mr) : nv == 3 ? down_tile_for<3>(mr)
                             : nv == 2 ? down_tile_for<2>(mr) : down_tile_for<1>(mr);
-      fn(w_down_t, ids.data(), hp.data(), num_ids, T, t0, H, k0, scales.down, out);
+      fn(w_down_t, ids.data(), hn, num_ids, T, t0, H, k0, scales.down, out);
     }
   }
   for (int64_t k = vec_end; k < hi; ++k)    // H not a multiple of 16: the last slice's tail
     for (int64_t t = 0; t < T; ++t) {
       float acc = 0.f;
-      for (int j = 0; j < num_ids; ++j) acc += hp[(int64_t)j * T + t] * w_down_t[(int64_t)ids[j] * H + k];
+      for (int j = 0; j < num_ids; ++j) acc += hn[(int64_t)ids[j] * T + t] * w_down_t[(int64_t)ids[j] * H + k];
       out[t * H + k] = acc * RowScales::at(scales.down, k);
     }
 #else
+  (void)hn;
   accumulate_down<I8>(h, any_active, w_down_t, scales, out, T, H, I);
 #endif
 }
@@ -526,14 +568,20 @@ void accumulate_down_i8(const float* h, const uint8_t* any_active, const int8_t*
 // batch rows, instead of one neuron's dot products at a time. Threads take chunks of kI8Chunk
 // neurons; in a chunk, the gate rows of the candidates (all neurons, or those some row predicts)
 // are read once for every batch row, then the up rows of the neurons whose gate survived for
-// some (predicted) row, again for every row. h holds the activated gate between the two passes.
+// some (predicted) row, again for every row. The chunk's activated gates wait in a [neuron][row]
+// buffer between the two passes, activated 16 rows per instruction (activate_n), and h is kept
+// neuron-major (hn) for phase 2's broadcasts.
 // NOTE: a tile computes all T rows of its neurons, also rows that were not predicted or whose
 // gate failed (their products are discarded): compute, not bytes, and at 2+ rows the per-neuron
 // dots were compute-bound (measured 2.8x slower than these tiles at 16 rows on SmolLM2's FFN:
-// docs/benchmarks/quantization.md). No rows are prefetched: each count is the rows read.
+// docs/benchmarks/quantization.md). A tile prefetches the next tile's rows, which its pass reads
+// anyway: each count is the rows read.
+// NOTE: per (neuron, row) work outside the tiles (a scalar expf per gate, h written [T, I] and
+// repacked [I, T] by every thread for phase 2) took half of a 16-row w8a8 FFN call before it
+// moved to the buffers above.
 constexpr int64_t kI8Chunk = 64;
 
-// use(i, t, dot) for every listed neuron i = ids[0..n) and batch row t < T, dot = W[i] . x[t]
+// use(j, t, dot) for every listed neuron ids[j], j < n, and batch row t < T: dot = W[ids[j]] . x[t]
 // with x[t] on its grid (xr; int8_rows.h), unscaled by W's row scales; the neurons kTileN and
 // the rows kTileM at a time in register tiles.
 template <typename Use>
@@ -556,7 +604,7 @@ inline void for_each_tile_dot(const int8_t* w, const int* ids, int n, const int8
       const int mr = (int)(T - m < kTileM ? T - m : kTileM);
       xr.dot(rows, nr, m, mr, acc);
       for (int k = 0; k < nr; ++k)
-        for (int r = 0; r < mr; ++r) use((int64_t)ids[j + k], m + r, static_cast<float>(acc[k][r]) * xr.step(m + r));
+        for (int r = 0; r < mr; ++r) use(j + k, m + r, static_cast<float>(acc[k][r]) * xr.step(m + r));
     }
   }
 }
@@ -572,52 +620,68 @@ void sparse_ffn_i8_batch(const float* x, const int8_t* w_gate, const int8_t* w_u
   int64_t gate_read = 0, up_read = 0, down_read = 0;
   int8_rows::XRows xr;   // x on its grid (int8_rows.h), for the gate and up tiles
   xr.reset(T, H, x_bits);
+  // h neuron-major, hn[i * T + t]: written for the neurons whose up row was read
+  std::unique_ptr<float[]> hn(new float[I * T]);
 #pragma omp parallel num_threads(num_threads)
   {
-    int ids[kI8Chunk];
+    int ids[kI8Chunk], alive[kI8Chunk];
+    std::vector<float> gate(kI8Chunk * T);   // the chunk's activated gates, [position in ids][t]
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; ++t) xr.quantize(t, x + t * H, [](float v) { return v; });
 #pragma omp for schedule(dynamic, 1) reduction(+ : gate_read, up_read, down_read)
     for (int64_t ci = 0; ci < num_chunks; ++ci) {
-      const int64_t c = ci * kI8Chunk, end = c + kI8Chunk < I ? c + kI8Chunk : I;
-      int num_ids = 0;
-      for (int64_t i = c; i < end; ++i) {
-        any_active[i] = 0;
-        bool candidate = predicted == nullptr;
-        for (int64_t t = 0; t < T; ++t) {
-          h[t * I + i] = 0.f;
-          active[t * I + i] = 0;
-          candidate |= predicted != nullptr && predicted[t * I + i] != 0;
-        }
-        if (candidate) ids[num_ids++] = (int)i;
+      const int64_t c = ci * kI8Chunk, end = c + kI8Chunk < I ? c + kI8Chunk : I, len = end - c;
+      uint8_t candidate[kI8Chunk];
+      std::memset(candidate, predicted == nullptr ? 1 : 0, len);
+      std::memset(any_active + c, 0, len);
+      for (int64_t t = 0; t < T; ++t) {
+        std::memset(active + t * I + c, 0, len);
+        if (predicted != nullptr)
+          for (int64_t i = c; i < end; ++i) candidate[i - c] |= predicted[t * I + i];
       }
+      int num_ids = 0;
+      for (int64_t i = c; i < end; ++i)
+        if (candidate[i - c]) ids[num_ids++] = (int)i;
       gate_read += num_ids;
-      // Gate pass: h[t, i] = the activated gate of the rows that may fire, 0 elsewhere.
-      for_each_tile_dot(w_gate, ids, num_ids, xr, T, H, [&](int64_t i, int64_t t, float g) {
-        if (predicted == nullptr || predicted[t * I + i])
-          h[t * I + i] = activate(act, g * RowScales::at(scales.gate, i), threshold);
+      // Gate pass: the activated gate of every row, 0 in the rows not predicted.
+      for_each_tile_dot(w_gate, ids, num_ids, xr, T, H, [&](int j, int64_t t, float g) {
+        gate[j * T + t] = g * RowScales::at(scales.gate, ids[j]);
       });
       int num_alive = 0;
       for (int j = 0; j < num_ids; ++j) {    // keep the neurons some row's gate let through
-        const int64_t i = ids[j];
-        bool alive = false;
-        for (int64_t t = 0; t < T && !alive; ++t) alive = h[t * I + i] != 0.f;
-        if (alive) ids[num_alive++] = (int)i;
+        float* g = gate.data() + j * T;
+        activate_n(act, g, T, threshold);
+        if (predicted != nullptr)
+          for (int64_t t = 0; t < T; ++t) g[t] = predicted[t * I + ids[j]] ? g[t] : 0.f;
+        bool any = false;
+        for (int64_t t = 0; t < T; ++t) any |= g[t] != 0.f;
+        if (any) alive[num_alive++] = j;
       }
       up_read += num_alive;
-      // Up pass: h[t, i] = activated gate * up (dReLU: * relu(up)) where the gate let it through.
-      for_each_tile_dot(w_up, ids, num_alive, xr, T, H, [&](int64_t i, int64_t t, float dot) {
-        const float a = h[t * I + i];
-        if (a == 0.f) return;
-        const float u = dot * RowScales::at(scales.up, i);
-        const float v = a * ((act == ACT_DRELU && u < 0.f) ? 0.f : u);
-        h[t * I + i] = v;
-        active[t * I + i] = v != 0.f;
-        any_active[i] |= v != 0.f;
+      int alive_ids[kI8Chunk];
+      for (int k = 0; k < num_alive; ++k) alive_ids[k] = ids[alive[k]];
+      // Up pass: h = activated gate * up (dReLU: * relu(up)), where the gate let it through.
+      for_each_tile_dot(w_up, alive_ids, num_alive, xr, T, H, [&](int k, int64_t t, float dot) {
+        const float a = gate[alive[k] * T + t];
+        const float u = dot * RowScales::at(scales.up, alive_ids[k]);
+        hn[(int64_t)alive_ids[k] * T + t] = a * ((act == ACT_DRELU && u < 0.f) ? 0.f : u);
       });
-      for (int j = 0; j < num_alive; ++j) down_read += any_active[ids[j]];
+      for (int k = 0; k < num_alive; ++k) {
+        const int64_t i = alive_ids[k];
+        const float* v = hn.get() + i * T;
+        bool any = false;
+        for (int64_t t = 0; t < T; ++t) {
+          active[t * I + i] = v[t] != 0.f;
+          any |= v[t] != 0.f;
+#if !defined(__AVX512F__)
+          h[t * I + i] = v[t];   // the axpy down path (accumulate_down) reads h [T, I]
+#endif
+        }
+        any_active[i] = any;
+        down_read += any;
+      }
     }  // implicit barrier: phase 2 reads every neuron's h
-    accumulate_down_i8(h, any_active, w_down_t, scales, out, T, H, I);
+    accumulate_down_i8(hn.get(), h, any_active, w_down_t, scales, out, T, H, I);
   }
   read[0] = gate_read;
   read[1] = up_read;
