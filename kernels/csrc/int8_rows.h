@@ -217,10 +217,11 @@ class XRows {
     K_ = K;
     qmax_ = x_max(K, bits);
     u8_ = false;
+    int64_t step = Vec16::W;
 #if defined(INT8_ROWS_U8_TILES)
     u8_ = bits == 8;
+    if (u8_) step = VecU8::W;
 #endif
-    const int64_t step = u8_ ? VecU8::W : Vec16::W;
     ld_ = (K + step - 1) / step * step;
     if (u8_)
       q8_.resize(rows * ld_);
