@@ -193,10 +193,15 @@ inline int64_t row_sum(const int8_t* w, int64_t K) {
   return V::sum(c);
 }
 
+// wsum[0] before the first tile of a set of weight rows: their sums are not known yet.
+constexpr int64_t kNoSum = INT64_MIN;
+
 // acc[n][m] = dot(w[n][0:K], xq[m]) exactly (xq[m] = x[m * ld : m * ld + K] - V::kOffset), for
-// NR weight rows and MR x rows.
+// NR weight rows and MR x rows. wsum [NR]: the rows' sums (offset tiles only), filled by the
+// first tile that needs them (wsum[0] == kNoSum) and reused by the next groups of x rows.
 template <class V, int NR, int MR>
-void tile(const int8_t* const* w, const typename V::X* x, int64_t K, int64_t ld, int64_t acc[kTileN][kTileM]) {
+void tile(const int8_t* const* w, const typename V::X* x, int64_t K, int64_t ld, int64_t acc[kTileN][kTileM],
+          int64_t* wsum) {
   typename V::R a[NR][MR];
   for (int n = 0; n < NR; ++n)
     for (int m = 0; m < MR; ++m) a[n][m] = V::zero();
@@ -219,16 +224,21 @@ void tile(const int8_t* const* w, const typename V::X* x, int64_t K, int64_t ld,
   }
   int64_t sums[NR * MR];
   V::sum_all(&a[0][0], NR * MR, sums);
+  if constexpr (V::kOffset != 0) {
+    // NOTE: a second pass over the tile's rows, from L1 (inline sums would spill the 4 x 6
+    // tile), once per set of weight rows
+    if (wsum[0] == kNoSum)
+      for (int n = 0; n < NR; ++n) wsum[n] = row_sum<V>(w[n], K);
+  }
   for (int n = 0; n < NR; ++n) {
-    // NOTE: a second pass over the tile's rows, from L1: inline sums would spill the 4 x 6 tile
-    int64_t back = 0;
-    if constexpr (V::kOffset != 0) back = V::kOffset * row_sum<V>(w[n], K);
+    const int64_t back = V::kOffset != 0 ? V::kOffset * wsum[n] : 0;
     for (int m = 0; m < MR; ++m) acc[n][m] = sums[n * MR + m] - back;
   }
 }
 
 template <class V>
-using TileFn = void (*)(const int8_t* const*, const typename V::X*, int64_t, int64_t, int64_t[kTileN][kTileM]);
+using TileFn = void (*)(const int8_t* const*, const typename V::X*, int64_t, int64_t, int64_t[kTileN][kTileM],
+                        int64_t*);
 
 template <class V, int NR>
 constexpr TileFn<V> tile_for(int mr) {
@@ -280,15 +290,16 @@ class XRows {
 
   float step(int64_t r) const { return step_[r]; }
 
-  // acc[n][j] = dot(w[n], xq[m + j]) for n < nr, j < mr (<= kTileM), exactly.
-  void dot(const int8_t* const* w, int nr, int64_t m, int mr, int64_t acc[kTileN][kTileM]) const {
+  // acc[n][j] = dot(w[n], xq[m + j]) for n < nr, j < mr (<= kTileM), exactly. wsum [kTileN]:
+  // scratch the caller sets to {kNoSum} before the first group of rows m of the same w.
+  void dot(const int8_t* const* w, int nr, int64_t m, int mr, int64_t acc[kTileN][kTileM], int64_t* wsum) const {
 #if defined(INT8_ROWS_U8_TILES)
     if (u8_) {
-      pick_tile<VecU8>(nr, mr)(w, q8_.data() + m * ld_, K_, ld_, acc);
+      pick_tile<VecU8>(nr, mr)(w, q8_.data() + m * ld_, K_, ld_, acc, wsum);
       return;
     }
 #endif
-    pick_tile<Vec16>(nr, mr)(w, q16_.data() + m * ld_, K_, ld_, acc);
+    pick_tile<Vec16>(nr, mr)(w, q16_.data() + m * ld_, K_, ld_, acc, wsum);
   }
 
  private:

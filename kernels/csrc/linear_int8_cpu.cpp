@@ -81,9 +81,10 @@ void linear_int8(const T* x, const int8_t* w, const float* scale, T* out, int64_
           for (int i = 0; i < next_nr; ++i) next[i] = w + (n0 + kTileN + i) * K;
           int8_rows::prefetch_rows(next, next_nr, K);
         }
+        int64_t wsum[kTileN] = {int8_rows::kNoSum};
         for (int64_t m = 0; m < rows; m += kTileM) {
           const int mr = static_cast<int>(rows - m < kTileM ? rows - m : kTileM);
-          xr.dot(rows_of_tile, nr, m, mr, acc);
+          xr.dot(rows_of_tile, nr, m, mr, acc, wsum);
           for (int j = 0; j < mr; ++j)
             for (int i = 0; i < nr; ++i)
               store(out + (m0 + m + j) * N + n0 + i, static_cast<float>(acc[i][j]) * xr.step(m + j) * scale[n0 + i]);

@@ -600,9 +600,10 @@ inline void for_each_tile_dot(const int8_t* w, const int* ids, int n, const int8
       for (int k = 0; k < next_nr; ++k) next[k] = w + (int64_t)ids[j + kTileN + k] * H;
       int8_rows::prefetch_rows(next, next_nr, H);
     }
+    int64_t wsum[kTileN] = {int8_rows::kNoSum};
     for (int64_t m = 0; m < T; m += kTileM) {
       const int mr = (int)(T - m < kTileM ? T - m : kTileM);
-      xr.dot(rows, nr, m, mr, acc);
+      xr.dot(rows, nr, m, mr, acc, wsum);
       for (int k = 0; k < nr; ++k)
         for (int r = 0; r < mr; ++r) use(j + k, m + r, static_cast<float>(acc[k][r]) * xr.step(m + r));
     }
