@@ -54,8 +54,9 @@ def sparse_ffn_ref(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, ac
                    threshold: float = 0.0, predicted: Tensor | None = None,
                    row_scales: RowScales | None = None) -> tuple[Tensor, Tensor]:
     """(out [T, H] in x.dtype, active [T, I] bool); see kernels/sparse_ffn.py for the contract.
-    row_scales: the per-row scales of int8 weights (each weight is dequantized first, and x
-    rounded to its grid for the gate and up products as the int8 kernels read it)."""
+    row_scales: the per-row scales of int8 weights (each weight is dequantized first, x rounded
+    to its x_bits grid for the gate and up products and h to its 16-bit grid for the down
+    products, as the int8 kernels read them)."""
     sg, su, sd, x_bits = row_scales if row_scales is not None else (None, None, None, None)
     xf = x.float() if row_scales is None else on_grid(x, x_bits)   # [T, H]
     g = xf @ dequantize(w_gate, sg).t()              # [T, I]
@@ -64,6 +65,8 @@ def sparse_ffn_ref(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, ac
     if predicted is not None:
         h = torch.where(predicted, h, torch.zeros_like(h))
     active = h != 0
+    if row_scales is not None:   # int8 down rows read h on its 16-bit grid too
+        h = on_grid(h)
     out = h @ dequantize(w_down_t, sd, dim=1)        # [T, H]
     return out.to(x.dtype), active
 
