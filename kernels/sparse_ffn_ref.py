@@ -55,8 +55,8 @@ def sparse_ffn_ref(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, ac
                    row_scales: RowScales | None = None) -> tuple[Tensor, Tensor]:
     """(out [T, H] in x.dtype, active [T, I] bool); see kernels/sparse_ffn.py for the contract.
     row_scales: the per-row scales of int8 weights (each weight is dequantized first, x rounded
-    to its x_bits grid for the gate and up products and h to its 16-bit grid for the down
-    products, as the int8 kernels read them)."""
+    to its x_bits grid for the gate and up products and, for 2+ rows, h to its 16-bit grid for
+    the down products, as the int8 kernels read them)."""
     sg, su, sd, x_bits = row_scales if row_scales is not None else (None, None, None, None)
     xf = x.float() if row_scales is None else on_grid(x, x_bits)   # [T, H]
     g = xf @ dequantize(w_gate, sg).t()              # [T, I]
@@ -65,7 +65,9 @@ def sparse_ffn_ref(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, ac
     if predicted is not None:
         h = torch.where(predicted, h, torch.zeros_like(h))
     active = h != 0
-    if row_scales is not None:   # int8 down rows read h on its 16-bit grid too
+    if row_scales is not None and h.shape[0] > 1:
+        # int8 down rows read h on its 16-bit grid too where 2+ rows run (the kernel's pair tiles);
+        # one row (a batch-1 decode step) streams each active down row in fp32
         h = on_grid(h)
     out = h @ dequantize(w_down_t, sd, dim=1)        # [T, H]
     return out.to(x.dtype), active

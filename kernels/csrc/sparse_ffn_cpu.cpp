@@ -485,7 +485,7 @@ void accumulate_down(const float* h, const uint8_t* any_active, const typename D
   }
 }
 
-// Phase 2 for int8 weights: the down products on h's grid. Each row of h [T, I] is put on its
+// Phase 2 for int8 weights at 2+ rows: the down products on h's grid. Each row of h [T, I] is put on its
 // own 16-bit grid (int8_rows.h x_max(I): h ~= hq * step[t]; kernels/sparse_ffn_ref.py does the
 // same), and the neurons active in some row are taken in pairs, hq of a pair packed as two int16
 // in one int32 per row (hp [pairs, T]) so that one vpdpwssd adds both neurons' products to 16
@@ -911,12 +911,24 @@ int sparse_ffn_cpu(const float* x, const void* w_gate, const void* w_up, const v
       scales.gate = scale_gate;
       scales.up = scale_up;
       scales.down = scale_down;
-      // NOTE: batch 1 too: with the int8 tiles and pair tiles the batched path measured faster than
-      // the row path at one row (0.098 vs 0.127 ms on SmolLM2's FFN, 0.41 vs 0.87 ms at the 7B
-      // shape with 10% of neurons predicted), and every batch size then reads h on the same grid.
-      sparse_ffn_i8_batch(x, static_cast<const int8_t*>(w_gate), static_cast<const int8_t*>(w_up),
-                          static_cast<const int8_t*>(w_down_t), scales, predicted, h, active,
-                          any_active, out, read, T, H, I, act, threshold, x_bits, num_threads);
+      if (T == 1) {
+        // NOTE: one row takes the row path, on x's grid (the values the tiles' integer dots see)
+        // and with h exact: the batched path measured slower there in a served step (11.2-11.8
+        // vs 8.9-10.1 ms per SmolLM2 decode step: its barriers and its down pass by channel
+        // slices, where the row path streams each active down row once).
+        std::vector<int16_t> xq(H);
+        std::vector<float> xg(H);
+        const float step = int8_rows::quantize_row(x, H, H, int8_rows::x_max(H, x_bits), 0, xq.data(),
+                                                   [](float v) { return v; });
+        for (int64_t k = 0; k < H; ++k) xg[k] = static_cast<float>(xq[k]) * step;
+        sparse_ffn<I8>(xg.data(), static_cast<const int8_t*>(w_gate), static_cast<const int8_t*>(w_up),
+                       static_cast<const int8_t*>(w_down_t), scales, predicted, h, active,
+                       any_active, out, read, T, H, I, act, threshold, num_threads);
+      } else {
+        sparse_ffn_i8_batch(x, static_cast<const int8_t*>(w_gate), static_cast<const int8_t*>(w_up),
+                            static_cast<const int8_t*>(w_down_t), scales, predicted, h, active,
+                            any_active, out, read, T, H, I, act, threshold, x_bits, num_threads);
+      }
       return 0;
     }
     default:

@@ -65,10 +65,14 @@ def int8_ffn(T: int, H: int, I: int, seed: int, x_bits: int = 16):
 
 
 def expected_rows(x, weights, scales, dequantized, act, predicted) -> list[int]:
-    """The rows the int8 kernel reads, at any batch size (one row included: int8 always runs the
-    tiles, which prefetch only rows they then read): gate rows of the candidates, up rows where
-    some (predicted) row's gate let the neuron through, down rows of neurons active in some row."""
+    """The rows the int8 kernel reads. Batch 1 runs the float kernels' row path (prefetches
+    included): the float kernel on the dequantized weights and x on its grid reads the same rows.
+    Batches > 1 run the int8 tiles, which prefetch only rows they then read: gate rows of the
+    candidates, up rows where some (predicted) row's gate let the neuron through, down rows of
+    neurons active in some row."""
     xg = on_grid(x, scales.x_bits)
+    if x.shape[0] == 1:
+        return run_native(xg, dequantized, act, predicted, None)[2]
     g = xg @ dequantize(weights[0], scales.gate).t()                      # [T, I]
     passed = apply_activation(g, torch.ones_like(g), act, THRESHOLD[act]) != 0
     candidates = torch.ones_like(passed) if predicted is None else predicted
