@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 _SOURCES = [Path(__file__).parent / "csrc" / name for name in ("sparse_ffn_cpu.cpp", "paged_attention_cpu.cpp",
                                                                    "linear_int8_cpu.cpp", "decode_layers_cpu.cpp")]
 # Headers the sources include: they enter the build key, not the command line.
-_HEADERS = [Path(__file__).parent / "csrc" / name for name in ("int8_rows.h",)]
+_HEADERS = [Path(__file__).parent / "csrc" / name for name in ("int8_rows.h", "sparse_ffn_i8_batch.h")]
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
