@@ -10,15 +10,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-ACTIVATION_BITS = (16, 8)
+GRID_BITS = (16, 8)   # the grids the kernels have: 14-bit values in int16, or 8-bit
 
 
 def x_max(k: int, bits: int = 16) -> int:
     """The activation grid's largest |xq| for rows of length k: 127 for 8 bits; for 16 bits 8191,
     less where k is so long (past ~17k) that a kernel's int32 lane could overflow (int8_rows.h
     x_max, the same rule)."""
-    assert bits in ACTIVATION_BITS, bits
+    assert bits in GRID_BITS, bits
     if bits == 8:
         return 127
     per_lane = (k + 7) // 8
