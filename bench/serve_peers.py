@@ -140,7 +140,7 @@ def servers(max_tokens: int, llama_python: str) -> dict[str, Server]:
         "transformers-fp32": Server("transformers-fp32", _transformers("float32"), no_eos, offline),
         "transformers-bf16": Server("transformers-bf16", _transformers("bfloat16"), no_eos, offline),
         "llama.cpp": Server("llama.cpp", _llama(llama_python), {"min_tokens": max_tokens}),
-        # Weight-only int8 (attention, head, FFN rows, predictors): the row to hold against
+        # int8 weights (attention, head, FFN rows, predictors), 14-bit activation grid: the row to hold against
         # llama.cpp's quantized GGUF.
         "ours-int8": Server("ours-int8", _ours("--quantization", "int8"), {"ignore_eos": True}),
         # int8 weights and 8-bit activations: twice int8's products per instruction, for a

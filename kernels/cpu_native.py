@@ -1,5 +1,5 @@
 """Builds and loads the small native CPU kernels: the sparse FFN (kernels/csrc/sparse_ffn_cpu.cpp),
-the paged-attention decode (kernels/csrc/paged_attention_cpu.cpp), the weight-only int8 linear
+the paged-attention decode (kernels/csrc/paged_attention_cpu.cpp), the int8 linear
 (kernels/csrc/linear_int8_cpu.cpp) and the int8 decode step through all layers
 (kernels/csrc/decode_layers_cpu.cpp), one shared library.
 

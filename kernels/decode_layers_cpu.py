@@ -1,4 +1,4 @@
-"""One native call for all decoder layers of a CPU decode step of a weight-only int8 model
+"""One native call for all decoder layers of a CPU decode step of an int8 model
 (kernels/csrc/decode_layers_cpu.cpp): the launcher and the per-layer pointer table.
 
 The caller (engine/models/fused_decode_cpu.py) decides when the step qualifies and builds the

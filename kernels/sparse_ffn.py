@@ -101,7 +101,7 @@ def sparse_ffn(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, act: s
     CUDA kernels then skip their compaction launch (the other paths have no use for it).
     Returns (out [T, H] in x.dtype, active [T, I] bool). The batch reads the union of its rows'
     active neurons; each row's own `active` is returned. rows_read: see the module docstring.
-    row_scales: the per-row fp32 scales of weight-only int8 weights (CPU only): the native
+    row_scales: the per-row fp32 scales of int8 weights (CPU only): the native
     kernel reads the int8 rows, in chunks of its maximum batch (64 rows of x) for a prefill.
     """
     check_act(act)

@@ -18,7 +18,7 @@ from sparse_serve.kernels.activations import check_act
 
 
 class RowScales(NamedTuple):
-    """fp32 scales of weight-only int8 FFN weights (w_gate, w_up, w_down_t all int8 [I, H]):
+    """fp32 scales of int8 FFN weights (w_gate, w_up, w_down_t all int8 [I, H]):
     gate [I] and up [I] per neuron row; down [H] per hidden channel, i.e. per column of w_down_t
     (down_proj's output channels: a neuron's down row spans the residual stream's outlier
     channels, which would set a per-row scale; docs/benchmarks/quantization.md)."""
@@ -43,7 +43,7 @@ def apply_activation(g: Tensor, u: Tensor, act: str, threshold: float) -> Tensor
 
 def dequantize(w: Tensor, scale: Tensor | None, dim: int = 0) -> Tensor:
     """w [N, K] as float32: int8 times its fp32 scales along `dim` (0: one per row [N], 1: one
-    per column [K]; weight-only int8), else w."""
+    per column [K]; int8 weights), else w."""
     if scale is None:
         return w.float()
     assert w.dtype == torch.int8 and scale.shape == w.shape[dim:dim + 1], (w.dtype, w.shape, scale.shape)

@@ -26,7 +26,7 @@ class Predictor(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(hidden_size, rank, bias=False)
         self.fc2 = nn.Linear(rank, intermediate_size, bias=False)
-        # weight-only int8 (engine/models/quantized.py): fc1/fc2 hold int8 rows and these their
+        # int8 weights (engine/models/quantized.py): fc1/fc2 hold int8 rows and these their
         # fp32 scales ([r], [I]); None for float weights
         self.register_buffer("fc1_scale", None, persistent=False)
         self.register_buffer("fc2_scale", None, persistent=False)
@@ -79,7 +79,7 @@ class SparseMLP(nn.Module):
         self.shadow_check = False          # set by the runner on sampled steps
         # [I, H], filled by prepare_for_inference(); a buffer so .to() moves it
         self.register_buffer("w_down_t", None, persistent=False)
-        # weight-only int8 (engine/models/quantized.py): gate/up/w_down_t hold int8 and these their
+        # int8 weights (engine/models/quantized.py): gate/up/w_down_t hold int8 and these their
         # fp32 scales (gate, up [I] per neuron; down [H] per hidden channel); None for float weights
         self.register_buffer("gate_scale", None, persistent=False)
         self.register_buffer("up_scale", None, persistent=False)

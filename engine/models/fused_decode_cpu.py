@@ -1,4 +1,4 @@
-"""Decode steps of a weight-only int8 model on the CPU through one native call for all layers
+"""Decode steps of an int8 model on the CPU through one native call for all layers
 (kernels/decode_layers_cpu.py), instead of ~25 Python-level ops per layer.
 
 `FusedDecode.run` is what CausalLM.forward calls; it returns None where the step does not

@@ -1,4 +1,4 @@
-// Every decoder layer of a decode-only step of a weight-only int8 model on the CPU, in one call.
+// Every decoder layer of a decode-only step of an int8 model on the CPU, in one call.
 //
 // Each layer: RMSNorm -> fused q/k/v int8 linear -> rotate-half RoPE of q and k -> k, v into the
 // paged KV cache -> paged attention decode -> o_proj int8 linear -> residual add -> RMSNorm ->
@@ -10,9 +10,10 @@
 // NOTE: at batch 1 on SmolLM2 (30 layers) those ops cost ~6 of a 16 ms step: more than the
 // attention and FFN weight reads they surround (docs/benchmarks/quantization.md).
 //
-// Numerics: fp32 throughout, as the Python path computes them for fp32 activations, but the
-// norms and RoPE are summed in another order (and may contract to FMAs), so results agree to
-// fp32 rounding, not bit for bit (tests/kernels/test_decode_layers_cpu.py).
+// Numerics: as the Python path computes them (fp32, and the int8 kernels' activation grids), but
+// the norms and RoPE are summed in another order (and may contract to FMAs), so results agree to
+// fp32 rounding plus the odd value that lands on the next grid point, not bit for bit
+// (tests/engine/test_fused_decode_cpu.py).
 #include <cmath>
 #include <cstdint>
 #include <cstring>

@@ -48,7 +48,7 @@ enum Act { ACT_SILU = 0, ACT_RELU = 1, ACT_DRELU = 2, ACT_FATRELU = 3 };
 struct F32 { using T = float; };
 struct BF16 { using T = uint16_t; };
 struct F16 { using T = uint16_t; };
-// Weight-only int8: gate, up (and predictor) rows have one fp32 scale per row, applied to the
+// int8 weights: gate, up (and predictor) rows have one fp32 scale per row, applied to the
 // row's dot product; W_down_t has one per hidden channel (column), applied to out (RowScales).
 struct I8 { using T = int8_t; };
 

@@ -1,4 +1,4 @@
-"""The native weight-only int8 linear (kernels/linear_int8_cpu.py) against its torch reference:
+"""The native int8 linear (kernels/linear_int8_cpu.py) against its torch reference:
 random data, decode batches 1..64 and a prefill-sized batch past one 64-row block, K not a
 multiple of the vector width, odd N (a partial tile of output rows), float32 and bfloat16
 activations, a NaN-poisoned output buffer; and the quantizer's own contract."""

@@ -1,4 +1,4 @@
-"""The native CPU sparse FFN on weight-only int8 weights (`--quantization int8`) vs the torch
+"""The native CPU sparse FFN on int8 weights (`--quantization int8` / `w8a8`) vs the torch
 reference on the same int8 weights, dequantized: outputs, masks, rows read, prefill chunks."""
 
 import pytest
