@@ -42,7 +42,7 @@ from sparse_serve.engine.core.sampling_params import SamplingParams
 from sparse_serve.engine.models.arch_config import ModelArchConfig
 from sparse_serve.engine.models.attention import AttentionMetadata
 from sparse_serve.engine.models.llama import CausalLM
-from sparse_serve.engine.models.quantized import quantize_model, quantize_predictor
+from sparse_serve.engine.models.quantized import QUANTIZATION_METHODS, quantize_model, quantize_predictor
 
 logger = logging.getLogger("sparse_serve.bench.gpu_e2e")
 
@@ -341,14 +341,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transformers-budget-s", type=float, default=125.0,
                         help="batch sizes of the transformers baseline started after this are skipped")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quantization", choices=("int8",),
-                        help="CPU only: serve the model as `--quantization int8` does (weights int8, built "
-                             "from the random --dtype weights in place; activations and KV cache float32); "
-                             "the sparse variant only")
+    parser.add_argument("--quantization", choices=QUANTIZATION_METHODS,
+                        help="CPU only: serve the model as `--quantization int8|w8a8` does (weights int8, "
+                             "built from the random --dtype weights in place; activations on the method's "
+                             "grid, KV cache float32); the sparse variant only")
     parser.add_argument("--out", help="write the markdown table here")
     args = parser.parse_args(argv)
     if args.quantization and (args.device != "cpu" or set(args.variants) != {"sparse"}):
-        parser.error("--quantization int8 runs on --device cpu with --variants sparse only (int8 has no "
+        parser.error("--quantization runs on --device cpu with --variants sparse only (int8 has no "
                      "dense BLAS path to compare, and no GPU kernels)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

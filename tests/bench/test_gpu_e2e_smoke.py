@@ -39,3 +39,13 @@ def test_floor_counts_the_predictor_at_its_own_size():
     int8 = gpu_e2e.floor_ms(ctx, 1, 0.1, with_predictor=True, predictor_bytes=1)
     predictor_weights = arch.num_layers * arch.predictor_rank * (arch.hidden_size + arch.intermediate_size)
     assert abs((stored - int8) - predictor_weights * (2 - 1) / 1e12 * 1e3) < 1e-9
+
+
+def test_smoke_run_quantized(tmp_path):
+    """`--quantization w8a8` (int8 weights, 8-bit activation grid) serves the sparse variant."""
+    out = tmp_path / "e2e.md"
+    assert gpu_e2e.main(["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--batches", "1", "3",
+                         "--prompt-len", "12", "--gen-len", "6", "--variants", "sparse", "--quantization", "w8a8",
+                         "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| sparse |")]
+    assert len(rows) == 2 and all(float(r.split("|")[3]) > 0 for r in rows)
