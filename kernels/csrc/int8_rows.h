@@ -13,8 +13,9 @@
 //   summed from the tile's rows while they are in L1. Builds without VNNI run 8-bit rows
 //   through the 16-bit tiles (same integers, same results).
 // NOTE: at 2+ rows the fp32 tiles were FMA-bound (the weights are shared by the rows). On
-// SmolLM2 the 14-bit grid moves perplexity by under 0.02%; 8 bits cost +1.3% dense / +1.9%
-// served, hence opt-in (docs/benchmarks/quantization.md).
+// SmolLM2 the 14-bit grid moves perplexity by under 0.02%; the 8-bit grid on q/k/v, o_proj and
+// the FFN's gate/up costs +1.0% more dense (+2.7% with lm_head's too, which w8a8 therefore keeps
+// on 14 bits), hence opt-in (docs/benchmarks/quantization.md).
 //
 // A tile: NR <= kTileN weight rows x MR <= kTileM activation rows (row stride ld, padded to a
 // multiple of the step with xq = 0). 4 x 6 accumulators + 4 weight vectors + 1 x vector fill
@@ -73,8 +74,8 @@ inline float quantize_row(const T* x, int64_t K, int64_t ld, int qmax, int offse
 
 #if defined(__AVX512F__)
 // out[0:n] = the lane sums of v[0:n] (n <= 16): a transpose-and-add network, 30 shuffles and 15
-// adds for 16 vectors where 16 separate reductions take ~130 instructions (a tile's 24 sums were
-// a third of its instructions at K = 576).
+// adds for 16 vectors where 16 separate reductions take ~130 instructions (16-bit tiles at
+// K = 576: 38 -> 48 MAC/ns per thread).
 inline void sum_lanes16(const __m512i* v, int n, int64_t* out) {
   __m512i a[16];
   for (int i = 0; i < 16; ++i) a[i] = i < n ? v[i] : _mm512_setzero_si512();

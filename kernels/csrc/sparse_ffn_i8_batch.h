@@ -7,8 +7,8 @@
 
 #if defined(__AVX512F__)
 // e^x in 16 lanes: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two for an exact n ln2),
-// e^r by Cephes' degree-6 polynomial, times 2^n (vscalefps); within ~2 ulp of expf, and 0 / inf
-// past the float range as expf.
+// e^r by Cephes' degree-6 polynomial, times 2^n (vscalefps): within 1 ulp of glibc's expf on
+// [-100, 88] (checked every 7e-4), and 0 / inf past the float range as expf.
 inline __m512 exp16(__m512 x) {
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(89.f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -48,13 +48,13 @@ inline void activate_n(int act, float* v, int64_t n, float threshold) {
 #endif
 }
 
-
 // Phase 2 for int8 weights at 2+ rows: the down products on h's grid. Each row of h [T, I] is put on its
 // own 16-bit grid (int8_rows.h x_max(I): h ~= hq * step[t]; kernels/sparse_ffn_ref.py does the
 // same), and the neurons active in some row are taken in pairs, hq of a pair packed as two int16
 // in one int32 per row (hp [pairs, T]) so that one vpdpwssd adds both neurons' products to 16
-// hidden channels. NOTE: 2.3x fewer instructions than the fp32 outer products it replaced (weights
-// widened to fp32, one FMA per neuron), which took half of a 16-row w8a8 FFN call.
+// hidden channels. NOTE: about half the instructions of the fp32 outer products it replaced
+// (weights widened to fp32, one FMA per neuron), which took half of a 16-row w8a8 FFN call; the
+// FFN call went 0.445 -> 0.368 ms.
 struct DownPairs {
   std::vector<int> ids;        // [2 * pairs]: the two neurons of each pair (an odd one out pairs with itself, hq 0)
   std::vector<int32_t> hp;     // [pairs, T]: (hq[a, t] & 0xffff) | (hq[b, t] << 16)
