@@ -49,27 +49,36 @@ inline int x_max(int64_t K, int bits) {
   return static_cast<int>(bound < 8191 ? bound : 8191);
 }
 
-// xq[0:K] = round(x[0:K] / step) + offset, xq[K:ld] = offset; returns step = amax / qmax (0 for
-// a zero row; NaN where x holds a NaN or an infinity, so the outputs of that row are NaN as fp32
-// math would make them). `load` widens one element of x to fp32.
+// A row's grid from its largest |value| (NaN if the row holds a NaN or an infinity): step =
+// amax / qmax and inv = qmax / amax (values map to round(v * inv)); a zero row gets step 0 and a
+// row with a NaN or an infinity step NaN (its outputs are NaN, as fp32 math would make them),
+// both with inv 0.
+struct Grid {
+  float step, inv;
+  Grid(float amax, int qmax) {
+    const bool finite = std::isfinite(amax);   // false for NaN too
+    step = !finite ? NAN : amax > 0.f ? amax / static_cast<float>(qmax) : 0.f;
+    inv = finite && amax > 0.f ? static_cast<float>(qmax) / amax : 0.f;
+  }
+};
+
+// max(amax, |v|), where a NaN sticks (std::fmax alone would drop it).
+inline float max_abs(float amax, float v) {
+  return std::isnan(v) || std::isnan(amax) ? NAN : std::fmax(amax, std::fabs(v));
+}
+
+// xq[0:K] = round(x[0:K] / step) + offset, xq[K:ld] = offset; returns the row's Grid step.
+// `load` widens one element of x to fp32.
 template <typename Q, typename T, typename Load>
 inline float quantize_row(const T* x, int64_t K, int64_t ld, int qmax, int offset, Q* xq, Load load) {
   float amax = 0.f;
-  bool nan = false;
-  for (int64_t k = 0; k < K; ++k) {
-    const float v = load(x[k]);
-    nan |= std::isnan(v);
-    amax = std::fmax(amax, std::fabs(v));
-  }
-  const bool finite = !nan && std::isfinite(amax);
-  if (!finite || amax == 0.f) {
-    for (int64_t k = 0; k < ld; ++k) xq[k] = static_cast<Q>(offset);
-    return finite ? 0.f : NAN;
-  }
-  const float inv = static_cast<float>(qmax) / amax;
-  for (int64_t k = 0; k < K; ++k) xq[k] = static_cast<Q>(static_cast<int>(std::nearbyint(load(x[k]) * inv)) + offset);
-  for (int64_t k = K; k < ld; ++k) xq[k] = static_cast<Q>(offset);
-  return amax / static_cast<float>(qmax);
+  for (int64_t k = 0; k < K; ++k) amax = max_abs(amax, load(x[k]));
+  const Grid g(amax, qmax);
+  int64_t k = 0;
+  if (g.inv != 0.f)   // else a zero row or one with a NaN / inf (NaN * 0 must not reach the cast)
+    for (; k < K; ++k) xq[k] = static_cast<Q>(static_cast<int>(std::nearbyint(load(x[k]) * g.inv)) + offset);
+  for (; k < ld; ++k) xq[k] = static_cast<Q>(offset);
+  return g.step;
 }
 
 #if defined(__AVX512F__)
@@ -321,13 +330,5 @@ inline void prefetch_rows(const int8_t* const* rows, int nr, int64_t K) {
   for (int n = 0; n < nr; ++n)
     for (int64_t k = 0; k < K; k += 64) __builtin_prefetch(rows[n] + k, 0, 3);
 }
-
-// fp32 widening of 16 int8 weights: the down pass's outer products (sparse_ffn_cpu.cpp), whose
-// activations (the FFN's h) stay fp32.
-#if defined(__AVX512F__)
-inline __m512 widen16(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-#endif
 
 }  // namespace int8_rows

@@ -285,23 +285,21 @@ void sparse_ffn_i8_batch(const float* x, const int8_t* w_gate, const int8_t* w_u
         for (int64_t t = 0; t < T; ++t) {
           active[t * I + i] = v[t] != 0.f;
           any |= v[t] != 0.f;
-          amax[t] = std::isnan(v[t]) || std::isnan(amax[t]) ? NAN : std::fmax(amax[t], std::fabs(v[t]));
+          amax[t] = int8_rows::max_abs(amax[t], v[t]);
         }
         any_active[i] = any;
         down_read += any;
       }
     }  // implicit barrier: every neuron's h is known
 #pragma omp single
-    {   // h's grid per row (int8_rows.h quantize_row's rule) and the active neurons in pairs
+    {   // h's grid per row (int8_rows.h Grid, as x's) and the active neurons in pairs
       dp.step.assign(T, 0.f);
       for (int64_t t = 0; t < T; ++t) {
         float m = 0.f;
-        for (int64_t ci = 0; ci < num_chunks; ++ci) {
-          const float a = chunk_amax[ci * T + t];
-          m = std::isnan(a) || std::isnan(m) ? NAN : std::fmax(m, a);
-        }
-        dp.step[t] = std::isfinite(m) ? m / static_cast<float>(qmax) : NAN;
-        inv[t] = std::isfinite(m) && m > 0.f ? static_cast<float>(qmax) / m : 0.f;
+        for (int64_t ci = 0; ci < num_chunks; ++ci) m = int8_rows::max_abs(m, chunk_amax[ci * T + t]);
+        const int8_rows::Grid g(m, qmax);
+        dp.step[t] = g.step;
+        inv[t] = g.inv;
       }
       dp.ids.clear();
       for (int64_t i = 0; i < I; ++i)
@@ -314,8 +312,10 @@ void sparse_ffn_i8_batch(const float* x, const int8_t* w_gate, const int8_t* w_u
     for (int p = 0; p < dp.num_pairs; ++p) {
       const int64_t a = dp.ids[2 * p], b = dp.ids[2 * p + 1];
       for (int64_t t = 0; t < T; ++t) {
-        const int32_t qa = static_cast<int32_t>(std::nearbyint(hn[a * T + t] * inv[t]));
-        const int32_t qb = b == a ? 0 : static_cast<int32_t>(std::nearbyint(hn[b * T + t] * inv[t]));
+        // inv 0: a zero row, or one with a NaN / inf (step NaN), whose hq stay 0
+        auto q = [&](int64_t i) { return inv[t] != 0.f ? static_cast<int32_t>(std::nearbyint(hn[i * T + t] * inv[t])) : 0; };
+        const int32_t qa = q(a);
+        const int32_t qb = b == a ? 0 : q(b);
         dp.hp[(int64_t)p * T + t] = (qa & 0xffff) | static_cast<int32_t>(static_cast<uint32_t>(qb) << 16);
 #if !defined(SPARSE_FFN_PAIR_TILES)
         // the axpy down path (accumulate_down) reads h [T, I]: the grid's values
