@@ -282,11 +282,26 @@ void sparse_ffn_i8_batch(const float* x, const int8_t* w_gate, const int8_t* w_u
         const int64_t i = alive_ids[k];
         const float* v = hn.get() + i * T;
         bool any = false;
+#if defined(SPARSE_FFN_PAIR_TILES)
+        for (int64_t t0 = 0; t0 < T; t0 += 16) {   // 16 rows per instruction; NaN kept as max_abs does
+          const __mmask16 m = T - t0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (T - t0)) - 1u);
+          const __m512 x = _mm512_maskz_loadu_ps(m, v + t0);
+          const __mmask16 nz = _mm512_mask_cmp_ps_mask(m, x, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+          const __mmask16 nan = _mm512_mask_cmp_ps_mask(m, x, x, _CMP_UNORD_Q);
+          const __m512 a = _mm512_maskz_loadu_ps(m, amax + t0);
+          __m512 r = _mm512_max_ps(_mm512_abs_ps(x), a);   // a wherever x is NaN
+          r = _mm512_mask_mov_ps(r, nan | _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), _mm512_set1_ps(NAN));
+          _mm512_mask_storeu_ps(amax + t0, m, r);
+          any |= nz != 0;
+          for (int64_t t = t0; t < t0 + 16 && t < T; ++t) active[t * I + i] = (nz >> (t - t0)) & 1;
+        }
+#else
         for (int64_t t = 0; t < T; ++t) {
           active[t * I + i] = v[t] != 0.f;
           any |= v[t] != 0.f;
           amax[t] = int8_rows::max_abs(amax[t], v[t]);
         }
+#endif
         any_active[i] = any;
         down_read += any;
       }
@@ -311,18 +326,31 @@ void sparse_ffn_i8_batch(const float* x, const int8_t* w_gate, const int8_t* w_u
 #pragma omp for schedule(static)
     for (int p = 0; p < dp.num_pairs; ++p) {
       const int64_t a = dp.ids[2 * p], b = dp.ids[2 * p + 1];
+#if defined(SPARSE_FFN_PAIR_TILES)
+      // 16 rows per instruction: vcvtps2dq rounds to nearest even as nearbyint does, and turns a
+      // NaN (a row with step NaN) into 0x80000000, whose low 16 bits, and that shifted left by
+      // 16, are 0: the row's hq stay 0 as below
+      for (int64_t t0 = 0; t0 < T; t0 += 16) {
+        const __mmask16 m = T - t0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (T - t0)) - 1u);
+        const __m512 iv = _mm512_maskz_loadu_ps(m, inv.data() + t0);
+        const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, hn.get() + a * T + t0), iv));
+        const __m512i qb = b == a ? _mm512_setzero_si512()
+                                  : _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, hn.get() + b * T + t0), iv));
+        const __m512i packed = _mm512_or_si512(_mm512_and_si512(qa, _mm512_set1_epi32(0xffff)), _mm512_slli_epi32(qb, 16));
+        _mm512_mask_storeu_epi32(dp.hp.data() + (int64_t)p * T + t0, m, packed);
+      }
+#else
       for (int64_t t = 0; t < T; ++t) {
         // inv 0: a zero row, or one with a NaN / inf (step NaN), whose hq stay 0
         auto q = [&](int64_t i) { return inv[t] != 0.f ? static_cast<int32_t>(std::nearbyint(hn[i * T + t] * inv[t])) : 0; };
         const int32_t qa = q(a);
         const int32_t qb = b == a ? 0 : q(b);
         dp.hp[(int64_t)p * T + t] = (qa & 0xffff) | static_cast<int32_t>(static_cast<uint32_t>(qb) << 16);
-#if !defined(SPARSE_FFN_PAIR_TILES)
         // the axpy down path (accumulate_down) reads h [T, I]: the grid's values
         h[t * I + a] = static_cast<float>(qa) * dp.step[t];
         if (b != a) h[t * I + b] = static_cast<float>(qb) * dp.step[t];
-#endif
       }
+#endif
     }  // implicit barrier: phase 2 reads every pair
     accumulate_down_i8(dp, h, any_active, w_down_t, scales, out, T, H, I);
   }
