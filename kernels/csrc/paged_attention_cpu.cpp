@@ -18,6 +18,9 @@
 #include <cstring>
 #include <vector>
 #include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -64,6 +67,62 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
+#if defined(__AVX512F__)
+// 16 contiguous elements of a K row as fp32.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {   // bf16: the top half of an fp32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+// out[0:16] = the lane sums of v[0:16]: a transpose-and-add network (15 adds, 30 shuffles) where 16
+// separate reductions take ~130 instructions.
+inline void sum_lanes16(const __m512* v, float* out) {
+  __m512 b[8], c[4];
+  for (int i = 0; i < 8; ++i)
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  auto fold = [](__m512 x, __m512 y) {
+    return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(3, 1, 3, 1)));
+  };
+  _mm512_storeu_ps(out, fold(fold(c[0], c[1]), fold(c[2], c[3])));
+}
+
+// scores[g * n + p] = scale * q_g . K[p] for the G query heads, 16 positions at a time: each K row
+// read once (straight from the cache, no fp32 copy) into 16-lane partial dots, whose sums for 16
+// positions come out of one transpose network. D % 16 == 0.
+// NOTE: the per-position dot with its own reduction (and a copy of each K row) made a 16-sequence
+// SmolLM2 attention call ~0.19 ms.
+template <typename T, typename RowAt>
+void score16(const float* qf, int64_t G, int64_t D, int64_t n, float scale, RowAt row_at, float* scores,
+             __m512* part) {
+  for (int64_t p0 = 0; p0 < n; p0 += 16) {
+    const int64_t np = n - p0 < 16 ? n - p0 : 16;
+    for (int64_t j = 0; j < 16; ++j) {
+      if (j >= np) {
+        for (int64_t g = 0; g < G; ++g) part[g * 16 + j] = _mm512_setzero_ps();
+        continue;
+      }
+      const T* k = row_at(p0 + j);
+      for (int64_t g = 0; g < G; ++g) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * D + d), load16(k + d), acc);
+        part[g * 16 + j] = acc;
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      alignas(64) float sums[16];
+      sum_lanes16(part + g * 16, sums);
+      for (int64_t j = 0; j < np; ++j) scores[g * n + p0 + j] = sums[j] * scale;
+    }
+  }
+}
+#endif
+
 template <typename T>
 void decode(const T* q, const T* k_cache, const T* v_cache, const int32_t* tables, const int32_t* lens,
             T* out, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, int64_t block_size, int64_t max_blocks,
@@ -72,6 +131,9 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int32_t* table
 #pragma omp parallel
   {
     std::vector<float> qf(G * D), acc(G * D), row(D), scores;
+#if defined(__AVX512F__)
+    std::vector<__m512> part;   // score16's partial dots, [G][16]
+#endif
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < S * Hkv; ++task) {
       const int64_t s = task / Hkv, h = task % Hkv;
@@ -85,6 +147,13 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int32_t* table
       to_f32<T>(q + (s * Hq + h * G) * D, qf.data(), G * D);
       // pass 1: every K row once, scored against the G query heads
       scores.resize(G * n);
+#if defined(__AVX512F__)
+      if (D % 16 == 0) {
+        part.resize(G * 16);
+        score16<T>(qf.data(), G, D, n, scale, [&](int64_t p) { return k_cache + offset(start + p); },
+                   scores.data(), part.data());
+      } else
+#endif
       for (int64_t p = 0; p < n; ++p) {
         to_f32<T>(k_cache + offset(start + p), row.data(), D);
         for (int64_t g = 0; g < G; ++g) scores[g * n + p] = dot(qf.data() + g * D, row.data(), D) * scale;
@@ -100,6 +169,25 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int32_t* table
       }
       // pass 3: every V row once, weighted into the G outputs
       std::fill(acc.begin(), acc.end(), 0.0f);
+#if defined(__AVX512F__)
+      if (D % 16 == 0 && G <= 16) {   // each V row read in place, 16 lanes at a time
+        const int64_t dv = D / 16;
+        part.assign(G * dv, _mm512_setzero_ps());
+        __m512 w[16];
+        for (int64_t p = 0; p < n; ++p) {
+          const T* v = v_cache + offset(start + p);
+          for (int64_t g = 0; g < G; ++g) w[g] = _mm512_set1_ps(scores[g * n + p]);
+          for (int64_t d = 0; d < dv; ++d) {
+            const __m512 vv = load16(v + 16 * d);
+            for (int64_t g = 0; g < G; ++g) part[g * dv + d] = _mm512_fmadd_ps(w[g], vv, part[g * dv + d]);
+          }
+        }
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t d = 0; d < dv; ++d) _mm512_storeu_ps(acc.data() + g * D + 16 * d, part[g * dv + d]);
+        from_f32<T>(acc.data(), out + (s * Hq + h * G) * D, G * D);
+        continue;
+      }
+#endif
       for (int64_t p = 0; p < n; ++p) {
         to_f32<T>(v_cache + offset(start + p), row.data(), D);
         for (int64_t g = 0; g < G; ++g) {
