@@ -75,12 +75,8 @@ void linear_int8(const T* x, const int8_t* w, const float* scale, T* out, int64_
         int64_t acc[kTileN][kTileM];
         const int8_t* rows_of_tile[kTileN];
         for (int i = 0; i < nr; ++i) rows_of_tile[i] = w + (n0 + i) * K;
-        if (n0 + kTileN < N) {   // the next tile's rows (this thread's next under the static split)
-          const int next_nr = static_cast<int>(N - n0 - kTileN < kTileN ? N - n0 - kTileN : kTileN);
-          const int8_t* next[kTileN];
-          for (int i = 0; i < next_nr; ++i) next[i] = w + (n0 + kTileN + i) * K;
-          int8_rows::prefetch_rows(next, next_nr, K);
-        }
+        // the next tile's rows (this thread's next under the static split)
+        int8_rows::prefetch_tile([&](int64_t i) { return w + i * K; }, n0 + kTileN, N, K);
         int64_t wsum[kTileN] = {int8_rows::kNoSum};
         for (int64_t m = 0; m < rows; m += kTileM) {
           const int mr = static_cast<int>(rows - m < kTileM ? rows - m : kTileM);

@@ -200,12 +200,7 @@ inline void for_each_tile_dot(const int8_t* w, const int* ids, int n, const int8
     const int nr = n - j < kTileN ? n - j : kTileN;
     const int8_t* rows[kTileN];
     for (int k = 0; k < nr; ++k) rows[k] = w + (int64_t)ids[j + k] * H;
-    if (j + kTileN < n) {
-      const int next_nr = n - j - kTileN < kTileN ? n - j - kTileN : kTileN;
-      const int8_t* next[kTileN];
-      for (int k = 0; k < next_nr; ++k) next[k] = w + (int64_t)ids[j + kTileN + k] * H;
-      int8_rows::prefetch_rows(next, next_nr, H);
-    }
+    int8_rows::prefetch_tile([&](int64_t i) { return w + (int64_t)ids[i] * H; }, j + kTileN, n, H);
     int64_t wsum[kTileN] = {int8_rows::kNoSum};
     for (int64_t m = 0; m < T; m += kTileM) {
       const int mr = (int)(T - m < kTileM ? T - m : kTileM);
