@@ -42,7 +42,14 @@ from sparse_serve.engine.core.sampling_params import SamplingParams
 from sparse_serve.engine.models.arch_config import ModelArchConfig
 from sparse_serve.engine.models.attention import AttentionMetadata
 from sparse_serve.engine.models.llama import CausalLM
-from sparse_serve.engine.models.quantized import QUANTIZATION_METHODS, quantize_model, quantize_predictor
+from sparse_serve.engine.models.quantized import (
+    HEAD_WEIGHT_BITS,
+    QUANTIZATION_METHODS,
+    WEIGHT_BITS,
+    quantize_model,
+    quantize_predictor,
+)
+from sparse_serve.kernels.int4_rows import GROUP, GROUP_BYTES
 
 logger = logging.getLogger("sparse_serve.bench.gpu_e2e")
 
@@ -80,7 +87,8 @@ class Context:
     model: CausalLM
     tokenizer_path: str
     bandwidth: float = 0.0                 # bytes/s, copy
-    weight_bytes: int = 0                  # per weight as served (1 under --quantization int8)
+    weight_bytes: float = 0                # per attention / FFN weight as served (int8: 1, 4-bit rows: 17/32)
+    head_bytes: float = 0                  # per lm_head weight as served (1 under any --quantization)
     rows: list[Row] = field(default_factory=list)
 
 
@@ -192,7 +200,7 @@ def floor_ms(ctx: Context, batch: int, ffn_fraction: float, with_predictor: bool
     context = ctx.args.prompt_len + ctx.args.gen_len / 2
     kv = batch * context * 2 * layers * arch.num_kv_heads * arch.head_dim + batch * h   # + embedding rows
     # the predictor at its own size (predictor_bytes: 1 for int8 copies), the rest at the weights'
-    weights = (attn + ffn + head) * weight + predictor * (predictor_bytes or weight)
+    weights = (attn + ffn) * weight + head * (ctx.head_bytes or weight) + predictor * (predictor_bytes or weight)
     return (weights + kv * elem) / ctx.bandwidth * 1e3
 
 
@@ -342,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="batch sizes of the transformers baseline started after this are skipped")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quantization", choices=QUANTIZATION_METHODS,
-                        help="CPU only: serve the model as `--quantization int8|w8a8` does (weights int8, "
+                        help="CPU only: serve the model as `--quantization` does (weights int8 or 4-bit rows, "
                              "built from the random --dtype weights in place; activations on the method's "
                              "grid, KV cache float32); the sparse variant only")
     parser.add_argument("--out", help="write the markdown table here")
@@ -356,11 +364,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     model = random_model(arch, device, dtype, args.seed)
     calibrate_predictors(model, args.predicted, args.prompt_len, args.seed)
-    weight_bytes = 0
+    weight_bytes = head_bytes = 0
     if args.quantization:
         quantize_for_serving(model, args.quantization)
-        dtype, weight_bytes = torch.float32, 1
-    ctx = Context(args, device, dtype, arch, model, default_model_path(), weight_bytes=weight_bytes)
+        dtype, head_bytes = torch.float32, HEAD_WEIGHT_BITS / 8
+        weight_bytes = GROUP_BYTES / GROUP if WEIGHT_BITS[args.quantization] == 4 else 1
+    ctx = Context(args, device, dtype, arch, model, default_model_path(), weight_bytes=weight_bytes,
+                  head_bytes=head_bytes)
     ctx.bandwidth = copy_bandwidth(device)
     logger.info("model built and calibrated in %.1f s; copy bandwidth %.0f GB/s",
                 time.perf_counter() - started, ctx.bandwidth / 1e9)

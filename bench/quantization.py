@@ -40,6 +40,7 @@ from sparse_serve.engine.checkpoints.loader import load_model
 from sparse_serve.engine.core.config import CONFIG_DIR, EngineConfig
 from sparse_serve.engine.core.llm import LLM
 from sparse_serve.engine.core.sampling_params import SamplingParams
+from sparse_serve.engine.models.quantized import QUANTIZATION_METHODS
 from sparse_serve.engine.text.tokenizer import Tokenizer
 
 logger = logging.getLogger("sparse_serve.bench.quantization")
@@ -51,8 +52,7 @@ PROMPTS = [
     "What is the capital of France, and why is it famous?",
     "Describe the water cycle to a ten year old.",
 ]
-VARIANTS = (None, "int8", "w8a8")
-QUANTIZED = VARIANTS[1:]
+VARIANTS = (None, *QUANTIZATION_METHODS)   # None: fp32
 NOTES_HEADING = "## Notes"
 
 
@@ -75,8 +75,8 @@ def engine_config(model: str, setting: Setting, quantization: str | None, max_nu
     return config
 
 
-def measure_perplexity(model: str, setting: Setting, windows) -> None:
-    for variant in VARIANTS:
+def measure_perplexity(model: str, setting: Setting, windows, variants: tuple) -> None:
+    for variant in variants:
         config = engine_config(model, setting, variant, 1)
         net, _ = load_model(config.model, model)
         result = evaluate(net, windows)
@@ -117,7 +117,7 @@ def lockstep_decode_ms(llms: dict, prompts: list[str], output_len: int) -> dict:
 
 def measure_engine(model: str, setting: Setting, args) -> None:
     params = SamplingParams(max_tokens=args.agree_tokens, temperature=0.0, ignore_eos=True)
-    llms = {v: LLM(model, config=engine_config(model, setting, v, args.concurrency)) for v in VARIANTS}
+    llms = {v: LLM(model, config=engine_config(model, setting, v, args.concurrency)) for v in args.variants}
     for v, llm in llms.items():
         setting.tokens[v] = [r.completions[0].token_ids for r in llm.generate(chat_prompts(llm), params)]
     if not args.speed or setting.name != "served":
@@ -183,6 +183,7 @@ def kernel_table(calls: int = 40) -> list[str]:
 
 
 def report(settings: list[Setting], args, info: dict) -> str:
+    quantized = args.variants[1:]
     lines = ["# int8 weights (`--quantization int8` / `w8a8`) vs fp32", "",
              f"{datetime.date.today().isoformat()}, {machine()}; model `{info['model']}`.",
              f"Command: `{info['command']}`", "",
@@ -205,7 +206,7 @@ def report(settings: list[Setting], args, info: dict) -> str:
              "| setting | variant | ppl fp32 | ppl variant | delta | identical sequences | matched prefix | "
              "positions equal |", "|---|---|---|---|---|---|---|---|"]
     for s in settings:
-        for v in QUANTIZED:
+        for v in quantized:
             identical, prefix, equal = agreement(s.tokens[None], s.tokens[v])
             delta = (s.ppl[v] / s.ppl[None] - 1) * 100
             lines.append(f"| {s.name} | {v} | {s.ppl[None]:.3f} | {s.ppl[v]:.3f} | {delta:+.2f}% | "
@@ -217,7 +218,7 @@ def report(settings: list[Setting], args, info: dict) -> str:
                       f"{equal:.0%} of positions."]
     served = next((s for s in settings if s.step_ms), None)
     if served is not None:
-        header = " | ".join(f"{v} ms/step | speed-up" for v in QUANTIZED)
+        header = " | ".join(f"{v} ms/step | speed-up" for v in quantized)
         lines += ["", "## Decode speed", "",
                   f"Offline engine, `{served.name}` setting, {args.output_len} output tokens per request, "
                   f"{args.rounds} rounds, the engines stepped in turn; {torch.get_num_threads()} torch "
@@ -225,13 +226,13 @@ def report(settings: list[Setting], args, info: dict) -> str:
                   "(one token for every running sequence) over all steps of all rounds, and the interquartile range. "
                   f"Load average before {info['load_before']}, after {info['load_after']} "
                   f"({os.cpu_count()} cores).", "",
-                  f"| batch | fp32 ms/step | {header} | tok/s fp32 / " + " / ".join(QUANTIZED) + " |",
-                  "|---|---|" + "---|---|" * len(QUANTIZED) + "---|"]
+                  f"| batch | fp32 ms/step | {header} | tok/s fp32 / " + " / ".join(quantized) + " |",
+                  "|---|---|" + "---|---|" * len(quantized) + "---|"]
         for batch in sorted({b for _, b in served.step_ms}):
             ref = served.step_ms[(None, batch)]
             m_ref = statistics.median(ref)
             cells, rates = [], [f"{batch * 1e3 / m_ref:.1f}"]
-            for v in QUANTIZED:
+            for v in quantized:
                 q = served.step_ms[(v, batch)]
                 m_q = statistics.median(q)
                 cells.append(f"{m_q:.2f} ({_iqr(q)}) | {m_ref / m_q:.2f}x")
@@ -259,7 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", action="store_true", help="only the kernel-alone table, printed")
     parser.add_argument("--no-speed", dest="speed", action="store_false", help="quality only")
     parser.add_argument("--quick", action="store_true", help="2 windows, 1 round, 16 tokens: a smoke run")
+    parser.add_argument("--methods", nargs="+", choices=QUANTIZATION_METHODS, default=list(QUANTIZATION_METHODS),
+                        help="the quantizations to compare with fp32 (default: all)")
     args = parser.parse_args(argv)
+    args.variants = (None, *args.methods)
     if args.quick:
         args.windows, args.rounds, args.output_len, args.agree_tokens = 2, 1, 16, 8
     if args.threads:
@@ -282,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     info = {"model": model, "command": command, "load_before": tuple(round(x, 2) for x in os.getloadavg())}
     windows = load_windows(Tokenizer.from_pretrained(model), "heldout", args.window, args.windows)
     for setting in settings:
-        measure_perplexity(model, setting, windows)
+        measure_perplexity(model, setting, windows, args.variants)
         measure_engine(model, setting, args)
     info["load_after"] = tuple(round(x, 2) for x in os.getloadavg())
     text = report(settings, args, info)

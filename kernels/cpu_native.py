@@ -1,6 +1,6 @@
 """Builds and loads the small native CPU kernels: the sparse FFN (kernels/csrc/sparse_ffn_cpu.cpp),
 the paged-attention decode (kernels/csrc/paged_attention_cpu.cpp), the int8 linear
-(kernels/csrc/linear_int8_cpu.cpp) and the int8 decode step through all layers
+(kernels/csrc/linear_int8_cpu.cpp, int8 or 4-bit rows) and the int8 decode step through all layers
 (kernels/csrc/decode_layers_cpu.cpp), one shared library.
 
 NOTE: a plain shared library loaded with ctypes, not a torch C++ extension: it includes no torch
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 _SOURCES = [Path(__file__).parent / "csrc" / name for name in ("sparse_ffn_cpu.cpp", "paged_attention_cpu.cpp",
                                                                    "linear_int8_cpu.cpp", "decode_layers_cpu.cpp")]
 # Headers the sources include: they enter the build key, not the command line.
-_HEADERS = [Path(__file__).parent / "csrc" / name for name in ("int8_rows.h", "sparse_ffn_i8_batch.h")]
+_HEADERS = [Path(__file__).parent / "csrc" / name for name in ("int8_rows.h", "int4_rows.h", "sparse_ffn_i8_batch.h")]
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -89,12 +89,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.paged_attention_decode_cpu.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, c_float, i64,
                                                c_int]
     lib.paged_attention_decode_cpu.restype = c_int
-    lib.linear_int8_cpu.argtypes = [p, p, p, p, i64, i64, i64, c_int, c_int, c_int]
+    lib.linear_int8_cpu.argtypes = [p, p, p, p, i64, i64, i64, c_int, c_int, c_int, c_int]
     lib.linear_int8_cpu.restype = c_int
     lib.int8_rows_x_max.argtypes = [i64, c_int]
     lib.int8_rows_x_max.restype = c_int
     lib.decode_layers_cpu.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, i64, i64, c_float,
-                                      c_float, i64, c_int, c_int, p, p, c_int]
+                                      c_float, i64, c_int, c_int, c_int, p, p, c_int]
     lib.decode_layers_cpu.restype = c_int
     lib.sparse_ffn_cpu_max_batch.argtypes = []
     lib.sparse_ffn_cpu_max_batch.restype = c_int

@@ -38,6 +38,7 @@ class Geometry:
     window: int            # 0: no sliding window
     act_code: int
     x_bits: int            # the activation grid of the int8 products (16 or 8)
+    w_bits: int = 8        # q/k/v, o_proj and FFN weights: int8 (8) or 4-bit rows (4; kernels/int4_rows.py)
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -83,7 +84,7 @@ def decode_layers(x: Tensor, cos: Tensor, sin_signed: Tensor, slots: Tensor, blo
         x.data_ptr(), cos.data_ptr(), sin_signed.data_ptr(), slots.data_ptr(), block_tables.data_ptr(),
         context_lens.data_ptr(), ctypes.addressof(layers), num_layers, T, H, g.intermediate, g.num_heads,
         g.num_kv_heads, g.head_dim, g.block_size, block_tables.shape[1], g.eps, g.attn_scale, g.window,
-        g.act_code, g.x_bits, active_counts.data_ptr(), rows_read.data_ptr(),
+        g.act_code, g.x_bits, g.w_bits, active_counts.data_ptr(), rows_read.data_ptr(),
         torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"decode_layers_cpu failed ({rc}: kernel {rc // 10}, code {rc % 10})")

@@ -6,6 +6,8 @@ channel): W ~= w_q * scale[:, None], |w_q| <= 127. Each activation row is put on
 grid (kernels/activation_grid.py: x ~= xq * step, |xq| <= 8191) and the kernel sums exact integer products, so
 the weight bytes shrink 4x against fp32 and a batched step does twice fp32's products per
 instruction (AVX-512 VNNI), for a perplexity change under 0.02% (docs/benchmarks/quantization.md).
+A uint8 w_q holds 4-bit rows instead (kernels/int4_rows.py): the same int8 values and scales at
+4.25 bits per weight, decoded by the kernel a tile at a time.
 NOTE: our own kernel because torch's CPU `aten._weight_int8pack_mm` measured 10-100x slower than
 fp32 F.linear on this AVX-512 host (docs/benchmarks/quantization.md).
 """
@@ -19,6 +21,7 @@ from torch import Tensor
 
 from sparse_serve.kernels import cpu_native
 from sparse_serve.kernels.activation_grid import on_grid
+from sparse_serve.kernels.int4_rows import is_packed, row_bytes, unpack_int4
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -34,10 +37,15 @@ def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     return w_q, scale.contiguous()
 
 
+def int8_values(w_q: Tensor, k: int) -> Tensor:
+    """The int8 values [N, k] of an int8 weight (itself) or of 4-bit rows (decoded)."""
+    return unpack_int4(w_q, k) if is_packed(w_q) else w_q
+
+
 def linear_int8_ref(x: Tensor, w_q: Tensor, scale: Tensor, x_bits: int = 16) -> Tensor:
     """The definition: x on its x_bits grid and w dequantised, then an fp32 matmul.
     x [..., K] -> [..., N] in x.dtype."""
-    w = w_q.float() * scale[:, None]                                      # [N, K]
+    w = int8_values(w_q, x.shape[-1]).float() * scale[:, None]            # [N, K]
     return F.linear(on_grid(x, x_bits), w).to(x.dtype)
 
 
@@ -49,12 +57,15 @@ def native_supported(x: Tensor) -> bool:
 def linear_int8_native(x: Tensor, w_q: Tensor, scale: Tensor, out: Tensor | None = None,
                        x_bits: int = 16) -> Tensor:
     """x [M, K] float32/bfloat16 (any M >= 0), put on its x_bits grid (16 or 8); w_q int8 [N, K]
-    contiguous; scale float32 [N].
+    or 4-bit rows uint8 [N, row_bytes(K)], contiguous; scale float32 [N].
     Returns [M, N] in x.dtype, written into `out` when given. Reads w_q once per 64 rows of x."""
     M, K = x.shape
     N = w_q.shape[0]
     assert x.device.type == "cpu" and x.dtype in _DTYPE_CODES, (x.device, x.dtype)
-    assert w_q.dtype == torch.int8 and w_q.shape == (N, K) and w_q.is_contiguous(), (w_q.dtype, w_q.shape)
+    w_bits = 4 if is_packed(w_q) else 8
+    width = row_bytes(K) if w_bits == 4 else K
+    assert w_q.dtype in (torch.int8, torch.uint8) and w_q.shape == (N, width) and w_q.is_contiguous(), (
+        w_q.dtype, w_q.shape)
     assert scale.dtype == torch.float32 and scale.shape == (N,) and scale.is_contiguous(), (scale.dtype, scale.shape)
     x = x.contiguous()
     if out is None:
@@ -65,7 +76,7 @@ def linear_int8_native(x: Tensor, w_q: Tensor, scale: Tensor, out: Tensor | None
     lib = cpu_native.load()
     rc = lib.linear_int8_cpu(ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(w_q.data_ptr()),
                              ctypes.c_void_p(scale.data_ptr()), ctypes.c_void_p(out.data_ptr()), M, K, N,
-                             _DTYPE_CODES[x.dtype], x_bits, torch.get_num_threads())
+                             _DTYPE_CODES[x.dtype], x_bits, w_bits, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"linear_int8_cpu failed ({rc})")
     return out

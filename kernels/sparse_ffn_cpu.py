@@ -16,9 +16,12 @@ from torch import Tensor
 
 from sparse_serve.kernels import cpu_native
 from sparse_serve.kernels.activations import ACT_CODES, check_act
+from sparse_serve.kernels.int4_rows import is_packed, row_bytes
 from sparse_serve.kernels.sparse_ffn_ref import RowScales, apply_activation
 
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}
+# uint8: 4-bit rows (kernels/int4_rows.py), int8 values like dtype 3's
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3, torch.uint8: 4}
+_QUANTIZED = (torch.int8, torch.uint8)
 MAX_NATIVE_BATCH = 64
 
 
@@ -31,14 +34,14 @@ def native_supported(x: Tensor, w_gate: Tensor) -> bool:
             and cpu_native.available())
 
 
-def _check_scales(w: Tensor, scale: Tensor | None, name: str, dim: int = 0) -> None:
+def _check_scales(w: Tensor, scale: Tensor | None, name: str, rows: int, width: int, dim: int = 0) -> None:
     """int8 weights need their fp32 scales (one per row: dim 0, or per column: dim 1); float
     weights take none."""
-    if w.dtype != torch.int8:
+    if w.dtype not in _QUANTIZED:
         assert scale is None, f"{name}: scales given for {w.dtype} weights"
         return
     assert scale is not None, f"{name}: int8 weights need their scales"
-    assert (scale.dtype == torch.float32 and scale.shape == w.shape[dim:dim + 1] and scale.is_contiguous()
+    assert (scale.dtype == torch.float32 and scale.shape == (rows if dim == 0 else width,) and scale.is_contiguous()
             and not scale.is_cuda), (name, scale.dtype, scale.shape)
 
 
@@ -50,7 +53,8 @@ def sparse_ffn_native(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
 
     x [T, H] (any float dtype, T <= 64); w_gate, w_up, w_down_t [I, H] contiguous, one dtype of
     float32 / bfloat16 / float16 / int8 (int8 with row_scales: gate and up [I] per neuron, down
-    [H] per hidden channel; kernels/sparse_ffn_ref.py RowScales); predicted [T, I] bool or None.
+    [H] per hidden channel; kernels/sparse_ffn_ref.py RowScales), or 4-bit rows uint8 [I,
+    row_bytes(H)] with the same scales (kernels/int4_rows.py); predicted [T, I] bool or None.
     Returns (out [T, H] in x.dtype, active [T, I] bool). Reads a gate row only for predicted
     neurons (all in exact mode), an up row only where the gate survived for some batch row, and a
     down row only where h != 0; and prefetches some rows ahead of use that may then go unused (the
@@ -65,13 +69,16 @@ def sparse_ffn_native(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
     T, H = x.shape
     I = w_gate.shape[0]
     assert not x.is_cuda and x.dim() == 2 and 1 <= T <= MAX_NATIVE_BATCH, x.shape
+    width = row_bytes(H) if is_packed(w_gate) else H
     for w in (w_gate, w_up, w_down_t):
-        assert w.shape == (I, H) and w.is_contiguous() and w.dtype == w_gate.dtype, (
+        assert w.shape == (I, width) and w.is_contiguous() and w.dtype == w_gate.dtype, (
             w.shape, w.dtype)
     assert w_gate.dtype in _DTYPE_CODES, w_gate.dtype
     scales = row_scales if row_scales is not None else RowScales(None, None, None)
-    for name, w, scale, dim in zip(("gate", "up", "down"), (w_gate, w_up, w_down_t), scales, (0, 0, 1)):
-        _check_scales(w, scale, name, dim)
+    # down's scales: per hidden channel (dim 1), per neuron for 4-bit rows (kernels/sparse_ffn_ref.py RowScales)
+    down_dim = 0 if is_packed(w_down_t) else 1
+    for name, w, scale, dim in zip(("gate", "up", "down"), (w_gate, w_up, w_down_t), scales, (0, 0, down_dim)):
+        _check_scales(w, scale, name, I, H, dim)
     xf = x.float().contiguous()                       # [T, H]
     pred = None
     if predicted is not None:
@@ -103,8 +110,9 @@ def linear_native(x: Tensor, w: Tensor, scale: Tensor | None = None) -> Tensor:
     T, K = x.shape
     N = w.shape[0]
     assert not x.is_cuda and 1 <= T <= MAX_NATIVE_BATCH, x.shape
-    assert w.shape == (N, K) and w.is_contiguous() and w.dtype in _DTYPE_CODES, (w.shape, w.dtype)
-    _check_scales(w, scale, "w")
+    assert w.shape == (N, K) and w.is_contiguous() and w.dtype in _DTYPE_CODES and not is_packed(w), (
+        w.shape, w.dtype)   # the predictors' GEMVs: no 4-bit rows
+    _check_scales(w, scale, "w", N, K)
     xf = x.float().contiguous()                       # [T, K]
     out = torch.empty(T, N, dtype=torch.float32)      # [T, N], fully written
     rc = lib.linear_cpu(_ptr(xf), _ptr(w), _ptr(scale), _ptr(out), T, K, N, _DTYPE_CODES[w.dtype],

@@ -15,13 +15,17 @@ from torch import Tensor
 
 from sparse_serve.kernels.activation_grid import on_grid
 from sparse_serve.kernels.activations import check_act
+from sparse_serve.kernels.int4_rows import is_packed, unpack_int4
 
 
 class RowScales(NamedTuple):
-    """fp32 scales of int8 FFN weights (w_gate, w_up, w_down_t all int8 [I, H]):
+    """fp32 scales of int8 FFN weights (w_gate, w_up, w_down_t all int8 [I, H], or all 4-bit rows
+    with the same int8 values: kernels/int4_rows.py):
     gate [I] and up [I] per neuron row; down [H] per hidden channel, i.e. per column of w_down_t
     (down_proj's output channels: a neuron's down row spans the residual stream's outlier
-    channels, which would set a per-row scale; docs/benchmarks/quantization.md)."""
+    channels, which would set a per-row scale; docs/benchmarks/quantization.md). 4-bit rows take
+    down [I] per neuron row instead (each group of 32 channels has its own multiplier there, and
+    per row measured better), folded into h before the down products."""
     gate: Tensor
     up: Tensor
     down: Tensor
@@ -41,11 +45,13 @@ def apply_activation(g: Tensor, u: Tensor, act: str, threshold: float) -> Tensor
     return torch.where(g > threshold, g, torch.zeros_like(g)) * u  # fatrelu
 
 
-def dequantize(w: Tensor, scale: Tensor | None, dim: int = 0) -> Tensor:
+def dequantize(w: Tensor, scale: Tensor | None, dim: int = 0, k: int | None = None) -> Tensor:
     """w [N, K] as float32: int8 times its fp32 scales along `dim` (0: one per row [N], 1: one
-    per column [K]; int8 weights), else w."""
+    per column [K]; int8 weights, or 4-bit rows of k weights decoded to their int8 values), else w."""
     if scale is None:
         return w.float()
+    if is_packed(w):
+        w = unpack_int4(w, k)
     assert w.dtype == torch.int8 and scale.shape == w.shape[dim:dim + 1], (w.dtype, w.shape, scale.shape)
     return w.float() * (scale.float()[:, None] if dim == 0 else scale.float()[None, :])
 
@@ -56,20 +62,26 @@ def sparse_ffn_ref(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, ac
     """(out [T, H] in x.dtype, active [T, I] bool); see kernels/sparse_ffn.py for the contract.
     row_scales: the per-row scales of int8 weights (each weight is dequantized first, x rounded
     to its x_bits grid for the gate and up products and, for 2+ rows, h to its 16-bit grid for
-    the down products, as the int8 kernels read them)."""
+    the down products, as the int8 kernels read them; 4-bit rows as the int8 values they hold)."""
     sg, su, sd, x_bits = row_scales if row_scales is not None else (None, None, None, None)
     xf = x.float() if row_scales is None else on_grid(x, x_bits)   # [T, H]
-    g = xf @ dequantize(w_gate, sg).t()              # [T, I]
-    u = xf @ dequantize(w_up, su).t()                # [T, I]
+    H = x.shape[1]
+    g = xf @ dequantize(w_gate, sg, k=H).t()         # [T, I]
+    u = xf @ dequantize(w_up, su, k=H).t()           # [T, I]
     h = apply_activation(g, u, act, threshold)       # [T, I]
     if predicted is not None:
         h = torch.where(predicted, h, torch.zeros_like(h))
     active = h != 0
+    if row_scales is not None and is_packed(w_down_t):
+        h = h * sd.float()[None, :]                  # per-neuron down scales, folded into h
+        w_down, sd = unpack_int4(w_down_t, H), None
+    else:
+        w_down = w_down_t
     if row_scales is not None and h.shape[0] > 1:
         # int8 down rows read h on its 16-bit grid too where 2+ rows run (the kernel's pair tiles);
         # one row (a batch-1 decode step) streams each active down row in fp32
         h = on_grid(h)
-    out = h @ dequantize(w_down_t, sd, dim=1)        # [T, H]
+    out = h @ (w_down.float() if sd is None else dequantize(w_down, sd, dim=1))   # [T, H]
     return out.to(x.dtype), active
 
 

@@ -75,8 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--quantization", choices=[q for q in QUANTIZATIONS if q],
                        help="int8 weights for the attention projections, lm_head, the FFN rows and the "
                             "predictors, CPU only: int8 reads activations on a 14-bit grid (near-lossless), "
-                            "w8a8 on an 8-bit grid (faster with many users, costs some perplexity; "
-                            "docs/benchmarks/quantization.md)")
+                            "w8a8 on an 8-bit grid (faster with many users, costs some perplexity); "
+                            "int4 and w4a8 are the same with 4-bit rows (groups of 32) for the attention "
+                            "projections and the FFN, lm_head staying int8 (fewer bytes per token, more "
+                            "perplexity; docs/benchmarks/quantization.md)")
     model.add_argument("--max-model-len", type=int, help="context window (default: the model's)")
 
     engine = serve.add_argument_group("engine")

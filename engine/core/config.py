@@ -24,9 +24,10 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 MODEL_DTYPES = ("auto", *DTYPE_NAMES)
 # Weight quantizations a model can be served with (None: the weights stay in the model dtype).
-# int8: int8 weights, activations on a 14-bit grid; w8a8: int8 weights and 8-bit activations
+# int8: int8 weights, activations on a 14-bit grid; w8a8: int8 weights and 8-bit activations;
+# int4 / w4a8: the same with 4-bit rows for the attention projections and the FFN
 # (engine/models/quantized.py).
-QUANTIZATIONS = (None, "int8", "w8a8")
+QUANTIZATIONS = (None, "int8", "w8a8", "int4", "w4a8")
 
 
 @dataclass

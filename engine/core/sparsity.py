@@ -19,6 +19,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+from sparse_serve.kernels.int4_rows import logical_numel
+
+
+def _bytes_per_weight(w) -> float:
+    """Stored bytes per weight: the element size, or for 4-bit rows (kernels/int4_rows.py) the
+    packed bytes over the weights they hold (17/32 where rows are whole groups)."""
+    return w.element_size() if w.dtype != torch.uint8 else w.nbytes / logical_numel(w)
+
 
 @dataclass(frozen=True)
 class SparsityAccounting:
@@ -28,7 +38,7 @@ class SparsityAccounting:
     num_layers: int
     predictor_params: int = 0      # all layers' predictor weights, when they are used
     non_ffn_bytes: int = 0         # bytes of the weights outside the FFNs (total_params' rest)
-    ffn_weight_bytes: int = 0      # bytes of one FFN weight
+    ffn_weight_bytes: float = 0    # bytes of one FFN weight (17/32 for 4-bit rows)
     predictor_weight_bytes: int = 0
 
     @classmethod
@@ -57,7 +67,7 @@ class SparsityAccounting:
                    intermediate_size=cfg.intermediate_size, num_layers=cfg.num_layers,
                    predictor_params=sum(p.num_params for p in used),
                    non_ffn_bytes=non_ffn_bytes,
-                   ffn_weight_bytes=mlps[0].gate_proj.weight.element_size(),
+                   ffn_weight_bytes=_bytes_per_weight(mlps[0].gate_proj.weight),
                    predictor_weight_bytes=predictors[0].fc1.weight.element_size() if predictors else 0)
 
     @property
@@ -76,7 +86,7 @@ class SparsityAccounting:
     @property
     def dense_bytes(self) -> int:
         """Bytes of the model's weights (predictors excluded): what a dense step reads."""
-        return self.non_ffn_bytes + self.ffn_params * self.ffn_weight_bytes
+        return round(self.non_ffn_bytes + self.ffn_params * self.ffn_weight_bytes)
 
     def activated_params(self, num_active: int) -> int:
         """num_active: active neurons of one token summed over layers."""
@@ -97,5 +107,5 @@ class SparsityAccounting:
 
     def read_bytes(self, num_rows_read: int, num_predictor_params_read: int) -> int:
         """Bytes one step read: computed_params' reads at their stored sizes."""
-        return (self.non_ffn_bytes + num_rows_read * self.hidden_size * self.ffn_weight_bytes
-                + num_predictor_params_read * self.predictor_weight_bytes)
+        return round(self.non_ffn_bytes + num_rows_read * self.hidden_size * self.ffn_weight_bytes
+                     + num_predictor_params_read * self.predictor_weight_bytes)

@@ -3,10 +3,11 @@
 
 `FusedDecode.run` is what CausalLM.forward calls; it returns None where the step does not
 qualify, and the model then runs its layers one by one as before. A step qualifies when it is
-decode-only on the CPU in float32, every layer is int8 (`model.quantization: int8` or `w8a8`,
-one activation grid for all) with an fp32 paged KV cache, the FFN takes its sparse kernel (no forced dense fallback, no shadow
-check this step), and the layers share one norm epsilon, sliding window and activation
-(thresholds may differ per layer). The per-layer counts (active neurons per token, rows read, predictor
+decode-only on the CPU in float32, every layer is int8 or 4-bit rows (`model.quantization:
+int8`, `w8a8`, `int4` or `w4a8`: one activation grid and one weight format for all) with an
+fp32 paged KV cache, the FFN takes its sparse kernel (no forced dense fallback, no shadow check
+this step), and the layers share one norm epsilon, sliding window and activation (thresholds
+may differ per layer). The per-layer counts (active neurons per token, rows read, predictor
 weights read) are the ones the layer-by-layer path reports: the same kernels count them.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sparse_serve.engine.models.attention import AttentionMetadata
 from sparse_serve.engine.models.ffn import FFNActivity
 from sparse_serve.kernels import decode_layers_cpu
 from sparse_serve.kernels.activations import ACT_CODES
+from sparse_serve.kernels.int4_rows import is_packed
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,9 @@ class FusedDecode:
                 return False
             if not attn.w_qkv_x_bits == attn.o_proj.x_bits == mlp.x_bits == first.mlp.x_bits:
                 return False
+            formats = {attn.w_qkv.dtype, attn.o_proj.weight.dtype, mlp.gate_proj.weight.dtype, mlp.w_down_t.dtype}
+            if formats != {first.mlp.gate_proj.weight.dtype}:
+                return False
             if (attn.sliding_window != first.self_attn.sliding_window or mlp.act != first.mlp.act
                     or layer.input_layernorm.eps != first.input_layernorm.eps
                     or layer.post_attention_layernorm.eps != first.input_layernorm.eps):
@@ -101,9 +106,11 @@ class FusedDecode:
             num_kv_heads=first.self_attn.num_kv_heads, head_dim=first.self_attn.head_dim,
             block_size=first.self_attn.kv_cache[0].shape[1], eps=first.input_layernorm.eps,
             attn_scale=first.self_attn.scale, window=first.self_attn.sliding_window or 0,
-            act_code=ACT_CODES[first.mlp.act], x_bits=first.mlp.x_bits)
+            act_code=ACT_CODES[first.mlp.act], x_bits=first.mlp.x_bits,
+            w_bits=4 if is_packed(first.mlp.gate_proj.weight) else 8)
         if self._layers is None:
-            logger.info("int8 decode steps on the CPU: one native call for all %d layers", len(layers))
+            logger.info("%s decode steps on the CPU: one native call for all %d layers",
+                        "4-bit" if self._geometry.w_bits == 4 else "int8", len(layers))
         self._predictor_reads = [mlp.predictor.num_params if mlp.predictor is not None and mlp.use_predictor
                                  else 0 for mlp in (layer.mlp for layer in layers)]
         self._layers, self._tensors = table, held

@@ -15,6 +15,7 @@ from sparse_serve.engine.models.attention import Attention, AttentionMetadata
 from sparse_serve.engine.models.ffn import FFNActivity, SparseMLP
 from sparse_serve.engine.models.fused_decode_cpu import FusedDecode
 from sparse_serve.engine.models.layers import RMSNorm, RotaryEmbedding
+from sparse_serve.kernels.int4_rows import logical_numel
 
 
 class DecoderLayer(nn.Module):
@@ -88,8 +89,8 @@ class CausalLM(nn.Module):
             if ".predictor." in name or id(p) in seen:
                 continue
             seen.add(id(p))
-            total += p.numel()
+            total += logical_numel(p)
         for mlp in self.mlps:   # after prepare_for_inference down_proj lives in w_down_t
             if mlp.w_down_t is not None:
-                total += mlp.w_down_t.numel()
+                total += logical_numel(mlp.w_down_t)
         return total

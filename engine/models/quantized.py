@@ -1,6 +1,10 @@
 """int8 weights on the CPU: `model.quantization: int8` (activations on a 14-bit grid) or `w8a8`
 (8-bit activations: twice the products per instruction, for a measured quality cost;
 docs/benchmarks/quantization.md). kernels/activation_grid.py defines the grids.
+`int4` and `w4a8` are the same with 4-bit rows (kernels/int4_rows.py: groups of 32 weights with
+an integer multiplier each, so every row is still an int8 row with the same scales, stored in
+4.25 bits a weight) for q/k/v, o_proj and the FFN's gate, up and down; lm_head and the
+predictors stay int8 under every method (see HEAD_WEIGHT_BITS).
 
 After loading, `quantize_model` swaps attention's fused q/k/v weight, o_proj and lm_head for
 int8 weights with one fp32 scale per output row (kernels/linear_int8_cpu.py), and each FFN's
@@ -31,87 +35,120 @@ from torch import nn
 
 from sparse_serve.engine.models.attention import Attention
 from sparse_serve.engine.models.ffn import Predictor, SparseMLP
+from sparse_serve.kernels.int4_rows import keep_logical_shape, quantize_int4
 from sparse_serve.kernels.linear_int8_cpu import linear_int8, quantize_int8
 
-# method -> the activation grid (bits) of its int8 products
-ACTIVATION_BITS = {"int8": 16, "w8a8": 8}
-HEAD_ACTIVATION_BITS = 16   # lm_head's, under either method (see the top of the file)
+# method -> the activation grid (bits) of its quantized products
+ACTIVATION_BITS = {"int8": 16, "w8a8": 8, "int4": 16, "w4a8": 8}
+# method -> the weight bits of q/k/v, o_proj and the FFN
+WEIGHT_BITS = {"int8": 8, "w8a8": 8, "int4": 4, "w4a8": 4}
+HEAD_ACTIVATION_BITS = 16   # lm_head's, under every method (see the top of the file)
+HEAD_WEIGHT_BITS = 8        # lm_head's, under every method
 QUANTIZATION_METHODS = tuple(ACTIVATION_BITS)
 
 
-class QuantizedLinear(nn.Module):
-    """y = on_grid(x, x_bits) @ (weight * scale[:, None]).T with weight int8 [N, K], scale float32
-    [N]; y in x's dtype."""
+def quantize_rows(w: torch.Tensor, w_bits: int, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (int8 [N, K] or 4-bit rows uint8 [N, row_bytes(K)], fp32 scales): one
+    scale per row (dim 0) or per column (dim 1)."""
+    if w_bits == 4:
+        return quantize_int4(w, dim)
+    if dim == 1:
+        w_q, scale = quantize_int8(w.t())
+        return w_q.t().contiguous(), scale
+    return quantize_int8(w)
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, counted: bool = True, x_bits: int = 16):
+
+class QuantizedLinear(nn.Module):
+    """y = on_grid(x, x_bits) @ (weight * scale[:, None]).T with weight int8 [N, K] (or 4-bit rows
+    uint8 [N, row_bytes(K)] of the same int8 values), scale float32 [N]; y in x's dtype."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, counted: bool = True, x_bits: int = 16,
+                 in_features: int | None = None):
         super().__init__()
-        assert weight.dtype == torch.int8 and weight.dim() == 2, (weight.dtype, weight.shape)
+        assert weight.dtype in (torch.int8, torch.uint8) and weight.dim() == 2, (weight.dtype, weight.shape)
         assert scale.dtype == torch.float32 and scale.shape == weight.shape[:1], (scale.dtype, scale.shape)
-        self.out_features, self.in_features = weight.shape
+        self.out_features = weight.shape[0]
+        self.in_features = weight.shape[1] if in_features is None else in_features
+        self.w_bits = 4 if weight.dtype == torch.uint8 else 8
         if counted:
             self.weight = nn.Parameter(weight, requires_grad=False)
         else:   # a copy of a weight counted elsewhere (the tied head)
             self.register_buffer("weight", weight)
+        if self.w_bits == 4:
+            keep_logical_shape(self.weight, (self.out_features, self.in_features))
         self.register_buffer("scale", scale)
         self.x_bits = x_bits
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, counted: bool = True, x_bits: int = 16) -> QuantizedLinear:
+    def from_linear(cls, linear: nn.Linear, counted: bool = True, x_bits: int = 16,
+                    w_bits: int = 8) -> QuantizedLinear:
         if linear.bias is not None:
             raise ValueError("int8 quantization supports linears without bias only")
-        return cls(*quantize_int8(linear.weight), counted=counted, x_bits=x_bits)
+        return cls(*quantize_rows(linear.weight, w_bits), counted=counted, x_bits=x_bits,
+                   in_features=linear.weight.shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear_int8(x, self.weight, self.scale, self.x_bits)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row scales, "
+        weights = "int8" if self.w_bits == 8 else "4-bit rows (int8 values)"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {weights}, per-row scales, "
                 f"{self.x_bits}-bit activation grid")
 
 
 @torch.no_grad()
-def quantize_attention(attn: Attention, x_bits: int = 16) -> None:
-    """The fused [q; k; v] weight and o_proj to int8. q/k/v_proj become int8 views of the fused
-    int8 weight (their HF names and counts stay), so no floating copy stays alive."""
+def quantize_attention(attn: Attention, x_bits: int = 16, w_bits: int = 8) -> None:
+    """The fused [q; k; v] weight and o_proj to int8 (or 4-bit rows). q/k/v_proj become views of
+    the fused quantized weight (their HF names and counts stay), so no floating copy stays alive."""
     attn.fuse_qkv()
-    w_q, scale = quantize_int8(attn.w_qkv)                                 # [Nq+2Nkv, H], [Nq+2Nkv]
+    hidden = attn.w_qkv.shape[1]
+    w_q, scale = quantize_rows(attn.w_qkv, w_bits)                         # [Nq+2Nkv, H or bytes], [Nq+2Nkv]
     start = 0
     for name in ("q_proj", "k_proj", "v_proj"):
         rows = getattr(attn, name).weight.shape[0]
-        setattr(attn, name, QuantizedLinear(w_q[start:start + rows], scale[start:start + rows], x_bits=x_bits))
+        setattr(attn, name, QuantizedLinear(w_q[start:start + rows], scale[start:start + rows], x_bits=x_bits,
+                                            in_features=hidden))
         start += rows
     attn.w_qkv, attn.w_qkv_scale, attn.w_qkv_x_bits = w_q, scale, x_bits
-    attn.o_proj = QuantizedLinear.from_linear(attn.o_proj, x_bits=x_bits)
+    attn.o_proj = QuantizedLinear.from_linear(attn.o_proj, x_bits=x_bits, w_bits=w_bits)
 
 
-def _int8_rows_in_place(linear: nn.Linear) -> torch.Tensor:
-    """linear.weight becomes its int8 rows (a non-grad Parameter of the same name and shape, so
-    parameter counts stay as they were); returns the per-row fp32 scales for the caller to keep."""
-    w_q, scale = quantize_int8(linear.weight)
+def _rows_in_place(linear: nn.Linear, w_bits: int = 8) -> torch.Tensor:
+    """linear.weight becomes its int8 rows or 4-bit rows (a non-grad Parameter of the same name,
+    counted as the weight's shape: keep_logical_shape); returns the per-row fp32 scales for the
+    caller to keep."""
+    shape = tuple(linear.weight.shape)
+    w_q, scale = quantize_rows(linear.weight, w_bits)
     linear.weight = nn.Parameter(w_q, requires_grad=False)
+    if w_bits == 4:
+        keep_logical_shape(linear.weight, shape)
     return scale
 
 
 @torch.no_grad()
-def quantize_mlp(mlp: SparseMLP, x_bits: int = 16) -> None:
-    """gate_proj, up_proj and w_down_t (one row per neuron each) to int8: gate and up with a scale
-    per row (neuron), w_down_t with one per column (down_proj's output channel; why:
-    kernels/sparse_ffn_ref.py RowScales). The int8 gate/up weights replace the Parameters (same
-    names and shapes, so the parameter counts and the activity accounting stay as they were;
-    1 byte per weight read)."""
+def quantize_mlp(mlp: SparseMLP, x_bits: int = 16, w_bits: int = 8) -> None:
+    """gate_proj, up_proj and w_down_t (one row per neuron each) to int8 or 4-bit rows: gate and
+    up with a scale per row (neuron), w_down_t with one per column (down_proj's output channel)
+    for int8 and one per row (neuron) for 4-bit rows (why: kernels/sparse_ffn_ref.py RowScales).
+    The quantized gate/up weights replace the
+    Parameters (same names, counted as the weights' shapes, so the parameter counts and the
+    activity accounting stay as they were; 1 byte, or 4.25 bits, per weight read)."""
     assert mlp.w_down_t is not None, "quantize after prepare_for_inference()"
-    mlp.gate_scale = _int8_rows_in_place(mlp.gate_proj)
-    mlp.up_scale = _int8_rows_in_place(mlp.up_proj)
-    down_q, mlp.down_scale = quantize_int8(mlp.w_down_t.t())             # [H, I], [H]
-    mlp.w_down_t = down_q.t().contiguous()                                # [I, H]
+    mlp.gate_scale = _rows_in_place(mlp.gate_proj, w_bits)
+    mlp.up_scale = _rows_in_place(mlp.up_proj, w_bits)
+    shape = tuple(mlp.w_down_t.shape)
+    # [I, H], [H] (int8) or [I, bytes], [I] (4-bit rows)
+    mlp.w_down_t, mlp.down_scale = quantize_rows(mlp.w_down_t, w_bits, dim=0 if w_bits == 4 else 1)
+    if w_bits == 4:
+        keep_logical_shape(mlp.w_down_t, shape)
     mlp.x_bits = x_bits
 
 
 @torch.no_grad()
 def quantize_predictor(predictor: Predictor) -> None:
     """fc1 and fc2 to int8 rows with per-row scales (same Parameter names and shapes)."""
-    predictor.fc1_scale = _int8_rows_in_place(predictor.fc1)
-    predictor.fc2_scale = _int8_rows_in_place(predictor.fc2)
+    predictor.fc1_scale = _rows_in_place(predictor.fc1)
+    predictor.fc2_scale = _rows_in_place(predictor.fc2)
 
 
 @torch.no_grad()
@@ -123,12 +160,13 @@ def quantize_model(model: nn.Module, method: str) -> None:
     if device.type != "cpu":
         raise ValueError(f"--quantization {method} runs on the CPU only for now; the model is on {device} "
                          "(serve it without --quantization, or with --device cpu)")
-    x_bits = ACTIVATION_BITS[method]
+    x_bits, w_bits = ACTIVATION_BITS[method], WEIGHT_BITS[method]
     for layer in model.model.layers:
-        quantize_attention(layer.self_attn, x_bits)
+        quantize_attention(layer.self_attn, x_bits, w_bits)
     for mlp in model.mlps:
-        quantize_mlp(mlp, x_bits)
+        quantize_mlp(mlp, x_bits, w_bits)
         if mlp.predictor is not None:
             quantize_predictor(mlp.predictor)
     tied = model.lm_head.weight is model.model.embed_tokens.weight
-    model.lm_head = QuantizedLinear.from_linear(model.lm_head, counted=not tied, x_bits=HEAD_ACTIVATION_BITS)
+    model.lm_head = QuantizedLinear.from_linear(model.lm_head, counted=not tied, x_bits=HEAD_ACTIVATION_BITS,
+                                                w_bits=HEAD_WEIGHT_BITS)

@@ -21,8 +21,8 @@
 #include <omp.h>
 
 extern "C" {
-int linear_int8_cpu(const void* x, const int8_t* w, const float* scale, void* out, int64_t M, int64_t K,
-                    int64_t N, int dtype, int x_bits, int num_threads);
+int linear_int8_cpu(const void* x, const void* w, const float* scale, void* out, int64_t M, int64_t K,
+                    int64_t N, int dtype, int x_bits, int w_bits, int num_threads);
 int linear_cpu(const float* x, const void* w, const float* scale, float* out, int64_t T, int64_t K,
                int64_t N, int dtype, int num_threads);
 int paged_attention_decode_cpu(const void* q, const void* k_cache, const void* v_cache, const int32_t* block_tables,
@@ -39,21 +39,22 @@ int sparse_ffn_cpu(const float* x, const void* w_gate, const void* w_up, const v
 namespace {
 
 constexpr int kInt8 = 3;     // sparse_ffn_cpu / linear_cpu weight dtype code
+constexpr int kInt4 = 4;     // sparse_ffn_cpu's for 4-bit rows
 constexpr int kFloat32 = 0;  // linear_int8_cpu / paged_attention_decode_cpu activation dtype code
 
 // One layer's weights and cache, as raw pointers (kernels/decode_layers_cpu.py builds them).
 struct Layer {
   const float* input_norm;     // [H]
   const float* post_norm;      // [H]
-  const int8_t* w_qkv;         // [(Hq + 2 Hkv) D, H]
+  const void* w_qkv;           // [(Hq + 2 Hkv) D, H] (int8 or 4-bit rows: w_bits)
   const float* s_qkv;          // [(Hq + 2 Hkv) D]
-  const int8_t* w_o;           // [H, Hq D]
+  const void* w_o;             // [H, Hq D]
   const float* s_o;            // [H]
   float* k_cache;              // [num_blocks, block_size, Hkv, D]
   float* v_cache;
-  const int8_t* w_gate;        // [I, H]
-  const int8_t* w_up;          // [I, H]
-  const int8_t* w_down_t;      // [I, H]
+  const void* w_gate;          // [I, H]
+  const void* w_up;            // [I, H]
+  const void* w_down_t;        // [I, H]
   const float* s_gate;         // [I]
   const float* s_up;           // [I]
   const float* s_down;         // [H]
@@ -93,7 +94,8 @@ extern "C" {
 // layer's output). cos, sin_signed [T, D]; slots [T] int64 (flat KV-cache slots of the new
 // tokens); block_tables [T, max_blocks] int32; context_lens [T] int32 (including the new token).
 // layers: num_layers Layer structs. act: ACT_CODES. x_bits: the activation grid of the int8
-// linears and FFN gate/up products (16 or 8; int8_rows.h).
+// linears and FFN gate/up products (16 or 8; int8_rows.h). w_bits: 8 (int8 weights) or 4 (4-bit
+// rows, int4_rows.h) for q/k/v, o_proj and the FFN; the predictors are int8 either way.
 // active_counts [num_layers, T] int32 and rows_read [num_layers, 3] int64 are written.
 // Returns 0, or the failing kernel's code + 10 * (its index: 1 qkv, 2 attention, 3 o_proj,
 // 4 predictor, 5 ffn).
@@ -101,7 +103,7 @@ int decode_layers_cpu(float* x, const float* cos, const float* sin_signed, const
                       const int32_t* block_tables, const int32_t* context_lens, const Layer* layers,
                       int64_t num_layers, int64_t T, int64_t H, int64_t I, int64_t Hq, int64_t Hkv,
                       int64_t D, int64_t block_size, int64_t max_blocks, float eps, float attn_scale,
-                      int64_t window, int act, int x_bits, int32_t* active_counts,
+                      int64_t window, int act, int x_bits, int w_bits, int32_t* active_counts,
                       int64_t* rows_read, int num_threads) {
   const int64_t nq = Hq * D, nkv = Hkv * D, nqkv = nq + 2 * nkv;
   std::vector<float> xn(T * H), qkv(T * nqkv), q(T * nq), attn(T * nq), o(T * H), ffn(T * H), h(T * I);
@@ -110,7 +112,8 @@ int decode_layers_cpu(float* x, const float* cos, const float* sin_signed, const
   for (int64_t l = 0; l < num_layers; ++l) {
     const Layer& L = layers[l];
     rms_norm(x, L.input_norm, xn.data(), T, H, eps);
-    int rc = linear_int8_cpu(xn.data(), L.w_qkv, L.s_qkv, qkv.data(), T, H, nqkv, kFloat32, x_bits, num_threads);
+    int rc = linear_int8_cpu(xn.data(), L.w_qkv, L.s_qkv, qkv.data(), T, H, nqkv, kFloat32, x_bits, w_bits,
+                             num_threads);
     if (rc != 0) return rc + 10;
     for (int64_t t = 0; t < T; ++t) {
       const float* row = qkv.data() + t * nqkv;
@@ -125,7 +128,7 @@ int decode_layers_cpu(float* x, const float* cos, const float* sin_signed, const
     rc = paged_attention_decode_cpu(q.data(), L.k_cache, L.v_cache, block_tables, context_lens, attn.data(), T, Hq,
                                     Hkv, D, block_size, max_blocks, attn_scale, window, kFloat32);
     if (rc != 0) return rc + 20;
-    rc = linear_int8_cpu(attn.data(), L.w_o, L.s_o, o.data(), T, nq, H, kFloat32, x_bits, num_threads);
+    rc = linear_int8_cpu(attn.data(), L.w_o, L.s_o, o.data(), T, nq, H, kFloat32, x_bits, w_bits, num_threads);
     if (rc != 0) return rc + 30;
     for (int64_t k = 0; k < T * H; ++k) x[k] += o[k];
     rms_norm(x, L.post_norm, xn.data(), T, H, eps);
@@ -145,7 +148,7 @@ int decode_layers_cpu(float* x, const float* cos, const float* sin_signed, const
     }
     rc = sparse_ffn_cpu(xn.data(), L.w_gate, L.w_up, L.w_down_t, L.s_gate, L.s_up, L.s_down, pred, h.data(),
                         active.data(), any_active.data(), ffn.data(), rows_read + 3 * l, T, H, I, act,
-                        L.act_threshold, kInt8, x_bits, num_threads);
+                        L.act_threshold, w_bits == 4 ? kInt4 : kInt8, x_bits, num_threads);
     if (rc != 0) return rc + 50;
     for (int64_t k = 0; k < T * H; ++k) x[k] += ffn[k];
     for (int64_t t = 0; t < T; ++t) {

@@ -24,6 +24,7 @@
 #include <vector>
 #include <omp.h>
 
+#include "int4_rows.h"
 #include "int8_rows.h"
 
 namespace {
@@ -56,13 +57,15 @@ inline float to_f32(float v) { return v; }
 inline float to_f32(uint16_t v) { return bf16_to_f32(v); }
 
 template <typename T>
-void linear_int8(const T* x, const int8_t* w, const float* scale, T* out, int64_t M, int64_t K, int64_t N,
-                 int x_bits, int num_threads) {
+void linear_int8(const T* x, const int8_rows::WeightRows& w, const float* scale, T* out, int64_t M, int64_t K,
+                 int64_t N, int x_bits, int num_threads) {
   const int64_t num_tiles = (N + kTileN - 1) / kTileN;
   int8_rows::XRows xr;   // one row block of x on its grid
   xr.reset(M < kRowBlock ? M : kRowBlock, K, x_bits);
 #pragma omp parallel num_threads(num_threads)
   {
+    // 4-bit rows: a tile's rows decoded to int8 once, for every group of x rows
+    std::vector<int8_t> scratch(w.bits == 4 ? kTileN * int4_rows::padded(K) : 0);
     for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
       const int64_t rows = M - m0 < kRowBlock ? M - m0 : kRowBlock;
 #pragma omp for schedule(static)
@@ -74,9 +77,10 @@ void linear_int8(const T* x, const int8_t* w, const float* scale, T* out, int64_
         const int nr = static_cast<int>(N - n0 < kTileN ? N - n0 : kTileN);
         int64_t acc[kTileN][kTileM];
         const int8_t* rows_of_tile[kTileN];
-        for (int i = 0; i < nr; ++i) rows_of_tile[i] = w + (n0 + i) * K;
         // the next tile's rows (this thread's next under the static split)
-        int8_rows::prefetch_tile([&](int64_t i) { return w + i * K; }, n0 + kTileN, N, K);
+        int8_rows::prefetch_tile([&](int64_t i) { return w.raw(i); }, n0 + kTileN, N, w.stride());
+        for (int i = 0; i < nr; ++i)
+          rows_of_tile[i] = w.row(n0 + i, scratch.data() + i * int4_rows::padded(K));
         int64_t wsum[kTileN] = {int8_rows::kNoSum};
         for (int64_t m = 0; m < rows; m += kTileM) {
           const int mr = static_cast<int>(rows - m < kTileM ? rows - m : kTileM);
@@ -96,11 +100,17 @@ void linear_int8(const T* x, const int8_t* w, const float* scale, T* out, int64_
 extern "C" {
 
 // out [M, N] = (x [M, K] @ w [N, K].T) * scale [N] with x on its x_bits grid (16 or 8); x and
-// out share the dtype: 0 = float32, 1 = bfloat16. Returns 0, 1 for an unsupported dtype, 2 for
-// unsupported x_bits.
-int linear_int8_cpu(const void* x, const int8_t* w, const float* scale, void* out, int64_t M, int64_t K,
-                    int64_t N, int dtype, int x_bits, int num_threads) {
+// out share the dtype: 0 = float32, 1 = bfloat16. w_bits 8: w is int8 [N, K]; 4: w holds N
+// 4-bit rows (int4_rows.h), decoded to the same int8 values. Returns 0, 1 for an unsupported
+// dtype, 2 for unsupported x_bits, 3 for unsupported w_bits.
+int linear_int8_cpu(const void* x, const void* w_data, const float* scale, void* out, int64_t M, int64_t K,
+                    int64_t N, int dtype, int x_bits, int w_bits, int num_threads) {
   if (x_bits != 16 && x_bits != 8) return 2;
+  if (w_bits != 8 && w_bits != 4) return 3;
+  int8_rows::WeightRows w;
+  w.base = w_data;
+  w.K = K;
+  w.bits = w_bits;
   switch (dtype) {
     case 0:
       linear_int8<float>(static_cast<const float*>(x), w, scale, static_cast<float*>(out), M, K, N, x_bits,

@@ -18,7 +18,8 @@
 // Weights: float32, bfloat16, float16, or int8 with fp32 scales (RowScales: per neuron for gate
 // and up, per hidden channel for down). int8 at batch > 1 runs the same two phases in register
 // tiles on the activations' integer grids (sparse_ffn_i8_batch.h, int8_rows.h); int8 at batch 1
-// takes the row path on x's grid.
+// takes the row path on x's grid. 4-bit rows (int4_rows.h: the same int8 values) take the same
+// paths, each row decoded as it is read (per tile, or per row on the row path).
 //
 // Rows read: both paths count the gate, up and down rows they read or software-prefetch (a
 // prefetch moves the row from memory as a load does, costing the same bytes, so it counts; a row
@@ -34,6 +35,7 @@
 #include <vector>
 #include <omp.h>
 
+#include "int4_rows.h"
 #include "int8_rows.h"
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -265,10 +267,15 @@ inline float activate(int act, float g, float threshold) {
 // NOTE: per neuron row, W_down_t's rows span the hidden channels, and the few outlier channels
 // of the residual stream set each row's scale: measured +2.8% perplexity on SmolLM2 against
 // +0.0% per channel (docs/benchmarks/quantization.md).
+// 4-bit rows (int4_rows.h) take down's scale per neuron instead (down_neuron, `down` null),
+// folded into h[i] before the down products: each group's multiplier already follows the
+// outlier channels within a row, and on SmolLM2 a per-neuron scale cost +10.4% perplexity
+// against +16.5% per channel (4-bit down rows alone; docs/benchmarks/quantization.md).
 struct RowScales {
   const float* gate = nullptr;
   const float* up = nullptr;
   const float* down = nullptr;
+  const float* down_neuron = nullptr;
   static float at(const float* s, int64_t i) { return s != nullptr ? s[i] : 1.f; }
 };
 
@@ -295,9 +302,34 @@ inline int64_t next_candidate(const uint8_t* predicted, int64_t i, int64_t T, in
 // by another process holds back only its current chunk. NOTE: per-chunk (not per-thread)
 // partials keep repeated calls bitwise equal; the timings behind these choices are in
 // docs/benchmarks/kernels.md#native-cpu-kernel-designs.
+// Where the row path finds neuron i's row of a weight [I, H]: in place, or for 4-bit rows
+// (int4_rows.h; D = I8) decoded into the caller's scratch of int4_rows::padded(H) values. The
+// row is used before the next one is decoded, so one scratch per thread serves all three weights.
 template <typename D>
-void sparse_ffn_row(const float* x, const typename D::T* w_gate, const typename D::T* w_up,
-                    const typename D::T* w_down_t, const RowScales& scales, const uint8_t* predicted,
+struct RowSource {
+  const void* base;
+  int64_t H;
+  bool int4 = false;
+
+  const typename D::T* at(int64_t i, typename D::T* scratch) const {
+    if (!int4) return static_cast<const typename D::T*>(base) + i * H;
+    int4_rows::decode_row(ahead_bytes(i), H, reinterpret_cast<int8_t*>(scratch));
+    return scratch;
+  }
+  // Where row i is stored, for the prefetch hints (a 4-bit row is 17/32 of an int8 one: the hints,
+  // which cover H elements of D::T, reach into the next row there).
+  const typename D::T* ahead(int64_t i) const { return reinterpret_cast<const typename D::T*>(ahead_bytes(i)); }
+
+ private:
+  const uint8_t* ahead_bytes(int64_t i) const {
+    const int64_t stride = int4 ? int4_rows::row_bytes(H) : H * static_cast<int64_t>(sizeof(typename D::T));
+    return static_cast<const uint8_t*>(base) + i * stride;
+  }
+};
+
+template <typename D>
+void sparse_ffn_row(const float* x, const RowSource<D>& w_gate, const RowSource<D>& w_up,
+                    const RowSource<D>& w_down_t, const RowScales& scales, const uint8_t* predicted,
                     float* h, uint8_t* active, float* out, int64_t* read, int64_t H, int64_t I,
                     int act, float threshold, int num_threads) {
   // One partial out per chunk of neurons, summed in chunk order: the result does not depend on
@@ -318,6 +350,7 @@ void sparse_ffn_row(const float* x, const typename D::T* w_gate, const typename 
   {
     const int row0 = 0;
     float g, u;
+    std::vector<typename D::T> scratch(w_gate.int4 ? int4_rows::padded(H) : 0);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t ci = 0; ci < num_chunks; ++ci) {
       const int64_t c = ci * kRowChunk, end = c + kRowChunk < I ? c + kRowChunk : I;
@@ -332,30 +365,30 @@ void sparse_ffn_row(const float* x, const typename D::T* w_gate, const typename 
       if (predicted != nullptr)
         while (i < end && !predicted[i]) ++i;
       if (predicted != nullptr && i < end) {
-        prefetch_row<D>(w_up + i * H, H);
+        prefetch_row<D>(w_up.ahead(i), H);
         up_fetched = true;
       }
       while (i < end) {
         int64_t next = i + 1;
         if (predicted != nullptr)
           while (next < end && !predicted[next]) ++next;
-        const typename D::T* next_gate = next < end ? w_gate + next * H : nullptr;
+        const typename D::T* next_gate = next < end ? w_gate.ahead(next) : nullptr;
         // A predicted neuron usually fires, so its rows are fetched two rows ahead of use in
         // the order gate, up, down, next gate, next up (the up row was fetched during the
         // previous down). In exact mode most gates fail: only the next gate row is fetched
         // ahead, and for drelu the down row is needed only if u > 0 too.
-        const typename D::T* next_up = next < end ? w_up + next * H : nullptr;
+        const typename D::T* next_up = next < end ? w_up.ahead(next) : nullptr;
         ++num_visited;
-        dot_rows<D, 1>(w_gate + i * H, x, &row0, H, &g,
-                       predicted != nullptr ? w_down_t + i * H : next_gate);
+        dot_rows<D, 1>(w_gate.at(i, scratch.data()), x, &row0, H, &g,
+                       predicted != nullptr ? w_down_t.ahead(i) : next_gate);
         g *= RowScales::at(scales.gate, i);
         bool next_up_fetched = false;
         const float a = activate(act, g, threshold);
         if (a != 0.f) {
           ++num_alive;
-          dot_rows<D, 1>(w_up + i * H, x, &row0, H, &u,
+          dot_rows<D, 1>(w_up.at(i, scratch.data()), x, &row0, H, &u,
                          predicted != nullptr || act == ACT_DRELU ? next_gate
-                                                                  : w_down_t + i * H);
+                                                                  : w_down_t.ahead(i));
           u *= RowScales::at(scales.up, i);
           const float v = a * ((act == ACT_DRELU && u < 0.f) ? 0.f : u);
           h[i] = v;
@@ -366,7 +399,8 @@ void sparse_ffn_row(const float* x, const typename D::T* w_gate, const typename 
               used[ci] = 1;
             }
             ++num_fired;
-            axpy_rows<D, 1>(w_down_t + i * H, &v, acc, &row0, H, H,
+            const float vd = v * RowScales::at(scales.down_neuron, i);
+            axpy_rows<D, 1>(w_down_t.at(i, scratch.data()), &vd, acc, &row0, H, H,
                             predicted != nullptr ? next_up : next_gate);
             next_up_fetched = up_ahead && next_up != nullptr;
           }
@@ -451,7 +485,8 @@ void sparse_ffn(const float* x, const typename D::T* w_gate, const typename D::T
                 float* h, uint8_t* active, uint8_t* any_active, float* out, int64_t* read,
                 int64_t T, int64_t H, int64_t I, int act, float threshold, int num_threads) {
   if (T == 1) {
-    sparse_ffn_row<D>(x, w_gate, w_up, w_down_t, scales, predicted, h, active, out, read, H, I,
+    sparse_ffn_row<D>(x, RowSource<D>{w_gate, H}, RowSource<D>{w_up, H}, RowSource<D>{w_down_t, H}, scales,
+                      predicted, h, active, out, read, H, I,
                       act, threshold, num_threads);
     return;
   }
@@ -551,9 +586,11 @@ int linear_cpu(const float* x, const void* w, const float* scale, float* out, in
   }
 }
 
-// dtype: 0 = float32, 1 = bfloat16, 2 = float16, 3 = int8 with fp32 scales (weights); x, h and
-// out are always float32. scale_gate/up [I] (per neuron) and scale_down [H] (per hidden
-// channel): read for int8 only (may be null otherwise). x_bits (int8 only): the grid of x for the
+// dtype: 0 = float32, 1 = bfloat16, 2 = float16, 3 = int8 with fp32 scales, 4 = 4-bit rows
+// (int4_rows.h: I rows of H each, for all three weights) with fp32 scales; x, h and out are
+// always float32. scale_gate/up [I] (per neuron) and scale_down [H] (per hidden channel): read for
+// int8 / 4-bit only (may be null otherwise); for 4-bit rows scale_down is per neuron [I]
+// (RowScales::down_neuron). x_bits (int8 / 4-bit only): the grid of x for the
 // gate and up dot products, 16 or 8 (int8_rows.h). read [3] (written): the gate, up and down rows
 // the kernel read or prefetched.
 // Returns 0 on success, 1 for an unsupported dtype, 2 for T > kMaxBatch, 3 for int8 without
@@ -564,7 +601,7 @@ int sparse_ffn_cpu(const float* x, const void* w_gate, const void* w_up, const v
                    float* out, int64_t* read, int64_t T, int64_t H, int64_t I, int act,
                    float threshold, int dtype, int x_bits, int num_threads) {
   if (T > kMaxBatch) return 2;
-  if (dtype == 3 && x_bits != 16 && x_bits != 8) return 4;
+  if ((dtype == 3 || dtype == 4) && x_bits != 16 && x_bits != 8) return 4;
   const RowScales none;
   switch (dtype) {
     case 0:
@@ -583,28 +620,36 @@ int sparse_ffn_cpu(const float* x, const void* w_gate, const void* w_up, const v
                       static_cast<const uint16_t*>(w_down_t), none, predicted, h, active,
                       any_active, out, read, T, H, I, act, threshold, num_threads);
       return 0;
-    case 3: {
+    case 3:
+    case 4: {
       if (scale_gate == nullptr || scale_up == nullptr || scale_down == nullptr) return 3;
       RowScales scales;
       scales.gate = scale_gate;
       scales.up = scale_up;
-      scales.down = scale_down;
+      (dtype == 4 ? scales.down_neuron : scales.down) = scale_down;
+      auto rows = [&](const void* w) {
+        int8_rows::WeightRows r;
+        r.base = w;
+        r.K = H;
+        r.bits = dtype == 4 ? 4 : 8;
+        return r;
+      };
       if (T == 1) {
         // NOTE: one row takes the row path, on x's grid (the values the tiles' integer dots see)
         // and with h exact: the batched path measured slower there in a served step (11.2-11.8
         // vs 8.9-10.1 ms per SmolLM2 decode step: its barriers and its down pass by channel
-        // slices, where the row path streams each active down row once).
+        // slices, where the row path streams each active down row once; 4-bit rows, each row
+        // decoded as it is read: 9.2 vs 7.9 ms of the layers' share of a step).
         std::vector<int16_t> xq(H);
         std::vector<float> xg(H);
         const float step = int8_rows::quantize_row(x, H, H, int8_rows::x_max(H, x_bits), 0, xq.data(),
                                                    [](float v) { return v; });
         for (int64_t k = 0; k < H; ++k) xg[k] = static_cast<float>(xq[k]) * step;
-        sparse_ffn<I8>(xg.data(), static_cast<const int8_t*>(w_gate), static_cast<const int8_t*>(w_up),
-                       static_cast<const int8_t*>(w_down_t), scales, predicted, h, active,
-                       any_active, out, read, T, H, I, act, threshold, num_threads);
+        auto source = [&](const void* w) { return RowSource<I8>{w, H, dtype == 4}; };
+        sparse_ffn_row<I8>(xg.data(), source(w_gate), source(w_up), source(w_down_t), scales, predicted, h,
+                           active, out, read, H, I, act, threshold, num_threads);
       } else {
-        sparse_ffn_i8_batch(x, static_cast<const int8_t*>(w_gate), static_cast<const int8_t*>(w_up),
-                            static_cast<const int8_t*>(w_down_t), scales, predicted, h, active,
+        sparse_ffn_i8_batch(x, rows(w_gate), rows(w_up), rows(w_down_t), scales, predicted, h, active,
                             any_active, out, read, T, H, I, act, threshold, x_bits, num_threads);
       }
       return 0;

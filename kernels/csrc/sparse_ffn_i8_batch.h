@@ -2,7 +2,8 @@
 // (int8_rows.h), the activation 16 rows at a time, and the down products on h's grid in neuron
 // pairs. Part of sparse_ffn_cpu.cpp's translation unit, included inside its anonymous namespace
 // after the shared pieces it uses: Act codes, activate(), RowScales, I8 and accumulate_down<I8>
-// (the down path of builds without AVX-512BW).
+// (the down path of builds without AVX-512BW). The weights are int8 rows, or 4-bit rows decoded
+// to the same int8 values (int4_rows.h): a tile's rows into a scratch, a down slice in registers.
 #pragma once
 
 #if defined(__AVX512F__)
@@ -76,14 +77,24 @@ inline __m512i dot_pairs(__m512i acc, __m512i w, __m512i x) {
 // 127 and |hq| <= 8191, under 2^31 for any I.
 constexpr int kPairsPerFlush = 1024;
 
+// The 32 int8 values of W_down_t[i, k0 : k0 + 32] (k0 a multiple of 32, so one 4-bit group).
+template <bool kInt4>
+inline __m256i load_down32(const int8_rows::WeightRows& w, int64_t i, int64_t k0) {
+  const uint8_t* row = w.raw(i);
+  if constexpr (kInt4)
+    return int4_rows::decode_group(row + k0 / 2, row[int4_rows::num_groups(w.K) * 16 + k0 / int4_rows::kGroup]);
+  else
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k0));
+}
+
 // out[t0 + r, k0 : k0 + 32] = (sum over pairs p of W_down_t[a_p, k] hq[a_p, t] + W_down_t[b_p, k]
 // hq[b_p, t]) * step[t] * scale[k] for r < MR. A pair's two 32-byte weight slices are widened to
 // int16 and interleaved (unpacklo/hi: lanes of channels 8L..8L+3 and 8L+4..8L+7 of each 128-bit
 // lane L), so the accumulators hold the channels permuted; the permutation is undone once, at
 // the store.
-template <int MR>
-void down_tile_pairs(const int8_t* w_down_t, const DownPairs& dp, int64_t T, int64_t t0, int64_t H, int64_t k0,
-                     const float* scale, float* out) {
+template <int MR, bool kInt4>
+void down_tile_pairs(const int8_rows::WeightRows& w_down_t, const DownPairs& dp, int64_t T, int64_t t0, int64_t H,
+                     int64_t k0, const float* scale, float* out) {
   __m512 f_lo[MR], f_hi[MR];
   for (int r = 0; r < MR; ++r) f_lo[r] = f_hi[r] = _mm512_setzero_ps();
   for (int p0 = 0; p0 < dp.num_pairs; p0 += kPairsPerFlush) {
@@ -91,10 +102,8 @@ void down_tile_pairs(const int8_t* w_down_t, const DownPairs& dp, int64_t T, int
     __m512i lo[MR], hi[MR];
     for (int r = 0; r < MR; ++r) lo[r] = hi[r] = _mm512_setzero_si512();
     for (int p = p0; p < p1; ++p) {
-      const __m512i wa = _mm512_cvtepi8_epi16(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w_down_t + (int64_t)dp.ids[2 * p] * H + k0)));
-      const __m512i wb = _mm512_cvtepi8_epi16(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w_down_t + (int64_t)dp.ids[2 * p + 1] * H + k0)));
+      const __m512i wa = _mm512_cvtepi8_epi16(load_down32<kInt4>(w_down_t, dp.ids[2 * p], k0));
+      const __m512i wb = _mm512_cvtepi8_epi16(load_down32<kInt4>(w_down_t, dp.ids[2 * p + 1], k0));
       const __m512i wl = _mm512_unpacklo_epi16(wa, wb), wh = _mm512_unpackhi_epi16(wa, wb);
       const int32_t* h = dp.hp.data() + (int64_t)p * T + t0;
       for (int r = 0; r < MR; ++r) {
@@ -121,11 +130,13 @@ void down_tile_pairs(const int8_t* w_down_t, const DownPairs& dp, int64_t T, int
   }
 }
 
-using DownTileFn = void (*)(const int8_t*, const DownPairs&, int64_t, int64_t, int64_t, int64_t, const float*, float*);
+using DownTileFn = void (*)(const int8_rows::WeightRows&, const DownPairs&, int64_t, int64_t, int64_t, int64_t,
+                            const float*, float*);
 
+template <bool kInt4>
 constexpr DownTileFn down_tile_for(int mr) {
-  return mr == 1 ? down_tile_pairs<1> : mr == 2 ? down_tile_pairs<2> : mr == 3 ? down_tile_pairs<3>
-         : mr == 4 ? down_tile_pairs<4> : mr == 5 ? down_tile_pairs<5> : down_tile_pairs<6>;
+  return mr == 1 ? down_tile_pairs<1, kInt4> : mr == 2 ? down_tile_pairs<2, kInt4> : mr == 3 ? down_tile_pairs<3, kInt4>
+         : mr == 4 ? down_tile_pairs<4, kInt4> : mr == 5 ? down_tile_pairs<5, kInt4> : down_tile_pairs<6, kInt4>;
 }
 
 constexpr int kDownRows = 6;   // out rows per tile: 6 x 2 int32 + 6 x 2 fp32 accumulators + 5 vectors
@@ -137,36 +148,49 @@ inline int32_t hq_of(const DownPairs& dp, int64_t p, int64_t T, int64_t t, int h
   return half == 0 ? static_cast<int16_t>(v & 0xffff) : static_cast<int16_t>(static_cast<uint32_t>(v) >> 16);
 }
 
+// out[t, k] for k in [lo, hi), every row t, one integer sum per element (the pair tiles' tails,
+// and the 4-bit down path of builds without AVX-512BW).
+void down_scalar(const DownPairs& dp, const int8_rows::WeightRows& w_down_t, const RowScales& scales, float* out,
+                 int64_t T, int64_t H, int64_t lo, int64_t hi) {
+  for (int64_t k = lo; k < hi; ++k)
+    for (int64_t t = 0; t < T; ++t) {
+      int64_t acc = 0;
+      for (int p = 0; p < dp.num_pairs; ++p)
+        acc += (int64_t)hq_of(dp, p, T, t, 0) * w_down_t.value(dp.ids[2 * p], k) +
+               (int64_t)hq_of(dp, p, T, t, 1) * w_down_t.value(dp.ids[2 * p + 1], k);
+      out[t * H + k] = static_cast<float>(acc) * dp.step[t] * RowScales::at(scales.down, k);
+    }
+}
+
 // Phase 2 for int8 weights (every thread of the parallel region, after dp is built): threads own
 // 32-aligned slices of the hidden dimension; AVX-512 builds run the pair tiles above, others
-// accumulate_down's axpy path on h [T, I] (which holds the grid's values, hq * step).
-void accumulate_down_i8(const DownPairs& dp, const float* h, const uint8_t* any_active, const int8_t* w_down_t,
-                        const RowScales& scales, float* out, int64_t T, int64_t H, int64_t I) {
+// accumulate_down's axpy path on h [T, I] (which holds the grid's values, hq * step) for int8
+// rows and down_scalar for 4-bit ones.
+void accumulate_down_i8(const DownPairs& dp, const float* h, const uint8_t* any_active,
+                        const int8_rows::WeightRows& w_down_t, const RowScales& scales, float* out, int64_t T,
+                        int64_t H, int64_t I) {
+  const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+  const int64_t slice = ((H + nt - 1) / nt + 31) / 32 * 32;
+  const int64_t lo = tid * slice, hi = lo + slice < H ? lo + slice : H;
 #if defined(SPARSE_FFN_PAIR_TILES)
   (void)h;
   (void)any_active;
   (void)I;
-  const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
-  const int64_t slice = ((H + nt - 1) / nt + 31) / 32 * 32;
-  const int64_t lo = tid * slice, hi = lo + slice < H ? lo + slice : H;
   if (lo >= hi) return;
   const int64_t vec_end = lo + (hi - lo) / 32 * 32;
   for (int64_t k0 = lo; k0 < vec_end; k0 += 32)
     for (int64_t t0 = 0; t0 < T; t0 += kDownRows) {
       const int mr = (int)(T - t0 < kDownRows ? T - t0 : kDownRows);
-      down_tile_for(mr)(w_down_t, dp, T, t0, H, k0, scales.down, out);
+      (w_down_t.bits == 4 ? down_tile_for<true>(mr) : down_tile_for<false>(mr))(w_down_t, dp, T, t0, H, k0,
+                                                                                scales.down, out);
     }
-  for (int64_t k = vec_end; k < hi; ++k)    // H not a multiple of 32: the last slice's tail
-    for (int64_t t = 0; t < T; ++t) {
-      int64_t acc = 0;
-      for (int p = 0; p < dp.num_pairs; ++p)
-        acc += (int64_t)hq_of(dp, p, T, t, 0) * w_down_t[(int64_t)dp.ids[2 * p] * H + k] +
-               (int64_t)hq_of(dp, p, T, t, 1) * w_down_t[(int64_t)dp.ids[2 * p + 1] * H + k];
-      out[t * H + k] = static_cast<float>(acc) * dp.step[t] * RowScales::at(scales.down, k);
-    }
+  down_scalar(dp, w_down_t, scales, out, T, H, vec_end, hi);   // H not a multiple of 32: the tail
 #else
-  (void)dp;
-  accumulate_down<I8>(h, any_active, w_down_t, scales, out, T, H, I);
+  if (w_down_t.bits == 4) {
+    down_scalar(dp, w_down_t, scales, out, T, H, lo, hi);
+    return;
+  }
+  accumulate_down<I8>(h, any_active, static_cast<const int8_t*>(w_down_t.base), scales, out, T, H, I);
 #endif
 }
 
@@ -190,17 +214,18 @@ constexpr int64_t kI8Chunk = 64;
 // use(j, t, dot) for every listed neuron ids[j], j < n, and batch row t < T: dot = W[ids[j]] . x[t]
 // with x[t] on its grid (xr; int8_rows.h), unscaled by W's row scales; the neurons kTileN and
 // the rows kTileM at a time in register tiles.
+// scratch: int8_rows::kTileN * int4_rows::padded(H) bytes (used for 4-bit rows).
 template <typename Use>
-inline void for_each_tile_dot(const int8_t* w, const int* ids, int n, const int8_rows::XRows& xr, int64_t T,
-                              int64_t H, Use&& use) {
+inline void for_each_tile_dot(const int8_rows::WeightRows& w, const int* ids, int n, const int8_rows::XRows& xr,
+                              int64_t T, int64_t H, int8_t* scratch, Use&& use) {
   using int8_rows::kTileM;
   using int8_rows::kTileN;
   int64_t acc[kTileN][kTileM];
   for (int j = 0; j < n; j += kTileN) {
     const int nr = n - j < kTileN ? n - j : kTileN;
     const int8_t* rows[kTileN];
-    for (int k = 0; k < nr; ++k) rows[k] = w + (int64_t)ids[j + k] * H;
-    int8_rows::prefetch_tile([&](int64_t i) { return w + (int64_t)ids[i] * H; }, j + kTileN, n, H);
+    int8_rows::prefetch_tile([&](int64_t i) { return w.raw(ids[i]); }, j + kTileN, n, w.stride());
+    for (int k = 0; k < nr; ++k) rows[k] = w.row(ids[j + k], scratch + k * int4_rows::padded(H));
     int64_t wsum[kTileN] = {int8_rows::kNoSum};
     for (int64_t m = 0; m < T; m += kTileM) {
       const int mr = (int)(T - m < kTileM ? T - m : kTileM);
@@ -211,8 +236,8 @@ inline void for_each_tile_dot(const int8_t* w, const int* ids, int n, const int8
   }
 }
 
-void sparse_ffn_i8_batch(const float* x, const int8_t* w_gate, const int8_t* w_up,
-                         const int8_t* w_down_t, const RowScales& scales, const uint8_t* predicted,
+void sparse_ffn_i8_batch(const float* x, const int8_rows::WeightRows& w_gate, const int8_rows::WeightRows& w_up,
+                         const int8_rows::WeightRows& w_down_t, const RowScales& scales, const uint8_t* predicted,
                          float* h, uint8_t* active, uint8_t* any_active, float* out, int64_t* read,
                          int64_t T, int64_t H, int64_t I, int act, float threshold, int x_bits,
                          int num_threads) {
@@ -232,6 +257,7 @@ void sparse_ffn_i8_batch(const float* x, const int8_t* w_gate, const int8_t* w_u
   {
     int ids[kI8Chunk], alive[kI8Chunk];
     std::vector<float> gate(kI8Chunk * T);   // the chunk's activated gates, [position in ids][t]
+    std::vector<int8_t> scratch(w_gate.bits == 4 ? int8_rows::kTileN * int4_rows::padded(H) : 0);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; ++t) xr.quantize(t, x + t * H, [](float v) { return v; });
 #pragma omp for schedule(dynamic, 1) reduction(+ : gate_read, up_read, down_read)
@@ -250,7 +276,7 @@ void sparse_ffn_i8_batch(const float* x, const int8_t* w_gate, const int8_t* w_u
         if (candidate[i - c]) ids[num_ids++] = (int)i;
       gate_read += num_ids;
       // Gate pass: the activated gate of every row, 0 in the rows not predicted.
-      for_each_tile_dot(w_gate, ids, num_ids, xr, T, H, [&](int j, int64_t t, float g) {
+      for_each_tile_dot(w_gate, ids, num_ids, xr, T, H, scratch.data(), [&](int j, int64_t t, float g) {
         gate[j * T + t] = g * RowScales::at(scales.gate, ids[j]);
       });
       int num_alive = 0;
@@ -267,10 +293,13 @@ void sparse_ffn_i8_batch(const float* x, const int8_t* w_gate, const int8_t* w_u
       int alive_ids[kI8Chunk];
       for (int k = 0; k < num_alive; ++k) alive_ids[k] = ids[alive[k]];
       // Up pass: h = activated gate * up (dReLU: * relu(up)), where the gate let it through.
-      for_each_tile_dot(w_up, alive_ids, num_alive, xr, T, H, [&](int k, int64_t t, float dot) {
+      for_each_tile_dot(w_up, alive_ids, num_alive, xr, T, H, scratch.data(), [&](int k, int64_t t, float dot) {
         const float a = gate[alive[k] * T + t];
         const float u = dot * RowScales::at(scales.up, alive_ids[k]);
-        hn[(int64_t)alive_ids[k] * T + t] = a * ((act == ACT_DRELU && u < 0.f) ? 0.f : u);
+        // h times its down row's scale where that is per neuron (4-bit rows; RowScales), which
+        // then goes onto h's grid with it; never 0, so h's zeros stay put
+        hn[(int64_t)alive_ids[k] * T + t] =
+            a * ((act == ACT_DRELU && u < 0.f) ? 0.f : u) * RowScales::at(scales.down_neuron, alive_ids[k]);
       });
       float* amax = chunk_amax.data() + ci * T;
       for (int k = 0; k < num_alive; ++k) {

@@ -19,7 +19,7 @@ NUM_TOKENS = 12
 # the next point of its grid (1/8191 of its row's largest value for int8, 1/127 for w8a8;
 # kernels/activation_grid.py) in one path and not the other: relative errors of a few grid
 # steps, not fp32 rounding. Measured: up to 1.6e-4 (int8); 2.8e-7 (w8a8: no point crossed).
-GRID_TOLERANCE = {"int8": 1e-3, "w8a8": 3e-2}
+GRID_TOLERANCE = {"int8": 1e-3, "w8a8": 3e-2, "int4": 1e-3, "w4a8": 3e-2}
 # (activation, checkpoint options): exact-mode ReLU, CATS-thresholded SwiGLU, dReLU with
 # predictors (TurboSparse), and a Mistral sliding window shorter than the generations.
 CASES = {
@@ -31,6 +31,9 @@ CASES = {
     "sliding-window": ("relu", {"sliding_window": 8}),
     # 8-bit activations (`--quantization w8a8`)
     "w8a8-drelu-predictor": ("drelu", {"predictor_rank": 16}),
+    # 4-bit rows (`--quantization int4` / `w4a8`)
+    "int4-silu-cats": ("silu", {"act_threshold": 0.05}),
+    "w4a8-drelu-predictor": ("drelu", {"predictor_rank": 16}),
 }
 
 
@@ -92,7 +95,7 @@ def test_fused_steps_equal_layer_by_layer(tmp_path, case):
     act, options = CASES[case]
     folder = make_tiny_checkpoint(tmp_path / "m", act, **options)
     # a small KV cache: the checker copies all of it twice per step
-    method = "w8a8" if case.startswith("w8a8") else "int8"
+    method = next((m for m in ("w8a8", "int4", "w4a8") if case.startswith(m)), "int8")
     llm = LLM(str(folder), **{"model.device": "cpu", "model.dtype": "float32", "model.quantization": method,
                               "cache.kv_cache_bytes": 2 << 20})
     model = llm.engine.model
