@@ -1,4 +1,5 @@
-"""int8 weights (`--quantization int8` and `w8a8`) against fp32 on one model: quality and decode speed.
+"""Quantized weights (`--quantization int8`, `w8a8`, `int4`, `w4a8`) against fp32 on one model: quality
+and decode speed.
 
 For the dense model and for the served configuration (configs/smollm2.yaml: the calibrated
 sparsity sidecar) when the default model is used:
@@ -7,7 +8,7 @@ sparsity sidecar) when the default model is used:
   (identical sequences, mean matched prefix before the first different token, and positions
   equal);
 and, in the served configuration, decode ms per step at batch 1 and 16 through the offline
-engine (decode-only steps as the engine times them), the fp32, int8 and w8a8 engines stepped in
+engine (decode-only steps as the engine times them), the fp32 and quantized engines stepped in
 turn (one step each) so that load from other processes hits all alike; medians over all steps of
 all rounds (the machine may be shared: the load average is reported with the table).
 
@@ -184,7 +185,7 @@ def kernel_table(calls: int = 40) -> list[str]:
 
 def report(settings: list[Setting], args, info: dict) -> str:
     quantized = args.variants[1:]
-    lines = ["# int8 weights (`--quantization int8` / `w8a8`) vs fp32", "",
+    lines = ["# Quantized weights (`--quantization " + " / ".join(quantized) + "`) vs fp32", "",
              f"{datetime.date.today().isoformat()}, {machine()}; model `{info['model']}`.",
              f"Command: `{info['command']}`", "",
              "What is int8: attention's fused q/k/v projection, o_proj and lm_head (a tied head gets its own "
@@ -196,6 +197,10 @@ def report(settings: list[Setting], args, info: dict) -> str:
              "products are put on a per-row grid (kernels/activation_grid.py): 14 bits for `int8`, 8 bits "
              "for `w8a8` (but lm_head's, 14 bits under both); the products are exact integer sums, "
              "accumulated in int32 and scaled in fp32. "
+             "`int4` and `w4a8` are `int8` and `w8a8` with 4-bit rows (kernels/int4_rows.py: groups of 32 "
+             "weights, an integer multiplier per group, 4.25 bits a weight, each row holding int8 values) "
+             "for q/k/v, o_proj and the FFN's gate, up and down (down scaled per neuron there); lm_head "
+             "and the predictors stay int8. "
              "Decode-only steps run all layers in one native call (kernels/csrc/decode_layers_cpu.cpp).", "",
              "## Quality", "",
              f"Perplexity: held-out split of the calibration text, {args.windows} windows of {args.window} "

@@ -148,6 +148,11 @@ def servers(max_tokens: int, llama_python: str) -> dict[str, Server]:
         "ours-w8a8": Server("ours-w8a8", _ours("--quantization", "w8a8"), {"ignore_eos": True}),
         # Opt-in (not in DEFAULT_SERVERS): ours in bf16, for CPUs with bf16 units (avx512_bf16).
         "ours-bf16": Server("ours-bf16", _ours("--dtype", "bfloat16"), {"ignore_eos": True}),
+        # Opt-in: 4-bit rows for attention and the FFN (about half of int8's bytes there; on the
+        # default model, whose weights are a Q4_1 GGUF's, a second 4-bit rounding costs perplexity:
+        # docs/benchmarks/quantization.md).
+        "ours-int4": Server("ours-int4", _ours("--quantization", "int4"), {"ignore_eos": True}),
+        "ours-w4a8": Server("ours-w4a8", _ours("--quantization", "w4a8"), {"ignore_eos": True}),
     }
 
 
@@ -254,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="ours against peer servers, one at a time")
     parser.add_argument("--servers", nargs="+", default=list(DEFAULT_SERVERS), metavar="NAME",
                         help=f"which and in what order (default: {' '.join(DEFAULT_SERVERS)}; "
-                             "also ours-bf16); ratios are to `ours`")
+                             "also ours-bf16, ours-int4, ours-w4a8); ratios are to `ours`")
     parser.add_argument("--levels", type=int, nargs="+", default=list(LEVELS),
                         metavar="N", help="closed-loop client counts (default: 1 16)")
     parser.add_argument("--requests", type=int, default=32, help="at most, per level")

@@ -2,7 +2,7 @@
 speed columns, with deltas and speed-ups computed against fp32 (synthetic measurements)."""
 from types import SimpleNamespace
 
-from sparse_serve.bench.quantization import PROMPTS, QUANTIZED, Setting, report
+from sparse_serve.bench.quantization import PROMPTS, VARIANTS, Setting, report
 
 
 def _setting(name: str, with_speed: bool) -> Setting:
@@ -19,10 +19,12 @@ def _setting(name: str, with_speed: bool) -> Setting:
 
 
 def test_report_has_a_row_per_setting_and_variant():
-    args = SimpleNamespace(windows=2, window=16, agree_tokens=4, output_len=8, rounds=1)
+    args = SimpleNamespace(windows=2, window=16, agree_tokens=4, output_len=8, rounds=1,
+                           variants=(None, "int8", "w8a8"))   # what `--methods int8 w8a8` asks
     info = {"model": "m", "command": "c", "load_before": (0, 0, 0), "load_after": (0, 0, 0)}
     text = report([_setting("dense", False), _setting("served", True)], args, info)
-    assert QUANTIZED == ("int8", "w8a8")
+    assert VARIANTS == (None, "int8", "w8a8", "int4", "w4a8")   # the default: every method
+    assert text.startswith("# Quantized weights (`--quantization int8 / w8a8`) vs fp32")
     assert "| dense | int8 | 20.000 | 20.100 | +0.50% | 5/5 | 100% | 100% |" in text
     assert "| served | w8a8 | 20.000 | 20.400 | +2.00% | 4/5 | 90% | 90% |" in text
     rows = [line for line in text.splitlines() if line.startswith("| 16 |")]
