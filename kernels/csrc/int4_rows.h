@@ -103,4 +103,42 @@ struct WeightRows {
   }
 };
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define INT8_ROWS_ROW_DOT 1
+// dot(row i, xq) exactly, xq being one row of x on its 16-bit grid (int8_rows.h XRows; K values,
+// then zeros up to a multiple of 32): 32 int8 values of the row per step (4-bit rows decoded in
+// registers, a group per step), widened to int16 for vpdpwssd. The batch-1 FFN's gate and up
+// dots (sparse_ffn_cpu.cpp's row path), where fp32 FMAs on widened weights did 8 products per
+// instruction. `next` (may be null): a row to prefetch, `next_bytes` long, its lines spread
+// over the steps.
+inline int64_t row_dot16(const WeightRows& w, int64_t i, const int16_t* xq, const uint8_t* next,
+                         int64_t next_bytes) {
+  const int64_t K = w.K, steps = int4_rows::num_groups(K);
+  const uint8_t* row = w.raw(i);
+  const uint8_t* mult = row + steps * 16;   // 4-bit rows' multipliers
+  __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+  int64_t fetched = 0;
+  for (int64_t g = 0; g < steps; ++g) {
+    if (next != nullptr)
+      for (; fetched < next_bytes && fetched < (g + 1) * next_bytes / steps + 64; fetched += 64)
+        __builtin_prefetch(next + fetched, 0, 3);
+    __m256i v;
+    if (w.bits == 4) {
+      v = int4_rows::decode_group(row + g * 16, mult[g]);
+    } else {
+      const int64_t k = g * 32, n = K - k < 32 ? K - k : 32;
+      v = _mm256_maskz_loadu_epi8(n == 32 ? ~0u : (__mmask32)((1u << n) - 1u), row + k);
+    }
+    const __m512i wv = _mm512_cvtepi8_epi16(v), xv = _mm512_loadu_si512(xq + g * 32);
+#if defined(__AVX512VNNI__)
+    if (g & 1) a1 = _mm512_dpwssd_epi32(a1, wv, xv); else a0 = _mm512_dpwssd_epi32(a0, wv, xv);
+#else
+    (g & 1 ? a1 : a0) = _mm512_add_epi32(g & 1 ? a1 : a0, _mm512_madd_epi16(wv, xv));
+#endif
+  }
+  for (; next != nullptr && fetched < next_bytes; fetched += 64) __builtin_prefetch(next + fetched, 0, 3);
+  return _mm512_reduce_add_epi32(_mm512_add_epi32(a0, a1));
+}
+#endif
+
 }  // namespace int8_rows

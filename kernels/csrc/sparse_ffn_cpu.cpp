@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 #include <omp.h>
 
@@ -319,19 +320,29 @@ struct RowSource {
   // Where row i is stored, for the prefetch hints (a 4-bit row is 17/32 of an int8 one: the hints,
   // which cover H elements of D::T, reach into the next row there).
   const typename D::T* ahead(int64_t i) const { return reinterpret_cast<const typename D::T*>(ahead_bytes(i)); }
+  int64_t stride() const { return int4 ? int4_rows::row_bytes(H) : H * static_cast<int64_t>(sizeof(typename D::T)); }
+  // The int8 or 4-bit rows as the integer kernels take them (D = I8).
+  int8_rows::WeightRows rows() const {
+    int8_rows::WeightRows r;
+    r.base = base;
+    r.K = H;
+    r.bits = int4 ? 4 : 8;
+    return r;
+  }
 
  private:
-  const uint8_t* ahead_bytes(int64_t i) const {
-    const int64_t stride = int4 ? int4_rows::row_bytes(H) : H * static_cast<int64_t>(sizeof(typename D::T));
-    return static_cast<const uint8_t*>(base) + i * stride;
-  }
+  const uint8_t* ahead_bytes(int64_t i) const { return static_cast<const uint8_t*>(base) + i * stride(); }
 };
 
+// xq (int8 / 4-bit rows, may be null): x on its 16-bit grid (H values, zeros up to a multiple of
+// 32) with grid step xstep, x holding the same values in fp32: where given (and built), the gate
+// and up dots are exact integer sums (int4_rows.h row_dot16) instead of fp32 FMAs.
 template <typename D>
 void sparse_ffn_row(const float* x, const RowSource<D>& w_gate, const RowSource<D>& w_up,
                     const RowSource<D>& w_down_t, const RowScales& scales, const uint8_t* predicted,
                     float* h, uint8_t* active, float* out, int64_t* read, int64_t H, int64_t I,
-                    int act, float threshold, int num_threads) {
+                    int act, float threshold, int num_threads, const int16_t* xq = nullptr,
+                    float xstep = 0.f) {
   // One partial out per chunk of neurons, summed in chunk order: the result does not depend on
   // which thread ran which chunk (dynamic scheduling), so repeated calls are bitwise equal.
   const int64_t num_chunks = (I + kRowChunk - 1) / kRowChunk;
@@ -351,6 +362,19 @@ void sparse_ffn_row(const float* x, const RowSource<D>& w_gate, const RowSource<
     const int row0 = 0;
     float g, u;
     std::vector<typename D::T> scratch(w_gate.int4 ? int4_rows::padded(H) : 0);
+    // *result = dot(row i of w, x), prefetching `next` (a row of the same stride) as dot_rows does
+    auto dot = [&](const RowSource<D>& w, int64_t i, const typename D::T* next, float* result) {
+#if defined(INT8_ROWS_ROW_DOT)
+      if constexpr (std::is_same_v<D, I8>) {
+        if (xq != nullptr) {
+          const uint8_t* ahead = dot_prefetches(H) ? reinterpret_cast<const uint8_t*>(next) : nullptr;
+          *result = static_cast<float>(int8_rows::row_dot16(w.rows(), i, xq, ahead, w.stride())) * xstep;
+          return;
+        }
+      }
+#endif
+      dot_rows<D, 1>(w.at(i, scratch.data()), x, &row0, H, result, next);
+    };
 #pragma omp for schedule(dynamic, 1)
     for (int64_t ci = 0; ci < num_chunks; ++ci) {
       const int64_t c = ci * kRowChunk, end = c + kRowChunk < I ? c + kRowChunk : I;
@@ -379,16 +403,13 @@ void sparse_ffn_row(const float* x, const RowSource<D>& w_gate, const RowSource<
         // ahead, and for drelu the down row is needed only if u > 0 too.
         const typename D::T* next_up = next < end ? w_up.ahead(next) : nullptr;
         ++num_visited;
-        dot_rows<D, 1>(w_gate.at(i, scratch.data()), x, &row0, H, &g,
-                       predicted != nullptr ? w_down_t.ahead(i) : next_gate);
+        dot(w_gate, i, predicted != nullptr ? w_down_t.ahead(i) : next_gate, &g);
         g *= RowScales::at(scales.gate, i);
         bool next_up_fetched = false;
         const float a = activate(act, g, threshold);
         if (a != 0.f) {
           ++num_alive;
-          dot_rows<D, 1>(w_up.at(i, scratch.data()), x, &row0, H, &u,
-                         predicted != nullptr || act == ACT_DRELU ? next_gate
-                                                                  : w_down_t.ahead(i));
+          dot(w_up, i, predicted != nullptr || act == ACT_DRELU ? next_gate : w_down_t.ahead(i), &u);
           u *= RowScales::at(scales.up, i);
           const float v = a * ((act == ACT_DRELU && u < 0.f) ? 0.f : u);
           h[i] = v;
@@ -640,14 +661,15 @@ int sparse_ffn_cpu(const float* x, const void* w_gate, const void* w_up, const v
         // vs 8.9-10.1 ms per SmolLM2 decode step: its barriers and its down pass by channel
         // slices, where the row path streams each active down row once; 4-bit rows, each row
         // decoded as it is read: 9.2 vs 7.9 ms of the layers' share of a step).
-        std::vector<int16_t> xq(H);
+        const int64_t ld = (H + 31) / 32 * 32;   // row_dot16's steps
+        std::vector<int16_t> xq(ld);
         std::vector<float> xg(H);
-        const float step = int8_rows::quantize_row(x, H, H, int8_rows::x_max(H, x_bits), 0, xq.data(),
+        const float step = int8_rows::quantize_row(x, H, ld, int8_rows::x_max(H, x_bits), 0, xq.data(),
                                                    [](float v) { return v; });
         for (int64_t k = 0; k < H; ++k) xg[k] = static_cast<float>(xq[k]) * step;
         auto source = [&](const void* w) { return RowSource<I8>{w, H, dtype == 4}; };
         sparse_ffn_row<I8>(xg.data(), source(w_gate), source(w_up), source(w_down_t), scales, predicted, h,
-                           active, out, read, H, I, act, threshold, num_threads);
+                           active, out, read, H, I, act, threshold, num_threads, xq.data(), step);
       } else {
         sparse_ffn_i8_batch(x, rows(w_gate), rows(w_up), rows(w_down_t), scales, predicted, h, active,
                             any_active, out, read, T, H, I, act, threshold, x_bits, num_threads);
