@@ -29,6 +29,8 @@
 #include <immintrin.h>
 #endif
 
+#include "int4_rows.h"
+
 namespace int8_rows {
 
 constexpr int kTileN = 4;           // weight rows per tile
@@ -192,14 +194,49 @@ struct VecU8 {
 
 constexpr int kTileM = Vec16::W == 32 ? 6 : 2;         // x rows per tile (see the top of the file)
 
-// sum(w[0:K]) with V's loads (what kOffset adds per unit of each dot product).
-template <class V>
+// How a tile loads V::W weights of a row from k (the last step's past K as 0): int8 rows in place.
+struct I8Load {
+  template <class V>
+  static typename V::R load(const int8_t* row, int64_t k, int64_t) { return V::load_w(row + k); }
+  template <class V>
+  static typename V::R tail(const int8_t* row, int64_t k, int64_t K) {
+    return V::load_w_tail(row + k, static_cast<int>(K - k));
+  }
+};
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define INT8_ROWS_I4_TILES 1
+// 4-bit rows (int4_rows.h; `row` points at the packed row) decoded in registers, one group of
+// 32 per 32 values: no decoded copy written and read back. A group's pad decodes to 0, so the
+// last step needs no mask but for the absent second group of a 64-wide step.
+struct I4Load {
+  template <class V>
+  static typename V::R load(const int8_t* row, int64_t k, int64_t K) {
+    const uint8_t* p = reinterpret_cast<const uint8_t*>(row);
+    const int64_t G = int4_rows::num_groups(K), g = k / int4_rows::kGroup;
+    const __m256i lo = int4_rows::decode_group(p + g * 16, p[G * 16 + g]);
+    if constexpr (V::W == 32) {
+      return _mm512_cvtepi8_epi16(lo);
+    } else {
+      static_assert(V::W == 64, "4-bit tiles: 32- or 64-wide steps");
+      const __m256i hi = g + 1 < G ? int4_rows::decode_group(p + (g + 1) * 16, p[G * 16 + g + 1])
+                                   : _mm256_setzero_si256();
+      return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    }
+  }
+  template <class V>
+  static typename V::R tail(const int8_t* row, int64_t k, int64_t K) { return load<V>(row, k, K); }
+};
+#endif
+
+// sum(w[0:K]) with V's loads through L (what kOffset adds per unit of each dot product).
+template <class V, class L = I8Load>
 inline int64_t row_sum(const int8_t* w, int64_t K) {
   const typename V::R ones = V::load_x(reinterpret_cast<const typename V::X*>(kOnesU8));
   typename V::R c = V::zero();
   int64_t k = 0;
-  for (; k + V::W <= K; k += V::W) c = V::dot(c, V::load_w(w + k), ones);
-  if (k < K) c = V::dot(c, V::load_w_tail(w + k, static_cast<int>(K - k)), ones);
+  for (; k + V::W <= K; k += V::W) c = V::dot(c, L::template load<V>(w, k, K), ones);
+  if (k < K) c = V::dot(c, L::template tail<V>(w, k, K), ones);
   return V::sum(c);
 }
 
@@ -207,9 +244,10 @@ inline int64_t row_sum(const int8_t* w, int64_t K) {
 constexpr int64_t kNoSum = INT64_MIN;
 
 // acc[n][m] = dot(w[n][0:K], xq[m]) exactly (xq[m] = x[m * ld : m * ld + K] - V::kOffset), for
-// NR weight rows and MR x rows. wsum [NR]: the rows' sums (offset tiles only), filled by the
-// first tile that needs them (wsum[0] == kNoSum) and reused by the next groups of x rows.
-template <class V, int NR, int MR>
+// NR weight rows (loaded through L) and MR x rows. wsum [NR]: the rows' sums (offset tiles
+// only), filled by the first tile that needs them (wsum[0] == kNoSum) and reused by the next
+// groups of x rows.
+template <class V, class L, int NR, int MR>
 void tile(const int8_t* const* w, const typename V::X* x, int64_t K, int64_t ld, int64_t acc[kTileN][kTileM],
           int64_t* wsum) {
   typename V::R a[NR][MR];
@@ -224,12 +262,12 @@ void tile(const int8_t* const* w, const typename V::X* x, int64_t K, int64_t ld,
   int64_t k = 0;
   for (; k + V::W <= K; k += V::W) {
     typename V::R wv[NR];
-    for (int n = 0; n < NR; ++n) wv[n] = V::load_w(w[n] + k);
+    for (int n = 0; n < NR; ++n) wv[n] = L::template load<V>(w[n], k, K);
     step(k, wv);
   }
   if (k < K) {   // the last partial step: weights past K load as 0 (x past K is the offset)
     typename V::R wv[NR];
-    for (int n = 0; n < NR; ++n) wv[n] = V::load_w_tail(w[n] + k, static_cast<int>(K - k));
+    for (int n = 0; n < NR; ++n) wv[n] = L::template tail<V>(w[n], k, K);
     step(k, wv);
   }
   int64_t sums[NR * MR];
@@ -238,7 +276,7 @@ void tile(const int8_t* const* w, const typename V::X* x, int64_t K, int64_t ld,
     // NOTE: a second pass over the tile's rows, from L1 (inline sums would spill the 4 x 6
     // tile), once per set of weight rows
     if (wsum[0] == kNoSum)
-      for (int n = 0; n < NR; ++n) wsum[n] = row_sum<V>(w[n], K);
+      for (int n = 0; n < NR; ++n) wsum[n] = row_sum<V, L>(w[n], K);
   }
   for (int n = 0; n < NR; ++n) {
     const int64_t back = V::kOffset != 0 ? V::kOffset * wsum[n] : 0;
@@ -250,19 +288,19 @@ template <class V>
 using TileFn = void (*)(const int8_t* const*, const typename V::X*, int64_t, int64_t, int64_t[kTileN][kTileM],
                         int64_t*);
 
-template <class V, int NR>
+template <class V, class L, int NR>
 constexpr TileFn<V> tile_for(int mr) {
-  return mr == 1 ? tile<V, NR, 1> : mr == 2 ? tile<V, NR, 2> : mr == 3 ? tile<V, NR, 3> : mr == 4 ? tile<V, NR, 4>
-         : mr == 5 ? tile<V, NR, 5> : tile<V, NR, 6>;
+  return mr == 1 ? tile<V, L, NR, 1> : mr == 2 ? tile<V, L, NR, 2> : mr == 3 ? tile<V, L, NR, 3>
+         : mr == 4 ? tile<V, L, NR, 4> : mr == 5 ? tile<V, L, NR, 5> : tile<V, L, NR, 6>;
 }
 
-template <class V>
+template <class V, class L = I8Load>
 inline TileFn<V> pick_tile(int nr, int mr) {
   switch (nr) {
-    case 1: return tile_for<V, 1>(mr);
-    case 2: return tile_for<V, 2>(mr);
-    case 3: return tile_for<V, 3>(mr);
-    default: return tile_for<V, 4>(mr);
+    case 1: return tile_for<V, L, 1>(mr);
+    case 2: return tile_for<V, L, 2>(mr);
+    case 3: return tile_for<V, L, 3>(mr);
+    default: return tile_for<V, L, 4>(mr);
   }
 }
 
@@ -301,8 +339,24 @@ class XRows {
   float step(int64_t r) const { return step_[r]; }
 
   // acc[n][j] = dot(w[n], xq[m + j]) for n < nr, j < mr (<= kTileM), exactly. wsum [kTileN]:
-  // scratch the caller sets to {kNoSum} before the first group of rows m of the same w.
-  void dot(const int8_t* const* w, int nr, int64_t m, int mr, int64_t acc[kTileN][kTileM], int64_t* wsum) const {
+  // scratch the caller sets to {kNoSum} before the first group of rows m of the same w. int4:
+  // w are packed 4-bit rows (int4_rows.h), decoded in registers (builds with I4 tiles only).
+  void dot(const int8_t* const* w, int nr, int64_t m, int mr, int64_t acc[kTileN][kTileM], int64_t* wsum,
+           bool int4 = false) const {
+#if defined(INT8_ROWS_I4_TILES)
+    if (int4) {
+#if defined(INT8_ROWS_U8_TILES)
+      if (u8_) {
+        pick_tile<VecU8, I4Load>(nr, mr)(w, q8_.data() + m * ld_, K_, ld_, acc, wsum);
+        return;
+      }
+#endif
+      pick_tile<Vec16, I4Load>(nr, mr)(w, q16_.data() + m * ld_, K_, ld_, acc, wsum);
+      return;
+    }
+#else
+    (void)int4;
+#endif
 #if defined(INT8_ROWS_U8_TILES)
     if (u8_) {
       pick_tile<VecU8>(nr, mr)(w, q8_.data() + m * ld_, K_, ld_, acc, wsum);
@@ -310,6 +364,14 @@ class XRows {
     }
 #endif
     pick_tile<Vec16>(nr, mr)(w, q16_.data() + m * ld_, K_, ld_, acc, wsum);
+  }
+  // Whether 4-bit rows go to dot() as they are (decoded in registers) rather than decoded first.
+  static constexpr bool decodes_int4() {
+#if defined(INT8_ROWS_I4_TILES)
+    return true;
+#else
+    return false;
+#endif
   }
 
  private:

@@ -64,8 +64,10 @@ void linear_int8(const T* x, const int8_rows::WeightRows& w, const float* scale,
   xr.reset(M < kRowBlock ? M : kRowBlock, K, x_bits);
 #pragma omp parallel num_threads(num_threads)
   {
-    // 4-bit rows: a tile's rows decoded to int8 once, for every group of x rows
-    std::vector<int8_t> scratch(w.bits == 4 ? kTileN * int4_rows::padded(K) : 0);
+    // 4-bit rows: decoded in the tile's registers where one group of x rows passes over them,
+    // else into a scratch once for all the groups (int8_rows.h I4Load)
+    const bool in_registers = w.bits == 4 && int8_rows::XRows::decodes_int4() && M <= kTileM;
+    std::vector<int8_t> scratch(w.bits == 4 && !in_registers ? kTileN * int4_rows::padded(K) : 0);
     for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
       const int64_t rows = M - m0 < kRowBlock ? M - m0 : kRowBlock;
 #pragma omp for schedule(static)
@@ -80,11 +82,12 @@ void linear_int8(const T* x, const int8_rows::WeightRows& w, const float* scale,
         // the next tile's rows (this thread's next under the static split)
         int8_rows::prefetch_tile([&](int64_t i) { return w.raw(i); }, n0 + kTileN, N, w.stride());
         for (int i = 0; i < nr; ++i)
-          rows_of_tile[i] = w.row(n0 + i, scratch.data() + i * int4_rows::padded(K));
+          rows_of_tile[i] = in_registers ? reinterpret_cast<const int8_t*>(w.raw(n0 + i))
+                                         : w.row(n0 + i, scratch.data() + i * int4_rows::padded(K));
         int64_t wsum[kTileN] = {int8_rows::kNoSum};
         for (int64_t m = 0; m < rows; m += kTileM) {
           const int mr = static_cast<int>(rows - m < kTileM ? rows - m : kTileM);
-          xr.dot(rows_of_tile, nr, m, mr, acc, wsum);
+          xr.dot(rows_of_tile, nr, m, mr, acc, wsum, in_registers);
           for (int j = 0; j < mr; ++j)
             for (int i = 0; i < nr; ++i)
               store(out + (m0 + m + j) * N + n0 + i, static_cast<float>(acc[i][j]) * xr.step(m + j) * scale[n0 + i]);

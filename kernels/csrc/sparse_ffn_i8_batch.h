@@ -214,22 +214,26 @@ constexpr int64_t kI8Chunk = 64;
 // use(j, t, dot) for every listed neuron ids[j], j < n, and batch row t < T: dot = W[ids[j]] . x[t]
 // with x[t] on its grid (xr; int8_rows.h), unscaled by W's row scales; the neurons kTileN and
 // the rows kTileM at a time in register tiles.
-// scratch: int8_rows::kTileN * int4_rows::padded(H) bytes (used for 4-bit rows).
+// scratch: int8_rows::kTileN * int4_rows::padded(H) bytes (4-bit rows decoded there, where the
+// tiles do not decode them in registers: more than one group of x rows).
 template <typename Use>
 inline void for_each_tile_dot(const int8_rows::WeightRows& w, const int* ids, int n, const int8_rows::XRows& xr,
                               int64_t T, int64_t H, int8_t* scratch, Use&& use) {
   using int8_rows::kTileM;
   using int8_rows::kTileN;
   int64_t acc[kTileN][kTileM];
+  const bool in_registers = w.bits == 4 && int8_rows::XRows::decodes_int4() && T <= kTileM;
   for (int j = 0; j < n; j += kTileN) {
     const int nr = n - j < kTileN ? n - j : kTileN;
     const int8_t* rows[kTileN];
     int8_rows::prefetch_tile([&](int64_t i) { return w.raw(ids[i]); }, j + kTileN, n, w.stride());
-    for (int k = 0; k < nr; ++k) rows[k] = w.row(ids[j + k], scratch + k * int4_rows::padded(H));
+    for (int k = 0; k < nr; ++k)
+      rows[k] = in_registers ? reinterpret_cast<const int8_t*>(w.raw(ids[j + k]))
+                             : w.row(ids[j + k], scratch + k * int4_rows::padded(H));
     int64_t wsum[kTileN] = {int8_rows::kNoSum};
     for (int64_t m = 0; m < T; m += kTileM) {
       const int mr = (int)(T - m < kTileM ? T - m : kTileM);
-      xr.dot(rows, nr, m, mr, acc, wsum);
+      xr.dot(rows, nr, m, mr, acc, wsum, in_registers);
       for (int k = 0; k < nr; ++k)
         for (int r = 0; r < mr; ++r) use(j + k, m + r, static_cast<float>(acc[k][r]) * xr.step(m + r));
     }
