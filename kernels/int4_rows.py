@@ -60,20 +60,22 @@ def _pack_chunk(v: Tensor) -> Tensor:
     """v [n, G * 32] float32, |v| <= MAX_VALUE -> packed uint8 [n, G * 17]."""
     n, kp = v.shape
     g = v.view(n, kp // GROUP, GROUP)                                     # [n, G, 32]
-    amax = g.abs().amax(dim=-1)                                           # [n, G]
-    top = torch.ceil(amax / MAX_CODE).clamp_(1, MAX_MULTIPLIER)           # never clips
+    top = torch.ceil(g.abs().amax(dim=-1) / MAX_CODE).clamp_(1, MAX_MULTIPLIER)   # [n, G]: never clips
     best_err = best_m = None
+    q = torch.empty_like(g)
     for step in range(_CANDIDATES):
         m = (top - step).clamp_(min=1)                                    # [n, G]
-        q = torch.round(g / m[..., None]).clamp_(-MAX_CODE, MAX_CODE)
-        err = ((q * m[..., None] - g) ** 2).sum(dim=-1)                   # [n, G]
+        # NOTE: in place, one [n, G, 32] buffer: a 7B model's matrices go through here at load
+        torch.mul(g, m.reciprocal()[..., None], out=q).round_().clamp_(-MAX_CODE, MAX_CODE)
+        err = q.mul_(m[..., None]).sub_(g).square_().sum(dim=-1)           # [n, G]
         if best_err is None:
-            best_err, best_m = err, m.clone()
+            best_err, best_m = err, m
         else:
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_m = torch.where(better, m, best_m)
-    codes = (torch.round(g / best_m[..., None]).clamp_(-MAX_CODE, MAX_CODE) + 8).to(torch.uint8)   # [n, G, 32]
+    codes = torch.mul(g, best_m.reciprocal()[..., None], out=q).round_().clamp_(-MAX_CODE, MAX_CODE)
+    codes = (codes + 8).to(torch.uint8)                                   # [n, G, 32]
     nibbles = codes[..., :16] | (codes[..., 16:] << 4)                    # [n, G, 16]
     return torch.cat([nibbles.reshape(n, -1), best_m.to(torch.uint8)], dim=1)
 
