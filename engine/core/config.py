@@ -48,7 +48,7 @@ class ModelConfig:
     dense_fallback_fraction: float | None = None  # active fraction above which dense wins
     chat_template: str | None = None        # path to a Jinja file overriding the tokenizer's
     enforce_eager: bool = False             # True: no CUDA graphs for decode steps
-    quantization: str | None = None         # None | int8 | w8a8: int8 linears and FFN rows
+    quantization: str | None = None         # None | int8 | w8a8 | int4 | w4a8 (QUANTIZATIONS)
                                             # (CPU; engine/models/quantized.py)
     seed: int = 0
 
