@@ -111,8 +111,8 @@ def unpack_int4(packed: Tensor, k: int) -> Tensor:
 @torch.no_grad()
 def quantize_int4(w: Tensor, dim: int = 0) -> tuple[Tensor, Tensor]:
     """w [N, K] float -> (packed uint8 [N, row_bytes(K)], scale float32), groups along K.
-    dim 0: one scale per row [N] (a linear's output rows, the FFN's gate/up neurons); dim 1: one
-    per column [K] (the FFN's w_down_t, per hidden channel). An all-zero row or column gets
+    dim 0: one scale per row [N] (what quantize_model uses: a linear's output rows, the FFN's
+    neurons' gate, up and down rows); dim 1: one per column [K]. An all-zero row or column gets
     scale 1."""
     w32 = w.float()
     amax = w32.abs().amax(dim=1 - dim)

@@ -20,6 +20,10 @@
 // A tile: NR <= kTileN weight rows x MR <= kTileM activation rows (row stride ld, padded to a
 // multiple of the step with xq = 0). 4 x 6 accumulators + 4 weight vectors + 1 x vector fill
 // AVX-512's 32 registers; AVX2 has 16, so 4 x 2 there (a wider tile would spill).
+//
+// 4-bit rows (int4_rows.h) hold int8 values, so they run through the same tiles: decoded in the
+// tiles' registers (I4Load), or first into a scratch (WeightRows::row), and row_dot16 takes one
+// int8 or 4-bit row against one x row (the batch-1 FFN's gate and up dots).
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -382,6 +386,66 @@ class XRows {
   std::vector<uint8_t> q8_;
   std::vector<float> step_;
 };
+
+// Weight rows as the int8 tiles read them: int8 rows of K in place, or 4-bit rows (int4_rows.h)
+// decoded into a caller's scratch of int4_rows::padded(K) bytes per row.
+struct WeightRows {
+  const void* base = nullptr;
+  int64_t K = 0;
+  int bits = 8;   // 8 or 4
+
+  int64_t stride() const { return bits == 4 ? int4_rows::row_bytes(K) : K; }
+  // Where row i is stored (for prefetches).
+  const uint8_t* raw(int64_t i) const { return static_cast<const uint8_t*>(base) + i * stride(); }
+  // Row i's int8 values: in place, or decoded into scratch.
+  const int8_t* row(int64_t i, int8_t* scratch) const {
+    if (bits != 4) return reinterpret_cast<const int8_t*>(raw(i));
+    int4_rows::decode_row(raw(i), K, scratch);
+    return scratch;
+  }
+  // The int8 value of weight k of row i.
+  int value(int64_t i, int64_t k) const {
+    return bits == 4 ? int4_rows::value_at(raw(i), K, k) : reinterpret_cast<const int8_t*>(raw(i))[k];
+  }
+};
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define INT8_ROWS_ROW_DOT 1
+// dot(row i, xq) exactly, xq being one row of x on its 16-bit grid (as XRows makes it; K values,
+// then zeros up to a multiple of 32): 32 int8 values of the row per step (4-bit rows decoded in
+// registers, a group per step), widened to int16 for vpdpwssd. The batch-1 FFN's gate and up
+// dots (sparse_ffn_cpu.cpp's row path), where fp32 FMAs on widened weights did 8 products per
+// instruction. `next` (may be null): a row to prefetch, `next_bytes` long, its lines spread
+// over the steps.
+inline int64_t row_dot16(const WeightRows& w, int64_t i, const int16_t* xq, const uint8_t* next,
+                         int64_t next_bytes) {
+  const int64_t K = w.K, steps = int4_rows::num_groups(K);
+  const uint8_t* row = w.raw(i);
+  const uint8_t* mult = row + steps * 16;   // 4-bit rows' multipliers
+  __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+  int64_t fetched = 0;
+  for (int64_t g = 0; g < steps; ++g) {
+    if (next != nullptr)
+      for (; fetched < next_bytes && fetched < (g + 1) * next_bytes / steps + 64; fetched += 64)
+        __builtin_prefetch(next + fetched, 0, 3);
+    __m256i v;
+    if (w.bits == 4) {
+      v = int4_rows::decode_group(row + g * 16, mult[g]);
+    } else {
+      const int64_t k = g * 32, n = K - k < 32 ? K - k : 32;
+      v = _mm256_maskz_loadu_epi8(n == 32 ? ~0u : (__mmask32)((1u << n) - 1u), row + k);
+    }
+    const __m512i wv = _mm512_cvtepi8_epi16(v), xv = _mm512_loadu_si512(xq + g * 32);
+#if defined(__AVX512VNNI__)
+    if (g & 1) a1 = _mm512_dpwssd_epi32(a1, wv, xv); else a0 = _mm512_dpwssd_epi32(a0, wv, xv);
+#else
+    (g & 1 ? a1 : a0) = _mm512_add_epi32(g & 1 ? a1 : a0, _mm512_madd_epi16(wv, xv));
+#endif
+  }
+  for (; next != nullptr && fetched < next_bytes; fetched += 64) __builtin_prefetch(next + fetched, 0, 3);
+  return _mm512_reduce_add_epi32(_mm512_add_epi32(a0, a1));
+}
+#endif
 
 // Software prefetch of the next tile's weight rows row_of(first .. first + kTileN), of `end`
 // rows in all, `bytes` each (one hint per 64-byte line), issued before a tile is computed so their loads

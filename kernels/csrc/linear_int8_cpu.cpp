@@ -24,7 +24,6 @@
 #include <vector>
 #include <omp.h>
 
-#include "int4_rows.h"
 #include "int8_rows.h"
 
 namespace {

@@ -36,7 +36,6 @@
 #include <vector>
 #include <omp.h>
 
-#include "int4_rows.h"
 #include "int8_rows.h"
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
