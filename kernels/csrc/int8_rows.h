@@ -435,12 +435,8 @@ inline int64_t row_dot16(const WeightRows& w, int64_t i, const int16_t* xq, cons
       const int64_t k = g * 32, n = K - k < 32 ? K - k : 32;
       v = _mm256_maskz_loadu_epi8(n == 32 ? ~0u : (__mmask32)((1u << n) - 1u), row + k);
     }
-    const __m512i wv = _mm512_cvtepi8_epi16(v), xv = _mm512_loadu_si512(xq + g * 32);
-#if defined(__AVX512VNNI__)
-    if (g & 1) a1 = _mm512_dpwssd_epi32(a1, wv, xv); else a0 = _mm512_dpwssd_epi32(a0, wv, xv);
-#else
-    (g & 1 ? a1 : a0) = _mm512_add_epi32(g & 1 ? a1 : a0, _mm512_madd_epi16(wv, xv));
-#endif
+    __m512i& acc = g & 1 ? a1 : a0;   // two chains of dot products
+    acc = Vec16::dot(acc, _mm512_cvtepi8_epi16(v), Vec16::load_x(xq + g * 32));
   }
   for (; next != nullptr && fetched < next_bytes; fetched += 64) __builtin_prefetch(next + fetched, 0, 3);
   return _mm512_reduce_add_epi32(_mm512_add_epi32(a0, a1));
