@@ -335,7 +335,7 @@ struct RowSource {
 
 // xq (int8 / 4-bit rows, may be null): x on its 16-bit grid (H values, zeros up to a multiple of
 // 32) with grid step xstep, x holding the same values in fp32: where given (and built), the gate
-// and up dots are exact integer sums (int4_rows.h row_dot16) instead of fp32 FMAs.
+// and up dots are exact integer sums (int8_rows.h row_dot16) instead of fp32 FMAs.
 template <typename D>
 void sparse_ffn_row(const float* x, const RowSource<D>& w_gate, const RowSource<D>& w_up,
                     const RowSource<D>& w_down_t, const RowScales& scales, const uint8_t* predicted,
