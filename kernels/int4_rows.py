@@ -55,6 +55,11 @@ def is_packed(w: Tensor) -> bool:
     return w.dtype == torch.uint8
 
 
+def stored_width(w: Tensor, k: int) -> int:
+    """A row's stored width for rows of k weights: row_bytes(k) for 4-bit rows, else k."""
+    return row_bytes(k) if is_packed(w) else k
+
+
 @torch.no_grad()
 def _pack_chunk(v: Tensor) -> Tensor:
     """v [n, G * 32] float32, |v| <= MAX_VALUE -> packed uint8 [n, G * 17]."""
@@ -106,6 +111,11 @@ def unpack_int4(packed: Tensor, k: int) -> Tensor:
     codes = torch.cat([nibbles & 15, nibbles >> 4], dim=-1).to(torch.int16) - 8     # [N, G, 32]
     m = packed[:, groups * 16:].to(torch.int16).clamp_(max=MAX_MULTIPLIER)           # [N, G]
     return (codes * m[..., None]).reshape(n, groups * GROUP)[:, :k].to(torch.int8)
+
+
+def int8_values(w: Tensor, k: int) -> Tensor:
+    """The int8 values [N, k] of an int8 weight (itself) or of 4-bit rows (decoded)."""
+    return unpack_int4(w, k) if is_packed(w) else w
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from sparse_serve.kernels import cpu_native
 from sparse_serve.kernels.activation_grid import on_grid
-from sparse_serve.kernels.int4_rows import is_packed, row_bytes, unpack_int4
+from sparse_serve.kernels.int4_rows import int8_values, is_packed, stored_width
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -35,11 +35,6 @@ def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))    # [N]
     w_q = torch.round(w32 / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
     return w_q, scale.contiguous()
-
-
-def int8_values(w_q: Tensor, k: int) -> Tensor:
-    """The int8 values [N, k] of an int8 weight (itself) or of 4-bit rows (decoded)."""
-    return unpack_int4(w_q, k) if is_packed(w_q) else w_q
 
 
 def linear_int8_ref(x: Tensor, w_q: Tensor, scale: Tensor, x_bits: int = 16) -> Tensor:
@@ -63,8 +58,7 @@ def linear_int8_native(x: Tensor, w_q: Tensor, scale: Tensor, out: Tensor | None
     N = w_q.shape[0]
     assert x.device.type == "cpu" and x.dtype in _DTYPE_CODES, (x.device, x.dtype)
     w_bits = 4 if is_packed(w_q) else 8
-    width = row_bytes(K) if w_bits == 4 else K
-    assert w_q.dtype in (torch.int8, torch.uint8) and w_q.shape == (N, width) and w_q.is_contiguous(), (
+    assert w_q.dtype in (torch.int8, torch.uint8) and w_q.shape == (N, stored_width(w_q, K)) and w_q.is_contiguous(), (
         w_q.dtype, w_q.shape)
     assert scale.dtype == torch.float32 and scale.shape == (N,) and scale.is_contiguous(), (scale.dtype, scale.shape)
     x = x.contiguous()

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from sparse_serve.kernels import cpu_native, dispatch, sparse_ffn_cpu
 from sparse_serve.kernels.activations import check_act
-from sparse_serve.kernels.int4_rows import is_packed, row_bytes
+from sparse_serve.kernels.int4_rows import stored_width
 from sparse_serve.kernels.sparse_ffn_ref import (
     RowScales,
     dense_ffn,
@@ -80,7 +80,7 @@ def _check_inputs(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
     assert x.dim() == 2, f"x must be [T, H], got {tuple(x.shape)}"
     T, H = x.shape
     I = w_gate.shape[0]
-    width = row_bytes(H) if is_packed(w_gate) else H   # 4-bit rows: kernels/int4_rows.py
+    width = stored_width(w_gate, H)   # 4-bit rows: kernels/int4_rows.py
     for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down_t", w_down_t)):
         assert w.shape == (I, width), f"{name} must be [I={I}, {width}], got {tuple(w.shape)}"
         assert w.device == x.device, f"{name} is on {w.device}, x on {x.device}"

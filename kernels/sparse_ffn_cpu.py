@@ -16,7 +16,7 @@ from torch import Tensor
 
 from sparse_serve.kernels import cpu_native
 from sparse_serve.kernels.activations import ACT_CODES, check_act
-from sparse_serve.kernels.int4_rows import is_packed, row_bytes
+from sparse_serve.kernels.int4_rows import is_packed, stored_width
 from sparse_serve.kernels.sparse_ffn_ref import RowScales, apply_activation
 
 # uint8: 4-bit rows (kernels/int4_rows.py), int8 values like dtype 3's
@@ -69,7 +69,7 @@ def sparse_ffn_native(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
     T, H = x.shape
     I = w_gate.shape[0]
     assert not x.is_cuda and x.dim() == 2 and 1 <= T <= MAX_NATIVE_BATCH, x.shape
-    width = row_bytes(H) if is_packed(w_gate) else H
+    width = stored_width(w_gate, H)
     for w in (w_gate, w_up, w_down_t):
         assert w.shape == (I, width) and w.is_contiguous() and w.dtype == w_gate.dtype, (
             w.shape, w.dtype)

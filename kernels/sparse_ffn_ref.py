@@ -15,7 +15,7 @@ from torch import Tensor
 
 from sparse_serve.kernels.activation_grid import on_grid
 from sparse_serve.kernels.activations import check_act
-from sparse_serve.kernels.int4_rows import is_packed, unpack_int4
+from sparse_serve.kernels.int4_rows import int8_values, is_packed
 
 
 class RowScales(NamedTuple):
@@ -50,8 +50,7 @@ def dequantize(w: Tensor, scale: Tensor | None, dim: int = 0, k: int | None = No
     per column [K]; int8 weights, or 4-bit rows of k weights decoded to their int8 values), else w."""
     if scale is None:
         return w.float()
-    if is_packed(w):
-        w = unpack_int4(w, k)
+    w = int8_values(w, k)
     assert w.dtype == torch.int8 and scale.shape == w.shape[dim:dim + 1], (w.dtype, w.shape, scale.shape)
     return w.float() * (scale.float()[:, None] if dim == 0 else scale.float()[None, :])
 
@@ -74,7 +73,7 @@ def sparse_ffn_ref(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, ac
     active = h != 0
     if row_scales is not None and is_packed(w_down_t):
         h = h * sd.float()[None, :]                  # per-neuron down scales, folded into h
-        w_down, sd = unpack_int4(w_down_t, H), None
+        w_down, sd = int8_values(w_down_t, H), None
     else:
         w_down = w_down_t
     if row_scales is not None and h.shape[0] > 1:

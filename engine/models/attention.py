@@ -75,16 +75,12 @@ class AttentionMetadata:
         cached = self._decode_cache.get(sliding_window)
         if cached is not None:
             return cached
-        bs = self.block_size
         max_len = max(self.seq_lens)
-        num_blocks = -(-max_len // bs)
-        tables = self.block_tables[:, :num_blocks].long()                        # [S, NB]
-        offsets = torch.arange(bs, device=tables.device)
-        slots = (tables.unsqueeze(2) * bs + offsets).flatten(1)[:, :max_len].contiguous()  # [S, K]
+        slots = self._context_slots(self.block_tables, max_len)                  # [S, K]
         windowed = sliding_window is not None and max_len > sliding_window
         mask = None
         if windowed or min(self.seq_lens) != max_len:
-            k_pos = torch.arange(max_len, device=tables.device).unsqueeze(0)     # [1, K]
+            k_pos = torch.arange(max_len, device=slots.device).unsqueeze(0)      # [1, K]
             lens = self.seq_lens_tensor.long().unsqueeze(1)                      # [S, 1]
             mask = k_pos < lens
             if windowed:
@@ -93,6 +89,15 @@ class AttentionMetadata:
         self._decode_cache[sliding_window] = (slots, mask)
         return slots, mask
 
+
+    def _context_slots(self, tables: torch.Tensor, max_len: int) -> torch.Tensor:
+        """slots [S, max_len] int64: the flat cache slot of each sequence's context position p,
+        from block tables [S, >= ceil(max_len / block_size)] (past a sequence's own blocks, the
+        table's padding: callers mask those positions)."""
+        bs = self.block_size
+        blocks = tables[:, :-(-max_len // bs)].long()                             # [S, NB]
+        offsets = torch.arange(bs, device=tables.device)
+        return (blocks.unsqueeze(2) * bs + offsets).flatten(1)[:, :max_len].contiguous()
 
     def prefill_plan(self, sliding_window: int | None, split_decode: bool) -> PrefillPlan:
         """How a step with a prefill attends, built once per step (Attention._attend_paged).
@@ -115,7 +120,7 @@ class AttentionMetadata:
         decode = [s for s, q in enumerate(self.query_lens) if q == 1] if split_decode else []
         if len(decode) == len(self.query_lens):   # nothing to prefill (not a prefill step after all)
             decode = []
-        plan = PrefillPlan(sequences=[s for s in range(len(self.query_lens)) if s not in set(decode)])
+        plan = PrefillPlan(starts=starts, sequences=[s for s in range(len(self.query_lens)) if s not in set(decode)])
         if decode:
             index = torch.tensor(decode, device=device)
             plan.decode_rows = torch.tensor([starts[s] for s in decode], device=device)
@@ -134,16 +139,13 @@ class AttentionMetadata:
             last = torch.minimum(j, q_lens - 1)                                     # [S, Q]
             first_rows = torch.tensor([starts[s] for s in seqs], device=device).unsqueeze(1)
             q_pos = (k_lens - q_lens) + last                                        # [S, Q] in context
-            bs = self.block_size
-            tables = self.block_tables.index_select(0, index)[:, :-(-k_max // bs)].long()   # [S, NB]
-            offsets = torch.arange(bs, device=device)
             k_pos = torch.arange(k_max, device=device).view(1, 1, k_max)           # [1, 1, K]
             mask = k_pos <= q_pos.unsqueeze(2)                                      # [S, Q, K]
             if sliding_window is not None:
                 mask &= k_pos > q_pos.unsqueeze(2) - sliding_window
             valid = j < q_lens                                                      # [S, Q]
             plan.q_rows = first_rows + last                                         # [S, Q]
-            plan.slots = (tables.unsqueeze(2) * bs + offsets).flatten(1)[:, :k_max].contiguous()   # [S, K]
+            plan.slots = self._context_slots(self.block_tables.index_select(0, index), k_max)   # [S, K]
             plan.mask = mask.unsqueeze(1)                                           # [S, 1, Q, K]
             plan.padded_valid = (torch.arange(len(seqs), device=device).unsqueeze(1) * q_max + j)[valid]
             plan.padded_rows = (first_rows + j)[valid]                              # [T'] packed rows
@@ -159,7 +161,9 @@ class PrefillPlan:
     row each padded row reads, padding repeating a sequence's last row so no row is fully
     masked; slots [S, K] each context position's cache slot; mask [S, 1, Q, K] causal, in the
     context, in the window; padded_valid [T'] the real rows of the flattened [S * Q] output, and
-    padded_rows [T'] their packed rows), else one call per sequence."""
+    padded_rows [T'] their packed rows), else one call per sequence. starts [S + 1]: each
+    sequence's first packed row."""
+    starts: list[int]
     sequences: list[int]
     decode_rows: torch.Tensor | None = None
     decode_tables: torch.Tensor | None = None
@@ -302,11 +306,8 @@ class Attention(nn.Module):
             o = self._sdpa(qs, ks, vs, plan.mask)                                          # [S, Hq, Q, D]
             out[plan.padded_rows] = o.transpose(1, 2).reshape(num_seqs * q_max, hq, d)[plan.padded_valid]
             return out
-        starts = [0]
-        for query_len in meta.query_lens:
-            starts.append(starts[-1] + query_len)
         for i in plan.sequences:
-            query_len, seq_len, start = meta.query_lens[i], meta.seq_lens[i], starts[i]
+            query_len, seq_len, start = meta.query_lens[i], meta.seq_lens[i], plan.starts[i]
             num_blocks = -(-seq_len // meta.block_size)
             block_ids = meta.block_tables[i, :num_blocks].long()
             ks = self._gather(k_cache, block_ids, seq_len).transpose(0, 1).unsqueeze(0)  # [1, Hkv, K, D]

@@ -394,6 +394,8 @@ struct WeightRows {
   int64_t K = 0;
   int bits = 8;   // 8 or 4
 
+  WeightRows(const void* base_, int64_t K_, int bits_) : base(base_), K(K_), bits(bits_) {}
+
   int64_t stride() const { return bits == 4 ? int4_rows::row_bytes(K) : K; }
   // Where row i is stored (for prefetches).
   const uint8_t* raw(int64_t i) const { return static_cast<const uint8_t*>(base) + i * stride(); }

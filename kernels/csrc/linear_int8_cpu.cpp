@@ -109,10 +109,7 @@ int linear_int8_cpu(const void* x, const void* w_data, const float* scale, void*
                     int64_t N, int dtype, int x_bits, int w_bits, int num_threads) {
   if (x_bits != 16 && x_bits != 8) return 2;
   if (w_bits != 8 && w_bits != 4) return 3;
-  int8_rows::WeightRows w;
-  w.base = w_data;
-  w.K = K;
-  w.bits = w_bits;
+  const int8_rows::WeightRows w(w_data, K, w_bits);
   switch (dtype) {
     case 0:
       linear_int8<float>(static_cast<const float*>(x), w, scale, static_cast<float*>(out), M, K, N, x_bits,

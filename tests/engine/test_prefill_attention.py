@@ -41,7 +41,10 @@ def _attention(window: int | None) -> Attention:
 
 
 def _one_call_per_sequence(meta: AttentionMetadata) -> PrefillPlan:
-    return PrefillPlan(sequences=list(range(len(meta.query_lens))))
+    starts = [0]
+    for q in meta.query_lens:
+        starts.append(starts[-1] + q)
+    return PrefillPlan(starts=starts, sequences=list(range(len(meta.query_lens))))
 
 
 @pytest.mark.parametrize("window", [None, 5])
