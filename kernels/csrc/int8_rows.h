@@ -251,31 +251,74 @@ constexpr int64_t kNoSum = INT64_MIN;
 // NR weight rows (loaded through L) and MR x rows. wsum [NR]: the rows' sums (offset tiles
 // only), filled by the first tile that needs them (wsum[0] == kNoSum) and reused by the next
 // groups of x rows.
+// Keeps v in a register: GCC otherwise folds a vector's load into every instruction that reads
+// it, and a tile step then issues one load per product instead of one per vector (28 loads per
+// 24 products: load-bound).
+template <class R>
+inline void in_register(R& v) {
+#if defined(__GNUC__) && (defined(__AVX512F__) || defined(__AVX2__))
+  if constexpr (sizeof(R) >= 32) asm("" : "+v"(v));
+#else
+  (void)v;
+#endif
+}
+
+// One step of k of a tile: a[n][m] += dot(wv[n], x row m at k).
+template <class V, int NR, int MR>
+inline __attribute__((always_inline)) void tile_step(typename V::R (&a)[NR][MR], typename V::R (&wv)[NR],
+                                                     const typename V::X* x, int64_t ld, int64_t k) {
+#pragma GCC unroll 8
+  for (int n = 0; n < NR; ++n) in_register(wv[n]);
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) {
+    typename V::R xv = V::load_x(x + m * ld + k);
+    in_register(xv);
+#pragma GCC unroll 8
+    for (int n = 0; n < NR; ++n) a[n][m] = V::dot(a[n][m], wv[n], xv);
+  }
+}
+
+// NOTE: GCC's partial redundancy elimination (-ftree-pre) turned the accumulators' updates into
+// register copies and stack spills at every step of k; off here, with the sums reading a copy of
+// the accumulators (below) and every vector pinned in a register (in_register), the loop holds
+// the tile in registers: a 16-row w8a8 decode step of SmolLM2 31.8 -> 25.5 ms, lm_head's share
+// 7.1 -> 4.7 ms (docs/benchmarks/quantization.md).
+#if defined(__GNUC__) && !defined(__clang__)
+#define INT8_ROWS_TILE_CODEGEN __attribute__((optimize("no-tree-pre")))
+#else
+#define INT8_ROWS_TILE_CODEGEN
+#endif
+
 template <class V, class L, int NR, int MR>
-void tile(const int8_t* const* w, const typename V::X* x, int64_t K, int64_t ld, int64_t acc[kTileN][kTileM],
-          int64_t* wsum) {
+INT8_ROWS_TILE_CODEGEN void tile(const int8_t* const* w, const typename V::X* x, int64_t K, int64_t ld,
+                                 int64_t acc[kTileN][kTileM], int64_t* wsum) {
   typename V::R a[NR][MR];
+#pragma GCC unroll 8
   for (int n = 0; n < NR; ++n)
+#pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) a[n][m] = V::zero();
-  auto step = [&](int64_t k, const typename V::R (&wv)[NR]) {
-    for (int m = 0; m < MR; ++m) {
-      const typename V::R xv = V::load_x(x + m * ld + k);
-      for (int n = 0; n < NR; ++n) a[n][m] = V::dot(a[n][m], wv[n], xv);
-    }
-  };
   int64_t k = 0;
   for (; k + V::W <= K; k += V::W) {
     typename V::R wv[NR];
+#pragma GCC unroll 8
     for (int n = 0; n < NR; ++n) wv[n] = L::template load<V>(w[n], k, K);
-    step(k, wv);
+    tile_step<V, NR, MR>(a, wv, x, ld, k);
   }
   if (k < K) {   // the last partial step: weights past K load as 0 (x past K is the offset)
     typename V::R wv[NR];
+#pragma GCC unroll 8
     for (int n = 0; n < NR; ++n) wv[n] = L::template tail<V>(w[n], k, K);
-    step(k, wv);
+    tile_step<V, NR, MR>(a, wv, x, ld, k);
   }
+  // NOTE: the sums read a copy: taking the accumulators' address kept them in memory (GCC
+  // stored and reloaded every accumulator on every step of k)
+  typename V::R fin[NR * MR];
+#pragma GCC unroll 8
+  for (int n = 0; n < NR; ++n)
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) fin[n * MR + m] = a[n][m];
   int64_t sums[NR * MR];
-  V::sum_all(&a[0][0], NR * MR, sums);
+  V::sum_all(fin, NR * MR, sums);
   if constexpr (V::kOffset != 0) {
     // NOTE: a second pass over the tile's rows, from L1 (inline sums would spill the 4 x 6
     // tile), once per set of weight rows
