@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -73,10 +74,56 @@ inline float max_abs(float amax, float v) {
   return std::isnan(v) || std::isnan(amax) ? NAN : std::fmax(amax, std::fabs(v));
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// max |x[0:K]| (NaN if x holds a NaN), 16 lanes at a time: max_abs's result. NOTE: the scalar
+// loop called fmaxf per element; with the rounding below it cost ~2.5 ns a value, ~1.1M values
+// (16 rows x 4 inputs x 30 layers) in a 16-row SmolLM2 decode step and ~13% of a prefill.
+inline float max_abs16(const float* x, int64_t K) {
+  __m512 m = _mm512_setzero_ps();
+  __mmask16 nan = 0;
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 live = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1u);
+    const __m512 v = _mm512_maskz_loadu_ps(live, x + k);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    m = _mm512_max_ps(m, _mm512_abs_ps(v));
+  }
+  return nan != 0 ? NAN : _mm512_reduce_max_ps(m);
+}
+
+// xq[0:K] = round(x[0:K] * inv) + offset as Q (int16 or uint8), 16 at a time: vcvtps2dq rounds
+// to nearest even, as nearbyint does in the default rounding mode, so the integers are the scalar
+// loop's; every |x * inv| <= qmax, so the narrowing stores keep them whole.
+template <typename Q>
+inline void round_row16(const float* x, int64_t K, float inv, int offset, Q* xq) {
+  const __m512 vi = _mm512_set1_ps(inv);
+  const __m512i off = _mm512_set1_epi32(offset);
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 live = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1u);
+    const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(live, x + k), vi)), off);
+    if constexpr (sizeof(Q) == 1)
+      _mm512_mask_cvtepi32_storeu_epi8(xq + k, live, q);
+    else
+      _mm512_mask_cvtepi32_storeu_epi16(xq + k, live, q);
+  }
+}
+#endif
+
 // xq[0:K] = round(x[0:K] / step) + offset, xq[K:ld] = offset; returns the row's Grid step.
-// `load` widens one element of x to fp32.
+// `load` widens one element of x to fp32 (the identity for fp32 x, which takes the vector path).
 template <typename Q, typename T, typename Load>
 inline float quantize_row(const T* x, int64_t K, int64_t ld, int qmax, int offset, Q* xq, Load load) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  if constexpr (std::is_same_v<T, float>) {
+    const Grid g(max_abs16(x, K), qmax);
+    int64_t k = 0;
+    if (g.inv != 0.f) {   // else a zero row or one with a NaN / inf (NaN * 0 must not reach the cast)
+      round_row16(x, K, g.inv, offset, xq);
+      k = K;
+    }
+    for (; k < ld; ++k) xq[k] = static_cast<Q>(offset);
+    return g.step;
+  }
+#endif
   float amax = 0.f;
   for (int64_t k = 0; k < K; ++k) amax = max_abs(amax, load(x[k]));
   const Grid g(amax, qmax);
