@@ -49,6 +49,23 @@ inline void activate_n(int act, float* v, int64_t n, float threshold) {
 #endif
 }
 
+// Whether v[0:n] holds a value other than 0 (a NaN counts, as v[t] != 0.f says), 16 lanes at a
+// time where AVX-512 is built (the gate pass asks it of every candidate neuron, n = the rows).
+inline bool any_nonzero(const float* v, int64_t n) {
+#if defined(__AVX512F__)
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 m = n - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - k)) - 1u);
+    if (_mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, v + k), _mm512_setzero_ps(), _CMP_NEQ_UQ) != 0)
+      return true;
+  }
+  return false;
+#else
+  for (int64_t k = 0; k < n; ++k)
+    if (v[k] != 0.f) return true;
+  return false;
+#endif
+}
+
 // Phase 2 for int8 weights at 2+ rows: the down products on h's grid. Each row of h [T, I] is put on its
 // own 16-bit grid (int8_rows.h x_max(I): h ~= hq * step[t]; kernels/sparse_ffn_ref.py does the
 // same), and the neurons active in some row are taken in pairs, hq of a pair packed as two int16
@@ -261,6 +278,12 @@ void sparse_ffn_i8_batch(const float* x, const int8_rows::WeightRows& w_gate, co
   {
     int ids[kI8Chunk], alive[kI8Chunk];
     std::vector<float> gate(kI8Chunk * T);   // the chunk's activated gates, [position in ids][t]
+    // the chunk's alive neurons' nonzero rows, 16 rows a mask: [position in alive][t / 16]
+    const int64_t groups16 = (T + 15) / 16;
+    std::vector<uint16_t> nz_masks;
+#if defined(SPARSE_FFN_PAIR_TILES)
+    nz_masks.resize(kI8Chunk * groups16);
+#endif
     std::vector<int8_t> scratch(w_gate.bits == 4 ? int8_rows::kTileN * int4_rows::padded(H) : 0);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; ++t) xr.quantize(t, x + t * H, [](float v) { return v; });
@@ -289,9 +312,7 @@ void sparse_ffn_i8_batch(const float* x, const int8_rows::WeightRows& w_gate, co
         activate_n(act, g, T, threshold);
         if (predicted != nullptr)
           for (int64_t t = 0; t < T; ++t) g[t] = predicted[t * I + ids[j]] ? g[t] : 0.f;
-        bool any = false;
-        for (int64_t t = 0; t < T; ++t) any |= g[t] != 0.f;
-        if (any) alive[num_alive++] = j;
+        if (any_nonzero(g, T)) alive[num_alive++] = j;
       }
       up_read += num_alive;
       int alive_ids[kI8Chunk];
@@ -321,7 +342,7 @@ void sparse_ffn_i8_batch(const float* x, const int8_rows::WeightRows& w_gate, co
           r = _mm512_mask_mov_ps(r, nan | _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), _mm512_set1_ps(NAN));
           _mm512_mask_storeu_ps(amax + t0, m, r);
           any |= nz != 0;
-          for (int64_t t = t0; t < t0 + 16 && t < T; ++t) active[t * I + i] = (nz >> (t - t0)) & 1;
+          nz_masks[k * groups16 + t0 / 16] = nz;
         }
 #else
         for (int64_t t = 0; t < T; ++t) {
@@ -333,14 +354,40 @@ void sparse_ffn_i8_batch(const float* x, const int8_rows::WeightRows& w_gate, co
         any_active[i] = any;
         down_read += any;
       }
+#if defined(SPARSE_FFN_PAIR_TILES)
+      // NOTE: row by row, each row's flags within one chunk's bytes: written neuron by neuron,
+      // every flag was a store to another row's cache line (T * I scattered stores per call,
+      // ~8% of a 16-prompt prefill)
+      for (int64_t t = 0; t < T; ++t) {
+        uint8_t* row = active + t * I;
+        const int64_t g = t / 16, bit = t % 16;
+        for (int k = 0; k < num_alive; ++k) row[alive_ids[k]] = (nz_masks[k * groups16 + g] >> bit) & 1;
+      }
+#endif
     }  // implicit barrier: every neuron's h is known
 #pragma omp single
     {   // h's grid per row (int8_rows.h Grid, as x's) and the active neurons in pairs
       dp.step.assign(T, 0.f);
+      std::vector<float> row_amax(T, 0.f);
+#if defined(SPARSE_FFN_PAIR_TILES)
+      // 16 rows per instruction (serial code: the other threads wait); NaN sticks as in max_abs
+      for (int64_t t0 = 0; t0 < T; t0 += 16) {
+        const __mmask16 m = T - t0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (T - t0)) - 1u);
+        __m512 r = _mm512_setzero_ps();
+        __mmask16 nan = 0;
+        for (int64_t ci = 0; ci < num_chunks; ++ci) {
+          const __m512 a = _mm512_maskz_loadu_ps(m, chunk_amax.data() + ci * T + t0);
+          nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+          r = _mm512_max_ps(r, a);
+        }
+        _mm512_mask_storeu_ps(row_amax.data() + t0, m, _mm512_mask_mov_ps(r, nan, _mm512_set1_ps(NAN)));
+      }
+#else
+      for (int64_t ci = 0; ci < num_chunks; ++ci)
+        for (int64_t t = 0; t < T; ++t) row_amax[t] = int8_rows::max_abs(row_amax[t], chunk_amax[ci * T + t]);
+#endif
       for (int64_t t = 0; t < T; ++t) {
-        float m = 0.f;
-        for (int64_t ci = 0; ci < num_chunks; ++ci) m = int8_rows::max_abs(m, chunk_amax[ci * T + t]);
-        const int8_rows::Grid g(m, qmax);
+        const int8_rows::Grid g(row_amax[t], qmax);
         dp.step[t] = g.step;
         inv[t] = g.inv;
       }
