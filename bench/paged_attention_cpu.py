@@ -2,8 +2,12 @@
 torch path it replaced (gather every context, then SDPA), both through the attention layer's own
 decode (engine/models/attention.py `_decode`), for SmolLM2-135M's heads (9 over 3, 64 wide) and
 Mistral-7B's (32 over 8, 128 wide), float32 and bfloat16, on KV blocks shuffled across sequences.
+`--layers N` gives each case N layers' caches, attended in turn as a decode step does (ms per
+layer): past the L3, every K and V row then comes from memory, which one layer's cache, read again
+and again, hides.
 
     python bench/paged_attention_cpu.py --threads 1 --out docs/benchmarks/paged_attention_cpu.md
+    python bench/paged_attention_cpu.py --heads smollm2 --seqs 16 --contexts 80 256 --layers 30
 """
 from __future__ import annotations
 
@@ -25,16 +29,17 @@ HEADS = {"smollm2": (9, 3, 64), "mistral7b": (32, 8, 128)}
 BLOCK = 16
 
 
-def decode_case(heads: str, dtype: torch.dtype, seqs: int, context: int, gen: torch.Generator):
+def decode_case(heads: str, dtype: torch.dtype, seqs: int, context: int, layers: int, gen: torch.Generator):
+    """The attention layer, q, `layers` (k, v) caches sharing one block table, and the metadata."""
     hq, hkv, d = HEADS[heads]
     attn = Attention(hq * d, hq, hkv, d, RotaryEmbedding(d, 10000.0, 2 * context, 1.0), None)
     per_seq = -(-context // BLOCK)
-    cache = torch.randn(2, seqs * per_seq, BLOCK, hkv, d, generator=gen).to(dtype)
+    caches = [torch.randn(2, seqs * per_seq, BLOCK, hkv, d, generator=gen).to(dtype) for _ in range(layers)]
     tables = torch.randperm(seqs * per_seq, generator=gen).view(seqs, per_seq).int()
     meta = AttentionMetadata(query_lens=[1] * seqs, seq_lens=[context] * seqs, block_tables=tables,
                              seq_lens_tensor=torch.full((seqs,), context, dtype=torch.int32), block_size=BLOCK)
     q = torch.randn(seqs, hq, d, generator=gen).to(dtype)
-    return attn, q, cache[0], cache[1], meta
+    return attn, q, [(c[0], c[1]) for c in caches], meta
 
 
 def best_ms(fn, repeats: int) -> float:
@@ -53,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", nargs="+", type=int, default=[256, 1024])
     parser.add_argument("--threads", type=int, default=None, help="torch and OpenMP threads (default: all)")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--heads", nargs="+", choices=list(HEADS), default=list(HEADS))
+    parser.add_argument("--layers", type=int, default=1,
+                        help="caches attended in turn per timing, as a decode step's layers (ms per layer)")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     if args.threads:
@@ -61,16 +69,22 @@ def main(argv: list[str] | None = None) -> int:
     probe = torch.zeros(1, 1, 1, 8)
     assert paged_attention_cpu.native_supported(probe[0], probe, probe), "the native CPU kernels did not build"
     gen = torch.Generator().manual_seed(0)
-    lines = ["| heads | dtype | seqs | context | native ms | torch gather ms | speed-up |",
+    per = " per layer" if args.layers > 1 else ""
+    lines = [f"| heads | dtype | seqs | context | native ms{per} | torch gather ms{per} | speed-up |",
              "|---|---|---|---|---|---|---|"]
-    for heads in HEADS:
+    for heads in args.heads:
         for dtype in (torch.float32, torch.bfloat16):
             for seqs in args.seqs:
                 for context in args.contexts:
-                    attn, q, k, v, meta = decode_case(heads, dtype, seqs, context, gen)
-                    native = best_ms(lambda: attn._decode(q, k, v, meta), args.repeats)
+                    attn, q, caches, meta = decode_case(heads, dtype, seqs, context, args.layers, gen)
+
+                    def step():
+                        for k, v in caches:
+                            attn._decode(q, k, v, meta)
+
+                    native = best_ms(step, args.repeats) / args.layers
                     with mock.patch.object(paged_attention_cpu, "native_supported", return_value=False):
-                        gather = best_ms(lambda: attn._decode(q, k, v, meta), args.repeats)
+                        gather = best_ms(step, args.repeats) / args.layers
                     lines.append(f"| {heads} | {str(dtype).removeprefix('torch.')} | {seqs} | {context} | "
                                  f"{native:.3f} | {gather:.3f} | {gather / native:.2f}x |")
                     print(lines[-1], flush=True)
