@@ -328,7 +328,7 @@ inline __attribute__((always_inline)) void tile_step(typename V::R (&a)[NR][MR],
 // NOTE: GCC's partial redundancy elimination (-ftree-pre) turned the accumulators' updates into
 // register copies and stack spills at every step of k; off here, with the sums reading a copy of
 // the accumulators (below) and every vector pinned in a register (in_register), the loop holds
-// the tile in registers: a 16-row w8a8 decode step of SmolLM2 31.8 -> 25.5 ms, lm_head's share
+// the tile in registers: a 16-row w8a8 decode step of SmolLM2 33.2 -> 26.9 ms, lm_head's share
 // 7.1 -> 4.7 ms (docs/benchmarks/quantization.md).
 #if defined(__GNUC__) && !defined(__clang__)
 #define INT8_ROWS_TILE_CODEGEN __attribute__((optimize("no-tree-pre")))
