@@ -294,10 +294,6 @@ inline int64_t row_sum(const int8_t* w, int64_t K) {
 // wsum[0] before the first tile of a set of weight rows: their sums are not known yet.
 constexpr int64_t kNoSum = INT64_MIN;
 
-// acc[n][m] = dot(w[n][0:K], xq[m]) exactly (xq[m] = x[m * ld : m * ld + K] - V::kOffset), for
-// NR weight rows (loaded through L) and MR x rows. wsum [NR]: the rows' sums (offset tiles
-// only), filled by the first tile that needs them (wsum[0] == kNoSum) and reused by the next
-// groups of x rows.
 // Keeps v in a register: GCC otherwise folds a vector's load into every instruction that reads
 // it, and a tile step then issues one load per product instead of one per vector (28 loads per
 // 24 products: load-bound).
@@ -336,6 +332,10 @@ inline __attribute__((always_inline)) void tile_step(typename V::R (&a)[NR][MR],
 #define INT8_ROWS_TILE_CODEGEN
 #endif
 
+// acc[n][m] = dot(w[n][0:K], xq[m]) exactly (xq[m] = x[m * ld : m * ld + K] - V::kOffset), for
+// NR weight rows (loaded through L) and MR x rows. wsum [NR]: the rows' sums (offset tiles
+// only), filled by the first tile that needs them (wsum[0] == kNoSum) and reused by the next
+// groups of x rows.
 template <class V, class L, int NR, int MR>
 INT8_ROWS_TILE_CODEGEN void tile(const int8_t* const* w, const typename V::X* x, int64_t K, int64_t ld,
                                  int64_t acc[kTileN][kTileM], int64_t* wsum) {
