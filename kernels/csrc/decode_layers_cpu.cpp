@@ -19,9 +19,8 @@
 #include <cstring>
 #include <vector>
 #include <omp.h>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+
+#include "int8_rows.h"
 
 extern "C" {
 int linear_int8_cpu(const void* x, const void* w, const float* scale, void* out, int64_t M, int64_t K,
@@ -78,7 +77,7 @@ inline float sum_squares(const float* x, int64_t n) {
 #if defined(__AVX512F__)
   __m512 acc = _mm512_setzero_ps();
   for (int64_t k = 0; k < n; k += 16) {
-    const __mmask16 m = n - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - k)) - 1u);
+    const __mmask16 m = int8_rows::lanes16(n - k);
     const __m512 v = _mm512_maskz_loadu_ps(m, x + k);
     acc = _mm512_fmadd_ps(v, v, acc);
   }

@@ -74,6 +74,13 @@ inline float max_abs(float amax, float v) {
   return std::isnan(v) || std::isnan(amax) ? NAN : std::fmax(amax, std::fabs(v));
 }
 
+#if defined(__AVX512F__)
+// The lanes of a 16-wide step with `left` elements to go: all 16, or the first `left`.
+inline __mmask16 lanes16(int64_t left) {
+  return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
+}
+#endif
+
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 // max |x[0:K]| (NaN if x holds a NaN), 16 lanes at a time: max_abs's result. NOTE: the scalar
 // loop called fmaxf per element; with the rounding below it cost ~2.5 ns a value, ~1.1M values
@@ -82,7 +89,7 @@ inline float max_abs16(const float* x, int64_t K) {
   __m512 m = _mm512_setzero_ps();
   __mmask16 nan = 0;
   for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 live = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1u);
+    const __mmask16 live = lanes16(K - k);
     const __m512 v = _mm512_maskz_loadu_ps(live, x + k);
     nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     m = _mm512_max_ps(m, _mm512_abs_ps(v));
@@ -98,7 +105,7 @@ inline void round_row16(const float* x, int64_t K, float inv, int offset, Q* xq)
   const __m512 vi = _mm512_set1_ps(inv);
   const __m512i off = _mm512_set1_epi32(offset);
   for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 live = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1u);
+    const __mmask16 live = lanes16(K - k);
     const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(live, x + k), vi)), off);
     if constexpr (sizeof(Q) == 1)
       _mm512_mask_cvtepi32_storeu_epi8(xq + k, live, q);

@@ -33,7 +33,7 @@ inline void activate_n(int act, float* v, int64_t n, float threshold) {
 #if defined(__AVX512F__)
   const __m512 thr = _mm512_set1_ps(threshold), zero = _mm512_setzero_ps();
   for (int64_t k = 0; k < n; k += 16) {
-    const __mmask16 m = n - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - k)) - 1u);
+    const __mmask16 m = int8_rows::lanes16(n - k);
     const __m512 g = _mm512_maskz_loadu_ps(m, v + k);
     __m512 r;
     if (act == ACT_SILU) {
@@ -54,7 +54,7 @@ inline void activate_n(int act, float* v, int64_t n, float threshold) {
 inline bool any_nonzero(const float* v, int64_t n) {
 #if defined(__AVX512F__)
   for (int64_t k = 0; k < n; k += 16) {
-    const __mmask16 m = n - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - k)) - 1u);
+    const __mmask16 m = int8_rows::lanes16(n - k);
     if (_mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, v + k), _mm512_setzero_ps(), _CMP_NEQ_UQ) != 0)
       return true;
   }
@@ -333,7 +333,7 @@ void sparse_ffn_i8_batch(const float* x, const int8_rows::WeightRows& w_gate, co
         bool any = false;
 #if defined(SPARSE_FFN_PAIR_TILES)
         for (int64_t t0 = 0; t0 < T; t0 += 16) {   // 16 rows per instruction; NaN kept as max_abs does
-          const __mmask16 m = T - t0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (T - t0)) - 1u);
+          const __mmask16 m = int8_rows::lanes16(T - t0);
           const __m512 x = _mm512_maskz_loadu_ps(m, v + t0);
           const __mmask16 nz = _mm512_mask_cmp_ps_mask(m, x, _mm512_setzero_ps(), _CMP_NEQ_UQ);
           const __mmask16 nan = _mm512_mask_cmp_ps_mask(m, x, x, _CMP_UNORD_Q);
@@ -372,7 +372,7 @@ void sparse_ffn_i8_batch(const float* x, const int8_rows::WeightRows& w_gate, co
 #if defined(SPARSE_FFN_PAIR_TILES)
       // 16 rows per instruction (serial code: the other threads wait); NaN sticks as in max_abs
       for (int64_t t0 = 0; t0 < T; t0 += 16) {
-        const __mmask16 m = T - t0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (T - t0)) - 1u);
+        const __mmask16 m = int8_rows::lanes16(T - t0);
         __m512 r = _mm512_setzero_ps();
         __mmask16 nan = 0;
         for (int64_t ci = 0; ci < num_chunks; ++ci) {
@@ -406,7 +406,7 @@ void sparse_ffn_i8_batch(const float* x, const int8_rows::WeightRows& w_gate, co
       // NaN (a row with step NaN) into 0x80000000, whose low 16 bits, and that shifted left by
       // 16, are 0: the row's hq stay 0 as below
       for (int64_t t0 = 0; t0 < T; t0 += 16) {
-        const __mmask16 m = T - t0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (T - t0)) - 1u);
+        const __mmask16 m = int8_rows::lanes16(T - t0);
         const __m512 iv = _mm512_maskz_loadu_ps(m, inv.data() + t0);
         const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, hn.get() + a * T + t0), iv));
         const __m512i qb = b == a ? _mm512_setzero_si512()
