@@ -7,6 +7,8 @@
 # Measurements first: a run cut short by a device lease keeps them (each step has a timeout).
 # Usage, from the repository root:
 #   bash bench/gpu_check.sh [OUT_DIR]
+# On a lent device machine: `bash bench/device_wheels.sh` here first, then run it there carrying .whl
+# (bench/device_env.sh).
 # TUNE_BATCHES="1 4" also sweeps the tl.dot tiles of 4-8 rows (a few minutes more);
 # TUNE_SWEEP="predictor" (of: compact exact predictor) narrows the sweep.
 # Writes OUT_DIR/tuned.json, OUT_DIR/kernels_gpu.md, OUT_DIR/predicted_layer_gpu.md,
@@ -19,6 +21,8 @@ OUT_DIR=${1:-docs/benchmarks}
 mkdir -p "$OUT_DIR"
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
+# sparse_serve.* importable where it is not installed (a lent GPU machine), carried wheels installed
+source bench/device_env.sh
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0   # conftest leaves compiled kernels on
 status=0
 step() { echo "== $1 ($(date -u +%H:%M:%S))"; shift; "$@" || { rc=$?; echo "!! failed: $rc"; [ $status -ne 0 ] || status=$rc; }; }

@@ -14,7 +14,9 @@ and `transformers` (MistralForCausalLM with the
 same dense weights, `generate` with a static cache, which transformers compiles with torch.compile
 on a GPU). The byte floor is the bytes a decode step must read (weights, at the measured computed
 fraction of the FFN for the sparse variants, plus the KV cache at the mean context) over the copy
-bandwidth measured on the device.
+bandwidth measured on the device. The tokenizer is a word-level one written by the script (one
+word per id of the shape's vocabulary): it needs no model files and no packages beyond a GPU host's
+torch, triton and transformers (bench/device_env.sh makes the repository importable there).
 
     python bench/gpu_e2e.py --out docs/benchmarks/gpu_e2e.md          # on a GPU (~4 min on an H100)
     python bench/gpu_e2e.py --shape tiny --device cpu --batches 1 2 --gen-len 8   # smoke run
@@ -29,13 +31,13 @@ import logging
 import math
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from sparse_serve.engine.checkpoints.default_model import default_model_path
 from sparse_serve.engine.core.config import EngineConfig
 from sparse_serve.engine.core.llm_engine import LLMEngine
 from sparse_serve.engine.core.sampling_params import SamplingParams
@@ -100,6 +102,20 @@ def shape_arch(shape: dict, max_len: int) -> ModelArchConfig:
     arch = ModelArchConfig.from_dict(raw, source="bench shape")
     arch.predictor_rank = shape["rank"]
     return arch
+
+
+def numbered_tokenizer(vocab_size: int, folder: str) -> str:
+    """A word-level tokenizer whose ids are words "<s>", "</s>", "w3", "w4", ... up to vocab_size: the
+    prompts are random ids, so the bench needs only ids that decode, not a real vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(folder)
+    return folder
 
 
 @torch.no_grad()
@@ -369,8 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         quantize_for_serving(model, args.quantization)
         dtype, head_bytes = torch.float32, HEAD_WEIGHT_BITS / 8
         weight_bytes = GROUP_BYTES / GROUP if WEIGHT_BITS[args.quantization] == 4 else 1
-    ctx = Context(args, device, dtype, arch, model, default_model_path(), weight_bytes=weight_bytes,
-                  head_bytes=head_bytes)
+    tokenizer_dir = tempfile.TemporaryDirectory(prefix="gpu_e2e_tokenizer_")
+    ctx = Context(args, device, dtype, arch, model, numbered_tokenizer(arch.vocab_size, tokenizer_dir.name),
+                  weight_bytes=weight_bytes, head_bytes=head_bytes)
     ctx.bandwidth = copy_bandwidth(device)
     logger.info("model built and calibrated in %.1f s; copy bandwidth %.0f GB/s",
                 time.perf_counter() - started, ctx.bandwidth / 1e9)

@@ -3,6 +3,8 @@
 # (captured graphs give the eager tokens), then bench/gpu_e2e.py at TurboSparse-Mistral-7B's shape
 # (sparse, eager, dense, transformers static-cache compiled; batch 1/4/16/64).
 # Usage, from the repository root:  bash bench/gpu_e2e.sh [OUT_DIR]   (default docs/benchmarks)
+# On a lent device machine: `bash bench/device_wheels.sh` here first, then run it there carrying .whl
+# (bench/device_env.sh).
 # Writes OUT_DIR/gpu_e2e.md. Every step runs even if an earlier one fails; the exit code is the
 # first failure's.
 set -uo pipefail
@@ -11,6 +13,8 @@ OUT_DIR=${1:-docs/benchmarks}
 mkdir -p "$OUT_DIR"
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
+# sparse_serve.* importable where it is not installed (a lent GPU machine), carried wheels installed
+source bench/device_env.sh
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 status=0
 step() { echo "== $1 ($(date -u +%H:%M:%S))"; shift; "$@" || { rc=$?; echo "!! failed: $rc"; [ $status -ne 0 ] || status=$rc; }; }
