@@ -6,8 +6,9 @@
 #    server/, engine/, kernels/ and bench/ of this checkout (pyproject.toml's package-dir, as a
 #    namespace package), put on PYTHONPATH.
 #  - Packages that host lacks (the test suite's server side: fastapi, pydantic, uvicorn, ...):
-#    wheels carried in .whl/ (made here by `bash bench/device_wheels.sh`) are installed into a
-#    temporary folder, also put on PYTHONPATH. Without .whl/ nothing is installed.
+#    wheels carried in .whl/ (made here by `bash bench/device_wheels.sh`; DEVICE_WHEELS names
+#    another folder) are installed into a temporary folder, also put on PYTHONPATH. Without any
+#    nothing is installed.
 # Exported: PYTHONPATH. Works as a no-op where `import sparse_serve.engine` already succeeds.
 
 device_env_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -20,14 +21,15 @@ if ! "$PY" -c "import sparse_serve.engine" 2>/dev/null; then
     export PYTHONPATH="$device_env_dir${PYTHONPATH:+:$PYTHONPATH}"
     echo "device_env: sparse_serve.* from $device_env_root (linked in $device_env_dir)"
 fi
-if compgen -G "$device_env_root/.whl/*.whl" >/dev/null; then
+device_env_wheels=${DEVICE_WHEELS:-$device_env_root/.whl}
+if compgen -G "$device_env_wheels/*.whl" >/dev/null; then
     device_env_site=$(mktemp -d /tmp/sparse_serve_site.XXXXXX)
     if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$device_env_site" \
-            "$device_env_root"/.whl/*.whl; then
-        export PYTHONPATH="$PYTHONPATH${PYTHONPATH:+:}$device_env_site"
-        echo "device_env: installed $(ls "$device_env_root"/.whl/*.whl | wc -l) carried wheels into $device_env_site"
+            "$device_env_wheels"/*.whl; then
+        export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$device_env_site"
+        echo "device_env: installed $(ls "$device_env_wheels"/*.whl | wc -l) carried wheels into $device_env_site"
     else
-        echo "device_env: the carried wheels in .whl/ did not install; the steps that need them will fail"
+        echo "device_env: the carried wheels in $device_env_wheels did not install; the steps that need them will fail"
     fi
 fi
 "$PY" -c "import sparse_serve.engine" || echo "device_env: sparse_serve.engine still does not import"

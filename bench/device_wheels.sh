@@ -7,12 +7,14 @@
 # The image's packages (torch, triton, transformers, tokenizers, safetensors, numpy, jinja2, httpx,
 # anyio, pytest, ...) are used as they are: the list is the image's package list
 # (/work/.library/device/KINDS.md) against requirements*.lock, trimmed to what our imports reach.
+# typing-extensions too, though that image has one: pydantic wants >= 4.16, newer than the image may
+# hold, and a newer one on PYTHONPATH serves torch as well.
 # Usage, from the repository root:  bash bench/device_wheels.sh [PYTHON_VERSION]   (default 3.12)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYVER=${1:-3.12}
 PIP=${PIP:-.venv/bin/python -m pip}
-NEEDED="fastapi starlette pydantic pydantic-core annotated-types typing-inspection uvicorn opentelemetry-api"
+NEEDED="fastapi starlette pydantic pydantic-core annotated-types typing-inspection uvicorn opentelemetry-api typing-extensions"
 specs=()
 for name in $NEEDED; do
     spec=$(grep -ihE "^${name}==" requirements.lock requirements.test.lock | head -1 | awk '{print $1}')
