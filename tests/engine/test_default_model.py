@@ -52,11 +52,35 @@ def test_converts_once_then_reuses(fake_package, count_conversions, tmp_path):
     assert Path(first).parent == cache / "models" and dm.is_converted_folder(Path(first))
     second = dm.default_model_path(str(cache))
     assert second == first and len(count_conversions) == 1  # reused, not reconverted
-    # A different file (reinstalled package: new mtime) gets a fresh conversion beside the old one.
+    # The same file reinstalled (a new venv: same bytes, new mtime) reuses the conversion.
     stat = fake_package.stat()
     os.utime(fake_package, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert dm.default_model_path(str(cache)) == first and len(count_conversions) == 1
+    # A different file (a new release of the package) gets a fresh conversion beside the old one.
+    write_tiny_gguf(fake_package, tied=True)
     third = dm.default_model_path(str(cache))
     assert third != first and len(count_conversions) == 2
+
+
+def test_cache_key_follows_the_bytes_not_the_mtime(tmp_path):
+    """Samples at the start, middle and end of a file larger than three samples: a byte changed
+    in any of them, or the size, changes the key; the dtype does too."""
+    size = 4 * dm._KEY_SAMPLE_BYTES
+    data = bytearray(os.urandom(size))
+    path = tmp_path / "model.gguf"
+    path.write_bytes(data)
+    key = dm.cache_key(path, "float32")
+    assert len(key) == 12 and dm.cache_key(path, "bfloat16") != key
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert dm.cache_key(path, "float32") == key
+    for offset in (0, size // 2, size - 1):
+        changed = bytearray(data)
+        changed[offset] ^= 0xFF
+        path.write_bytes(changed)
+        assert dm.cache_key(path, "float32") != key, offset
+    path.write_bytes(data + b"\0")
+    assert dm.cache_key(path, "float32") != key
 
 
 def test_cache_dir_from_environment(fake_package, count_conversions, tmp_path, monkeypatch):
