@@ -13,7 +13,7 @@
 
 device_env_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 if ! "$PY" -c "import sparse_serve.engine" 2>/dev/null; then
-    device_env_dir=$(mktemp -d /tmp/sparse_serve_path.XXXXXX)
+    device_env_dir=$(mktemp -d -t sparse_serve_path.XXXXXX)
     mkdir "$device_env_dir/sparse_serve"
     for part in server engine kernels bench; do
         ln -s "$device_env_root/$part" "$device_env_dir/sparse_serve/$part"
@@ -23,7 +23,7 @@ if ! "$PY" -c "import sparse_serve.engine" 2>/dev/null; then
 fi
 device_env_wheels=${DEVICE_WHEELS:-$device_env_root/.whl}
 if compgen -G "$device_env_wheels/*.whl" >/dev/null; then
-    device_env_site=$(mktemp -d /tmp/sparse_serve_site.XXXXXX)
+    device_env_site=$(mktemp -d -t sparse_serve_site.XXXXXX)
     if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$device_env_site" \
             "$device_env_wheels"/*.whl; then
         export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$device_env_site"

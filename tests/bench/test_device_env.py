@@ -14,9 +14,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _source_and_run(python: Path, code: str, env: str = "") -> subprocess.CompletedProcess:
-    # set -u as the GPU scripts run it, and no PYTHONPATH: an unset variable must not stop it
-    script = f'set -uo pipefail; unset PYTHONPATH; {env} PY={python}; source bench/device_env.sh; "$PY" -c "{code}"'
+def _source_and_run(python: Path, code: str, tmp: Path, env: str = "") -> subprocess.CompletedProcess:
+    # set -u as the GPU scripts run it, and no PYTHONPATH: an unset variable must not stop it;
+    # TMPDIR: its temporary folders go under the test's own
+    script = (f'set -uo pipefail; unset PYTHONPATH; export TMPDIR={tmp}; {env} PY={python}; '
+              f'source bench/device_env.sh; "$PY" -c "{code}"')
     return subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           check=False)
 
@@ -46,7 +48,7 @@ def test_links_the_checkout_where_sparse_serve_is_not_installed(tmp_path):
     bare.chmod(0o755)
     assert subprocess.run([bare, "-c", "import sparse_serve"], capture_output=True, check=False).returncode != 0
     done = _source_and_run(bare, "import sparse_serve.engine as e, sparse_serve.bench as b; "
-                                 "print(list(e.__path__)[0]); print(list(b.__path__)[0])",
+                                 "print(list(e.__path__)[0]); print(list(b.__path__)[0])", tmp_path,
                            env=f"DEVICE_WHEELS={tmp_path / 'none'};")
     assert done.returncode == 0, done.stderr
     engine_path, bench_path = done.stdout.splitlines()[-2:]
@@ -60,9 +62,10 @@ def test_installs_carried_wheels_and_leaves_an_installed_package_alone(tmp_path)
     wheels.mkdir()
     _wheel(wheels, "device_env_probe", "ANSWER = 42\n")
     done = _source_and_run(Path(sys.executable), "import device_env_probe, sparse_serve.engine as e; "
-                                                 "print(device_env_probe.ANSWER)",
+                                                 "print(device_env_probe.ANSWER)", tmp_path,
                            env=f"DEVICE_WHEELS={wheels};")
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "42"
     assert "installed 1 carried wheels" in done.stdout
     assert "linked in" not in done.stdout                      # installed: nothing linked
+    assert [p.name.split(".")[0] for p in tmp_path.glob("sparse_serve_*")] == ["sparse_serve_site"]
