@@ -57,8 +57,8 @@ _KEY_SAMPLE_BYTES = 1 << 20
 def cache_key(gguf_path: Path, dtype: str) -> str:
     """Short key that changes when the file's content, the converter or the dtype changes.
 
-    NOTE: the size plus a hash of three 1 MiB samples (the start holds the GGUF header and all
-    its metadata) stands for the content: hashing all ~100 MB on every start-up costs about a
+    NOTE: the size plus a hash of three 1 MiB samples (the start holds the GGUF header and the
+    first of its metadata) stands for the content: hashing all ~100 MB on every start-up costs about a
     second. Not the mtime: every install of the package gives the same file a new one, and each
     install had left another 0.5 GB conversion behind (38 of them, 20 GB, on one dev machine).
     """
